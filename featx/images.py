@@ -1,0 +1,253 @@
+"""Images: scan a folder tree, key files by content, decode + resize + crop.
+
+``load_image`` is the one preprocessing function: extraction, prediction,
+fine-tuning and the Ray engine all call it, so pixels reach every model the
+same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .cards import Preprocess
+from .errors import FeatXError, ImageError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+# Refuse anything whose header claims more pixels than this (decompression bombs).
+MAX_PIXELS = 64_000_000
+MAX_FILE_BYTES = 256 * 1024 * 1024
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One image found by ``scan``: path relative to the root, and its label (or None)."""
+
+    path: str
+    label: str | None
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    root: Path
+    items: list[ImageItem]
+    classes: list[str]
+    skipped: list[tuple[str, str]]  # (relative path, reason) for things that look wrong
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.classes)
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def scan(root: str | os.PathLike) -> ScanResult:
+    """Find images under ``root``.
+
+    ImageFolder layout (``root/<class>/**/<image>``) gives labels from the
+    first-level folder names; images directly under ``root`` make the set
+    unlabelled. Mixing both is refused. Hidden files, symlink loops and
+    non-image extensions are ignored; paths are sorted for a stable order.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise FeatXError(f"{root}: no such file or directory")
+    if not root.is_dir():
+        raise FeatXError(f"{root}: not a directory (featx reads folders of images)")
+    items: list[ImageItem] = []
+    skipped: list[tuple[str, str]] = []
+    seen_dirs: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=None):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen_dirs:  # symlink loop
+            skipped.append((os.path.relpath(dirpath, root), "symlink loop, not followed"))
+            dirnames[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in sorted(filenames):
+            if _is_hidden(name) or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            rel = name if rel_dir == "." else os.path.join(rel_dir, name)
+            label = None if rel_dir == "." else Path(rel_dir).parts[0]
+            items.append(ImageItem(rel.replace(os.sep, "/"), label))
+    labels = {i.label for i in items}
+    if None in labels and len(labels) > 1:
+        flat = [i.path for i in items if i.label is None][:3]
+        raise FeatXError(
+            f"{root}: mixes images at the top level ({', '.join(flat)}, ...) with class folders; "
+            "put every image in a class folder (ImageFolder layout) or none (unlabelled)"
+        )
+    classes = sorted(lbl for lbl in labels if lbl is not None)
+    return ScanResult(root=root, items=items, classes=classes, skipped=skipped)
+
+
+def content_key(data: bytes) -> str:
+    """Key of an image: hash of its bytes, so renames are free and edits re-extract."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """Read a file for decoding, refusing empty and absurdly large files with an ImageError."""
+    p = str(path)
+    try:
+        size = os.path.getsize(p)
+        if size == 0:
+            raise ImageError(p, "empty file (0 bytes)")
+        if size > MAX_FILE_BYTES:
+            raise ImageError(p, f"file too large ({size} bytes > {MAX_FILE_BYTES})")
+        with open(p, "rb") as f:
+            return f.read()
+    except ImageError:
+        raise
+    except IsADirectoryError:
+        raise ImageError(p, "is a directory") from None
+    except FileNotFoundError:
+        raise ImageError(p, "file disappeared before it could be read") from None
+    except PermissionError:
+        raise ImageError(p, "permission denied") from None
+    except OSError as e:
+        raise ImageError(p, f"cannot read: {e.strerror or e}") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB, compositing transparency on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16/32-bit integer grayscale: scale to 8 bits instead of clipping.
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, "L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if arr.max() <= 1.0 else 1.0
+        img = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("LA", "PA"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        bg = Image.new("RGB", img.size, (255, 255, 255))
+        bg.paste(img, mask=img.getchannel("A"))
+        return bg
+    if img.mode != "RGB":
+        img = img.convert("RGB")  # L, 1, CMYK (PIL inverts Adobe CMYK), YCbCr, LAB, RGBX
+    return img
+
+
+def decode(data: bytes, name: str = "<bytes>", draft_size: int | None = None) -> Image.Image:
+    """Decode image bytes to an upright RGB PIL image (first frame of animations).
+
+    ``draft_size`` lets the JPEG decoder downscale by 1/2, 1/4 or 1/8 while
+    keeping the shorter side >= draft_size, which is much faster for photos
+    larger than the model input.
+    """
+    import io
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise ImageError(name, f"image too large ({w}x{h} > {MAX_PIXELS} pixels), refused")
+            if w < 1 or h < 1:
+                raise ImageError(name, f"image has no pixels ({w}x{h})")
+            if draft_size and img.format == "JPEG":
+                short = min(w, h)
+                scale = short / draft_size
+                if scale >= 2:
+                    img.draft("RGB", (int(np.ceil(w / scale)), int(np.ceil(h / scale))))
+            img.seek(0)
+            exif_img = ImageOps.exif_transpose(img)
+            img = exif_img if exif_img is not None else img
+            img.load()
+            return _to_rgb(img)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(name, "not an image (format not recognised)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(name, f"decompression bomb refused: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
+        raise ImageError(name, f"corrupt or truncated image: {e}") from None
+    except MemoryError:
+        raise ImageError(name, "image needs too much memory to decode") from None
+
+
+def resize_crop(img: Image.Image, spec: Preprocess, box: tuple[float, float, float, float] | None = None,
+                flip: bool = False) -> np.ndarray:
+    """Resize shorter side to ``spec.resize_size`` and centre-crop ``spec.input_size``.
+
+    ``box`` (left, top, right, bottom in source pixels) replaces the resize and
+    centre crop with a crop of that region resized to the input size: the
+    fine-tuning augmentation uses it, so training pixels come through the
+    same resampling as inference pixels.
+    """
+    resample = _RESAMPLE[spec.interpolation]
+    s = spec.input_size
+    if box is not None:
+        out = img.resize((s, s), resample, box=box)
+    else:
+        w, h = img.size
+        scale = spec.resize_size / min(w, h)
+        nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+        left, top = (nw - s) / 2 / scale, (nh - s) / 2 / scale
+        # resample straight from the source to the crop: one pass, exact centre
+        out = img.resize((s, s), resample, box=(left, top, left + s / scale, top + s / scale))
+    if flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    arr = np.asarray(out, dtype=np.uint8)
+    return arr
+
+
+def load_image(source: str | os.PathLike | bytes | np.ndarray | Image.Image, spec: Preprocess,
+               name: str | None = None, draft: bool = True) -> np.ndarray:
+    """Decode and preprocess one image to uint8 ``(input_size, input_size, 3)``.
+
+    ``source`` is a path, encoded bytes, a PIL image, or a uint8 array
+    (HxW grayscale or HxWx3 RGB). Raises ImageError naming the file and reason.
+    """
+    if isinstance(source, np.ndarray):
+        img = array_to_pil(source, name or "<array>")
+    elif isinstance(source, Image.Image):
+        img = _to_rgb(source)
+    else:
+        if isinstance(source, bytes):
+            data, label = source, name or "<bytes>"
+        else:
+            label = name or str(source)
+            data = read_bytes(source)
+        img = decode(data, label, draft_size=spec.resize_size if draft else None)
+    return resize_crop(img, spec)
+
+
+def array_to_pil(a: np.ndarray, name: str = "<array>") -> Image.Image:
+    """A uint8 HxW or HxWx{1,3,4} array as an RGB PIL image."""
+    if a.dtype != np.uint8:
+        raise ImageError(name, f"array dtype must be uint8, got {a.dtype}")
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim == 2:
+        return Image.fromarray(a, "L").convert("RGB")
+    if a.ndim == 3 and a.shape[2] in (3, 4):
+        return _to_rgb(Image.fromarray(np.ascontiguousarray(a), "RGB" if a.shape[2] == 3 else "RGBA"))
+    raise ImageError(name, f"array shape must be (H, W), (H, W, 3) or (H, W, 4), got {a.shape}")
+

@@ -1,0 +1,173 @@
+"""Reader / encoder / writer: the stages of embedding a list of files.
+
+Readers (a thread pool: PIL and hashlib release the GIL) hash and decode
+files; the encoder runs batches through ONNX Runtime on the calling thread;
+the writer flushes shards to the store. At most ``window`` batches are in
+flight, so memory is flat however many files there are, and decoding of the
+next batches overlaps with inference of the current one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import TypeVar
+
+import numpy as np
+
+from .cards import Preprocess
+from .errors import ImageError
+from .images import content_key, decode, read_bytes, resize_crop
+from .runtime import Encoder
+from .store import EmbeddingStore
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# progress(stage, done, total): the CLI renders it; the library never prints
+ProgressFn = Callable[[str, int, int], None]
+
+
+def _noop(stage: str, done: int, total: int) -> None:
+    pass
+
+
+def bounded_map(fn: Callable[[T], R], items: Iterable[T], pool: Executor, window: int) -> Iterator[R]:
+    """``pool.map`` in order, with at most ``window`` tasks submitted ahead."""
+    it = iter(items)
+    pending = deque(pool.submit(fn, x) for x in islice(it, window))
+    while pending:
+        fut = pending.popleft()
+        nxt = next(it, None)
+        if nxt is not None:
+            pending.append(pool.submit(fn, nxt))
+        yield fut.result()
+
+
+def chunks(seq: list[T], n: int) -> Iterator[list[T]]:
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
+
+
+@dataclass
+class EmbedStats:
+    files: int = 0
+    cached: int = 0
+    embedded: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    seconds_hash: float = 0.0
+    seconds_embed: float = 0.0
+    seconds_model: float = 0.0
+
+
+def hash_file(path: str) -> tuple[str | None, str | None]:
+    """(key, None) or (None, reason)."""
+    try:
+        return content_key(read_bytes(path)), None
+    except ImageError as e:
+        return None, e.reason
+
+
+def decode_batch(items: list[tuple[int, str, str]], pre: Preprocess, draft: bool = True):
+    """Decode one batch of (index, path, key); returns ok indices, keys, pixels, failures."""
+    idx, keys, arrays, failures = [], [], [], []
+    for i, path, _ in items:
+        try:
+            data = read_bytes(path)
+            arrays.append(resize_crop(decode(data, path, draft_size=pre.resize_size if draft else None), pre))
+            idx.append(i)
+            keys.append(content_key(data))  # the bytes we decoded, even if the file changed since hashing
+        except ImageError as e:
+            failures.append((i, e.reason))
+        except Exception as e:  # a decoder bug must not end the run
+            failures.append((i, f"unexpected decoder error: {type(e).__name__}: {e}"))
+    s = pre.input_size
+    pixels = np.stack(arrays) if arrays else np.zeros((0, s, s, 3), np.uint8)
+    return idx, keys, pixels, failures
+
+
+def embed_files(files: list[str], encoder: Encoder, store: EmbeddingStore, *,
+                batch_size: int = 32, workers: int | None = None, draft: bool = True,
+                flush_rows: int = 2048, flush_seconds: float = 10.0,
+                progress: ProgressFn = _noop) -> tuple[list[str | None], EmbedStats]:
+    """Make sure every readable file has an embedding in ``store``.
+
+    Returns each file's content key (None where it failed) and statistics;
+    failures are (file, reason). On KeyboardInterrupt, the embeddings done so
+    far are flushed to the store before it propagates.
+    """
+    workers = workers or max(1, os.cpu_count() or 1)
+    stats = EmbedStats(files=len(files))
+    keys: list[str | None] = [None] * len(files)
+    pre = encoder.backbone.preprocess
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="featx-read") as pool:
+        for i, (key, why) in enumerate(bounded_map(hash_file, files, pool, window=workers * 64)):
+            keys[i] = key
+            if why is not None:
+                stats.failures.append((files[i], why))
+            if (i + 1) % 256 == 0 or i + 1 == len(files):
+                progress("hash", i + 1, len(files))
+        stats.seconds_hash = time.perf_counter() - t0
+
+        stored = store.keys()
+        todo, seen = [], set()
+        for i, k in enumerate(keys):
+            if k is not None and k not in stored and k not in seen:
+                seen.add(k)
+                todo.append((i, files[i], k))
+        stats.cached = sum(1 for k in keys if k is not None) - len(todo)
+        progress("embed", 0, len(todo))
+
+        buf_keys: list[str] = []
+        buf_emb: list[np.ndarray] = []
+        last_flush = time.perf_counter()
+
+        def flush() -> None:
+            nonlocal buf_keys, buf_emb, last_flush
+            if buf_keys:
+                store.write(buf_keys, np.concatenate(buf_emb))
+            buf_keys, buf_emb, last_flush = [], [], time.perf_counter()
+
+        t1 = time.perf_counter()
+        done = 0
+        failed: dict[str | None, str] = {}
+        try:
+            batches = chunks(todo, batch_size)
+            for idx, bkeys, pixels, fails in bounded_map(
+                    lambda b: decode_batch(b, pre, draft), batches, pool, window=workers + 2):
+                for i, why in fails:
+                    failed[keys[i]] = why
+                    keys[i] = None
+                    stats.failures.append((files[i], why))
+                for i, k in zip(idx, bkeys, strict=True):
+                    keys[i] = k
+                if len(pixels):
+                    tm = time.perf_counter()
+                    emb = encoder(pixels)
+                    stats.seconds_model += time.perf_counter() - tm
+                    buf_keys.extend(bkeys)
+                    buf_emb.append(emb)
+                    stats.embedded += len(bkeys)
+                done += len(idx) + len(fails)
+                progress("embed", done, len(todo))
+                if len(buf_keys) >= flush_rows or time.perf_counter() - last_flush > flush_seconds:
+                    flush()
+        finally:
+            # Ctrl-C or an error: keep what is already embedded
+            flush()
+            pool.shutdown(wait=False, cancel_futures=True)
+        stats.seconds_embed = time.perf_counter() - t1
+    for j, k in enumerate(keys):  # byte-identical copies of a file that failed to decode
+        if k in failed:
+            keys[j] = None
+            stats.failures.append((files[j], failed[k]))
+    return keys, stats

@@ -1,0 +1,91 @@
+"""ONNX Runtime sessions: loud device choice, tuned CPU options, batched embedding."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from .backbone import Backbone
+from .errors import DeviceError, FeatXError
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def physical_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def providers_for(device: str) -> list:
+    """Execution providers for ``device``; an explicit cuda that cannot be had raises."""
+    if device not in DEVICES:
+        raise FeatXError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+    has_cuda = "CUDAExecutionProvider" in available_providers()
+    if device == "cuda" and not has_cuda:
+        raise DeviceError(
+            "--device cuda asked for, but ONNX Runtime has no CUDA provider here "
+            f"(available: {', '.join(available_providers())}). Install featx[gpu] "
+            "(onnxruntime-gpu, not onnxruntime) on a machine with an NVIDIA GPU, or use --device cpu."
+        )
+    if device == "cuda" or (device == "auto" and has_cuda):
+        # heuristic search picks fast kernels without a slow first batch
+        cuda = ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"})
+        return [cuda, "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def make_session(onnx_path: str | os.PathLike | bytes, device: str = "auto",
+                 threads: int | None = None, spin: bool = False):
+    """An InferenceSession; returns (session, provider actually used).
+
+    ``spin=False`` stops idle ORT threads from busy-waiting, which would steal
+    the cores that decode images in parallel.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads or physical_cores()
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    src = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
+    sess = ort.InferenceSession(src, sess_options=so, providers=providers_for(device))
+    used = sess.get_providers()[0]
+    if device == "cuda" and used != "CUDAExecutionProvider":
+        raise DeviceError(f"--device cuda asked for, but ONNX Runtime ran on {used}")
+    log.info("ONNX Runtime provider: %s", used)
+    return sess, used
+
+
+class Encoder:
+    """Runs a backbone's ONNX graph on uint8 batches; opened lazily, one per process."""
+
+    def __init__(self, backbone: Backbone, device: str = "auto", threads: int | None = None,
+                 spin: bool = False) -> None:
+        self.backbone = backbone
+        self.session, self.provider = make_session(backbone.onnx_path, device, threads, spin)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (N, S, S, 3) -> float32 (N, dim)."""
+        s = self.backbone.preprocess.input_size
+        if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != (s, s, 3):
+            raise FeatXError(f"expected uint8 (N, {s}, {s}, 3) pixels, got {pixels.dtype} {pixels.shape}")
+        if len(pixels) == 0:
+            return np.zeros((0, self.backbone.dim), np.float32)
+        out = self.session.run(None, {self.input_name: np.ascontiguousarray(pixels)})[0]
+        return np.asarray(out, dtype=np.float32)

@@ -1,0 +1,85 @@
+"""The ``--out`` table: one row per image (path, label, key, embedding) + featx metadata.
+
+Plain Parquet, readable by pandas/pyarrow without featx; the backbone
+fingerprint and data root travel in the schema metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import FeatXError
+from .store import embedding_column, embeddings_of
+
+META_KEY = b"featx"
+
+
+@dataclass
+class EmbeddingTable:
+    """Embeddings of a set of images, in the order they were scanned."""
+
+    paths: list[str]
+    labels: list[str | None]
+    keys: list[str]
+    X: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta.get("fingerprint", "")
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.labels) and all(lbl is not None for lbl in self.labels)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def write_table(path: str | os.PathLike, t: EmbeddingTable) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dim = t.X.shape[1] if t.X.ndim == 2 else int(t.meta.get("dim", 0))
+    emb = t.X.reshape(len(t.paths), dim) if len(t.paths) else np.zeros((0, dim), np.float32)
+    table = pa.table({
+        "path": pa.array(t.paths, pa.string()),
+        "label": pa.array(t.labels, pa.string()),
+        "key": pa.array(t.keys, pa.string()),
+        "embedding": embedding_column(emb) if len(emb) else pa.array([], pa.list_(pa.float32(), dim)),
+    })
+    table = table.replace_schema_metadata({META_KEY: json.dumps(t.meta).encode()})
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_table(path: str | os.PathLike) -> EmbeddingTable:
+    """Read a table written by ``featx extract`` (a file, or a directory of such files)."""
+    path = Path(path)
+    if not path.exists():
+        raise FeatXError(f"{path}: no such embeddings table; run `featx extract` first")
+    try:
+        table = pq.read_table(path)
+    except Exception as e:
+        raise FeatXError(f"{path}: not a readable Parquet table ({e})") from None
+    missing = {"path", "key", "embedding"} - set(table.column_names)
+    if missing:
+        raise FeatXError(f"{path}: not a featx embeddings table (missing columns {sorted(missing)})")
+    raw = (table.schema.metadata or {}).get(META_KEY)
+    if raw is None and path.is_dir():
+        files = sorted(path.glob("*.parquet"))
+        raw = (pq.read_schema(files[0]).metadata or {}).get(META_KEY) if files else None
+    meta = json.loads(raw) if raw else {}
+    labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * len(table)
+    return EmbeddingTable(
+        paths=table.column("path").to_pylist(), labels=labels,
+        keys=table.column("key").to_pylist(), X=embeddings_of(table), meta=meta,
+    )

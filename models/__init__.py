@@ -1,0 +1,1 @@
+"""Backbone cards: one TOML file per backbone (installed as featx.cards)."""

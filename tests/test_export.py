@@ -1,0 +1,122 @@
+"""Export: real weights, parity with torch, the chelsea sanity check, caching, other sources."""
+
+import json
+import time
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from featx.backbone import load_export, resolve_backbone
+from featx.cards import get_card
+from featx.errors import FeatXError, MismatchError
+from featx.export import export_card, parity_images
+from featx.images import load_image
+from featx.runtime import Encoder
+from featx.zoo import build
+
+IMAGENET_CATS = {281: "tabby", 282: "tiger cat", 285: "Egyptian cat"}
+
+
+def test_sidecar_and_parity(lite0):
+    meta = lite0.meta
+    for k in ("card", "weights_sha256", "preprocess", "dim", "opset", "featx_version", "fingerprint"):
+        assert k in meta
+    assert meta["parity"]["max_rel_diff"] <= 1e-4
+    assert lite0.dim == 1280
+    m = onnx.load(str(lite0.onnx_path))
+    inp = m.graph.input[0].type.tensor_type
+    assert inp.elem_type == onnx.TensorProto.UINT8
+    assert inp.shape.dim[0].dim_param  # dynamic batch
+    assert [d.dim_value for d in inp.shape.dim[1:]] == [224, 224, 3]
+
+
+def test_chelsea_is_a_cat(lite0):
+    """Proves weights and preprocessing: the ONNX embedding + ImageNet classifier -> a cat."""
+    import skimage.data
+
+    _, classifier, _ = build(get_card("efficientnet_lite0"))
+    enc = Encoder(lite0, device="cpu")
+    x = load_image(skimage.data.chelsea(), lite0.preprocess)[None]
+    emb = torch.from_numpy(enc(x))
+    with torch.no_grad():
+        top3 = classifier(emb).topk(3).indices[0].tolist()
+    assert set(top3) == set(IMAGENET_CATS), top3
+
+
+def test_onnx_matches_torch_any_batch(lite0):
+    backbone, _, _ = build(get_card("efficientnet_lite0"))
+    from featx.export import make_wrapper
+
+    module = make_wrapper(backbone, lite0.preprocess)
+    x = parity_images(lite0.preprocess, n=3)
+    enc = Encoder(lite0, device="cpu")
+    with torch.no_grad():
+        ref = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(enc(x), ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(enc(x[:1]), ref[:1], rtol=1e-4, atol=1e-4)  # batch 1 too
+
+
+def test_second_export_is_cached(lite0):
+    t = time.perf_counter()
+    again = resolve_backbone("efficientnet_lite0")
+    assert time.perf_counter() - t < 2.0
+    assert again.fingerprint == lite0.fingerprint
+
+
+def test_modified_onnx_is_refused(lite0, tmp_path):
+    import shutil
+
+    d = tmp_path / "exp"
+    shutil.copytree(lite0.onnx_path.parent, d)
+    with open(d / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(MismatchError, match="modified after export"):
+        load_export(d)
+
+
+def test_torchvision_card_with_local_checkpoint(tmp_path):
+    """The torchvision path, offline: a local checkpoint given as --weights (random init here)."""
+    import torchvision
+
+    ckpt = tmp_path / "resnet18.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), ckpt)
+    bb = resolve_backbone("resnet18", weights=ckpt)
+    assert bb.dim == 512 and bb.meta["parity"]["max_rel_diff"] <= 1e-4
+    x = parity_images(bb.preprocess, n=2)
+    assert Encoder(bb, device="cpu")(x).shape == (2, 512)
+    # a checkpoint of the wrong architecture is refused, naming the file
+    bad = tmp_path / "bad.pth"
+    torch.save({"foo": torch.zeros(3)}, bad)
+    with pytest.raises(FeatXError, match=r"bad\.pth"):
+        export_card(get_card("resnet18"), bad)
+
+
+def test_user_onnx_backbone(tmp_path):
+    """A user's own float-NCHW ONNX model with a preprocessing JSON beside it."""
+    import torchvision
+
+    net = torchvision.models.resnet18()
+    net.fc = torch.nn.Identity()
+    net.eval()
+    path = tmp_path / "mine.onnx"
+    torch.onnx.export(net, (torch.zeros(2, 3, 224, 224),), str(path), dynamo=False,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    with pytest.raises(FeatXError, match="preprocessing"):
+        resolve_backbone(path)
+    spec = {"input_size": 224, "resize_size": 256, "interpolation": "bilinear",
+            "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]}
+    path.with_suffix(".json").write_text(json.dumps(spec))
+    bb = resolve_backbone(path)
+    assert bb.dim == 512
+    x = parity_images(bb.preprocess, n=2)
+    mean = np.array(spec["mean"], np.float32).reshape(1, 3, 1, 1)
+    std = np.array(spec["std"], np.float32).reshape(1, 3, 1, 1)
+    ref = net(torch.from_numpy((x.transpose(0, 3, 1, 2).astype(np.float32) - mean) / std)).detach().numpy()
+    np.testing.assert_allclose(Encoder(bb, device="cpu")(x), ref, rtol=1e-4, atol=1e-4)
+    (tmp_path / "junk.onnx").write_bytes(b"not onnx")
+    (tmp_path / "junk.json").write_text(json.dumps(spec))
+    with pytest.raises(FeatXError, match="not a valid ONNX model"):
+        resolve_backbone(tmp_path / "junk.onnx")
