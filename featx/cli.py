@@ -187,17 +187,19 @@ def export(name: str, weights: str | None, preprocess: str | None, force: bool, 
 @store_option
 @batch_options
 @device_option
+@click.option("--shard-size", type=click.IntRange(1), default=2048, show_default=True,
+              help="Rows per store shard; a killed run loses at most one shard (or 10 s) of work.")
 @click.option("--no-draft", is_flag=True, help="Decode JPEGs at full size (slower; for comparison).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @json_option
-def extract(root: Path, backbone, weights, out, store, batch_size, workers, device, no_draft, quiet,
-            as_json) -> None:
+def extract(root: Path, backbone, weights, out, store, batch_size, workers, device, shard_size,
+            no_draft, quiet, as_json) -> None:
     """Embed every image under ROOT (ImageFolder layout gives labels), reusing the cache."""
     from .extract import extract as run
 
     with progress_bar(quiet) as p:
         r = run(root, backbone, out=out, store=store, weights=weights, batch_size=batch_size,
-                workers=workers, device=device, draft=not no_draft, progress=p)
+                workers=workers, device=device, draft=not no_draft, shard_size=shard_size, progress=p)
     s = r.summary()
     rate = f", {s['images_per_second']} img/s" if s["images_per_second"] else ""
     lines = [

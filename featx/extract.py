@@ -60,7 +60,7 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
             out: str | os.PathLike | None = None, store: str | os.PathLike | None = None,
             weights: str | os.PathLike | None = None, batch_size: int = 32,
             workers: int | None = None, device: str = "auto", draft: bool = True,
-            progress: ProgressFn = _noop, write: bool = True) -> ExtractResult:
+            shard_size: int = 2048, progress: ProgressFn = _noop, write: bool = True) -> ExtractResult:
     """Embed every image under ``root`` (cached), write the table and a report.
 
     The table has one row per image that could be embedded, in scan order;
@@ -79,7 +79,7 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
     st = EmbeddingStore(bb, store)
     files = [str(root / it.path) for it in found.items]
     keys, stats = embed_files(files, encoder, st, batch_size=batch_size, workers=workers,
-                              draft=draft, progress=progress)
+                              draft=draft, flush_rows=shard_size, progress=progress)
     ok = [i for i, k in enumerate(keys) if k is not None]
     X = st.get([keys[i] for i in ok])
     table = EmbeddingTable(
