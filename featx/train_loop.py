@@ -1,0 +1,259 @@
+"""The torch side of fine-tuning: network, trainable blocks, optimiser, schedule, epochs, checkpoints.
+
+The network is ``make_wrapper(backbone)`` (uint8 NHWC -> embedding, the
+module that gets exported) followed by a linear layer, so training,
+evaluation and the ONNX export share one normalisation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .cards import BackboneCard
+from .errors import DeviceError, FeatXError, require
+
+log = logging.getLogger(__name__)
+
+torch = require("torch", "torch")
+nn = torch.nn
+
+
+def torch_device(device: str) -> torch.device:
+    """auto -> cuda when torch sees a GPU, else cpu; an explicit cuda without one raises."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise FeatXError(f"device {device!r} is not one of auto, cpu, cuda")
+    has_cuda = torch.cuda.is_available()
+    if device == "cuda" and not has_cuda:
+        raise DeviceError("--device cuda asked for, but torch sees no CUDA GPU here "
+                          f"(torch {torch.__version__}). Use --device cpu, or install a CUDA build of torch.")
+    return torch.device("cuda" if device == "cuda" or (device == "auto" and has_cuda) else "cpu")
+
+
+class FineTuneNet(nn.Module):
+    """uint8 (N, S, S, 3) pixels -> class logits: the exportable feature module plus a linear head."""
+
+    def __init__(self, features: nn.Module, dim: int, n_classes: int) -> None:
+        super().__init__()
+        self.features = features  # featx.export.make_wrapper(backbone, preprocess)
+        self.head = nn.Linear(dim, n_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def resolve_unfreeze(card: BackboneCard, unfreeze: int | str) -> int | None:
+    """Number of card blocks to train; None means everything."""
+    if unfreeze == "all":
+        return None
+    try:
+        k = int(unfreeze)
+    except (TypeError, ValueError):
+        raise FeatXError(f"--unfreeze must be a number of blocks or 'all', got {unfreeze!r}") from None
+    if k < 0:
+        raise FeatXError(f"--unfreeze must be >= 0, got {k}")
+    if k > len(card.blocks):
+        raise FeatXError(f"--unfreeze {k}: {card.name} has {len(card.blocks)} unfreezable blocks; "
+                         "use a smaller number or 'all'")
+    return k
+
+
+def _sub(module: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        module = module[int(part)] if part.isdigit() else getattr(module, part)
+    return module
+
+
+def trainable_modules(net: FineTuneNet, card: BackboneCard, k: int | None) -> list[nn.Module]:
+    """The backbone modules that train: the top ``k`` card blocks, or the whole backbone."""
+    backbone = net.features.backbone
+    if k is None:
+        return [backbone]
+    mods = []
+    for block in card.blocks[:k]:
+        for path in block:
+            try:
+                mods.append(_sub(backbone, path))
+            except (AttributeError, IndexError):
+                raise FeatXError(f"card {card.name}: block {path!r} is not in {card.arch}") from None
+    return mods
+
+
+def set_trainable(net: FineTuneNet, card: BackboneCard, k: int | None) -> int:
+    """Freeze everything but the head and the chosen blocks; returns the trainable parameter count."""
+    for p in net.features.parameters():
+        p.requires_grad_(False)
+    for m in trainable_modules(net, card, k):
+        for p in m.parameters():
+            p.requires_grad_(True)
+    for p in net.head.parameters():
+        p.requires_grad_(True)
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+
+def train_mode(net: FineTuneNet) -> None:
+    """train(), except BatchNorm layers whose weights are frozen stay in inference mode.
+
+    A frozen BN that kept updating its running statistics would change the
+    features the head was fitted on (and the exported model) without any
+    gradient step; dropout before the head still trains.
+    """
+    net.train()
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            frozen = all(not p.requires_grad for p in m.parameters(recurse=False))
+            if frozen:
+                m.eval()
+
+
+def param_groups(net: FineTuneNet, lr: float, backbone_lr: float, weight_decay: float) -> list[dict]:
+    """AdamW groups: head at ``lr``, backbone at ``backbone_lr``; no decay on biases and norms."""
+    groups = {(h, d): [] for h in (True, False) for d in (True, False)}
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        head = name.startswith("head.")
+        decay = p.ndim > 1
+        groups[(head, decay)].append(p)
+    out = []
+    for (head, decay), params in groups.items():
+        if params:
+            out.append({"params": params, "lr": lr if head else backbone_lr,
+                        "weight_decay": weight_decay if decay else 0.0,
+                        "name": f"{'head' if head else 'backbone'}{'' if decay else '-nodecay'}"})
+    return out
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warmup to 1, then cosine down to 1% of the peak."""
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return f
+
+
+def to_device(net: FineTuneNet, dev: torch.device) -> FineTuneNet:
+    net.to(dev)
+    if dev.type == "cuda":
+        # NHWC pixels permuted to NCHW already are channels_last in memory; make the weights match
+        net.to(memory_format=torch.channels_last)
+    return net
+
+
+def autocast(dev: torch.device):
+    """bf16 autocast on CUDA (no loss scaling needed); a no-op context on CPU."""
+    if dev.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def run_epoch(net: FineTuneNet, loader, dev: torch.device, loss_fn, optimizer, scheduler,
+              progress: Callable[[str, int, int], None]) -> dict:
+    """One training epoch; returns loss, accuracy, images and images/s."""
+    train_mode(net)
+    total = len(loader)
+    n = correct = 0
+    loss_sum = 0.0
+    t0 = time.perf_counter()
+    progress("epoch", 0, total)
+    for b, batch in enumerate(loader):
+        if batch is None:
+            continue
+        x, y = batch
+        x = x.to(dev, non_blocking=True)
+        y = y.to(dev, non_blocking=True)
+        with autocast(dev):
+            logits = net(x)
+            loss = loss_fn(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        n += len(y)
+        loss_sum += float(loss.detach()) * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        progress("epoch", b + 1, total)
+    secs = time.perf_counter() - t0
+    return {"train_loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1), "images": n,
+            "seconds": secs, "images_per_second": n / secs if secs > 0 else 0.0}
+
+
+@torch.no_grad()
+def predict_logits(net: FineTuneNet, loader, dev: torch.device,
+                   progress: Callable[[str, int, int], None] | None = None,
+                   stage: str = "validate") -> tuple[np.ndarray, np.ndarray]:
+    """(logits float32 (N, K), labels) over a centre-crop loader, in inference mode."""
+    net.eval()
+    outs, ys = [], []
+    total = len(loader)
+    for b, batch in enumerate(loader):
+        if batch is not None:
+            x, y = batch
+            with autocast(dev):
+                logits = net(x.to(dev, non_blocking=True))
+            outs.append(logits.float().cpu().numpy())
+            ys.append(y.numpy())
+        if progress:
+            progress(stage, b + 1, total)
+    k = net.head.out_features
+    if not outs:
+        return np.zeros((0, k), np.float32), np.zeros(0, np.int64)
+    return np.concatenate(outs), np.concatenate(ys)
+
+
+def evaluate(net: FineTuneNet, loader, dev: torch.device, loss_fn,
+             progress: Callable[[str, int, int], None] | None = None) -> dict:
+    logits, y = predict_logits(net, loader, dev, progress)
+    if len(y) == 0:
+        return {"val_loss": float("nan"), "val_acc": float("nan")}
+    loss = float(loss_fn(torch.from_numpy(logits).to(dev), torch.from_numpy(y).to(dev)))
+    return {"val_loss": loss, "val_acc": float((logits.argmax(1) == y).mean())}
+
+
+# ---- checkpoints --------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary name, then rename: a kill never leaves half a checkpoint."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        # our own file: it holds RNG states (numpy arrays, tuples), so not weights_only
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise FeatXError(f"{path}: unreadable checkpoint ({e})") from None

@@ -1,0 +1,211 @@
+"""Fine-tuning: LP init, trainable blocks, frozen BN, resume, export back, CUDA path.
+
+Every run is tiny (8 real photos, 64 px input, 1-2 epochs) so the file stays
+well under a minute or two of CPU time.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from featx.backbone import resolve_backbone
+from featx.cards import get_card
+from featx.errors import DeviceError, FeatXError
+from featx.finetune import (
+    FinetuneConfig,
+    FinetuneInterrupted,
+    card_for,
+    finetune,
+    fold_head,
+    init_network,
+    linear_as_logreg,
+)
+from featx.images import load_image
+from featx.runtime import Encoder
+from featx.train_data import ImageDataset, labelled_files, random_box, stratified_split
+from featx.train_loop import set_trainable, train_mode
+
+TINY = {"input_size": 64, "batch_size": 4, "epochs": 1, "unfreeze": 1, "lp_C": 1.0}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from .conftest import make_image_folder
+
+    return make_image_folder(tmp_path_factory.mktemp("ft") / "data")
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    """One full tiny run with export, shared by the export-back tests."""
+    out = tmp_path_factory.mktemp("runs") / "ft1"
+    return finetune(data, out=out, device="cpu", **TINY)
+
+
+def _softmax(z):
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def test_lp_init_reproduces_the_head_before_any_step(data):
+    files = labelled_files(data)
+    cfg = FinetuneConfig(input_size=64, lp_C=10.0)  # a sharp head makes a loose fold visible
+    init = init_network(cfg, files, device="cpu")
+    card = init.card
+    pix = np.stack([load_image(p, card.preprocess) for p in files.paths])
+    bb = resolve_backbone(init.lp_report["embedding_backbone_dir"])
+    X = Encoder(bb, device="cpu")(pix)
+    want = init.lp_pipeline.predict_proba(X)
+    assert want.max(1).mean() > 0.9  # not a flat head: the check below can fail
+    with torch.no_grad():
+        got = torch.softmax(init.net.eval()(torch.from_numpy(pix)), 1).numpy()
+    np.testing.assert_allclose(got, want, atol=2e-3)
+    assert (got.argmax(1) == files.labels).all()
+
+
+def _lp_backbone_dir(card):
+    from featx.export import export_dir_for
+    from featx.zoo import file_sha256, weights_file
+
+    d = export_dir_for(card, file_sha256(weights_file(card)))
+    return d.with_name(f"{d.name}-{card.preprocess.input_size}px")
+
+
+def test_fold_head_and_linear_as_logreg_match_sklearn():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    for k in (2, 3):
+        X = rng.normal(3.0, 5.0, (60, 7))
+        y = np.arange(60) % k
+        X[:, 0] += y * 4
+        pipe = Pipeline([("scaler", StandardScaler()), ("clf", LogisticRegression(C=10))]).fit(X, y)
+        W, b = fold_head(pipe, k)
+        np.testing.assert_allclose(_softmax(X @ W.T + b), pipe.predict_proba(X), atol=1e-5)
+        back = linear_as_logreg(W, b)
+        np.testing.assert_allclose(back.predict_proba(X), pipe.predict_proba(X), atol=1e-5)
+
+
+def test_unfreeze_blocks_and_frozen_batchnorm(data):
+    files = labelled_files(data)
+    init = init_network(FinetuneConfig(input_size=64), files, lp=False)
+    net, card = init.net, init.card
+    bb = net.features.backbone
+    assert set_trainable(net, card, 0) == sum(p.numel() for p in net.head.parameters())
+    set_trainable(net, card, 1)
+    assert bb.conv_head.weight.requires_grad and bb.bn2.weight.requires_grad
+    assert not bb.blocks[6][0].conv_pw.weight.requires_grad
+    train_mode(net)
+    assert bb.bn2.training and not bb.blocks[6][0].bn1.training and not bb.bn1.training
+    total = set_trainable(net, card, None)
+    assert total == sum(p.numel() for p in net.parameters())
+    with pytest.raises(FeatXError, match="has 8 unfreezable blocks"):
+        finetune(data, unfreeze=9, device="cpu", out=data.parent / "never")
+
+
+def test_augmentation_is_deterministic_and_inside_the_image(data):
+    files = labelled_files(data)
+    pre = card_for(FinetuneConfig(input_size=64)).preprocess
+    ds = ImageDataset(files, pre, train=True, seed=3)
+    a, b = ds[0][0], ds[0][0]
+    ds.set_epoch(1)
+    c = ds[0][0]
+    assert a.shape == (64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    ev = ImageDataset(files, pre, train=False)[0][0]
+    assert np.array_equal(ev, load_image(files.paths[0], pre))  # eval = the shared centre crop
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        left, top, right, bottom = random_box(300, 120, rng)
+        assert 0 <= left < right <= 300 and 0 <= top < bottom <= 120
+    tr, va = stratified_split(np.array([0] * 10 + [1] * 3), 0.2, 0)
+    assert len(va) == 2 + 1 and set(np.r_[tr, va]) == set(range(13))
+
+
+def test_run_exports_backbone_head_and_classifier(run, data):
+    d = run.run_dir
+    for f in ("config.json", "split.json", "last.pt", "best.pt", "metrics.csv", "metrics.json",
+              "curve.png", "head.joblib", "classifier.onnx", "summary.json", "backbone/model.onnx"):
+        assert (d / f).is_file(), f
+    assert json.loads((d / "status.json").read_text())["state"] == "done"
+    bb = resolve_backbone(d)  # the run dir is a backbone like any other
+    base = resolve_backbone(_lp_backbone_dir(card_for(FinetuneConfig(input_size=64))))
+    assert bb.fingerprint != base.fingerprint
+    assert bb.meta["parity"]["max_rel_diff"] <= 1e-4 and bb.preprocess.input_size == 64
+    # the head file + exported backbone reproduce the in-memory network
+    from featx.headfile import load_head
+
+    head = load_head(d)
+    files = labelled_files(data)
+    pix = np.stack([load_image(p, bb.preprocess) for p in files.paths])
+    p_onnx = head.pipeline.predict_proba(Encoder(bb, device="cpu")(pix))
+    p_net = run.predict_proba(files.paths)
+    np.testing.assert_allclose(p_onnx, p_net, atol=1e-3)
+    assert head.classes == ["cat", "thing"] and head.fingerprint == bb.fingerprint
+    import onnxruntime as ort
+
+    p_cls = ort.InferenceSession(str(d / "classifier.onnx")).run(None, {"pixels": pix})[0]
+    np.testing.assert_allclose(p_cls, p_net, atol=1e-3)
+
+
+def test_interrupt_then_resume_matches_an_uninterrupted_run(data, tmp_path):
+    opts = dict(TINY, epochs=2, val_fraction=0.25, export=False, device="cpu", patience=None)
+    straight = finetune(data, out=tmp_path / "a", **opts)
+
+    def stop(row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(FinetuneInterrupted) as e:
+        finetune(data, out=tmp_path / "b", on_epoch=stop, **opts)
+    assert e.value.epoch == 1
+    status = json.loads((tmp_path / "b" / "status.json").read_text())
+    assert status == {"state": "interrupted", "epoch": 1, "epochs": 2}
+    with pytest.raises(FeatXError, match="--resume"):
+        finetune(data, out=tmp_path / "b", **opts)
+    resumed = finetune(resume=tmp_path / "b", device="cpu", export=False)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    for h1, h2 in zip(straight.history, resumed.history, strict=True):
+        assert h1["train_loss"] == pytest.approx(h2["train_loss"], rel=1e-5)
+        assert h1["val_loss"] == pytest.approx(h2["val_loss"], rel=1e-5)
+    assert straight.summary["val_images"] == resumed.summary["val_images"] == 2
+
+
+def test_frozen_blocks_do_not_move(run, data):
+    ref = init_network(FinetuneConfig(input_size=64), labelled_files(data), lp=False).net
+    got = run.net.features.backbone
+    want = ref.features.backbone
+    # block 6 is frozen: weights and BN running statistics unchanged
+    for (n, a), b in zip(got.blocks[6].state_dict().items(), want.blocks[6].state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+    assert not torch.equal(got.conv_head.weight, want.conv_head.weight)  # the unfrozen block trained
+
+
+def test_explicit_cuda_without_gpu_is_an_error(data, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(DeviceError, match="--device cuda"):
+        finetune(data, out=tmp_path / "x", device="cuda", **TINY)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_channels_last(data, tmp_path):
+    r = finetune(data, out=tmp_path / "gpu", device="cuda", **dict(TINY, epochs=2))
+    assert r.summary["device"].startswith("cuda")
+    assert np.isfinite(r.history[-1]["train_loss"])
+    assert (tmp_path / "gpu" / "backbone" / "model.onnx").is_file()
+
+
+def test_card_blocks_resolve_for_every_card():
+    from featx.cards import list_cards
+    from featx.finetune import _check_blocks
+
+    for card in list_cards():
+        _check_blocks(card)
+    assert get_card("efficientnet_lite0").blocks
