@@ -233,7 +233,10 @@ def _register_optional() -> None:
         m.register(main)
 
 
-_register_optional()
-
 if __name__ == "__main__":
-    main()
+    # `python -m featx.cli`: run the importable module's group, which has every command attached
+    from featx.cli import main as _main
+
+    _main()
+else:
+    _register_optional()

@@ -16,6 +16,7 @@ from .images import scan
 from .paths import home
 from .pipeline import EmbedStats, ProgressFn, _noop, embed_files
 from .runtime import Encoder
+from .statcache import StatCache
 from .store import EmbeddingStore
 from .table import EmbeddingTable, write_table
 
@@ -79,7 +80,8 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
     st = EmbeddingStore(bb, store)
     files = [str(root / it.path) for it in found.items]
     keys, stats = embed_files(files, encoder, st, batch_size=batch_size, workers=workers,
-                              draft=draft, flush_rows=shard_size, progress=progress)
+                              draft=draft, flush_rows=shard_size, progress=progress,
+                              stat_cache=StatCache(st.root, root))
     ok = [i for i, k in enumerate(keys) if k is not None]
     X = st.get([keys[i] for i in ok])
     table = EmbeddingTable(

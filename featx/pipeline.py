@@ -25,6 +25,7 @@ from .cards import Preprocess
 from .errors import ImageError
 from .images import content_key, decode, read_bytes, resize_crop
 from .runtime import Encoder
+from .statcache import Stat, StatCache, stat_of
 from .store import EmbeddingStore
 
 log = logging.getLogger(__name__)
@@ -68,12 +69,17 @@ class EmbedStats:
     seconds_model: float = 0.0
 
 
-def hash_file(path: str) -> tuple[str | None, str | None]:
-    """(key, None) or (None, reason)."""
+def hash_file(path: str, cache: StatCache | None = None) -> tuple[str | None, str | None, Stat | None]:
+    """(key, None, stat) or (None, reason, stat); a matching stat record skips reading."""
+    st = stat_of(path)
+    if cache is not None:
+        key = cache.lookup(path, st)
+        if key is not None:
+            return key, None, st
     try:
-        return content_key(read_bytes(path)), None
+        return content_key(read_bytes(path)), None, st
     except ImageError as e:
-        return None, e.reason
+        return None, e.reason, st
 
 
 def decode_batch(items: list[tuple[int, str, str]], pre: Preprocess, draft: bool = True):
@@ -97,6 +103,7 @@ def decode_batch(items: list[tuple[int, str, str]], pre: Preprocess, draft: bool
 def embed_files(files: list[str], encoder: Encoder, store: EmbeddingStore, *,
                 batch_size: int = 32, workers: int | None = None, draft: bool = True,
                 flush_rows: int = 2048, flush_seconds: float = 10.0,
+                stat_cache: StatCache | None = None,
                 progress: ProgressFn = _noop) -> tuple[list[str | None], EmbedStats]:
     """Make sure every readable file has an embedding in ``store``.
 
@@ -110,8 +117,10 @@ def embed_files(files: list[str], encoder: Encoder, store: EmbeddingStore, *,
     pre = encoder.backbone.preprocess
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="featx-read") as pool:
-        for i, (key, why) in enumerate(bounded_map(hash_file, files, pool, window=workers * 64)):
-            keys[i] = key
+        stats_of: list[Stat | None] = [None] * len(files)
+        hashed = bounded_map(lambda f: hash_file(f, stat_cache), files, pool, window=workers * 64)
+        for i, (key, why, st) in enumerate(hashed):
+            keys[i], stats_of[i] = key, st
             if why is not None:
                 stats.failures.append((files[i], why))
             if (i + 1) % 256 == 0 or i + 1 == len(files):
@@ -170,4 +179,7 @@ def embed_files(files: list[str], encoder: Encoder, store: EmbeddingStore, *,
         if k in failed:
             keys[j] = None
             stats.failures.append((files[j], failed[k]))
+    if stat_cache is not None:
+        stat_cache.save({f: (st, k) for f, st, k in zip(files, stats_of, keys, strict=True)
+                         if k is not None and st is not None})
     return keys, stats

@@ -72,13 +72,36 @@ def make_session(onnx_path: str | os.PathLike | bytes, device: str = "auto",
 
 
 class Encoder:
-    """Runs a backbone's ONNX graph on uint8 batches; opened lazily, one per process."""
+    """Runs a backbone's ONNX graph on uint8 batches.
+
+    The session opens on first use, so a run where everything is cached never
+    pays for it; an explicit device that cannot be honoured fails here, at once.
+    """
 
     def __init__(self, backbone: Backbone, device: str = "auto", threads: int | None = None,
                  spin: bool = False) -> None:
         self.backbone = backbone
-        self.session, self.provider = make_session(backbone.onnx_path, device, threads, spin)
-        self.input_name = self.session.get_inputs()[0].name
+        self.device = device
+        self.threads = threads
+        self.spin = spin
+        self._planned = providers_for(device)
+        self._session = None
+        self._provider: str | None = None
+
+    @property
+    def session(self):
+        if self._session is None:
+            self._session, self._provider = make_session(self.backbone.onnx_path, self.device,
+                                                         self.threads, self.spin)
+        return self._session
+
+    @property
+    def provider(self) -> str:
+        """The provider in use (or, before the session opens, the one it will ask for first)."""
+        if self._provider is not None:
+            return self._provider
+        first = self._planned[0]
+        return first[0] if isinstance(first, tuple) else first
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (N, S, S, 3) -> float32 (N, dim)."""
@@ -87,5 +110,6 @@ class Encoder:
             raise FeatXError(f"expected uint8 (N, {s}, {s}, 3) pixels, got {pixels.dtype} {pixels.shape}")
         if len(pixels) == 0:
             return np.zeros((0, self.backbone.dim), np.float32)
-        out = self.session.run(None, {self.input_name: np.ascontiguousarray(pixels)})[0]
+        sess = self.session
+        out = sess.run(None, {sess.get_inputs()[0].name: np.ascontiguousarray(pixels)})[0]
         return np.asarray(out, dtype=np.float32)

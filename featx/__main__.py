@@ -1,0 +1,5 @@
+"""`python -m featx`."""
+
+from featx.cli import main
+
+main()
