@@ -366,6 +366,10 @@ def finetune(data=None, *, val=None, out: str | os.PathLike | None = None,
         run_dir = Path(resume)
         if not (run_dir / "config.json").is_file():
             raise FeatXError(f"--resume {run_dir}: not a featx fine-tuning run (no config.json)")
+        status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").is_file() else {}
+        if status.get("state") == "done":
+            raise FeatXError(f"--resume {run_dir}: that run already finished ({status.get('epoch')} epochs); "
+                             "start a new run with --out, or fine-tune further from its weights")
         saved = json.loads((run_dir / "config.json").read_text())
         cfg = FinetuneConfig(**saved["config"])
         split = json.loads((run_dir / "split.json").read_text())

@@ -1,0 +1,281 @@
+"""``featx compare``: what transfer buys, measured on the user's data.
+
+For each training-set size (images per class) three methods are trained on
+the same subset and scored on the same test images:
+
+- ``frozen``: frozen backbone + logistic regression on cached embeddings;
+- ``lpft``: LP-FT fine-tuning of the top ``unfreeze`` blocks;
+- ``scratch``: the same architecture from random init, all layers trained,
+  with the same budget (same images, epochs, batch size and schedule).
+
+Writes ``compare.json``, ``compare.md`` and ``learning_curve.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .cards import DEFAULT_BACKBONE
+from .errors import FeatXError
+from .pipeline import ProgressFn, _noop
+from .train_data import labelled_files, stratified_split
+
+log = logging.getLogger(__name__)
+
+METHODS = ("frozen", "lpft", "scratch")
+LABELS = {"frozen": "frozen + logistic regression", "lpft": "LP-FT (top blocks)",
+          "scratch": "same architecture from scratch"}
+
+
+def parse_per_class(spec: str | list) -> list[int | None]:
+    """'5,20,all' -> [5, 20, None] (None: every training image)."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out: list[int | None] = []
+    for it in items:
+        it = str(it).strip().lower()
+        if it == "all":
+            out.append(None)
+            continue
+        try:
+            n = int(it)
+        except ValueError:
+            raise FeatXError(f"--per-class: {it!r} is neither a number nor 'all'") from None
+        if n < 1:
+            raise FeatXError(f"--per-class values must be >= 1, got {n}")
+        out.append(n)
+    if not out:
+        raise FeatXError("--per-class needs at least one value, e.g. 5,20,100,all")
+    return sorted(set(out), key=lambda v: float("inf") if v is None else v)
+
+
+def subsample(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
+    """Up to ``per_class`` indices of each class; nested across sizes for one seed."""
+    if per_class is None:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    idx = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
+    return np.sort(np.concatenate(idx))
+
+
+@dataclass
+class CompareResult:
+    rows: list[dict]
+    out: Path
+    config: dict
+    files: dict = field(default_factory=dict)
+
+
+def compare(train, test=None, *, out: str | os.PathLike = "report", per_class="5,20,100,all",
+            methods: tuple[str, ...] = METHODS, backbone: str = DEFAULT_BACKBONE, epochs: int = 5,
+            unfreeze: int | str = 2, lr: float = 1e-3, batch_size: int = 32, input_size: int | None = None,
+            test_per_class: int | None = None, seed: int = 0, device: str = "auto",
+            store: str | os.PathLike | None = None, keep_runs: bool = False,
+            progress: ProgressFn = _noop) -> CompareResult:
+    """Accuracy and wall time vs images per class for frozen+logreg, LP-FT and scratch.
+
+    ``test`` is a folder or (paths, labels); without it 20% of ``train`` is
+    held out (stratified). ``test_per_class`` caps the test set for speed.
+    Fine-tuning runs use no validation split and no early stopping, so every
+    method sees exactly the same images for the same number of epochs.
+    """
+    from .finetune import FinetuneConfig, base_backbone, card_for, finetune
+    from .heads import fit_head
+    from .pipeline import embed_files
+    from .runtime import Encoder
+    from .store import EmbeddingStore
+    from .train_loop import torch_device
+    from .zoo import build
+
+    unknown = set(methods) - set(METHODS)
+    if unknown or not methods:
+        raise FeatXError(f"methods must be among {', '.join(METHODS)}, got {sorted(unknown) or methods}")
+    sizes = parse_per_class(per_class)
+    files = labelled_files(train)
+    if test is None:
+        tr, te = stratified_split(files.labels, 0.2, seed)
+        files, testf, test_source = files.subset(tr), files.subset(te), "20% of train, stratified"
+    else:
+        testf, test_source = labelled_files(test, classes=files.classes), "given"
+    if test_per_class is not None:
+        testf = testf.subset(subsample(testf.labels, test_per_class, seed))
+    torch_device(device)  # an impossible --device fails before any work
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = FinetuneConfig(backbone=backbone, unfreeze=unfreeze, epochs=epochs, lr=lr,
+                         batch_size=batch_size, input_size=input_size, seed=seed, val_fraction=0.0,
+                         patience=None)
+    card = card_for(cfg)
+    cfg.validate(card)
+
+    # frozen embeddings of every image any size uses, through the store (cached)
+    progress("backbone", 0, 0)
+    module, _, wsha = build(card)
+    from .export import make_wrapper
+
+    bb = base_backbone(card, make_wrapper(module, card.preprocess), wsha, None)
+    del module
+    enc = Encoder(bb, device="cpu" if torch_device(device).type == "cpu" else "auto")
+    st = EmbeddingStore(bb, store)
+    largest = subsample(files.labels, sizes[-1], seed)
+    used = files.subset(largest)
+    t0 = time.perf_counter()
+    keys_tr, stats_tr = embed_files(used.paths, enc, st, progress=progress)
+    keys_te, _ = embed_files(testf.paths, enc, st, progress=progress)
+    embed_s = time.perf_counter() - t0
+    # seconds per image when actually computed (a cached rerun would otherwise report ~0)
+    per_image = (stats_tr.seconds_embed / stats_tr.embedded) if stats_tr.embedded else None
+    if per_image is None:  # all cached: time a small batch to price what an uncached run costs
+        per_image = _time_embedding(used.paths[:32], enc)
+    ok_te = [i for i, k in enumerate(keys_te) if k is not None]
+    X_te = st.get([keys_te[i] for i in ok_te])
+    y_te = testf.labels[ok_te]
+    key_of = dict(zip(used.paths, keys_tr, strict=True))
+
+    rows: list[dict] = []
+    for n in sizes:
+        idx = subsample(files.labels, n, seed)
+        sub = files.subset(idx)
+        n_label = "all" if n is None else n
+        counts = np.bincount(sub.labels, minlength=len(files.classes))
+        for method in methods:
+            progress(f"{method} @ {n_label}/class", 0, 1)
+            t = time.perf_counter()
+            if method == "frozen":
+                ok = [i for i, p in enumerate(sub.paths) if key_of.get(p) is not None]
+                X = st.get([key_of[sub.paths[i]] for i in ok])
+                names = [files.classes[sub.labels[i]] for i in ok]
+                C = "auto" if counts.min() >= 2 else 1.0
+                pipe, rep = fit_head(X, names, head="logreg", C=C, seed=seed)
+                proba = pipe.predict_proba(X_te)
+                codes = np.array([files.classes.index(c) for c in rep["classes"]])
+                pred = codes[proba.argmax(1)]
+                acc = float((pred == y_te).mean())
+                secs = time.perf_counter() - t
+                extra = {"C": rep["C"], "fit_seconds": round(secs, 3),
+                         "embed_seconds": round(per_image * len(sub), 3) if per_image else None}
+                if per_image:
+                    secs += per_image * len(sub)  # the embeddings this method needs, at measured speed
+            else:
+                run_dir = out / "runs" / f"{method}-{n_label}"
+                if run_dir.exists():
+                    shutil.rmtree(run_dir)
+                opts = {"lp_init": True} if method == "lpft" else {
+                    "pretrained": False, "lp_init": False, "unfreeze": "all", "backbone_lr": lr}
+                r = finetune(sub, out=run_dir, config=cfg, device=device, store=store, export=False,
+                             progress=progress, **opts)
+                secs = time.perf_counter() - t
+                proba = r.predict_proba(testf.paths, device=device)[ok_te]
+                acc = float((proba.argmax(1) == y_te).mean())
+                extra = {"epochs": len(r.history), "train_seconds": round(secs, 3),
+                         "final_train_loss": r.history[-1]["train_loss"] if r.history else None}
+                if not keep_runs:
+                    for f in run_dir.glob("*.pt"):
+                        f.unlink()
+            row = {"per_class": n_label, "train_images": len(sub), "method": method,
+                   "accuracy": acc, "seconds": round(secs, 3), **extra}
+            log.info("%s @ %s/class: accuracy %.4f in %.1f s", method, n_label, acc, secs)
+            rows.append(row)
+            progress(f"{method} @ {n_label}/class", 1, 1)
+            _write_json(out / "compare.json", _report(rows, {}))  # partial results survive a kill
+    config = {"backbone": backbone, "fingerprint": bb.fingerprint, "input_size": card.preprocess.input_size,
+              "epochs": epochs, "unfreeze": unfreeze, "lr": lr, "batch_size": batch_size, "seed": seed,
+              "device": str(torch_device(device)), "classes": files.classes,
+              "test_images": len(y_te), "test_source": test_source,
+              "embed_seconds_total": round(embed_s, 2),
+              "embed_seconds_per_image": round(per_image, 5) if per_image else None}
+    result = CompareResult(rows, out, config)
+    result.files = write_report(out, rows, config)
+    return result
+
+
+def _time_embedding(paths: list[str], enc) -> float | None:
+    """Seconds per image to decode, preprocess and embed ``paths`` (one warm batch)."""
+    from .pipeline import decode_batch
+
+    items = [(i, p, "") for i, p in enumerate(paths)]
+    enc(decode_batch(items[:2], enc.backbone.preprocess)[2])  # warm-up
+    t = time.perf_counter()
+    _, _, pixels, _ = decode_batch(items, enc.backbone.preprocess)
+    if not len(pixels):
+        return None
+    enc(pixels)
+    return (time.perf_counter() - t) / len(pixels)
+
+
+def _report(rows: list[dict], config: dict) -> dict:
+    return {"config": config, "rows": rows}
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def write_report(out: Path, rows: list[dict], config: dict) -> dict:
+    """compare.json, compare.md and learning_curve.png; returns their paths."""
+    _write_json(out / "compare.json", _report(rows, config))
+    sizes = list(dict.fromkeys(r["per_class"] for r in rows))
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    cell = {(r["per_class"], r["method"]): r for r in rows}
+    lines = [
+        "# featx compare", "",
+        f"Backbone `{config.get('backbone')}` at {config.get('input_size')} px, {config.get('epochs')} "
+        f"epochs for the trained methods, unfreeze {config.get('unfreeze')}, device {config.get('device')}; "
+        f"{config.get('test_images')} test images ({config.get('test_source')}).", "",
+        "Accuracy on the test images (wall time in seconds):", "",
+        "| images/class | train images | " + " | ".join(LABELS[m] for m in methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
+    for s in sizes:
+        n_img = next(r["train_images"] for r in rows if r["per_class"] == s)
+        cells = []
+        for m in methods:
+            r = cell.get((s, m))
+            cells.append(f"{r['accuracy']:.4f} ({r['seconds']:.1f} s)" if r else "-")
+        lines.append(f"| {s} | {n_img} | " + " | ".join(cells) + " |")
+    lines += ["", "Frozen wall time = fitting the head + embedding its training images at the measured "
+              "speed (embeddings are cached, so a second head on the same images costs only the fit).",
+              "Fine-tuning runs use no validation split and no early stopping: same images, same epochs "
+              "for LP-FT and scratch.", "", "![learning curve](learning_curve.png)", ""]
+    (out / "compare.md").write_text("\n".join(lines))
+    png = plot_learning_curve(out, rows, max(1, len(config.get("classes", [])) or 1))
+    return {"json": str(out / "compare.json"), "markdown": str(out / "compare.md"), "png": str(png)}
+
+
+def plot_learning_curve(out: Path, rows: list[dict], n_classes: int) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for m, style in zip(METHODS, ("o-", "s-", "^-"), strict=True):
+        rs = [r for r in rows if r["method"] == m]
+        if not rs:
+            continue
+        x = [r["train_images"] / n_classes for r in rs]  # 'all' plots at its mean per class
+        a1.plot(x, [100 * r["accuracy"] for r in rs], style, label=LABELS[m])
+        a2.plot(x, [r["seconds"] for r in rs], style, label=LABELS[m])
+    for a, yl in ((a1, "test accuracy (%)"), (a2, "wall time (s)")):
+        a.set_xscale("log")
+        a.set_xlabel("training images per class (log scale)")
+        a.set_ylabel(yl)
+        a.grid(alpha=0.3, which="both")
+        a.legend()
+    a2.set_yscale("log")
+    fig.suptitle("featx compare: accuracy and cost vs training-set size")
+    fig.tight_layout()
+    p = out / "learning_curve.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    return p
+
