@@ -1,0 +1,215 @@
+"""Predict with a head: images -> embeddings (through the shared cache) -> probabilities.
+
+Files go through ``featx.pipeline.embed_files`` into the same embedding store
+as ``featx extract``, so an image embedded once is never run again. In-memory
+uint8 arrays (the sklearn API) are keyed by a hash of their pixels and shape
+and cached in the same store.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .backbone import Backbone
+from .errors import FeatXError
+from .headfile import Head, head_backbone, load_head
+from .images import IMAGE_EXTENSIONS, array_to_pil, resize_crop, scan
+from .pipeline import ProgressFn, _noop, embed_files
+from .runtime import Encoder
+from .store import EmbeddingStore
+
+_RUNTIMES: dict[tuple, tuple[Encoder, EmbeddingStore]] = {}
+_LOCK = threading.Lock()
+
+
+def runtime(bb: Backbone, device: str = "auto",
+            store: str | os.PathLike | None = None) -> tuple[Encoder, EmbeddingStore]:
+    """One encoder and store per (backbone, device, store) in this process.
+
+    Opening an ORT session costs ~0.5 s; GridSearchCV clones an estimator per fold
+    and candidate, so they all share this one.
+    """
+    key = (bb.fingerprint, str(bb.onnx_path), device, str(store) if store is not None else None,
+           os.environ.get("FEATX_HOME"))
+    with _LOCK:
+        if key not in _RUNTIMES:
+            _RUNTIMES[key] = (Encoder(bb, device=device), EmbeddingStore(bb, store))
+        return _RUNTIMES[key]
+
+
+def collect_files(inputs: list[str | os.PathLike]) -> tuple[list[str], list[str | None], list[tuple[str, str]]]:
+    """Files from image files and folders (recursively); returns (files, labels, skipped).
+
+    Labels come from an ImageFolder layout (root/<class>/...) and are None otherwise.
+    """
+    files: list[str] = []
+    labels: list[str | None] = []
+    skipped: list[tuple[str, str]] = []
+    for inp in inputs:
+        p = Path(inp)
+        if p.is_dir():
+            found = scan(p)
+            files.extend(str(p / it.path) for it in found.items)
+            labels.extend(it.label for it in found.items)
+            skipped.extend((str(p / s), why) for s, why in found.skipped)
+        elif p.is_file():
+            if p.suffix.lower() not in IMAGE_EXTENSIONS:
+                skipped.append((str(p), f"not an image extension ({p.suffix or 'none'})"))
+                continue
+            files.append(str(p))
+            labels.append(None)
+        else:
+            raise FeatXError(f"{p}: no such file or directory")
+    return files, labels, skipped
+
+
+def embed_paths(files: list[str], bb: Backbone, *, device: str = "auto",
+                store: str | os.PathLike | None = None, batch_size: int = 32,
+                workers: int | None = None,
+                progress: ProgressFn = _noop) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+    """Embeddings of the readable ``files``: (X, indices of those files, failures)."""
+    encoder, st = runtime(bb, device, store)
+    keys, stats = embed_files(files, encoder, st, batch_size=batch_size, workers=workers,
+                              progress=progress)
+    ok = [i for i, k in enumerate(keys) if k is not None]
+    X = st.get([keys[i] for i in ok]) if ok else np.zeros((0, bb.dim), np.float32)
+    return X, ok, list(stats.failures)
+
+
+def array_key(a: np.ndarray) -> str:
+    """Cache key of an in-memory image: its pixels and shape (distinct from file-byte keys)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"array:{a.dtype}:{a.shape}:".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def embed_arrays(images, bb: Backbone, *, device: str = "auto",
+                 store: str | os.PathLike | None = None, batch_size: int = 32) -> np.ndarray:
+    """Embeddings of uint8 images (an (N,H,W) / (N,H,W,3) array or a list of (H,W[,3]) arrays)."""
+    encoder, st = runtime(bb, device, store)
+    keys = [array_key(a) for a in images]
+    stored = st.keys()
+    todo: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        if k not in stored and k not in todo:
+            todo[k] = i
+    items = list(todo.items())
+    for start in range(0, len(items), batch_size):
+        batch = items[start:start + batch_size]
+        pixels = np.stack([resize_crop(array_to_pil(np.asarray(images[i]), f"image {i}"), bb.preprocess)
+                           for _, i in batch])
+        st.write([k for k, _ in batch], encoder(pixels))
+    return st.get(keys) if keys else np.zeros((0, bb.dim), np.float32)
+
+
+def head_class_columns(head: Head) -> list[str]:
+    """Class name of each ``predict_proba`` column (heads are trained on codes 0..K-1,
+    but a pipeline built elsewhere may carry the names themselves)."""
+    cls = getattr(head.pipeline, "classes_", None)
+    if cls is None:
+        return list(head.classes)
+    out = []
+    for c in np.asarray(cls).tolist():
+        if isinstance(c, (int, np.integer)) and 0 <= int(c) < len(head.classes):
+            out.append(head.classes[int(c)])
+        else:
+            out.append(str(c))
+    return out
+
+
+def head_proba(head: Head, X: np.ndarray) -> np.ndarray:
+    """Probabilities (N, K) with columns in ``head_class_columns`` order."""
+    if X.shape[1:] != (head.meta.get("backbone", {}).get("dim", X.shape[1]),):
+        raise FeatXError(f"embeddings have dim {X.shape[1]}, the head expects "
+                         f"{head.meta['backbone']['dim']}")
+    if len(X) == 0:
+        return np.zeros((0, len(head_class_columns(head))))
+    from .heads import one_blas_thread
+
+    with one_blas_thread():
+        return np.asarray(head.pipeline.predict_proba(X), dtype=np.float64)
+
+
+@dataclass
+class PredictResult:
+    """Per-image predictions; ``files[i]`` has ``labels[i]`` and ``proba[i]`` (over ``classes``)."""
+
+    files: list[str]
+    labels: list[str]
+    proba: np.ndarray
+    classes: list[str]
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    true_labels: list[str | None] = field(default_factory=list)
+    provider: str = ""
+
+    def top_k(self, i: int, k: int) -> list[tuple[str, float]]:
+        order = np.argsort(-self.proba[i], kind="stable")[:k]
+        return [(self.classes[j], float(self.proba[i, j])) for j in order]
+
+    def rows(self, k: int = 3) -> list[dict]:
+        return [{"path": f, "label": lab, "probability": float(self.proba[i].max()),
+                 "top": [{"class": c, "probability": p} for c, p in self.top_k(i, k)]}
+                for i, (f, lab) in enumerate(zip(self.files, self.labels, strict=True))]
+
+
+def predict(head: Head | str | os.PathLike, inputs: list[str | os.PathLike], *,
+            backbone: str | os.PathLike | Backbone | None = None, device: str = "auto",
+            store: str | os.PathLike | None = None, batch_size: int = 32,
+            workers: int | None = None, progress: ProgressFn = _noop) -> PredictResult:
+    """Predict every image in ``inputs`` (files and/or folders) with ``head``.
+
+    The label is the class with the highest probability. Unreadable files are
+    listed in ``failures`` with their reason and do not stop the run.
+    """
+    h = head if isinstance(head, Head) else load_head(head)
+    bb = head_backbone(h, backbone)
+    files, truth, skipped = collect_files(list(inputs))
+    if not files:
+        raise FeatXError(f"no images found in {', '.join(map(str, inputs))}")
+    X, ok, failures = embed_paths(files, bb, device=device, store=store, batch_size=batch_size,
+                                  workers=workers, progress=progress)
+    proba = head_proba(h, X)
+    classes = head_class_columns(h)
+    labels = [classes[j] for j in proba.argmax(axis=1)] if len(proba) else []
+    enc, _ = runtime(bb, device, store)
+    return PredictResult([files[i] for i in ok], labels, proba, classes, skipped + failures,
+                         [truth[i] for i in ok], enc.provider)
+
+
+def write_predictions(result: PredictResult, out: str | os.PathLike, top_k: int = 3) -> Path:
+    """CSV (path, label, probability, top-k class/probability columns) or JSON, by suffix."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    k = max(1, min(top_k, len(result.classes)))
+    if out.suffix.lower() == ".json":
+        doc = {"classes": result.classes, "predictions": result.rows(k),
+               "failures": [{"path": p, "reason": r} for p, r in result.failures]}
+        out.write_text(json.dumps(doc, indent=2))
+        return out
+    if out.suffix.lower() not in (".csv", ".tsv"):
+        raise FeatXError(f"{out}: output must end in .csv, .tsv or .json")
+    with open(out, "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t" if out.suffix.lower() == ".tsv" else ",")
+        head = ["path", "label", "probability"]
+        for j in range(1, k + 1):
+            head += [f"top{j}_class", f"top{j}_probability"]
+        w.writerow([*head, "error"])
+        for i, (path, lab) in enumerate(zip(result.files, result.labels, strict=True)):
+            row = [path, lab, f"{result.proba[i].max():.6f}"]
+            for c, p in result.top_k(i, k):
+                row += [c, f"{p:.6f}"]
+            row += ["", ""] * (k - len(result.top_k(i, k)))
+            w.writerow([*row, ""])
+        for path, why in result.failures:
+            w.writerow([path, "", ""] + [""] * (2 * k) + [why])
+    return out
+

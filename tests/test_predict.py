@@ -1,0 +1,187 @@
+"""End to end on real images: extract -> fit-head -> predict -> evaluate, via the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from featx.backbone import fingerprint_of, load_export
+from featx.cards import Preprocess
+from featx.cli import main
+from featx.datasets import (
+    FASHION_MNIST_CLASSES,
+    fashion_mnist,
+    fashion_mnist_available,
+    subsample,
+    write_image_folder,
+)
+from featx.headfile import load_head, save_head
+from featx.store import EmbeddingStore
+
+pytestmark = pytest.mark.skipif(not fashion_mnist_available(),
+                                reason="needs Debian's dataset-fashion-mnist")
+
+KEEP = [0, 1, 8]  # t-shirt, trouser, bag
+
+
+def fm_folder(root: Path, split: str, per_class: int) -> Path:
+    x, y = fashion_mnist(split)
+    idx = subsample(y, per_class, seed=3)
+    idx = idx[np.isin(y[idx], KEEP)]
+    write_image_folder(root, x[idx], y[idx], FASHION_MNIST_CLASSES)
+    for d in root.iterdir():  # write_image_folder makes every class folder; keep ours
+        if not any(d.iterdir()):
+            d.rmdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory):
+    """extract + fit-head once for the module; returns the paths."""
+    d = tmp_path_factory.mktemp("flow")
+    train = fm_folder(d / "train", "train", 10)
+    test = fm_folder(d / "test", "test", 5)
+    (test / "bag" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    r = CliRunner().invoke(main, ["extract", str(train), "--out", str(d / "train.parquet"), "-q"])
+    assert r.exit_code == 0, r.output
+    return {"dir": d, "train": train, "test": test, "table": d / "train.parquet"}
+
+
+def run(*args: str, ok: bool = True):
+    r = CliRunner().invoke(main, list(args))
+    if ok:
+        assert r.exit_code == 0, (r.output, r.exception)
+    return r
+
+
+@pytest.fixture(scope="module")
+def head(flow):
+    out = flow["dir"] / "head.joblib"
+    r = run("fit-head", "--embeddings", str(flow["table"]), "--C", "auto", "--cv", "3",
+            "--out", str(out))
+    assert "C = " in r.output and "auto: 3-fold CV" in r.output
+    return out
+
+
+def test_fit_head_writes_head_and_report(flow, head):
+    rep = json.loads(head.with_name("head.joblib.report.json").read_text())
+    assert rep["classes"] == ["bag", "t-shirt", "trouser"]
+    assert rep["n_train"] == 30 and rep["C_auto"] and rep["cv_score_std"] >= 0
+    h = load_head(head)
+    assert h.classes == rep["classes"]
+    assert h.meta["train"]["embeddings"] == str(flow["table"].resolve())
+
+
+def test_fit_head_defaults_to_last_extract(flow, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = run("extract", str(flow["train"]), "--out", str(tmp_path / "t.parquet"), "-q")
+    assert "30 from cache" in r.output  # fitting and re-extracting never re-run the backbone
+    r = run("fit-head", "--C", "1", "--json")
+    s = json.loads(r.output)
+    assert s["embeddings"] == str((tmp_path / "t.parquet").resolve())
+    assert Path(s["head_file"]) == Path("head.joblib") and (tmp_path / "head.joblib").is_file()
+    r = run("fit-head", "--embeddings", str(tmp_path / "t.parquet"), "--C", "-1", ok=False)
+    assert r.exit_code == 2 and "C must be > 0" in r.output
+
+
+def test_predict_csv_json_and_bad_files(flow, head, lite0):
+    out = flow["dir"] / "pred.csv"
+    store = EmbeddingStore(lite0)
+    before = len(store.keys())
+    r = run("predict", str(head), str(flow["test"]), "--out", str(out), "--top-k", "2")
+    assert "15 images predicted, 1 failed" in r.output and "broken.png" in r.output
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 16
+    bad = [row for row in rows if row["path"].endswith("broken.png")]
+    err = bad[0]["error"]
+    assert bad[0]["label"] == "" and ("corrupt" in err or "not an image" in err)
+    good = [row for row in rows if not row["error"]]
+    truth = [Path(row["path"]).parent.name for row in good]
+    acc = np.mean([row["label"] == t for row, t in zip(good, truth, strict=True)])
+    assert acc >= 0.8
+    for row in good:
+        assert row["label"] == row["top1_class"]
+        assert float(row["top1_probability"]) >= float(row["top2_probability"])
+    # json, and a second run over the same images is served from the cache
+    n_test = len(EmbeddingStore(lite0).keys()) - before
+    assert n_test == 15
+    r = run("predict", str(head), str(flow["test"] / "bag"), "--json")
+    s = json.loads(r.output)
+    assert s["images"] == 5 and s["failed"] == 1
+    for p in s["predictions"]:
+        assert sum(t["probability"] for t in p["top"]) == pytest.approx(1.0, abs=1e-6)
+    assert len(EmbeddingStore(lite0).keys()) - before == 15
+
+
+def test_evaluate_writes_metrics_and_confusion_png(flow, head, tmp_path):
+    r = run("evaluate", str(head), str(flow["test"]), "--out-dir", str(tmp_path / "ev"))
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["n"] == 15 and m["failed"] == 1 and m["accuracy"] >= 0.8
+    assert set(m["per_class"]) == {"bag", "t-shirt", "trouser"}
+    assert sum(map(sum, m["confusion_matrix"])) == 15
+    assert np.trace(np.array(m["confusion_matrix"])) == round(m["accuracy"] * 15)
+    png = tmp_path / "ev" / "confusion_matrix.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"accuracy {m['accuracy']:.4f}" in r.output and str(png) in r.output
+
+
+def test_head_on_another_backbone_is_refused(flow, head, lite0, tmp_path):
+    # a real second backbone: the same graph exported with other preprocessing
+    other = tmp_path / "other"
+    shutil.copytree(lite0.onnx_path.parent, other)
+    meta = json.loads((other / "model.json").read_text())
+    meta["preprocess"]["interpolation"] = "bilinear"
+    pre = Preprocess.from_dict(meta["preprocess"])
+    meta["fingerprint"] = fingerprint_of((other / "model.onnx").read_bytes(), pre)
+    (other / "model.json").write_text(json.dumps(meta))
+    assert load_export(other).fingerprint != lite0.fingerprint
+    for cmd in (["predict", str(head), str(flow["test"])],
+                ["evaluate", str(head), str(flow["test"])],
+                ["export-classifier", str(head), "--out", str(tmp_path / "c.onnx")]):
+        r = run(*cmd, "--backbone", str(other), ok=False)
+        assert r.exit_code == 1
+        assert "was trained on backbone" in r.output and lite0.fingerprint in r.output
+
+
+def test_tampered_head_is_refused_by_the_cli(flow, head, tmp_path):
+    bad = tmp_path / "bad.joblib"
+    data = bytearray(head.read_bytes())
+    data[-5] ^= 1
+    bad.write_bytes(bytes(data))
+    r = run("predict", str(bad), str(flow["test"]), ok=False)
+    assert r.exit_code == 1 and "integrity check failed" in r.output
+
+
+def test_run_directory_with_its_own_backbone(flow, head, lite0, tmp_path):
+    """The fine-tuning layout: run/backbone/ (an export) + run/head.joblib; the run can move."""
+    run_dir = tmp_path / "runs" / "ft1"
+    shutil.copytree(lite0.onnx_path.parent, run_dir / "backbone")
+    h = load_head(head)
+    save_head(run_dir / "head.joblib", h.pipeline, h.classes, load_export(run_dir / "backbone"),
+              {"source": "test"})
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(run_dir), moved)
+    assert load_head(moved).backbone_dir == str((moved / "backbone").resolve())
+    r = run("predict", str(moved), str(flow["test"] / "trouser"), "--json")
+    assert [p["label"] for p in json.loads(r.output)["predictions"]].count("trouser") >= 4
+
+
+def test_cli_through_a_real_subprocess(flow, head, tmp_path):
+    out = tmp_path / "p.json"
+    proc = subprocess.run([sys.executable, "-m", "featx.cli", "predict", str(head),
+                           str(flow["test"] / "t-shirt"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    assert doc["classes"] == ["bag", "t-shirt", "trouser"] and len(doc["predictions"]) == 5
+    proc = subprocess.run([sys.executable, "-m", "featx.cli", "predict", str(tmp_path / "p.json"),
+                           str(flow["test"])], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "not a featx head file" in proc.stderr
