@@ -1,0 +1,137 @@
+"""One-file classifier: the backbone graph and the sklearn head merged into one ONNX model.
+
+Input: uint8 pixels (N, S, S, 3), already decoded, resized and centre-cropped
+by the backbone's preprocessing (``featx.images.load_image``; the spec is in the
+model's metadata). Outputs: ``label`` (class name, string) and
+``probabilities`` (float32, N x K, columns in the order of the ``classes``
+metadata). The label is the argmax of the probabilities, exactly as
+``featx predict`` picks it, so the two agree even for SVMs, whose own
+``predict`` may disagree with their calibrated probabilities.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .backbone import Backbone
+from .errors import ExportError
+from .headfile import Head, head_backbone, load_head
+from .predict import head_class_columns
+
+ML_OPSET = 3
+
+
+def _head_to_onnx(head: Head, dim: int, opset: int, input_name: str):
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    pipe = head.pipeline
+    steps = getattr(pipe, "steps", [])
+    # zipmap would turn probabilities into a list of dicts; we want a plain tensor
+    options = {id(est): {"zipmap": False} for _, est in steps[-1:]} if steps else {id(pipe): {"zipmap": False}}
+    try:
+        with warnings.catch_warnings():
+            # skl2onnx reads SVC's deprecated probA_/probB_ even when unused
+            warnings.simplefilter("ignore", FutureWarning)
+            return convert_sklearn(pipe, initial_types=[(input_name, FloatTensorType([None, dim]))],
+                                   target_opset={"": opset, "ai.onnx.ml": ML_OPSET},
+                                   options=options)
+    except Exception as e:
+        raise ExportError(f"skl2onnx cannot convert this head ({type(e).__name__}: {e}); "
+                          "featx's logreg, linear-svm and svm-rbf heads are supported") from None
+
+
+def build_classifier(head: Head, bb: Backbone):
+    """The merged ``onnx.ModelProto`` (not yet saved)."""
+    import onnx
+    from onnx import TensorProto, compose, helper
+
+    bbm = onnx.load(str(bb.onnx_path))
+    opset = next(o.version for o in bbm.opset_import if o.domain in ("", "ai.onnx"))
+    bb_out = bbm.graph.output[0].name
+    hm = _head_to_onnx(head, bb.dim, opset, "embedding_in")
+    hm = compose.add_prefix(hm, "head/")
+    # merge_models insists on one IR version and one opset per domain; skl2onnx emits the
+    # lowest opset its ops need, and the ops it uses mean the same at the backbone's opset
+    # (the numeric check in export_classifier would catch it otherwise)
+    hm.ir_version = bbm.ir_version
+    for o in hm.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = opset
+    bbm = compose.add_prefix(bbm, "backbone/", rename_inputs=False, rename_outputs=False)
+    proba_name = next(o.name for o in hm.graph.output if o.name.endswith("probabilities"))
+    merged = compose.merge_models(bbm, hm, io_map=[(bb_out, "head/embedding_in")],
+                                  outputs=[proba_name])
+    classes = head_class_columns(head)
+    g = merged.graph
+    g.initializer.append(helper.make_tensor("class_names", TensorProto.STRING, [len(classes)],
+                                            [c.encode() for c in classes]))
+    g.node.extend([
+        helper.make_node("Identity", [proba_name], ["probabilities"]),
+        helper.make_node("ArgMax", ["probabilities"], ["label_index"], axis=1, keepdims=0),
+        helper.make_node("Gather", ["class_names", "label_index"], ["label"], axis=0),
+    ])
+    del g.output[:]
+    g.output.extend([
+        helper.make_tensor_value_info("label", TensorProto.STRING, ["batch"]),
+        helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", len(classes)]),
+    ])
+    merged.graph.name = f"featx_classifier_{bb.name}"
+    meta = {"featx.classes": json.dumps(classes), "featx.preprocess": bb.preprocess.canonical(),
+            "featx.fingerprint": bb.fingerprint, "featx.backbone": bb.name,
+            "featx.head_sha256": head.meta.get("payload_sha256", "")}
+    del merged.metadata_props[:]
+    for k, v in meta.items():
+        merged.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+    onnx.checker.check_model(merged)
+    return merged
+
+
+def export_classifier(head: Head | str | os.PathLike, out: str | os.PathLike,
+                      backbone: str | os.PathLike | Backbone | None = None,
+                      check_tolerance: float = 1e-4) -> dict:
+    """Write the one-file classifier to ``out`` and check it against featx's own path.
+
+    The check runs a few deterministic images through both the merged model and
+    backbone + sklearn head; a disagreement beyond ``check_tolerance`` (absolute,
+    on probabilities) or in any label raises ExportError and nothing is written.
+    """
+    import onnx
+
+    from .export import parity_images
+    from .predict import head_proba
+    from .runtime import Encoder, make_session
+
+    h = head if isinstance(head, Head) else load_head(head)
+    bb = head_backbone(h, backbone)
+    model = build_classifier(h, bb)
+    data = model.SerializeToString()
+    pixels = parity_images(bb.preprocess, n=4)
+    sess, _ = make_session(data, device="cpu")
+    labels, proba = sess.run(["label", "probabilities"], {sess.get_inputs()[0].name: pixels})
+    ref = head_proba(h, Encoder(bb, device="cpu")(pixels))
+    diff = float(np.abs(proba - ref).max())
+    classes = head_class_columns(h)
+    ref_labels = [classes[j] for j in ref.argmax(1)]
+    top2 = np.sort(ref, axis=1)[:, -2:] if ref.shape[1] > 1 else np.zeros((len(ref), 2))
+    # a near-tie may fall either way in float32; every clear winner must agree
+    clear = (top2[:, 1] - top2[:, 0]) > 10 * check_tolerance
+    wrong = [i for i in range(len(ref)) if clear[i] and str(labels[i]) != ref_labels[i]]
+    if diff > check_tolerance or wrong:
+        raise ExportError(f"the merged classifier disagrees with backbone + head (max |dp| {diff:.2e}, "
+                          f"labels {list(labels)} vs {ref_labels}); nothing written")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, out)
+    return {"path": str(out), "bytes": out.stat().st_size, "input": sess.get_inputs()[0].name,
+            "input_shape": ["batch", bb.preprocess.input_size, bb.preprocess.input_size, 3],
+            "outputs": ["label", "probabilities"], "classes": classes,
+            "preprocess": bb.preprocess.to_dict(), "fingerprint": bb.fingerprint,
+            "check_max_abs_diff": diff}
