@@ -94,6 +94,9 @@ def register(main: click.Group) -> None:
                   help="Start the linear layer at random instead of from a logistic-regression probe.")
     @click.option("--input-size", type=click.IntRange(16, 1024), default=None,
                   help="Override the card's input size (smaller = faster on CPU, less accurate).")
+    @click.option("--bn-stats/--no-bn-stats", default=None,
+                  help="Update BatchNorm statistics in the trained blocks (default: only from scratch; "
+                       "batch statistics of small augmented batches undo the LP init).")
     @click.option("--seed", type=int, default=0, show_default=True)
     @click.option("--workers", type=click.IntRange(0, 256), default=None,
                   help="Data loader processes (default: 0 on CPU, up to 8 on CUDA).")
@@ -103,7 +106,7 @@ def register(main: click.Group) -> None:
     @json_option
     def finetune_cmd(train, val, out, resume, backbone, weights, unfreeze, epochs, lr, backbone_lr,
                      batch_size, weight_decay, warmup_epochs, label_smoothing, class_weight, patience,
-                     val_fraction, no_lp_init, input_size, seed, workers, device, store, quiet, as_json):
+                     val_fraction, no_lp_init, input_size, bn_stats, seed, workers, device, store, quiet, as_json):
         """Fine-tune a backbone on TRAIN (ImageFolder layout) and export it back to ONNX.
 
         LP-FT: a logistic-regression head fitted on cached embeddings starts the new
@@ -124,7 +127,7 @@ def register(main: click.Group) -> None:
             warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
             class_weight=None if class_weight == "none" else class_weight,
             patience=patience or None, val_fraction=val_fraction, lp_init=not no_lp_init,
-            input_size=input_size, seed=seed)
+            input_size=input_size, bn_stats=bn_stats, seed=seed)
         p = EpochProgress(quiet)
         try:
             r = finetune(train, val=val, out=out, resume=resume, device=device, workers=workers,

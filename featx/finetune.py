@@ -62,6 +62,7 @@ class FinetuneConfig:
     lp_C: float | str = "auto"
     pretrained: bool = True
     input_size: int | None = None  # override the card's input size (tests, quick CPU runs)
+    bn_stats: bool | None = None  # update BatchNorm statistics of trained blocks; None: only from scratch
     seed: int = 0
 
     def validate(self, card: BackboneCard) -> None:
@@ -409,6 +410,7 @@ def finetune(data=None, *, val=None, out: str | os.PathLike | None = None,
     elif (run_dir / "lp_head.json").is_file():
         lp_report = json.loads((run_dir / "lp_head.json").read_text())
     n_trainable = tl.set_trainable(net, card, k)
+    bn_stats = (not cfg.pretrained) if cfg.bn_stats is None else bool(cfg.bn_stats)
     net = tl.to_device(net, dev)
 
     pin = dev.type == "cuda"
@@ -454,7 +456,8 @@ def finetune(data=None, *, val=None, out: str | os.PathLike | None = None,
                 stopped_early = True
                 break
             loader = make_loader(train_ds, cfg.batch_size, True, cfg.seed, epoch, workers, pin, drop_last)
-            row = {"epoch": epoch, **tl.run_epoch(net, loader, dev, loss_fn, optimizer, scheduler, progress)}
+            row = {"epoch": epoch, **tl.run_epoch(net, loader, dev, loss_fn, optimizer, scheduler, progress,
+                                                    bn_stats)}
             row.update({"val_loss": float("nan"), "val_acc": float("nan")})
             if val_loader is not None:
                 row.update(tl.evaluate(net, val_loader, dev, val_loss_fn, progress))

@@ -102,7 +102,9 @@ def test_unfreeze_blocks_and_frozen_batchnorm(data):
     set_trainable(net, card, 1)
     assert bb.conv_head.weight.requires_grad and bb.bn2.weight.requires_grad
     assert not bb.blocks[6][0].conv_pw.weight.requires_grad
-    train_mode(net)
+    train_mode(net)  # pretrained: BN statistics stay fixed even in trained blocks
+    assert net.training and not bb.bn2.training and not bb.blocks[6][0].bn1.training
+    train_mode(net, bn_stats=True)  # from scratch: trained blocks learn statistics, frozen ones never
     assert bb.bn2.training and not bb.blocks[6][0].bn1.training and not bb.bn1.training
     total = set_trainable(net, card, None)
     assert total == sum(p.numel() for p in net.parameters())
@@ -185,6 +187,7 @@ def test_frozen_blocks_do_not_move(run, data):
     for (n, a), b in zip(got.blocks[6].state_dict().items(), want.blocks[6].state_dict().values(), strict=True):
         assert torch.equal(a, b), n
     assert not torch.equal(got.conv_head.weight, want.conv_head.weight)  # the unfrozen block trained
+    assert torch.equal(got.bn2.running_var, want.bn2.running_var)  # pretrained: BN statistics fixed
 
 
 def test_explicit_cuda_without_gpu_is_an_error(data, tmp_path):
