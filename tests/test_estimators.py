@@ -1,0 +1,218 @@
+"""FeatXEmbedder / FeatXClassifier: sklearn's own checks, and the contract on real images."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from sklearn.base import clone
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, cross_val_score
+from sklearn.pipeline import Pipeline
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from featx import FeatXClassifier, FeatXEmbedder
+from featx.cli import main
+from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist, fashion_mnist_available, subsample
+from featx.errors import FeatXError
+from featx.estimators import ImageInputError
+
+# ---- sklearn's estimator checks --------------------------------------------------------------
+# These checks fit on random float feature matrices (n_samples, n_features). featx estimators
+# take images (paths or uint8 (N, H, W[, 3]) arrays) and refuse a float matrix with a
+# ValueError, so every check that needs a successful fit on such data cannot apply. The
+# property each one guards is tested below on real images where it means something for us
+# (named in brackets).
+TABULAR = "fits on a float feature matrix; featx estimators take images"
+NOT_APPLICABLE = {
+    "check_fit_score_takes_y": TABULAR,
+    "check_estimators_overwrite_params": f"{TABULAR} [test_clone_params_and_pickle]",
+    "check_dont_overwrite_parameters": f"{TABULAR} [test_clone_params_and_pickle]",
+    "check_estimators_fit_returns_self": f"{TABULAR} [test_classifier_on_arrays]",
+    "check_readonly_memmap_input": TABULAR,
+    "check_n_features_in_after_fitting": f"{TABULAR}; images have no n_features_in_",
+    "check_n_features_in": f"{TABULAR}; images have no n_features_in_",
+    "check_positive_only_tag_during_fit": TABULAR,
+    "check_estimators_dtypes": f"{TABULAR}; only uint8 pixels are images",
+    "check_complex_data": TABULAR,
+    "check_dtype_object": f"{TABULAR}; an object array is taken as a list of paths",
+    "check_estimators_empty_data_messages": f"{TABULAR} [test_bad_input_is_refused_clearly]",
+    "check_pipeline_consistency": f"{TABULAR} [test_pipeline_gridsearch_cross_val]",
+    "check_estimators_nan_inf": f"{TABULAR}; uint8 pixels cannot be NaN",
+    "check_estimators_pickle": f"{TABULAR} [test_clone_params_and_pickle]",
+    "check_estimators_pickle(readonly_memmap=True)": TABULAR,
+    "check_f_contiguous_array_estimator": TABULAR,
+    "check_transformer_data_not_an_array": TABULAR,
+    "check_transformer_general": f"{TABULAR} [test_embedder]",
+    "check_transformer_general(readonly_memmap=True)": TABULAR,
+    "check_transformers_unfitted_stateless": f"{TABULAR} [test_embedder: transform without fit]",
+    "check_methods_sample_order_invariance": f"{TABULAR} [test_classifier_on_arrays]",
+    "check_methods_subset_invariance": f"{TABULAR} [test_classifier_on_arrays]",
+    "check_fit2d_1sample": TABULAR,
+    "check_fit2d_1feature": TABULAR,
+    "check_dict_unchanged": TABULAR,
+    "check_fit_idempotent": f"{TABULAR} [test_classifier_on_arrays]",
+    "check_fit_check_is_fitted": f"{TABULAR} [test_bad_input_is_refused_clearly]",
+    "check_fit2d_predict1d": TABULAR,
+    "check_classifier_data_not_an_array": TABULAR,
+    "check_classifiers_classes": f"{TABULAR} [test_classifier_on_paths: string labels]",
+    "check_classifiers_train": f"{TABULAR} [test_classifier_on_arrays]",
+    "check_classifiers_train(readonly_memmap=True)": TABULAR,
+    "check_classifiers_train(readonly_memmap=True,X_dtype=float32)": TABULAR,
+    "check_supervised_y_2d": TABULAR,
+    "check_class_weight_classifiers": f"{TABULAR} [tests/test_heads.py: balanced class weight]",
+    "check_decision_proba_consistency": f"{TABULAR} [test_classifier_on_arrays]",
+}
+
+
+def _expected_failed(estimator) -> dict[str, str]:
+    if isinstance(estimator, FeatXClassifier):
+        # y is validated first, so these fail for the reason sklearn wants (complex / 1-class y)
+        return {k: v for k, v in NOT_APPLICABLE.items()
+                if k not in ("check_complex_data", "check_fit2d_1sample")}
+    return NOT_APPLICABLE
+
+
+@parametrize_with_checks([FeatXEmbedder(), FeatXClassifier(C=1.0)],
+                         expected_failed_checks=_expected_failed)
+def test_sklearn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+# ---- the contract on real images -------------------------------------------------------------
+
+needs_fm = pytest.mark.skipif(not fashion_mnist_available(), reason="needs dataset-fashion-mnist")
+KEEP = [1, 5, 8]  # trouser, sandal, bag
+
+
+@pytest.fixture(scope="module")
+def arrays():
+    """Fashion-MNIST as uint8 (N, 28, 28) arrays: 8 a class to train, 4 a class to test."""
+    x, y = fashion_mnist("train")
+    idx = subsample(y, 12, seed=7)
+    idx = idx[np.isin(y[idx], KEEP)]
+    x, y = x[idx], np.array([FASHION_MNIST_CLASSES[c] for c in y[idx]])
+    train = np.concatenate([np.flatnonzero(y == c)[:8] for c in np.unique(y)])
+    test = np.setdiff1d(np.arange(len(y)), train)
+    return x[train], y[train], x[test], y[test]
+
+
+@needs_fm
+def test_classifier_on_arrays(arrays):
+    X, y, Xt, yt = arrays
+    clf = FeatXClassifier(C=1.0)
+    assert clf.fit(X, y) is clf
+    assert clf.classes_.tolist() == ["bag", "sandal", "trouser"]
+    p = clf.predict_proba(Xt)
+    np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-6)
+    pred = clf.predict(Xt)
+    assert (pred == clf.classes_[p.argmax(1)]).all()
+    assert clf.score(Xt, yt) >= 0.8
+    d = clf.decision_function(Xt)
+    assert d.shape == (len(Xt), 3) and (d.argmax(1) == p.argmax(1)).all()
+    # order and subsets do not change an image's answer
+    order = np.random.default_rng(0).permutation(len(Xt))
+    np.testing.assert_allclose(clf.predict_proba(Xt[order]), p[order], rtol=1e-6)
+    np.testing.assert_allclose(clf.predict_proba(Xt[:2]), p[:2], rtol=1e-6)
+    # fitting twice gives the same model; a list of (H, W, 3) arrays is the same images
+    again = FeatXClassifier(C=1.0).fit(list(np.repeat(X[..., None], 3, axis=3)), y)
+    np.testing.assert_allclose(again.predict_proba(Xt), p, atol=1e-6)
+    # two classes: decision_function is 1-d, positive means classes_[1]
+    two = np.isin(y, ["bag", "sandal"])
+    b = FeatXClassifier(C=1.0, head="linear-svm").fit(X[two], y[two])
+    d2 = b.decision_function(Xt)
+    assert d2.shape == (len(Xt),)
+    assert ((d2 > 0) == (b.predict(Xt) == b.classes_[1])).all()
+
+
+@needs_fm
+def test_clone_params_and_pickle(arrays):
+    X, y, Xt, _ = arrays
+    clf = FeatXClassifier(head="logreg", C=0.5, class_weight="balanced", seed=3)
+    params = clf.get_params()
+    assert params["C"] == 0.5 and params["class_weight"] == "balanced"
+    c2 = clone(clf)
+    assert c2.get_params() == params and not hasattr(c2, "classes_")
+    clf.fit(X, y)
+    assert clf.get_params() == params  # fit must not touch the parameters
+    assert clf.set_params(C=2.0) is clf and clf.C == 2.0
+    clf.set_params(C=0.5)
+    blob = pickle.dumps(clf)
+    assert b"InferenceSession" not in blob  # no ONNX session travels in a pickle
+    back = pickle.loads(blob)
+    np.testing.assert_array_equal(back.predict_proba(Xt), clf.predict_proba(Xt))
+
+
+@needs_fm
+def test_pipeline_gridsearch_cross_val(arrays):
+    X, y, Xt, yt = arrays
+    pipe = Pipeline([("embed", FeatXEmbedder()), ("clf", LogisticRegression(max_iter=1000))])
+    assert pipe.fit(X, y).score(Xt, yt) >= 0.8
+    gs = GridSearchCV(FeatXClassifier(), {"C": [0.1, 1, 10]}, cv=3).fit(X, y)
+    assert gs.best_params_["C"] in (0.1, 1, 10)
+    assert gs.best_estimator_.score(Xt, yt) >= 0.8
+    scores = cross_val_score(FeatXClassifier(C=1.0), X, y, cv=2)
+    assert scores.shape == (2,) and scores.mean() >= 0.7
+
+
+@needs_fm
+def test_embedder(arrays, lite0):
+    X = arrays[0][:4]
+    emb = FeatXEmbedder()
+    E = emb.transform(X)  # stateless: no fit needed
+    assert E.dtype == np.float32 and E.shape == (4, 1280)
+    np.testing.assert_array_equal(emb.fit_transform(X), E)
+    assert emb.get_feature_names_out()[:2].tolist() == ["embedding0", "embedding1"]
+    # grayscale (N, H, W) and RGB (N, H, W, 3) of the same pixels embed identically
+    np.testing.assert_allclose(emb.transform(np.repeat(X[..., None], 3, axis=3)), E, atol=1e-5)
+
+
+@needs_fm
+def test_classifier_on_paths_shares_the_cli_cache(tmp_path, lite0):
+    from featx.datasets import write_image_folder
+    from featx.images import scan
+    from featx.store import EmbeddingStore
+
+    x, y = fashion_mnist("test")
+    idx = subsample(y, 4, seed=11)
+    idx = idx[np.isin(y[idx], KEEP)]
+    root = write_image_folder(tmp_path / "imgs", x[idx], y[idx], FASHION_MNIST_CLASSES)
+    r = CliRunner().invoke(main, ["extract", str(root), "--out", str(tmp_path / "t.parquet"), "-q"])
+    assert r.exit_code == 0, r.output
+    n = len(EmbeddingStore(lite0).keys())
+    items = scan(root).items
+    paths = [str(root / it.path) for it in items]
+    labels = [it.label for it in items]
+    clf = FeatXClassifier(C=1.0).fit(paths, labels)
+    assert len(EmbeddingStore(lite0).keys()) == n  # every image came from the cache
+    assert clf.classes_.tolist() == ["bag", "sandal", "trouser"]
+    assert clf.score(paths, labels) == 1.0
+    # and a fitted estimator is a head file the CLI can use
+    hp = clf.save_head(tmp_path / "h.joblib")
+    r = CliRunner().invoke(main, ["predict", str(hp), str(root), "--json"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    got = {p["path"]: p["label"] for p in json.loads(r.output)["predictions"]}
+    assert [got[p] for p in paths] == clf.predict(paths).tolist()
+
+
+def test_bad_input_is_refused_clearly(tmp_path):
+    clf = FeatXClassifier(C=1.0)
+    with pytest.raises(ImageInputError, match=r"got a float64 array of shape \(3, 4\)"):
+        clf.fit(np.zeros((3, 4)), [0, 1, 0])
+    with pytest.raises(ValueError, match="only one class"):
+        clf.fit(np.zeros((3, 8, 8), np.uint8), [1, 1, 1])
+    with pytest.raises(ImageInputError, match="3 images but 2 labels"):
+        clf.fit(np.zeros((3, 8, 8), np.uint8), [0, 1])
+    with pytest.raises(ImageInputError, match="single path"):
+        FeatXEmbedder().transform("cat.jpg")
+    from sklearn.exceptions import NotFittedError
+
+    with pytest.raises(NotFittedError):
+        clf.predict(np.zeros((1, 8, 8), np.uint8))
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(FeatXError, match=r"1 of 1 images could not be read: .*broken\.png"):
+        FeatXEmbedder().transform([str(tmp_path / "broken.png")])
