@@ -357,9 +357,8 @@ def finetune(data=None, *, val=None, out: str | os.PathLike | None = None,
     each epoch's metrics. Ctrl-C raises ``FinetuneInterrupted`` (a
     KeyboardInterrupt) after the run directory is left consistent.
     """
-    torch = require("torch", "torch")
+    require("torch", "torch")
     from . import train_loop as tl
-    from .train_data import ImageDataset, class_weights, make_loader
 
     t_start = time.perf_counter()
     dev = tl.torch_device(device)
@@ -391,8 +390,36 @@ def finetune(data=None, *, val=None, out: str | os.PathLike | None = None,
     card = card_for(cfg)
     cfg.validate(card)
     k = tl.resolve_unfreeze(card, cfg.unfreeze)
-    classes = train.classes
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock_run(run_dir)
+    try:
+        return _train(cfg, card, k, train, valf, val_source, run_dir, resume, ckpt, dev, device,
+                      workers, store, export, progress, on_epoch, t_start)
+    finally:
+        lock.release()
+
+
+def _lock_run(run_dir: Path):
+    """One process per run directory: a second trainer (or a --resume racing it) is refused."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(run_dir / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise FeatXError(f"{run_dir} is being trained by another featx process; wait for it, "
+                         "or stop it (Ctrl-C) and then --resume") from None
+    return lock
+
+
+def _train(cfg, card, k, train, valf, val_source, run_dir, resume, ckpt, dev, device, workers, store,
+           export, progress, on_epoch, t_start) -> FinetuneResult:
+    import torch
+
+    from . import train_loop as tl
+    from .train_data import ImageDataset, class_weights, make_loader
+
+    classes = train.classes
     if resume is None:
         _write_json(run_dir / "split.json", {"train": train.to_dict(),
                                              "val": valf.to_dict() if valf else None,

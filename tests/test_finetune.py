@@ -171,6 +171,11 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(data, tmp_path):
     assert status == {"state": "interrupted", "epoch": 1, "epochs": 2}
     with pytest.raises(FeatXError, match="--resume"):
         finetune(data, out=tmp_path / "b", **opts)
+    from filelock import FileLock
+
+    # another process still training it
+    with FileLock(str(tmp_path / "b" / ".lock")), pytest.raises(FeatXError, match="another featx process"):
+        finetune(resume=tmp_path / "b", device="cpu", export=False)
     resumed = finetune(resume=tmp_path / "b", device="cpu", export=False)
     assert [h["epoch"] for h in resumed.history] == [1, 2]
     for h1, h2 in zip(straight.history, resumed.history, strict=True):
