@@ -13,7 +13,15 @@ from pathlib import Path
 
 import click
 
-from .cli import Progress, backbone_option, device_option, emit, json_option, store_option
+from .cli import Progress, device_option, emit, json_option, store_option
+
+
+def card_option(f):
+    # not featx.cli.backbone_option: fine-tuning needs a card (architecture + torch weights),
+    # not an ONNX file or a run directory
+    return click.option("--backbone", "-b", default="efficientnet_lite0", show_default=True, metavar="NAME",
+                        envvar="FEATX_BACKBONE",
+                        help="Backbone card to fine-tune (see `featx models`).")(f)
 
 
 class UnfreezeParam(click.ParamType):
@@ -69,7 +77,7 @@ def register(main: click.Group) -> None:
     @click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
                   help="Continue an interrupted run from its last completed epoch, with its saved "
                        "options and split (other training options are ignored).")
-    @backbone_option
+    @card_option
     @click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
                   help="Local checkpoint (.pth state dict) to start from instead of the card's weights.")
     @click.option("--unfreeze", type=UnfreezeParam(), default=2, show_default=True,
@@ -122,7 +130,7 @@ def register(main: click.Group) -> None:
             raise click.UsageError("--out and --resume name different directories; --resume continues "
                                    "the run in place")
         options = {} if resume is not None else dict(
-            backbone=backbone or "efficientnet_lite0", weights=weights, unfreeze=unfreeze, epochs=epochs,
+            backbone=backbone, weights=weights, unfreeze=unfreeze, epochs=epochs,
             lr=lr, backbone_lr=backbone_lr, batch_size=batch_size, weight_decay=weight_decay,
             warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
             class_weight=None if class_weight == "none" else class_weight,
@@ -165,7 +173,7 @@ def register(main: click.Group) -> None:
                   help="Any of frozen, lpft, scratch.")
     @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=Path("report"),
                   show_default=True)
-    @backbone_option
+    @card_option
     @click.option("--epochs", type=click.IntRange(1, 1000), default=5, show_default=True,
                   help="Epochs for LP-FT and scratch (the same budget for both).")
     @click.option("--unfreeze", type=UnfreezeParam(), default=2, show_default=True)
@@ -190,7 +198,7 @@ def register(main: click.Group) -> None:
         try:
             r = compare(train, test, out=out, per_class=per_class,
                         methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-                        backbone=backbone or "efficientnet_lite0", epochs=epochs, unfreeze=unfreeze,
+                        backbone=backbone, epochs=epochs, unfreeze=unfreeze,
                         lr=lr, batch_size=batch_size, input_size=input_size,
                         test_per_class=test_per_class, seed=seed, device=device, store=store, progress=p)
         finally:

@@ -117,6 +117,10 @@ class FinetuneInterrupted(KeyboardInterrupt):
 
 def card_for(cfg: FinetuneConfig) -> BackboneCard:
     """The config's card, with its preprocessing scaled to ``input_size`` when overridden."""
+    if os.sep in cfg.backbone or "/" in cfg.backbone or cfg.backbone.endswith(".onnx"):
+        raise FeatXError(f"--backbone {cfg.backbone}: fine-tuning starts from a backbone card (an "
+                         "architecture with torch weights; see `featx models`), not an ONNX file or "
+                         "run directory; pass --weights FILE.pth to start from your own checkpoint")
     card = get_card(cfg.backbone)
     if cfg.input_size is None or cfg.input_size == card.preprocess.input_size:
         return card
