@@ -332,6 +332,33 @@ def init_network(cfg: FinetuneConfig, train: LabelledFiles, *, store=None, devic
     return init
 
 
+def arrays_as_files(data, root: Path):
+    """``(images, labels)`` with uint8 image arrays -> PNG files under ``root`` (paths pass through).
+
+    Runs are resumable and LP init goes through the content-keyed store, both of
+    which need files; lossless PNG keeps the pixels exact.
+    """
+    if data is None or isinstance(data, (str, os.PathLike, LabelledFiles)):
+        return data
+    try:
+        images, labels = data
+    except (TypeError, ValueError):
+        return data
+    if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim in (3, 4):
+        images = list(images)
+    if not len(images) or not all(isinstance(a, np.ndarray) for a in images):
+        return data
+    from .images import array_to_pil
+
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, a in enumerate(images):
+        p = root / f"{i:07d}.png"
+        array_to_pil(a, f"image {i}").save(p)
+        paths.append(str(p))
+    return paths, [str(v) for v in labels]
+
+
 def _prepare_data(data, val, cfg: FinetuneConfig) -> tuple[LabelledFiles, LabelledFiles | None, str]:
     files = labelled_files(data)
     if val is not None:
@@ -373,7 +400,7 @@ def finetune(data=None, *, val=None, out: str | os.PathLike | None = None,
         status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").is_file() else {}
         if status.get("state") == "done":
             raise FeatXError(f"--resume {run_dir}: that run already finished ({status.get('epoch')} epochs); "
-                             "start a new run with --out, or fine-tune further from its weights")
+                             "start a new run with another --out")
         saved = json.loads((run_dir / "config.json").read_text())
         cfg = FinetuneConfig(**saved["config"])
         split = json.loads((run_dir / "split.json").read_text())
@@ -384,12 +411,18 @@ def finetune(data=None, *, val=None, out: str | os.PathLike | None = None,
     else:
         if data is None:
             raise FeatXError("no training data given (a folder or a (paths, labels) pair)")
+        known = {f.name for f in dataclasses.fields(FinetuneConfig)}
+        if set(options) - known:
+            raise FeatXError(f"unknown fine-tuning options {sorted(set(options) - known)}; "
+                             f"expected FinetuneConfig fields: {', '.join(sorted(known))}")
         cfg = dataclasses.replace(config or FinetuneConfig(), **options)
-        train, valf, val_source = _prepare_data(data, val, cfg)
         run_dir = Path(out) if out is not None else default_run_dir()
         if run_dir.exists() and any(run_dir.iterdir()):
             raise FeatXError(f"{run_dir} already exists and is not empty; pass another --out, or "
                              f"--resume {run_dir} to continue that run")
+        data = arrays_as_files(data, run_dir / "images" / "train")
+        val = arrays_as_files(val, run_dir / "images" / "val")
+        train, valf, val_source = _prepare_data(data, val, cfg)
         ckpt = None
     card = card_for(cfg)
     cfg.validate(card)

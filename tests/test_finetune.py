@@ -217,3 +217,18 @@ def test_card_blocks_resolve_for_every_card():
     for card in list_cards():
         _check_blocks(card)
     assert get_card("efficientnet_lite0").blocks
+
+
+def test_arrays_as_files_keeps_pixels(tmp_path):
+    from PIL import Image
+
+    from featx.finetune import arrays_as_files
+
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)  # Fashion-MNIST-like grayscale
+    paths, labels = arrays_as_files((imgs, [1, 0, 1]), tmp_path / "img")
+    assert labels == ["1", "0", "1"]
+    assert np.array_equal(np.asarray(Image.open(paths[2]))[:, :, 0], imgs[2])
+    assert arrays_as_files(("a.png", "b"), tmp_path) == ("a.png", "b")  # not arrays: unchanged
+    with pytest.raises(FeatXError, match="unknown fine-tuning options"):
+        finetune((paths, labels), out=tmp_path / "r", epoch=3)
