@@ -152,12 +152,32 @@ def models(pattern: str, as_json: bool) -> None:
 @click.option("--preprocess", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON preprocessing spec, for your own ONNX file.")
 @click.option("--force", is_flag=True, help="Export again even if a cached export exists.")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="Also make a static int8 (QDQ, per-channel) model calibrated on --calibrate.")
+@click.option("--calibrate", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder of your images to calibrate int8 on (a few hundred are sampled).")
+@click.option("--calib-images", type=click.IntRange(1), default=300, show_default=True)
+@click.option("--guard-images", type=click.IntRange(10), default=1000, show_default=True,
+              help="Other images on which the int8 damage is measured.")
+@click.option("--calibration-method", type=click.Choice(["minmax", "percentile", "entropy"]),
+              default="minmax", show_default=True)
+@click.option("--max-loss", type=float, default=0.5, show_default=True,
+              help="Refuse int8 above this many points of linear-probe accuracy lost.")
+@click.option("--force-quantize", is_flag=True, help="Keep the int8 model even if the guard refuses it.")
 @json_option
-def export(name: str, weights: str | None, preprocess: str | None, force: bool, as_json: bool) -> None:
-    """Export a backbone to ONNX (uint8 NHWC in, embedding out), parity-checked against torch."""
+def export(name: str, weights: str | None, preprocess: str | None, force: bool, quantize: str | None,
+           calibrate: Path | None, calib_images: int, guard_images: int, calibration_method: str,
+           max_loss: float, force_quantize: bool, as_json: bool) -> None:
+    """Export a backbone to ONNX (uint8 NHWC in, embedding out), parity-checked against torch.
+
+    With --quantize int8 --calibrate DIR, also writes an int8 model and prints how
+    much it changes the embeddings; pass its directory as --backbone to any command.
+    """
     from .backbone import load_export
     from .cards import Preprocess, get_card
 
+    if quantize and calibrate is None:
+        raise click.UsageError("--quantize int8 needs --calibrate DIR (a folder of your images)")
     if name.lower().endswith(".onnx"):
         from .user_onnx import import_onnx
 
@@ -175,6 +195,23 @@ def export(name: str, weights: str | None, preprocess: str | None, force: bool, 
     if parity:
         lines.append(f"  parity vs torch on {parity['images']} photos: max abs diff "
                      f"{parity['max_abs_diff']:.2e} (relative {parity['max_rel_diff']:.2e})")
+    if quantize:
+        from .quantize import quantize_backbone
+
+        with progress_bar() as p:
+            q = quantize_backbone(bb, calibrate, calib_images=calib_images, guard_images=guard_images,
+                                  method=calibration_method, max_loss=max_loss, force=force_quantize,
+                                  progress=p)
+        g = q.meta["quantization"]["guard"]
+        summary["int8"] = {"dir": str(q.onnx_path.parent), "fingerprint": q.fingerprint, "guard": g}
+        lines.append(f"int8: {q.onnx_path.parent}  (use it as --backbone)")
+        lines.append(f"  guard on {g['images']} images: cosine to fp32 mean {g['cosine_mean']:.4f}, "
+                     f"min {g['cosine_min']:.4f}")
+        if g["loss_points"] is not None:
+            lines.append(f"  linear probe: {100 * g['probe_accuracy_fp32']:.2f}% fp32, "
+                         f"{100 * g['probe_accuracy_int8']:.2f}% int8 ({g['loss_points']:+.2f} points lost)")
+        if g["forced"]:
+            lines.append("  WARNING: above --max-loss, kept because of --force-quantize")
     emit(summary, as_json, lines)
 
 

@@ -1,0 +1,208 @@
+"""int8 backbones: static QDQ quantisation calibrated on the user's own images, with a guard.
+
+The guard measures the damage on images the calibration did not see: cosine
+similarity of int8 vs fp32 embeddings, and (for labelled folders) the
+cross-validated linear-probe accuracy of each. Above ``max_loss`` points the
+int8 model is refused unless forced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .backbone import Backbone, fingerprint_of, load_export
+from .errors import FeatXError, ImageError, require
+from .images import load_image, scan
+from .paths import exports_dir
+from .pipeline import ProgressFn, _noop
+from .runtime import Encoder
+
+log = logging.getLogger(__name__)
+
+METHODS = ("minmax", "percentile", "entropy")
+
+
+class QuantizationRefused(FeatXError):
+    """The int8 model lost more accuracy than allowed."""
+
+
+@dataclass
+class GuardReport:
+    images: int
+    cosine_mean: float
+    cosine_min: float
+    probe_accuracy_fp32: float | None
+    probe_accuracy_int8: float | None
+
+    @property
+    def loss_points(self) -> float | None:
+        if self.probe_accuracy_fp32 is None or self.probe_accuracy_int8 is None:
+            return None
+        return 100.0 * (self.probe_accuracy_fp32 - self.probe_accuracy_int8)
+
+
+def _sample(root: Path, n: int, seed: int) -> tuple[list[str], list[str | None]]:
+    """Up to n paths, spread evenly over classes, in a seeded random order."""
+    items = scan(root).items
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(items))
+    by_label: dict[str | None, list[int]] = {}
+    for i in order:
+        by_label.setdefault(items[i].label, []).append(int(i))
+    picked: list[int] = []
+    while len(picked) < min(n, len(items)):  # round-robin over classes
+        for lst in by_label.values():
+            if lst and len(picked) < n:
+                picked.append(lst.pop())
+    return [str(root / items[i].path) for i in picked], [items[i].label for i in picked]
+
+
+def _pixels(paths: list[str], labels: list, backbone: Backbone) -> tuple[np.ndarray, list]:
+    arrs, labs = [], []
+    for p, lab in zip(paths, labels, strict=True):
+        try:
+            arrs.append(load_image(p, backbone.preprocess))
+            labs.append(lab)
+        except ImageError as e:
+            log.info("calibration skips %s", e)
+    if not arrs:
+        raise FeatXError("no readable images to calibrate on")
+    return np.stack(arrs), labs
+
+
+def _embed(enc: Encoder, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
+    return np.concatenate([enc(pixels[i:i + batch]) for i in range(0, len(pixels), batch)])
+
+
+def probe_accuracy(X: np.ndarray, y: list, seed: int = 0) -> float | None:
+    """Cross-validated accuracy of standardised logistic regression (None if too few labels)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    ya = np.asarray(y, dtype=object)
+    _, counts = np.unique(ya.astype(str), return_counts=True)
+    if len(counts) < 2 or counts.min() < 5:
+        return None
+    cv = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+    return float(cross_val_score(clf, X, ya.astype(str), cv=cv).mean())
+
+
+def guard(fp32: Backbone, int8_path: Path, pixels: np.ndarray, labels: list) -> GuardReport:
+    a = _embed(Encoder(fp32, device="cpu"), pixels)
+    q = Backbone(fp32.name, int8_path, fp32.preprocess, fp32.dim, "", {})
+    b = _embed(Encoder(q, device="cpu"), pixels)
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    labelled = all(lab is not None for lab in labels)
+    return GuardReport(
+        images=len(pixels), cosine_mean=float(cos.mean()), cosine_min=float(cos.min()),
+        probe_accuracy_fp32=probe_accuracy(a, labels) if labelled else None,
+        probe_accuracy_int8=probe_accuracy(b, labels) if labelled else None,
+    )
+
+
+def quantize_backbone(backbone: Backbone, calib_root: str | os.PathLike, *, calib_images: int = 300,
+                      guard_images: int = 1000, method: str = "percentile", max_loss: float = 0.5,
+                      min_cosine: float = 0.95, force: bool = False, seed: int = 0,
+                      progress: ProgressFn = _noop) -> Backbone:
+    """Quantise ``backbone`` to int8 (QDQ, per-channel weights) calibrated on ``calib_root``.
+
+    Returns the int8 export (its own fingerprint, usable as ``--backbone DIR``).
+    Raises QuantizationRefused when the guard finds more than ``max_loss`` points
+    of linear-probe accuracy lost (or, unlabelled, a mean cosine below
+    ``min_cosine``), unless ``force``; the guard's figures are in ``meta``.
+    """
+    require("onnxruntime.quantization", "cpu")
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if method not in METHODS:
+        raise FeatXError(f"calibration method {method!r} is not one of {', '.join(METHODS)}")
+    root = Path(calib_root)
+    paths, labels = _sample(root, calib_images + guard_images, seed)
+    if len(paths) < 2:
+        raise FeatXError(f"{root}: need at least 2 images to calibrate on")
+    n_cal = min(calib_images, max(1, len(paths) // 2))
+    progress("calibrate", 0, len(paths))
+    cal_px, _ = _pixels(paths[:n_cal], labels[:n_cal], backbone)
+    ev_px, ev_labels = _pixels(paths[n_cal:], labels[n_cal:], backbone)
+    progress("calibrate", len(paths), len(paths))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            # equal batches: ORT's calibrators stack per-batch outputs
+            b = 8 if len(cal_px) >= 8 else 1
+            self.it = iter(cal_px[i:i + b] for i in range(0, len(cal_px) - b + 1, b))
+
+        def get_next(self):
+            batch = next(self.it, None)
+            return None if batch is None else {backbone.input_name: batch}
+
+    calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+             "entropy": CalibrationMethod.Entropy}[method]
+    tag = fingerprint_of(backbone.fingerprint.encode() + f"{method}:{n_cal}:{seed}".encode(),
+                         backbone.preprocess)[:10]
+    dest = exports_dir() / f"{backbone.name}-int8-{tag}"
+    tmp = Path(tempfile.mkdtemp(prefix=".int8-", dir=exports_dir()))
+    try:
+        t0 = time.perf_counter()
+        quant_pre_process(str(backbone.onnx_path), str(tmp / "pre.onnx"), skip_symbolic_shape=True)
+        quantize_static(str(tmp / "pre.onnx"), str(tmp / "model.onnx"), Reader(),
+                        quant_format=QuantFormat.QDQ, per_channel=True, calibrate_method=calib,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        extra_options={"CalibPercentile": 99.999} if method == "percentile" else None)
+        (tmp / "pre.onnx").unlink()
+        seconds = time.perf_counter() - t0
+        progress("guard", 0, 1)
+        g = guard(backbone, tmp / "model.onnx", ev_px, ev_labels)
+        progress("guard", 1, 1)
+        loss = g.loss_points
+        verdict = (f"linear-probe accuracy {100 * g.probe_accuracy_fp32:.2f}% fp32 -> "
+                   f"{100 * g.probe_accuracy_int8:.2f}% int8 ({loss:+.2f} points lost)"
+                   if loss is not None else f"mean cosine {g.cosine_mean:.4f} (no labels for a probe)")
+        bad = (loss is not None and loss > max_loss) or (loss is None and g.cosine_mean < min_cosine)
+        if bad and not force:
+            raise QuantizationRefused(
+                f"int8 {backbone.name} damages the embeddings too much on {root}: {verdict}, "
+                f"cosine to fp32 mean {g.cosine_mean:.4f}. Keep fp32, try --calibration-method, "
+                "or pass --force-quantize to keep it anyway."
+            )
+        data = (tmp / "model.onnx").read_bytes()
+        meta = {**backbone.meta,
+                "name": f"{backbone.name}-int8",
+                "fingerprint": fingerprint_of(data, backbone.preprocess),
+                "quantization": {
+                    "dtype": "int8", "format": "QDQ", "per_channel": True, "method": method,
+                    "calibration_root": str(root.resolve()), "calibration_images": len(cal_px),
+                    "base_fingerprint": backbone.fingerprint, "seconds": round(seconds, 1),
+                    "guard": {**g.__dict__, "loss_points": loss, "max_loss": max_loss,
+                              "forced": bool(bad and force)},
+                }}
+        meta.pop("parity", None)  # parity with torch is the fp32 export's; the guard replaces it
+        (tmp / "model.json").write_text(json.dumps(meta, indent=2))
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if bad:
+        log.warning("int8 export kept although it %s (forced)", verdict)
+    return load_export(dest)
