@@ -95,6 +95,16 @@ def _mac(key: bytes, header_wo_mac: dict, payload: bytes) -> str:
     return h.hexdigest()
 
 
+def _plain(o):
+    if hasattr(o, "tolist"):  # numpy scalars and arrays
+        return o.tolist()
+    if isinstance(o, (Path, os.PathLike)):
+        return os.fspath(o)
+    if isinstance(o, (set, frozenset, tuple)):
+        return list(o)
+    return str(o)
+
+
 def save_head(path: str | os.PathLike, pipeline, classes: list[str], backbone: Backbone,
               train_summary: dict) -> Path:
     """Write a head file (atomically); a directory gets ``head.joblib`` inside it.
@@ -131,6 +141,9 @@ def save_head(path: str | os.PathLike, pipeline, classes: list[str], backbone: B
         "payload_sha256": hashlib.sha256(payload).hexdigest(),
         "payload_bytes": len(payload),
     }
+    # numpy scalars/arrays in a caller's summary become plain JSON; the MAC is then taken
+    # over exactly what load_head will parse back
+    header = json.loads(json.dumps(header, default=_plain))
     key = _key()
     if key is not None:
         header["hmac_sha256"] = _mac(key, header, payload)

@@ -132,8 +132,12 @@ def test_head_file_round_trip(tmp_path, lite0, fitted, test):
     np.testing.assert_array_equal(head_proba(h, test[0]), pipe.predict_proba(test[0]))
     # a directory holding head.joblib is a head too (fine-tuning run directories)
     (tmp_path / "run").mkdir()
-    save_head(tmp_path / "run", pipe, rep["classes"], lite0, rep)
-    assert load_head(tmp_path / "run").classes == rep["classes"]
+    # a caller's summary may hold numpy values and paths: stored as plain JSON
+    summary = {"epochs": np.int64(3), "loss": np.float32(0.25), "curve": np.arange(3), "dir": tmp_path}
+    save_head(tmp_path / "run", pipe, rep["classes"], lite0, summary)
+    h2 = load_head(tmp_path / "run")
+    assert h2.classes == rep["classes"]
+    assert h2.meta["train"] == {"epochs": 3, "loss": 0.25, "curve": [0, 1, 2], "dir": str(tmp_path)}
 
 
 def test_plain_pickles_are_refused_before_unpickling(tmp_path, fitted):
@@ -186,6 +190,9 @@ def test_hmac_key_signs_and_checks(tmp_path, lite0, fitted, monkeypatch):
     monkeypatch.setenv("FEATX_HEAD_KEY", "team-secret")
     signed = save_head(tmp_path / "signed.joblib", pipe, rep["classes"], lite0, rep)
     assert load_head(signed).classes == rep["classes"]
+    numpy_summary = save_head(tmp_path / "np.joblib", pipe, rep["classes"], lite0,
+                              {"acc": np.float64(0.5), "n": np.int32(7)})
+    assert load_head(numpy_summary).meta["train"] == {"acc": 0.5, "n": 7}
     with pytest.raises(HeadFileError, match="unsigned head file"):
         load_head(unsigned)
     # a forger who recomputes the sha256 but lacks the key
