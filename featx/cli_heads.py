@@ -12,7 +12,6 @@ from pathlib import Path
 import click
 
 from .cli import (
-    backbone_option,
     batch_options,
     device_option,
     emit,
@@ -44,6 +43,14 @@ def head_argument(f):
     return click.argument("head", metavar="HEAD", type=click.Path(exists=True, path_type=Path))(f)
 
 
+def recorded_backbone_option(what: str):
+    """--backbone for commands whose backbone is recorded (no env var: it must match)."""
+    return click.option(
+        "--backbone", "-b", default=None, metavar="NAME|DIR|FILE.onnx",
+        help=f"Backbone (card name, export or run directory, ONNX file). Default: the one "
+             f"recorded in the {what}; one with another fingerprint is refused.")
+
+
 def quiet_option(f):
     return click.option("--quiet", "-q", is_flag=True, help="No progress bar.")(f)
 
@@ -72,7 +79,7 @@ def register(main: click.Group) -> None:
     @click.option("--seed", type=int, default=0, show_default=True)
     @click.option("--out", "-o", type=click.Path(dir_okay=True, path_type=Path), default=None,
                   help="Head file to write (or a directory for DIR/head.joblib). Default: ./head.joblib")
-    @backbone_option
+    @recorded_backbone_option("embeddings table")
     @json_option
     def fit_head_cmd(embeddings, head_kind, C, class_weight, cv, seed, out, backbone, as_json):
         """Fit a classifier head on cached embeddings; writes the head file and a report."""
@@ -113,7 +120,7 @@ def register(main: click.Group) -> None:
     @click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
                   help="Write predictions to .csv, .tsv or .json.")
     @click.option("--top-k", type=click.IntRange(1, 1000), default=3, show_default=True)
-    @backbone_option
+    @recorded_backbone_option("head file")
     @store_option
     @batch_options
     @device_option
@@ -152,7 +159,7 @@ def register(main: click.Group) -> None:
     @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
     @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                   help="Where metrics.json and confusion_matrix.png go. Default: ./<ROOT name>.eval/")
-    @backbone_option
+    @recorded_backbone_option("head file")
     @store_option
     @batch_options
     @device_option
@@ -187,7 +194,7 @@ def register(main: click.Group) -> None:
     @head_argument
     @click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path),
                   default=Path("classifier.onnx"), show_default=True)
-    @backbone_option
+    @recorded_backbone_option("head file")
     @json_option
     def export_classifier_cmd(head, out, backbone, as_json):
         """One ONNX file: uint8 images (N, S, S, 3) -> label and class probabilities."""
