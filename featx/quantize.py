@@ -29,6 +29,11 @@ from .runtime import Encoder
 log = logging.getLogger(__name__)
 
 METHODS = ("minmax", "percentile", "entropy")
+# Quantising everything (ORT's default) put the input normalisation (Cast/Sub/Div)
+# in int8 too: on Fashion-MNIST with efficientnet_lite0 the int8 embeddings'
+# cosine to fp32 was 0.89. Keeping those in float and quantising the conv
+# blocks with their activations (Conv+Clip fuse to one int8 kernel) gives 0.98.
+QUANTIZED_OPS = ["Conv", "Clip", "Relu", "Add", "GlobalAveragePool", "MatMul", "Gemm"]
 
 
 class QuantizationRefused(FeatXError):
@@ -166,6 +171,7 @@ def quantize_backbone(backbone: Backbone, calib_root: str | os.PathLike, *, cali
         quant_pre_process(str(backbone.onnx_path), str(tmp / "pre.onnx"), skip_symbolic_shape=True)
         quantize_static(str(tmp / "pre.onnx"), str(tmp / "model.onnx"), Reader(),
                         quant_format=QuantFormat.QDQ, per_channel=True, calibrate_method=calib,
+                        op_types_to_quantize=QUANTIZED_OPS,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         extra_options={"CalibPercentile": 99.999} if method == "percentile" else None)
         (tmp / "pre.onnx").unlink()
