@@ -2,11 +2,11 @@
 
 Input: uint8 pixels (N, S, S, 3), already decoded, resized and centre-cropped
 by the backbone's preprocessing (``featx.images.load_image``; the spec is in the
-model's metadata). Outputs: ``label`` (class name, string) and
-``probabilities`` (float32, N x K, columns in the order of the ``classes``
-metadata). The label is the argmax of the probabilities, exactly as
-``featx predict`` picks it, so the two agree even for SVMs, whose own
-``predict`` may disagree with their calibrated probabilities.
+model's metadata). Outputs: ``probabilities`` (float32, N x K, columns in the
+order of the ``featx.classes`` metadata) and ``label`` (class name, string).
+The label is the argmax of the probabilities, exactly as ``featx predict``
+picks it, so the two agree even for SVMs, whose own ``predict`` may disagree
+with their calibrated probabilities.
 """
 
 from __future__ import annotations
@@ -77,9 +77,11 @@ def build_classifier(head: Head, bb: Backbone):
         helper.make_node("Gather", ["class_names", "label_index"], ["label"], axis=0),
     ])
     del g.output[:]
+    # probabilities first: `session.run(None, feed)[0]` is then the same thing as in the
+    # classifier.onnx that `featx finetune` writes
     g.output.extend([
-        helper.make_tensor_value_info("label", TensorProto.STRING, ["batch"]),
         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", len(classes)]),
+        helper.make_tensor_value_info("label", TensorProto.STRING, ["batch"]),
     ])
     merged.graph.name = f"featx_classifier_{bb.name}"
     meta = {"featx.classes": json.dumps(classes), "featx.preprocess": bb.preprocess.canonical(),
@@ -132,6 +134,6 @@ def export_classifier(head: Head | str | os.PathLike, out: str | os.PathLike,
     os.replace(tmp, out)
     return {"path": str(out), "bytes": out.stat().st_size, "input": sess.get_inputs()[0].name,
             "input_shape": ["batch", bb.preprocess.input_size, bb.preprocess.input_size, 3],
-            "outputs": ["label", "probabilities"], "classes": classes,
+            "outputs": ["probabilities", "label"], "classes": classes,
             "preprocess": bb.preprocess.to_dict(), "fingerprint": bb.fingerprint,
             "check_max_abs_diff": diff}

@@ -50,14 +50,14 @@ def test_one_file_classifier_equals_predict(data, lite0, tmp_path, head):
     r = CliRunner().invoke(main, ["export-classifier", str(hp), "--out", str(out), "--json"])
     assert r.exit_code == 0, r.output
     info = json.loads(r.output)
-    assert info["outputs"] == ["label", "probabilities"] and info["classes"] == rep["classes"]
+    assert info["outputs"] == ["probabilities", "label"] and info["classes"] == rep["classes"]
 
     ref = predict(hp, [folder])
     assert len(ref.files) == 12
     pixels = np.stack([load_image(f, lite0.preprocess) for f in ref.files])
     sess, _ = make_session(out, device="cpu")
     assert sess.get_inputs()[0].type == "tensor(uint8)"
-    labels, proba = sess.run(["label", "probabilities"], {sess.get_inputs()[0].name: pixels})
+    proba, labels = sess.run(None, {sess.get_inputs()[0].name: pixels})
     assert [str(v) for v in labels] == ref.labels
     np.testing.assert_allclose(proba, ref.proba, atol=1e-5)
     np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-5)
