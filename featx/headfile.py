@@ -171,6 +171,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict, bytes, Path]:
             raise ValueError(n)
         header = json.loads(rest[nl + 1:nl + 1 + n])
         payload = rest[nl + 1 + n:]
+        if not isinstance(header, dict):
+            raise ValueError(header)
     except ValueError:
         raise HeadFileError(f"{p}: damaged featx head file (unreadable header); "
                             "fit the head again with `featx fit-head`") from None
@@ -206,7 +208,7 @@ def load_head(path: str | os.PathLike) -> Head:
         pipeline = joblib.load(io.BytesIO(payload))
     except Exception as e:
         raise HeadFileError(f"{p}: the head's pipeline cannot be loaded ({type(e).__name__}: {e}); "
-                            f"it was written with scikit-learn {header['versions'].get('sklearn')}. "
+                            f"it was written with scikit-learn {header.get('versions', {}).get('sklearn')}. "
                             "Install that version or fit the head again.") from None
     if not hasattr(pipeline, "predict_proba"):
         raise HeadFileError(f"{p}: the stored pipeline has no predict_proba")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import pickle
+import tempfile
 from pathlib import Path
 
 import joblib
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
@@ -212,3 +215,14 @@ def test_missing_head_file_names_the_path(tmp_path):
         load_head(tmp_path / "nope.joblib")
     with pytest.raises(HeadFileError, match="no such head file"):
         load_head(tmp_path)  # a directory without head.joblib
+
+
+@settings(max_examples=200, deadline=None)
+@given(body=st.binary(max_size=300), magic=st.booleans())
+def test_any_bytes_are_refused_with_a_head_file_error(body, magic):
+    """Garbage, with or without the marker, is a HeadFileError: never unpickled, never a crash."""
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "x.joblib"
+        p.write_bytes((b"FEATX-HEAD\n" if magic else b"") + body)
+        with pytest.raises(HeadFileError):
+            load_head(p)
