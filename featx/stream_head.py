@@ -1,0 +1,228 @@
+"""Out-of-core head: logistic regression by SGD over embedding tables larger than memory.
+
+``fit_streaming_head`` never holds more than one shard of rows. It makes one
+pass over the table(s) that fits a StandardScaler by ``partial_fit`` and, at the
+same time, spills every row to a random bucket file in a scratch directory (an
+external shuffle: featx tables are in folder order, i.e. sorted by class, and SGD
+fed one class at a time forgets the others). Each epoch then reads the buckets
+one at a time in a random order, shuffles the rows of that bucket and calls
+``SGDClassifier(loss="log_loss").partial_fit`` for every candidate ``alpha``;
+a held-out split picks the alpha, the streaming analogue of choosing C by CV.
+
+The result is ``Pipeline([("scaler", StandardScaler), ("clf", SGDClassifier)])``
+trained on class codes 0..K-1, like ``featx.heads``; the class names are in the
+report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import FeatXError, MismatchError
+from .table import META_KEY
+
+log = logging.getLogger(__name__)
+
+ALPHAS = (1e-4, 1e-3, 1e-2)
+
+# progress(stage, done, total), rendered by the CLI
+ProgressFn = Callable[[str, int, int], None]
+
+
+def _noop(stage: str, done: int, total: int) -> None:
+    pass
+
+
+@dataclass
+class StreamHeadReport:
+    """What ``fit_streaming_head`` did; ``classes[j]`` is class code ``j``."""
+
+    classes: list[str]
+    rows: int
+    train_rows: int
+    val_rows: int
+    dim: int
+    epochs: int
+    alpha: float
+    val_accuracy: float | None
+    curve: dict[str, list[float]]  # alpha -> held-out accuracy after each epoch
+    buckets: int
+    max_rows_in_memory: int
+    seconds: float
+    fingerprint: str
+    backbone: str
+    files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def table_files(path: str | os.PathLike) -> list[Path]:
+    """The Parquet files of a featx table: the file itself, or ``*.parquet`` under a directory."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*.parquet") if not f.name.startswith("."))
+        if not files:
+            raise FeatXError(f"{p}: no .parquet files in this directory; run `featx extract` first")
+        return files
+    if not p.is_file():
+        raise FeatXError(f"{p}: no such embeddings table; run `featx extract` first")
+    return [p]
+
+
+def _check_schemas(files: list[Path]) -> dict:
+    """Validate every file's columns and that all come from one backbone; return the metadata."""
+    meta: dict = {}
+    for f in files:
+        try:
+            schema = pq.read_schema(f)
+        except Exception as e:
+            raise FeatXError(f"{f}: not a readable Parquet file ({e})") from None
+        missing = {"label", "embedding"} - set(schema.names)
+        if missing:
+            raise FeatXError(f"{f}: not a labelled featx embeddings table (missing {sorted(missing)}); "
+                             "extract an ImageFolder (root/<class>/<image>) to get labels")
+        raw = (schema.metadata or {}).get(META_KEY)
+        m = json.loads(raw) if raw else {}
+        if meta and m.get("fingerprint") != meta.get("fingerprint"):
+            raise MismatchError(f"{f}: embeddings of backbone {m.get('fingerprint')}, but {files[0]} has "
+                                f"{meta.get('fingerprint')}; a head is trained on one backbone's embeddings")
+        meta = meta or m
+    return meta
+
+
+def _chunks(files: list[Path], rows: int) -> Iterator[pa.RecordBatch]:
+    for f in files:
+        yield from pq.ParquetFile(f).iter_batches(batch_size=rows, columns=["label", "embedding"])
+
+
+def _embeddings(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    dim = col.type.list_size
+    return col.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+
+
+def fit_streaming_head(path: str | os.PathLike, *, epochs: int = 10,
+                       alphas: Sequence[float] = ALPHAS, shard_rows: int = 4096,
+                       validation_fraction: float = 0.1, seed: int = 0,
+                       workdir: str | os.PathLike | None = None,
+                       progress: ProgressFn = _noop):
+    """Fit scaler + SGD logistic regression on a table too large for memory.
+
+    ``path``: a table written by ``featx extract`` or a directory of them (one
+    backbone). ``shard_rows`` bounds the rows in memory at once; ``workdir`` holds
+    the shuffled copy (one more copy of the table on disk, deleted at the end).
+    Returns ``(pipeline, report)``.
+    """
+    from sklearn.linear_model import SGDClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if epochs < 1:
+        raise FeatXError(f"epochs must be >= 1, got {epochs}")
+    if shard_rows < 1:
+        raise FeatXError(f"shard_rows must be >= 1, got {shard_rows}")
+    if not 0 < validation_fraction < 0.5:
+        raise FeatXError(f"validation_fraction must be in (0, 0.5), got {validation_fraction}")
+    alphas = [float(a) for a in alphas]
+    if not alphas or any(not a > 0 for a in alphas):
+        raise FeatXError(f"alphas must be positive numbers, got {alphas}")
+    t0 = time.perf_counter()
+    files = table_files(path)
+    meta = _check_schemas(files)
+    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    if total == 0:
+        raise FeatXError(f"{path}: the table has no rows")
+    n_buckets = max(1, math.ceil(total / shard_rows))
+    rng = np.random.default_rng(seed)
+    scratch = Path(tempfile.mkdtemp(prefix="featx-sgd-", dir=workdir))
+    try:
+        scaler = StandardScaler()
+        labels: set[str] = set()
+        writers: dict[int, pq.ParquetWriter] = {}
+        counts = np.zeros(n_buckets + 1, np.int64)  # bucket n_buckets is the held-out split
+        max_rows = 0
+        seen = 0
+        # pass 1: scaler statistics, class names, and the external shuffle
+        for batch in _chunks(files, shard_rows):
+            lab = batch.column("label")
+            if lab.null_count:
+                raise FeatXError(f"{path}: {lab.null_count} rows have no label; the head needs labelled "
+                                 "embeddings (ImageFolder layout)")
+            X = _embeddings(batch.column("embedding"))
+            scaler.partial_fit(X)
+            labels.update(lab.to_pylist())
+            max_rows = max(max_rows, len(X))
+            held = rng.random(len(X)) < validation_fraction
+            where = np.where(held, n_buckets, rng.integers(0, n_buckets, len(X)))
+            table = pa.Table.from_batches([batch])
+            for b in np.unique(where):
+                part = table.filter(pa.array(where == b))
+                if int(b) not in writers:
+                    writers[int(b)] = pq.ParquetWriter(scratch / f"bucket-{b}.parquet", part.schema)
+                writers[int(b)].write_table(part)
+                counts[b] += len(part)
+            seen += len(X)
+            progress("shuffle", seen, total)
+        for w in writers.values():
+            w.close()
+        classes = sorted(labels)
+        if len(classes) < 2:
+            raise FeatXError(f"{path}: only one class ({classes}); a classifier needs at least two")
+        code = {c: i for i, c in enumerate(classes)}
+        codes = np.arange(len(classes))
+
+        def read_bucket(b: int) -> tuple[np.ndarray, np.ndarray]:
+            t = pq.read_table(scratch / f"bucket-{b}.parquet")
+            y = np.array([code[v] for v in t.column("label").to_pylist()], np.int64)
+            return scaler.transform(_embeddings(t.column("embedding"))).astype(np.float32), y
+
+        models = {a: SGDClassifier(loss="log_loss", alpha=a, average=True, random_state=seed)
+                  for a in alphas}
+        curve: dict[str, list[float]] = {repr(a): [] for a in alphas}
+        train_buckets = [b for b in range(n_buckets) if counts[b]]
+        # passes 2..: SGD epochs, one bucket in memory at a time
+        for epoch in range(epochs):
+            for j, b in enumerate(rng.permutation(train_buckets)):
+                X, y = read_bucket(int(b))
+                max_rows = max(max_rows, len(X))
+                order = rng.permutation(len(X))
+                X, y = X[order], y[order]
+                for m in models.values():
+                    m.partial_fit(X, y, classes=codes)
+                progress("epoch", epoch * len(train_buckets) + j + 1, epochs * len(train_buckets))
+            if counts[n_buckets]:
+                X, y = read_bucket(n_buckets)
+                for a, m in models.items():
+                    curve[repr(a)].append(float((m.predict(X) == y).mean()))
+        if counts[n_buckets]:
+            best = max(alphas, key=lambda a: curve[repr(a)][-1])
+            val_acc: float | None = curve[repr(best)][-1]
+        else:  # a table too small to hold rows out: take the middle of the grid
+            best, val_acc = sorted(alphas)[len(alphas) // 2], None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    pipe = Pipeline([("scaler", scaler), ("clf", models[best])])
+    report = StreamHeadReport(
+        classes=classes, rows=total, train_rows=int(counts[:n_buckets].sum()),
+        val_rows=int(counts[n_buckets]), dim=int(scaler.n_features_in_), epochs=epochs, alpha=best,
+        val_accuracy=val_acc, curve=curve, buckets=n_buckets, max_rows_in_memory=max_rows,
+        seconds=time.perf_counter() - t0, fingerprint=meta.get("fingerprint", ""),
+        backbone=meta.get("backbone", ""), files=[str(f) for f in files])
+    log.info("streaming head: alpha %g, held-out accuracy %s, %d rows in %d buckets",
+             best, val_acc, total, n_buckets)
+    return pipe, report

@@ -1,0 +1,71 @@
+"""The out-of-core SGD head on real features (sklearn's digits), stored as featx tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from featx.errors import FeatXError, MismatchError
+from featx.stream_head import fit_streaming_head
+from featx.table import EmbeddingTable, write_table
+
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def digits_split():
+    X, y = load_digits(return_X_y=True)
+    Xtr, Xte, ytr, yte = train_test_split(X.astype(np.float32), y, test_size=0.3, random_state=0,
+                                          stratify=y)
+    order = np.argsort(ytr, kind="stable")  # like a featx table: folder order, sorted by class
+    return Xtr[order], ytr[order], Xte, yte
+
+
+def write(path, X, y, fingerprint="fp-digits", labels=True):
+    n = len(X)
+    return write_table(path, EmbeddingTable(
+        paths=[f"{NAMES[c]}/{i}.png" for i, c in enumerate(y)],
+        labels=[NAMES[c] for c in y] if labels else [None] * n,
+        keys=[f"k{i}" for i in range(n)], X=X,
+        meta={"fingerprint": fingerprint, "backbone": "digits-pixels", "dim": X.shape[1]}))
+
+
+def test_streaming_head_matches_in_memory_logreg(tmp_path):
+    Xtr, ytr, Xte, yte = digits_split()
+    # a directory of tables, each sorted by class, read 200 rows at a time
+    half = len(Xtr) // 2
+    write(tmp_path / "t" / "part-0.parquet", Xtr[:half], ytr[:half])
+    write(tmp_path / "t" / "part-1.parquet", Xtr[half:], ytr[half:])
+    pipe, rep = fit_streaming_head(tmp_path / "t", epochs=15, shard_rows=200)
+    assert rep.classes == sorted(NAMES) and rep.rows == len(Xtr) and rep.fingerprint == "fp-digits"
+    assert rep.train_rows + rep.val_rows == rep.rows and rep.val_rows > 0
+    assert rep.buckets == -(-len(Xtr) // 200)
+    assert rep.max_rows_in_memory <= 260  # one shard (+ binomial spread of a random bucket)
+    codes = {c: i for i, c in enumerate(rep.classes)}
+    y_te = np.array([codes[NAMES[c]] for c in yte])
+    y_tr = np.array([codes[NAMES[c]] for c in ytr])
+    acc_stream = (pipe.predict(Xte) == y_te).mean()
+    ref = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(Xtr, y_tr)
+    acc_ref = (ref.predict(Xte) == y_te).mean()
+    assert acc_ref > 0.95
+    assert acc_stream >= acc_ref - 0.02, (acc_stream, acc_ref)
+    assert set(rep.curve) == {"0.0001", "0.001", "0.01"} and all(len(v) == 15 for v in rep.curve.values())
+
+
+def test_streaming_head_refuses_mixed_backbones_and_unlabelled(tmp_path):
+    Xtr, ytr, _, _ = digits_split()
+    write(tmp_path / "mix" / "a.parquet", Xtr[:100], ytr[:100], fingerprint="aaaa")
+    write(tmp_path / "mix" / "b.parquet", Xtr[100:200], ytr[100:200], fingerprint="bbbb")
+    with pytest.raises(MismatchError, match="backbone bbbb"):
+        fit_streaming_head(tmp_path / "mix")
+    write(tmp_path / "unlab.parquet", Xtr[:100], ytr[:100], labels=False)
+    with pytest.raises(FeatXError, match="no label"):
+        fit_streaming_head(tmp_path / "unlab.parquet")
+    with pytest.raises(FeatXError, match="no such embeddings table"):
+        fit_streaming_head(tmp_path / "missing.parquet")
+    with pytest.raises(FeatXError, match="epochs must be"):
+        fit_streaming_head(tmp_path / "unlab.parquet", epochs=0)
