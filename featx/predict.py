@@ -24,6 +24,7 @@ from .headfile import Head, head_backbone, load_head
 from .images import IMAGE_EXTENSIONS, array_to_pil, resize_crop, scan
 from .pipeline import ProgressFn, _noop, embed_files
 from .runtime import Encoder
+from .statcache import StatCache
 from .store import EmbeddingStore
 
 _RUNTIMES: dict[tuple, tuple[Encoder, EmbeddingStore]] = {}
@@ -73,12 +74,17 @@ def collect_files(inputs: list[str | os.PathLike]) -> tuple[list[str], list[str 
 
 def embed_paths(files: list[str], bb: Backbone, *, device: str = "auto",
                 store: str | os.PathLike | None = None, batch_size: int = 32,
-                workers: int | None = None,
+                workers: int | None = None, data_root: str | os.PathLike | None = None,
                 progress: ProgressFn = _noop) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
-    """Embeddings of the readable ``files``: (X, indices of those files, failures)."""
+    """Embeddings of the readable ``files``: (X, indices of those files, failures).
+
+    With ``data_root`` (the one folder the files come from), the stat record that
+    ``featx extract`` keeps for that folder is used, so unchanged files are not re-read.
+    """
     encoder, st = runtime(bb, device, store)
+    cache = StatCache(st.root, data_root) if data_root is not None else None
     keys, stats = embed_files(files, encoder, st, batch_size=batch_size, workers=workers,
-                              progress=progress)
+                              stat_cache=cache, progress=progress)
     ok = [i for i, k in enumerate(keys) if k is not None]
     X = st.get([keys[i] for i in ok]) if ok else np.zeros((0, bb.dim), np.float32)
     return X, ok, list(stats.failures)
@@ -175,8 +181,9 @@ def predict(head: Head | str | os.PathLike, inputs: list[str | os.PathLike], *,
     files, truth, skipped = collect_files(list(inputs))
     if not files:
         raise FeatXError(f"no images found in {', '.join(map(str, inputs))}")
+    single_dir = inputs[0] if len(inputs) == 1 and Path(inputs[0]).is_dir() else None
     X, ok, failures = embed_paths(files, bb, device=device, store=store, batch_size=batch_size,
-                                  workers=workers, progress=progress)
+                                  workers=workers, data_root=single_dir, progress=progress)
     proba = head_proba(h, X)
     classes = head_class_columns(h)
     labels = [classes[j] for j in proba.argmax(axis=1)] if len(proba) else []

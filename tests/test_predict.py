@@ -119,6 +119,11 @@ def test_predict_csv_json_and_bad_files(flow, head, lite0):
     for p in s["predictions"]:
         assert sum(t["probability"] for t in p["top"]) == pytest.approx(1.0, abs=1e-6)
     assert len(EmbeddingStore(lite0).keys()) - before == 15
+    # a folder's stat record (as extract keeps) lets the next run skip re-reading its files
+    from featx.statcache import StatCache
+
+    rec = StatCache(store.root, flow["test"]).entries
+    assert len(rec) == 15 and not any(p.endswith("broken.png") for p in rec)
 
 
 def test_evaluate_writes_metrics_and_confusion_png(flow, head, tmp_path):
