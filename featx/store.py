@@ -33,8 +33,8 @@ def embedding_type(dim: int) -> pa.DataType:
 
 
 def _store_error(path: Path, e: OSError) -> StoreError:
-    if e.errno == errno.ENOSPC:
-        why = "the disk is full"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        why = "the disk is full (or a size limit was hit)"
     elif e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
         why = "it is not writable"
     else:

@@ -44,8 +44,12 @@ class EmbeddingTable:
 
 
 def write_table(path: str | os.PathLike, t: EmbeddingTable) -> Path:
+    """Write ``t`` atomically as Parquet; an unwritable destination raises FeatXError."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FeatXError(f"cannot create {path.parent}: {e.strerror or e}") from None
     dim = t.X.shape[1] if t.X.ndim == 2 else int(t.meta.get("dim", 0))
     emb = t.X.reshape(len(t.paths), dim) if len(t.paths) else np.zeros((0, dim), np.float32)
     table = pa.table({
@@ -56,8 +60,13 @@ def write_table(path: str | os.PathLike, t: EmbeddingTable) -> Path:
     })
     table = table.replace_schema_metadata({META_KEY: json.dumps(t.meta).encode()})
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise FeatXError(f"cannot write the table {path}: {e.strerror or e}. The embeddings are in "
+                         "the store; fix this and run the same command again (nothing is recomputed).") from None
     return path
 
 

@@ -240,3 +240,39 @@ def test_no_images_error_message(tmp_path):
     with pytest.raises(FeatXError, match="no images found"):
         (tmp_path / "e").mkdir()
         extract(tmp_path / "e")
+
+
+def test_full_disk_gives_clear_error_and_keeps_store_valid(many_images, lite0, tmp_path, featx_home):
+    """A file-size limit makes shard writes fail like a full disk: clear error, store intact, resumable."""
+    import resource
+
+    store = tmp_path / "s"
+    env = {**os.environ, "FEATX_HOME": str(featx_home)}
+    args = _featx("extract", str(many_images), "--out", str(tmp_path / "t.parquet"), "--store", str(store),
+                  "--batch-size", "8", "--shard-size", "64", "--device", "cpu", "-q")
+
+    def limit():
+        import signal as sig
+
+        sig.signal(sig.SIGXFSZ, sig.SIG_IGN)  # get EFBIG from write() instead of a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))  # < one 64-row shard, compressed
+
+    p = subprocess.run(args, env=env, capture_output=True, text=True, preexec_fn=limit)
+    assert p.returncode == 1, p.stderr
+    assert "cannot write to the embedding store" in p.stderr and "Traceback" not in p.stderr
+    ns = store / lite0.fingerprint
+    assert not list(ns.glob(".tmp-*")) and not list(ns.glob("shard-*"))
+    ok = subprocess.run([*args, "--json"], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(ok.stdout)["rows"] == 120
+
+
+def test_mixed_dims_refused(lite0, tmp_path):
+    from featx.errors import MismatchError
+
+    st = EmbeddingStore(lite0, tmp_path / "s")
+    with pytest.raises(MismatchError, match="dim 1280"):
+        st.write(["k1"], np.zeros((1, 512), np.float32))
+    meta = tmp_path / "s" / lite0.fingerprint / "meta.json"
+    meta.write_text(json.dumps({"dim": 512}))
+    with pytest.raises(MismatchError, match="dim 512"):
+        EmbeddingStore(lite0, tmp_path / "s")
