@@ -100,6 +100,8 @@ def register(main: click.Group) -> None:
                   show_default=True)
     @click.option("--no-lp-init", is_flag=True,
                   help="Start the linear layer at random instead of from a logistic-regression probe.")
+    @click.option("--lp-C", "lp_C", default="auto", show_default=True, metavar="auto|FLOAT",
+                  help="C of the LP probe (auto: cross-validated; a number skips the CV on big sets).")
     @click.option("--input-size", type=click.IntRange(16, 1024), default=None,
                   help="Override the card's input size (smaller = faster on CPU, less accurate).")
     @click.option("--bn-stats/--no-bn-stats", default=None,
@@ -114,7 +116,7 @@ def register(main: click.Group) -> None:
     @json_option
     def finetune_cmd(train, val, out, resume, backbone, weights, unfreeze, epochs, lr, backbone_lr,
                      batch_size, weight_decay, warmup_epochs, label_smoothing, class_weight, patience,
-                     val_fraction, no_lp_init, input_size, bn_stats, seed, workers, device, store, quiet, as_json):
+                     val_fraction, no_lp_init, lp_C, input_size, bn_stats, seed, workers, device, store, quiet, as_json):
         """Fine-tune a backbone on TRAIN (ImageFolder layout) and export it back to ONNX.
 
         LP-FT: a logistic-regression head fitted on cached embeddings starts the new
@@ -129,12 +131,19 @@ def register(main: click.Group) -> None:
         if resume is not None and out is not None and out.resolve() != resume.resolve():
             raise click.UsageError("--out and --resume name different directories; --resume continues "
                                    "the run in place")
+        if lp_C != "auto":
+            try:
+                lp_C = float(lp_C)
+            except ValueError:
+                raise click.BadParameter(f"{lp_C!r} is neither 'auto' nor a number", param_hint="--lp-C") from None
+            if not lp_C > 0:
+                raise click.BadParameter(f"must be > 0, got {lp_C}", param_hint="--lp-C")
         options = {} if resume is not None else dict(
             backbone=backbone, weights=weights, unfreeze=unfreeze, epochs=epochs,
             lr=lr, backbone_lr=backbone_lr, batch_size=batch_size, weight_decay=weight_decay,
             warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
             class_weight=None if class_weight == "none" else class_weight,
-            patience=patience or None, val_fraction=val_fraction, lp_init=not no_lp_init,
+            patience=patience or None, val_fraction=val_fraction, lp_init=not no_lp_init, lp_C=lp_C,
             input_size=input_size, bn_stats=bn_stats, seed=seed)
         p = EpochProgress(quiet)
         try:

@@ -52,6 +52,8 @@ def test_finetune_usage_errors(data, tmp_path):
     assert r.exit_code == 2 and "--resume" in r.output
     r = invoke("finetune", data, "--unfreeze", "most")
     assert r.exit_code == 2 and "neither a number of blocks nor 'all'" in r.output
+    r = invoke("finetune", data, "--lp-C", "big")
+    assert r.exit_code == 2 and "neither 'auto' nor a number" in r.output
     r = invoke("finetune", data, "--backbone", tmp_path, "--out", tmp_path / "z")
     assert r.exit_code == 1 and "starts from a backbone card" in r.output
     r = invoke("finetune", data, "--unfreeze", 99, "--out", tmp_path / "x")
