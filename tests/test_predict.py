@@ -190,3 +190,16 @@ def test_cli_through_a_real_subprocess(flow, head, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "featx.cli", "predict", str(tmp_path / "p.json"),
                            str(flow["test"])], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "not a featx head file" in proc.stderr
+
+
+def test_quickstart_example_runs_the_whole_flow():
+    """README command 1: extract -> fit-head -> evaluate on a real labelled set."""
+    import re
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    acc = float(re.search(r"test accuracy ([\d.]+)% on 200 images", proc.stdout).group(1))
+    assert acc >= 70  # 20 images a class, 10 classes; chance is 10%
+    png = Path(re.search(r"confusion matrix: (\S+)", proc.stdout.splitlines()[-1]).group(1))
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
