@@ -67,3 +67,24 @@ def test_one_file_classifier_equals_predict(data, lite0, tmp_path, head):
     assert json.loads(meta["featx.classes"]) == rep["classes"]
     assert json.loads(meta["featx.preprocess"]) == json.loads(lite0.preprocess.canonical())
     assert meta["featx.fingerprint"] == lite0.fingerprint
+
+
+def test_bare_logistic_regression_head(data, lite0, tmp_path):
+    """A head that is a bare LogisticRegression (as a fine-tuning run writes), classes_ = names."""
+    from sklearn.linear_model import LogisticRegression
+
+    from featx.classifier_onnx import export_classifier
+
+    X, names, folder = data
+    lr = LogisticRegression(C=0.1, max_iter=1000).fit(X, names)
+    assert lr.classes_.dtype.kind == "U"
+    hp = save_head(tmp_path / "h.joblib", lr, [str(c) for c in lr.classes_], lite0, {})
+    ref = predict(hp, [folder])
+    assert ref.classes == [str(c) for c in lr.classes_]
+    out = tmp_path / "c.onnx"
+    export_classifier(hp, out)
+    sess, _ = make_session(out, device="cpu")
+    pixels = np.stack([load_image(f, lite0.preprocess) for f in ref.files])
+    proba, labels = sess.run(None, {sess.get_inputs()[0].name: pixels})
+    assert [str(v) for v in labels] == ref.labels
+    np.testing.assert_allclose(proba, ref.proba, atol=1e-5)
