@@ -99,7 +99,8 @@ def array_key(a: np.ndarray) -> str:
 
 
 def embed_arrays(images, bb: Backbone, *, device: str = "auto",
-                 store: str | os.PathLike | None = None, batch_size: int = 32) -> np.ndarray:
+                 store: str | os.PathLike | None = None, batch_size: int = 32,
+                 flush_rows: int = 2048) -> np.ndarray:
     """Embeddings of uint8 images (an (N,H,W) / (N,H,W,3) array or a list of (H,W[,3]) arrays)."""
     encoder, st = runtime(bb, device, store)
     keys = [array_key(a) for a in images]
@@ -109,11 +110,21 @@ def embed_arrays(images, bb: Backbone, *, device: str = "auto",
         if k not in stored and k not in todo:
             todo[k] = i
     items = list(todo.items())
-    for start in range(0, len(items), batch_size):
-        batch = items[start:start + batch_size]
-        pixels = np.stack([resize_crop(array_to_pil(np.asarray(images[i]), f"image {i}"), bb.preprocess)
-                           for _, i in batch])
-        st.write([k for k, _ in batch], encoder(pixels))
+    buf_keys: list[str] = []
+    buf: list[np.ndarray] = []
+    try:
+        for start in range(0, len(items), batch_size):
+            batch = items[start:start + batch_size]
+            pixels = np.stack([resize_crop(array_to_pil(np.asarray(images[i]), f"image {i}"),
+                                           bb.preprocess) for _, i in batch])
+            buf.append(encoder(pixels))
+            buf_keys.extend(k for k, _ in batch)
+            if len(buf_keys) >= flush_rows:  # few large shards keep store lookups fast
+                st.write(buf_keys, np.concatenate(buf))
+                buf_keys, buf = [], []
+    finally:  # an error or Ctrl-C keeps what is already embedded
+        if buf_keys:
+            st.write(buf_keys, np.concatenate(buf))
     return st.get(keys) if keys else np.zeros((0, bb.dim), np.float32)
 
 

@@ -216,3 +216,17 @@ def test_bad_input_is_refused_clearly(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(FeatXError, match=r"1 of 1 images could not be read: .*broken\.png"):
         FeatXEmbedder().transform([str(tmp_path / "broken.png")])
+
+
+@needs_fm
+def test_arrays_embedded_before_an_error_are_kept(lite0):
+    from featx.errors import ImageError
+    from featx.predict import array_key, embed_arrays
+    from featx.store import EmbeddingStore
+
+    x, _ = fashion_mnist("test")
+    imgs = [*list(x[-40:]), np.zeros(5, np.uint8)]  # the 41st is not an image
+    with pytest.raises(ImageError, match=r"image 40: array shape must be"):
+        embed_arrays(imgs, lite0, batch_size=16)
+    stored = EmbeddingStore(lite0).keys()
+    assert sum(array_key(a) in stored for a in imgs[:40]) == 32  # two whole batches were flushed
