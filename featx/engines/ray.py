@@ -1,0 +1,385 @@
+"""Ray Data engine for ``featx extract``: the same stages as the local engine, on a cluster.
+
+The driver scans the folder and owns the store; the cluster does the work::
+
+    paths --(tasks: hash_file)--> keys --driver: drop keys already stored-->
+    todo  --(tasks: decode_batch)--> uint8 pixels --(actor pool: Encoder)--> embeddings
+          --driver: EmbeddingStore.write, shard by shard--> table (same as featx.extract)
+
+Workers read files by path (``root`` must be the same path on every node) and
+preprocess with featx's own ``decode_batch``, so pixels are those of the local
+engine. Only the driver writes, so the store may sit on the driver's disk; the
+embeddings stream back through the object store (1.3 KB per image at dim 320).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import errors
+from ..backbone import Backbone, fingerprint_of, resolve_backbone
+from ..cards import Preprocess
+from ..errors import DeviceError, FeatXError, require
+from ..extract import ExtractResult, default_out, remember_last
+from ..images import scan
+from ..pipeline import EmbedStats, ProgressFn, _noop, decode_batch, hash_file
+from ..runtime import DEVICES, Encoder
+from ..store import EmbeddingStore
+from ..table import EmbeddingTable, write_table
+
+log = logging.getLogger(__name__)
+
+
+class RayEngineError(FeatXError):
+    """The Ray cluster could not run the extraction (not a bad image: those are reported)."""
+
+
+# ---------------------------------------------------------------- worker side
+
+def hash_rows(batch: dict[str, np.ndarray], root: str) -> dict[str, np.ndarray]:
+    """Ray task: content key (or failure reason) of each file in the batch."""
+    keys, reasons = [], []
+    for rel in batch["path"]:
+        key, why, _ = hash_file(os.path.join(root, str(rel)))
+        keys.append(key or "")
+        reasons.append(why or "")
+    return {"i": batch["i"], "key": np.array(keys, dtype=object), "reason": np.array(reasons, dtype=object)}
+
+
+def decode_rows(batch: dict[str, np.ndarray], root: str, pre: Preprocess,
+                draft: bool) -> dict[str, np.ndarray]:
+    """Ray task: featx's decode_batch on a batch of paths; failed rows keep zero pixels + a reason."""
+    items = [(j, os.path.join(root, str(p)), str(k)) for j, (p, k) in enumerate(zip(batch["path"], batch["key"], strict=True))]
+    ok, keys, pixels, failures = decode_batch(items, pre, draft)
+    n, s = len(items), pre.input_size
+    out_px = np.zeros((n, s, s, 3), np.uint8)
+    out_key = np.array([str(k) for k in batch["key"]], dtype=object)
+    reason = np.full(n, "", dtype=object)
+    if ok:
+        out_px[ok] = pixels
+        out_key[ok] = keys  # the key of the bytes actually decoded
+    for j, why in failures:
+        reason[j] = why
+    return {"i": batch["i"], "key": out_key, "reason": reason, "pixels": out_px}
+
+
+class EmbedActor:
+    """Ray actor: one ONNX Runtime session (a featx Encoder), built once, used for every batch."""
+
+    def __init__(self, backbone: Backbone, device: str, threads: int | None,
+                 model: list | None) -> None:
+        # Ray reports an error raised here as a bare ActorDiedError, losing its type;
+        # keep it and raise it from the first batch, where Ray passes the cause through
+        self.error: FeatXError | None = None
+        self.encoder: Encoder | None = None
+        try:
+            self.encoder = self._open(backbone, device, threads, model)
+        except FeatXError as e:
+            self.error = e
+
+    def _open(self, backbone: Backbone, device: str, threads: int | None,
+              model: list | None) -> Encoder:
+        import ray
+
+        if device == "cuda" and not ray.get_gpu_ids():
+            raise DeviceError(f"a featx actor on {os.uname().nodename} asked for a GPU but Ray gave it none")
+        if model is not None:  # shipped through the object store: no shared filesystem needed
+            data = ray.get(model[0])
+            if fingerprint_of(data, backbone.preprocess) != backbone.fingerprint:
+                raise FeatXError("the ONNX model shipped to the actor does not match the backbone fingerprint")
+            self._dir = tempfile.TemporaryDirectory(prefix="featx-model-")
+            path = Path(self._dir.name) / "model.onnx"
+            path.write_bytes(data)
+            backbone = dataclasses.replace(backbone, onnx_path=path)
+        elif not backbone.onnx_path.is_file():
+            raise FeatXError(
+                f"{backbone.onnx_path} is not reachable on node {os.uname().nodename}; put the "
+                "backbone's export directory on storage every node mounts, or ship the model (ship_model=True)"
+            )
+        # Encoder raises DeviceError if an explicit cuda cannot be honoured: the run stops loudly
+        enc = Encoder(backbone, device=device, threads=threads)
+        enc.session  # noqa: B018 -- open it now: a device problem shows at start, not mid-run
+        return enc
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.encoder is None:
+            raise self.error or FeatXError("the featx actor has no ONNX session")
+        ok = np.array([not r for r in batch["reason"]], dtype=bool)
+        emb = np.zeros((len(ok), self.encoder.backbone.dim), np.float32)
+        t = time.perf_counter()
+        if ok.any():
+            emb[ok] = self.encoder(np.ascontiguousarray(batch["pixels"][ok]))
+        seconds = time.perf_counter() - t
+        return {"i": batch["i"], "key": batch["key"], "reason": batch["reason"], "embedding": emb,
+                "provider": np.full(len(ok), self.encoder.provider, dtype=object),
+                "seconds": np.full(len(ok), seconds / max(1, int(ok.sum())))}
+
+
+# ---------------------------------------------------------------- driver side
+
+def _connect(address: str | None, num_cpus: int | None):
+    """Join ``address`` (or start a local Ray); returns (ray, whether we started it)."""
+    ray = require("ray", "ray")
+    if ray.is_initialized():
+        return ray, False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                              "configure_logging": False}
+    if address is None:
+        kwargs["num_cpus"] = num_cpus
+    try:
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise RayEngineError(f"cannot connect to the Ray cluster at {address!r}: {e}. "
+                             "Start one with `ray start --head` or pass --address auto/HOST:PORT.") from None
+    return ray, True
+
+
+def _quiet_data_context() -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # the library never prints: progress goes to the callback
+    ctx.print_on_execution_start = False
+
+
+def _device_plan(ray, device: str) -> str:
+    """Resolve ``device`` against the cluster: ``auto`` means cuda when the cluster has GPUs."""
+    if device not in DEVICES:
+        raise FeatXError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if device == "cuda" and gpus < 1:
+        raise DeviceError("--device cuda asked for, but the Ray cluster has no GPU resources "
+                          f"(resources: {ray.cluster_resources()}); use --device cpu or add GPU nodes")
+    if device == "auto":
+        return "cuda" if gpus >= 1 else "cpu"
+    return device
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """The FeatXError behind a Ray task/actor failure, if there is one."""
+    seen = set()
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if id(x) in seen or x is None:
+            continue
+        seen.add(id(x))
+        if isinstance(x, FeatXError):
+            return x
+        stack.extend([getattr(x, "cause", None), x.__cause__, x.__context__])
+    # Ray Data re-raises a UDF's exception as UserCodeException without the original
+    # object; the worker's traceback text still names it, so rebuild featx's error from it
+    m = re.search(r"featx\.errors\.(\w+): ([^\n]*)", str(e))
+    cls = getattr(errors, m.group(1), None) if m else None
+    if m and isinstance(cls, type) and issubclass(cls, FeatXError) and cls is not errors.ImageError:
+        return cls(m.group(2).strip())
+    return e
+
+
+def _stream(ds, progress: ProgressFn, stage: str, total: int) -> Iterator[dict[str, np.ndarray]]:
+    done = 0
+    err: BaseException | None = None
+    try:
+        for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            done += len(b["i"])
+            yield b
+            progress(stage, done, total)
+    except FeatXError:
+        raise
+    except Exception as e:
+        err = _translate(e, stage)
+    if err is not None:
+        # Ray Data's failed execution sits in reference cycles that hold its actors (and
+        # their GPUs) until a garbage collection, and the traceback would keep ``ds``
+        # alive: a retry in this process would wait on those GPUs forever
+        import gc
+
+        ds = None
+        gc.collect()
+        raise err
+
+
+def _translate(e: BaseException, stage: str) -> BaseException:
+    cause = _unwrap(e)
+    if isinstance(cause, FeatXError):
+        return cause
+    return RayEngineError(f"the Ray {stage} stage failed: {type(e).__name__}: {e}")
+
+
+def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | None = None, *,
+            out: str | os.PathLike | None = None, store: str | os.PathLike | None = None,
+            weights: str | os.PathLike | None = None, batch_size: int = 32,
+            workers: int | None = None, device: str = "auto", draft: bool = True,
+            shard_size: int = 2048, progress: ProgressFn = _noop, write: bool = True,
+            address: str | None = None, actors: int | None = None, threads: int | None = None,
+            ship_model: bool = True) -> ExtractResult:
+    """``featx.extract.extract`` on a Ray cluster; same store, same table, same report.
+
+    ``address``: a running cluster ("auto", "HOST:PORT", "ray://..."); None joins the Ray
+    already initialised in this process or starts a local one (and stops it after).
+    ``root`` must be readable at the same path on every node. ``workers`` is the CPU
+    count of a local Ray this starts. ``actors``: size of the ONNX actor pool (default:
+    one per GPU, or one on CPU clusters); ``threads``: ORT threads per CPU actor.
+    ``ship_model`` sends the ONNX bytes through the object store so nodes need not
+    see the export directory. Files that cannot be read are reported, not fatal.
+    """
+    t0 = time.perf_counter()
+    root = Path(root).resolve()
+    progress("scan", 0, 0)
+    found = scan(root)
+    if not found.items:
+        raise FeatXError(f"{root}: no images found")
+    progress("backbone", 0, 0)
+    bb = resolve_backbone(backbone, weights=weights)
+    st = EmbeddingStore(bb, store)
+    if batch_size < 1:
+        raise FeatXError(f"batch_size must be >= 1, got {batch_size}")
+
+    ray, started = _connect(address, workers)
+    try:
+        _quiet_data_context()
+        dev = _device_plan(ray, device)
+        keys, stats, providers = _run(ray, root, found.items, bb, st, dev, batch_size, draft,
+                                      actors, threads, ship_model, shard_size, progress)
+    finally:
+        if started:
+            ray.shutdown()
+
+    ok = [i for i, k in enumerate(keys) if k is not None]
+    table = EmbeddingTable(
+        paths=[found.items[i].path for i in ok],
+        labels=[found.items[i].label for i in ok],
+        keys=[keys[i] for i in ok],  # type: ignore[misc]
+        X=st.get([keys[i] for i in ok]),  # type: ignore[misc]
+        # the local engine's metadata, key for key: a table does not say which engine made it
+        meta={
+            "featx_version": _version(), "backbone": bb.name, "fingerprint": bb.fingerprint,
+            "dim": bb.dim, "preprocess": bb.preprocess.to_dict(), "root": str(root),
+            "classes": found.classes, "backbone_path": str(bb.onnx_path.parent),
+        },
+    )
+    provider = ",".join(sorted(providers)) or ("CUDAExecutionProvider" if dev == "cuda" else "CPUExecutionProvider")
+    out_path = report_path = None
+    if write:
+        out_path = Path(out) if out else default_out(root)
+        write_table(out_path, table)
+        report_path = out_path.with_name(out_path.name + ".report.json")
+    result = ExtractResult(table, out_path, report_path, bb, provider, stats,
+                           time.perf_counter() - t0, found.skipped)
+    if write:
+        import json
+
+        report = {**result.summary(), "engine": "ray", "root": str(root),
+                  "failures": [{"path": p, "reason": r} for p, r in stats.failures],
+                  "skipped": [{"path": p, "reason": r} for p, r in found.skipped]}
+        report_path.write_text(json.dumps(report, indent=2))  # type: ignore[union-attr]
+        remember_last(out_path, bb)  # type: ignore[arg-type]
+    return result
+
+
+def _session_memory(bb: Backbone) -> int:
+    """Bytes to reserve per actor: the weights a few times over, plus ORT's arenas."""
+    return 4 * bb.onnx_path.stat().st_size + 256 * 2**20
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _run(ray, root: Path, items: list, bb: Backbone, st: EmbeddingStore, dev: str,
+         batch_size: int, draft: bool, actors: int | None, threads: int | None,
+         ship_model: bool, flush_rows: int,
+         progress: ProgressFn) -> tuple[list[str | None], EmbedStats, set[str]]:
+    """Hash on the cluster, drop stored keys, embed the rest; returns keys per item (None = failed)."""
+    import ray.data as rd
+
+    n = len(items)
+    stats = EmbedStats(files=n)
+    keys: list[str | None] = [None] * n
+    reasons: dict[int, str] = {}
+    rows = [{"i": i, "path": it.path} for i, it in enumerate(items)]
+    blocks = max(1, min(len(rows) // max(1, batch_size), 200))
+
+    t = time.perf_counter()
+    hashed = rd.from_items(rows, override_num_blocks=blocks).map_batches(
+        hash_rows, fn_kwargs={"root": str(root)}, batch_size=max(batch_size, 64), batch_format="numpy")
+    for b in _stream(hashed, progress, "hash", n):
+        for i, k, why in zip(b["i"], b["key"], b["reason"], strict=True):
+            if why:
+                reasons[int(i)] = str(why)
+            else:
+                keys[int(i)] = str(k)
+    stats.seconds_hash = time.perf_counter() - t
+
+    stored = st.keys()
+    todo, seen = [], set()
+    for i, k in enumerate(keys):
+        if k is not None and k not in stored and k not in seen:
+            seen.add(k)
+            todo.append({"i": i, "path": items[i].path, "key": k})
+    stats.cached = sum(k is not None for k in keys) - len(todo)
+    progress("embed", 0, len(todo))
+
+    providers: set[str] = set()
+    failed_keys: dict[str, str] = {}
+    t1 = time.perf_counter()
+    if todo:
+        gpus = dev == "cuda"
+        size = actors or (int(ray.cluster_resources().get("GPU", 1)) if gpus else 1)
+        model = [ray.put(bb.onnx_path.read_bytes())] if ship_model else None
+        ds = (rd.from_items(todo, override_num_blocks=max(1, min(len(todo) // batch_size, 200)))
+              .map_batches(decode_rows, fn_kwargs={"root": str(root), "pre": bb.preprocess, "draft": draft},
+                           batch_size=batch_size, batch_format="numpy")
+              .map_batches(EmbedActor, fn_constructor_kwargs={"backbone": bb, "device": dev,
+                                                              "threads": threads, "model": model},
+                           compute=rd.ActorPoolStrategy(size=size), batch_size=batch_size,
+                           batch_format="numpy", num_gpus=1 if gpus else 0, num_cpus=1,
+                           # an ORT session holds a few copies of the weights; asking for that
+                           # memory also keeps Ray from fusing decode into the actor, so decode
+                           # tasks run on other cores while the actor runs the model
+                           memory=_session_memory(bb)))
+        buf_keys: list[str] = []
+        buf_emb: list[np.ndarray] = []
+        batches, ds = _stream(ds, progress, "embed", len(todo)), None  # see _stream
+        try:
+            for b in batches:
+                ok = np.array([not r for r in b["reason"]], dtype=bool)
+                for i, k, why in zip(b["i"], b["key"], b["reason"], strict=True):
+                    if why:
+                        failed_keys[keys[int(i)]] = str(why)  # type: ignore[index]
+                        keys[int(i)] = None
+                        reasons[int(i)] = str(why)
+                    else:
+                        keys[int(i)] = str(k)
+                if ok.any():
+                    buf_keys.extend(str(k) for k in b["key"][ok])
+                    buf_emb.append(np.asarray(b["embedding"][ok], np.float32))
+                    stats.embedded += int(ok.sum())
+                    stats.seconds_model += float(b["seconds"][ok].sum())
+                    providers.update(str(p) for p in b["provider"][ok])
+                if len(buf_keys) >= flush_rows:
+                    st.write(buf_keys, np.concatenate(buf_emb))
+                    buf_keys, buf_emb = [], []
+        finally:
+            # an error or Ctrl-C: keep what is already embedded
+            if buf_keys:
+                st.write(buf_keys, np.concatenate(buf_emb))
+    stats.seconds_embed = time.perf_counter() - t1
+    for j, k in enumerate(keys):  # byte-identical copies of a file that failed to decode
+        if k in failed_keys:
+            keys[j] = None
+            reasons[j] = failed_keys[k]
+    stats.failures = [(items[i].path, reasons[i]) for i in sorted(reasons)]
+    return keys, stats, providers

@@ -1,0 +1,90 @@
+"""The Ray engine against the local engine, on a real Ray cluster started here (no mocks)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from featx.engines.ray import _device_plan  # noqa: E402
+from featx.engines.ray import extract as ray_extract  # noqa: E402
+from featx.errors import DeviceError, FeatXError  # noqa: E402
+from featx.extract import extract as local_extract  # noqa: E402
+from featx.runtime import available_providers  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # num_gpus=1 declares a GPU this machine may not have: the cuda test uses it to check
+    # that an actor given a "GPU" without a CUDA runtime dies loudly instead of using the CPU
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def messy_folder(image_folder):
+    """Real photos plus the inputs a scale-out run meets: corrupt, empty, duplicated files."""
+    (image_folder / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    (image_folder / "thing" / "empty.png").write_bytes(b"")
+    shutil.copy(image_folder / "cat" / "cat_0.jpg", image_folder / "thing" / "same_bytes.jpg")
+    return image_folder
+
+
+def test_ray_engine_matches_local_engine(cluster, lite0, messy_folder, tmp_path):
+    loc = local_extract(messy_folder, lite0, out=tmp_path / "local.parquet", store=tmp_path / "s1",
+                        device="cpu")
+    rr = ray_extract(messy_folder, lite0, out=tmp_path / "ray.parquet", store=tmp_path / "s2",
+                     device="cpu", batch_size=4)
+    a, b = loc.table, rr.table
+    assert len(b) == len(a) == 9  # 8 photos + 1 byte-identical copy; 2 bad files dropped
+    assert b.paths == a.paths and b.labels == a.labels and b.keys == a.keys
+    assert b.meta == a.meta
+    np.testing.assert_allclose(b.X, a.X, atol=1e-5, rtol=0)
+    assert rr.stats.embedded == 8 and rr.stats.cached == 1  # the copy is embedded once
+    assert sorted(rr.stats.failures) == sorted(loc.stats.failures)
+    assert dict(rr.stats.failures) == {"cat/broken.jpg": dict(rr.stats.failures)["cat/broken.jpg"],
+                                       "thing/empty.png": "empty file (0 bytes)"}
+    assert "corrupt or truncated" in dict(rr.stats.failures)["cat/broken.jpg"]
+    report = json.loads(rr.report.read_text())
+    assert {f["path"] for f in report["failures"]} == {"cat/broken.jpg", "thing/empty.png"}
+    assert report["engine"] == "ray" and report["provider"] == "CPUExecutionProvider"
+    # same file schema and metadata bytes as the local engine's table
+    import pyarrow.parquet as pq
+
+    assert pq.read_schema(rr.out) == pq.read_schema(loc.out)
+    assert pq.read_schema(rr.out).metadata == pq.read_schema(loc.out).metadata
+    assert list((tmp_path / "s2" / lite0.fingerprint).glob("shard-*.parquet"))
+
+
+def test_ray_engine_skips_stored_keys(cluster, lite0, image_folder, tmp_path):
+    store = tmp_path / "store"
+    first = ray_extract(image_folder, lite0, store=store, device="cpu", write=False)
+    assert first.stats.embedded == 8
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(image_folder / "thing" / "red.png")
+    again = ray_extract(image_folder, lite0, store=store, device="cpu", write=False)
+    # only the new image reaches the actors; the rest comes from the store
+    assert again.stats.embedded == 1 and again.stats.cached == 8
+    assert again.table.keys[:len(first.table)] != [] and set(first.table.keys) < set(again.table.keys)
+    np.testing.assert_array_equal(again.table.X[[again.table.keys.index(k) for k in first.table.keys]],
+                                  first.table.X)
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in available_providers(),
+                    reason="this machine really has CUDA; the loud-failure path needs its absence")
+def test_cuda_actor_without_cuda_fails_loudly(cluster, lite0, image_folder, tmp_path):
+    # the cluster advertises a GPU, so the actor is scheduled with num_gpus=1; ONNX Runtime
+    # has no CUDA provider here, and the run must stop rather than embed on the CPU
+    with pytest.raises(DeviceError, match="CUDA provider"):
+        ray_extract(image_folder, lite0, store=tmp_path / "s", device="cuda", write=False)
+    assert not list((tmp_path / "s").rglob("shard-*.parquet"))
+    # and auto on a cluster with GPUs means those GPUs, so it takes the same loud path
+    assert _device_plan(ray, "auto") == "cuda"
+    with pytest.raises(FeatXError, match="not one of"):
+        _device_plan(ray, "gpu")
