@@ -9,11 +9,12 @@ Layout (one file, conventionally ``*.joblib``)::
     <payload>                     joblib pickle of the sklearn pipeline
 
 Everything is checked before the payload is unpickled: the magic line, the
-header, the payload's sha256 and, when ``FEATX_HEAD_KEY`` is set, an
-HMAC-SHA256 signature with that key. The sha256 catches corruption, truncation
-and edits to the payload; only the HMAC says *who* made a file. A pickle can
-run code when loaded: load head files you made or received from someone you
-trust (see docs/heads.md).
+header, the payload's sha256, and an HMAC-SHA256 signature. featx signs every
+head it writes with ``FEATX_HEAD_KEY`` when set (a team secret), else with a
+random key kept in ``$FEATX_HOME/head.key`` (this user on this machine). A head
+signed with another key, or not signed, is refused unless the caller opts in
+(``trust=True``, or ``FEATX_TRUST_HEADS=1`` for the CLI): a pickle can run code
+when loaded, so only the user decides to trust a stranger's file.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ MAGIC = b"FEATX-HEAD\n"
 FORMAT = 1
 HEAD_FILE = "head.joblib"
 KEY_ENV = "FEATX_HEAD_KEY"
+TRUST_ENV = "FEATX_TRUST_HEADS"
 MAX_HEADER = 16 * 1024 * 1024
 
 
@@ -84,9 +86,30 @@ def head_path(path: str | os.PathLike) -> Path:
     return p
 
 
-def _key() -> bytes | None:
+def _key() -> bytes:
+    """The signing key: FEATX_HEAD_KEY, else this user's own random key (made on first use)."""
     k = os.environ.get(KEY_ENV)
-    return k.encode() if k else None
+    if k:
+        return k.encode()
+    from .paths import home
+
+    path = home() / "head.key"
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except (OSError, ValueError):
+        pass
+    key = os.urandom(32)
+    tmp = path.with_name(f".head.key.{uuid.uuid4().hex[:8]}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key.hex())
+    try:
+        os.link(tmp, path)  # first writer wins; a concurrent one reads the winner's key
+    except FileExistsError:
+        key = bytes.fromhex(path.read_text().strip())
+    finally:
+        tmp.unlink(missing_ok=True)
+    return key
 
 
 def _mac(key: bytes, header_wo_mac: dict, payload: bytes) -> str:
@@ -109,7 +132,7 @@ def save_head(path: str | os.PathLike, pipeline, classes: list[str], backbone: B
               train_summary: dict) -> Path:
     """Write a head file (atomically); a directory gets ``head.joblib`` inside it.
 
-    Signs it with HMAC-SHA256 when ``FEATX_HEAD_KEY`` is set.
+    Signs it with HMAC-SHA256 (FEATX_HEAD_KEY, else this user's key in FEATX_HOME).
     """
     import joblib
     import sklearn
@@ -144,9 +167,7 @@ def save_head(path: str | os.PathLike, pipeline, classes: list[str], backbone: B
     # numpy scalars/arrays in a caller's summary become plain JSON; the MAC is then taken
     # over exactly what load_head will parse back
     header = json.loads(json.dumps(header, default=_plain))
-    key = _key()
-    if key is not None:
-        header["hmac_sha256"] = _mac(key, header, payload)
+    header["hmac_sha256"] = _mac(_key(), header, payload)
     hb = json.dumps(header).encode()
     tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "wb") as f:
@@ -155,8 +176,12 @@ def save_head(path: str | os.PathLike, pipeline, classes: list[str], backbone: B
     return p
 
 
-def read_header(path: str | os.PathLike) -> tuple[dict, bytes, Path]:
-    """Parse and verify a head file without unpickling anything; returns (header, payload, path)."""
+def read_header(path: str | os.PathLike, trust: bool = False) -> tuple[dict, bytes, Path]:
+    """Parse and verify a head file without unpickling anything; returns (header, payload, path).
+
+    ``trust=True`` (or FEATX_TRUST_HEADS=1) accepts a head signed with another key
+    or not signed; the sha256 integrity check still applies.
+    """
     p = head_path(path)
     data = p.read_bytes()
     if not data.startswith(MAGIC):
@@ -183,27 +208,33 @@ def read_header(path: str | os.PathLike) -> tuple[dict, bytes, Path]:
         raise HeadFileError(
             f"{p}: integrity check failed (the payload's sha256 does not match its header); the "
             "file was modified or truncated. Refusing to load it; fit the head again.")
-    key = _key()
-    if key is not None:
+    trust = trust or os.environ.get(TRUST_ENV, "") not in ("", "0")
+    if not trust:
+        opt_in = (f"A head file contains a pickle, which can run code when loaded. If you trust "
+                  f"whoever wrote it, load it anyway with {TRUST_ENV}=1 (or load_head(path, "
+                  f"trust=True)); to share heads in a team, set the same {KEY_ENV} everywhere.")
         mac = header.get("hmac_sha256")
         if mac is None:
-            raise HeadFileError(f"{p}: unsigned head file, and {KEY_ENV} is set so only heads "
-                                "signed with that key are loaded. Fit it again with the key set.")
+            raise HeadFileError(f"{p}: unsigned head file, not written by this featx. {opt_in}")
         rest_header = {k: v for k, v in header.items() if k != "hmac_sha256"}
-        if not hmac.compare_digest(mac, _mac(key, rest_header, payload)):
-            raise HeadFileError(f"{p}: signature check failed: not signed with the key in "
-                                f"{KEY_ENV}. Refusing to load it.")
+        if not hmac.compare_digest(str(mac), _mac(_key(), rest_header, payload)):
+            where = KEY_ENV if os.environ.get(KEY_ENV) else "this user's key ($FEATX_HOME/head.key)"
+            raise HeadFileError(f"{p}: signature check failed: not signed with {where}, so it was "
+                                f"written elsewhere or modified. {opt_in}")
     for k in ("classes", "backbone", "preprocess"):
         if k not in header:
             raise HeadFileError(f"{p}: damaged featx head file (header has no {k!r})")
     return header, payload, p
 
 
-def load_head(path: str | os.PathLike) -> Head:
-    """Load a head file (or a directory containing ``head.joblib``), verified before unpickling."""
+def load_head(path: str | os.PathLike, trust: bool = False) -> Head:
+    """Load a head file (or a directory containing ``head.joblib``), verified before unpickling.
+
+    Heads signed by another user or machine are refused unless ``trust`` (see read_header).
+    """
     import joblib
 
-    header, payload, p = read_header(path)
+    header, payload, p = read_header(path, trust=trust)
     try:
         pipeline = joblib.load(io.BytesIO(payload))
     except Exception as e:
