@@ -132,6 +132,8 @@ def _connect(address: str | None, num_cpus: int | None):
     """Join ``address`` (or start a local Ray); returns (ray, whether we started it)."""
     ray = require("ray", "ray")
     if ray.is_initialized():
+        if address is not None:
+            log.warning("Ray is already initialised in this process; using it, not %s", address)
         return ray, False
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                               "configure_logging": False}
