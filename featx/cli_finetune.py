@@ -104,6 +104,8 @@ def register(main: click.Group) -> None:
                   help="C of the LP probe (auto: cross-validated; a number skips the CV on big sets).")
     @click.option("--input-size", type=click.IntRange(16, 1024), default=None,
                   help="Override the card's input size (smaller = faster on CPU, less accurate).")
+    @click.option("--crop-scale", type=click.FloatRange(0, 1, min_open=True), default=0.08, show_default=True,
+                  help="Smallest area fraction of the random training crop (1 = flips only).")
     @click.option("--bn-stats/--no-bn-stats", default=None,
                   help="Update BatchNorm statistics in the trained blocks (default: only from scratch; "
                        "batch statistics of small augmented batches undo the LP init).")
@@ -116,7 +118,7 @@ def register(main: click.Group) -> None:
     @json_option
     def finetune_cmd(train, val, out, resume, backbone, weights, unfreeze, epochs, lr, backbone_lr,
                      batch_size, weight_decay, warmup_epochs, label_smoothing, class_weight, patience,
-                     val_fraction, no_lp_init, lp_C, input_size, bn_stats, seed, workers, device, store, quiet, as_json):
+                     val_fraction, no_lp_init, lp_C, input_size, crop_scale, bn_stats, seed, workers, device, store, quiet, as_json):
         """Fine-tune a backbone on TRAIN (ImageFolder layout) and export it back to ONNX.
 
         LP-FT: a logistic-regression head fitted on cached embeddings starts the new
@@ -144,7 +146,7 @@ def register(main: click.Group) -> None:
             warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
             class_weight=None if class_weight == "none" else class_weight,
             patience=patience or None, val_fraction=val_fraction, lp_init=not no_lp_init, lp_C=lp_C,
-            input_size=input_size, bn_stats=bn_stats, seed=seed)
+            input_size=input_size, crop_scale=crop_scale, bn_stats=bn_stats, seed=seed)
         p = EpochProgress(quiet)
         try:
             r = finetune(train, val=val, out=out, resume=resume, device=device, workers=workers,

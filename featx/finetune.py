@@ -62,6 +62,7 @@ class FinetuneConfig:
     lp_C: float | str = "auto"
     pretrained: bool = True
     input_size: int | None = None  # override the card's input size (tests, quick CPU runs)
+    crop_scale: float = 0.08  # smallest area fraction of the random crop (RandomResizedCrop scale)
     bn_stats: bool | None = None  # update BatchNorm statistics of trained blocks; None: only from scratch
     seed: int = 0
 
@@ -76,6 +77,8 @@ class FinetuneConfig:
             raise FeatXError(f"learning rates must be > 0, got lr={self.lr}, backbone_lr={self.backbone_lr}")
         if not 0 <= self.val_fraction < 1:
             raise FeatXError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0 < self.crop_scale <= 1:
+            raise FeatXError(f"crop_scale must be in (0, 1], got {self.crop_scale}")
         if self.class_weight not in (None, "balanced"):
             raise FeatXError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
         if self.input_size is not None and not 16 <= self.input_size <= 1024:
@@ -480,7 +483,7 @@ def _train(cfg, card, k, train, valf, val_source, run_dir, resume, ckpt, dev, de
     pin = dev.type == "cuda"
     if workers is None:
         workers = min(8, max(0, (os.cpu_count() or 1) - 1)) if dev.type == "cuda" else 0
-    train_ds = ImageDataset(train, card.preprocess, train=True, seed=cfg.seed)
+    train_ds = ImageDataset(train, card.preprocess, train=True, seed=cfg.seed, crop_scale=cfg.crop_scale)
     # drop a last batch of one: BatchNorm in training mode cannot normalise a single image
     drop_last = len(train) % cfg.batch_size == 1 and len(train) > 1
     steps = max(1, len(train) // cfg.batch_size if drop_last else -(-len(train) // cfg.batch_size))

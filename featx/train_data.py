@@ -105,11 +105,12 @@ def class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return w.astype(np.float32)
 
 
-def random_box(w: int, h: int, rng: np.random.Generator) -> tuple[float, float, float, float]:
-    """A RandomResizedCrop box (left, top, right, bottom) in source pixels."""
+def random_box(w: int, h: int, rng: np.random.Generator,
+               min_scale: float = CROP_SCALE[0]) -> tuple[float, float, float, float]:
+    """A RandomResizedCrop box (left, top, right, bottom) in source pixels, area >= min_scale."""
     area = w * h
     for _ in range(10):
-        target = area * rng.uniform(*CROP_SCALE)
+        target = area * rng.uniform(min_scale, CROP_SCALE[1])
         ratio = math.exp(rng.uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])))
         cw, ch = math.sqrt(target * ratio), math.sqrt(target / ratio)
         if cw <= w and ch <= h:
@@ -131,8 +132,10 @@ class ImageDataset:
     sees exactly the augmentations it would have seen.
     """
 
-    def __init__(self, files: LabelledFiles, pre: Preprocess, train: bool, seed: int = 0) -> None:
+    def __init__(self, files: LabelledFiles, pre: Preprocess, train: bool, seed: int = 0,
+                 crop_scale: float = CROP_SCALE[0]) -> None:
         self.files = files
+        self.crop_scale = crop_scale
         self.pre = pre
         self.train = train
         self.seed = seed
@@ -150,7 +153,7 @@ class ImageDataset:
             img = decode(read_bytes(path), path, draft_size=self.pre.resize_size)
             if self.train:
                 rng = np.random.default_rng((self.seed, self.epoch, i))
-                box = random_box(img.width, img.height, rng)
+                box = random_box(img.width, img.height, rng, self.crop_scale)
                 arr = resize_crop(img, self.pre, box=box, flip=bool(rng.random() < 0.5))
             else:
                 arr = resize_crop(img, self.pre)
