@@ -80,7 +80,7 @@ def main() -> None:
         elif not (run / "summary.json").is_file():
             featx("finetune", str(ft_train), "--out", str(run), "--epochs", str(args.finetune_epochs),
                   "--unfreeze", args.unfreeze, "--device", args.device, *size)
-        featx("evaluate", str(run), str(test))
+        featx("evaluate", str(run), str(test), "--out-dir", str(run / "eval"))
 
 
 if __name__ == "__main__":
