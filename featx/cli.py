@@ -227,16 +227,24 @@ def export(name: str, weights: str | None, preprocess: str | None, force: bool, 
 @click.option("--shard-size", type=click.IntRange(1), default=2048, show_default=True,
               help="Rows per store shard; a killed run loses at most one shard (or 10 s) of work.")
 @click.option("--no-draft", is_flag=True, help="Decode JPEGs at full size (slower; for comparison).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: threads on this machine; ray: Ray Data on a cluster (pip install 'featx[ray]').")
+@click.option("--address", default=None, metavar="ADDR",
+              help="Ray cluster for --engine ray: auto, HOST:PORT or ray://HOST:10001. "
+                   "Default: start a local Ray.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @json_option
 def extract(root: Path, backbone, weights, out, store, batch_size, workers, device, shard_size,
-            no_draft, quiet, as_json) -> None:
+            no_draft, engine, address, quiet, as_json) -> None:
     """Embed every image under ROOT (ImageFolder layout gives labels), reusing the cache."""
     from .extract import extract as run
 
+    if address is not None and engine != "ray":
+        raise click.UsageError("--address needs --engine ray")
     with progress_bar(quiet) as p:
         r = run(root, backbone, out=out, store=store, weights=weights, batch_size=batch_size,
-                workers=workers, device=device, draft=not no_draft, shard_size=shard_size, progress=p)
+                workers=workers, device=device, draft=not no_draft, shard_size=shard_size,
+                progress=p, engine=engine, address=address)
     s = r.summary()
     rate = f", {s['images_per_second']} img/s" if s["images_per_second"] else ""
     lines = [

@@ -68,8 +68,11 @@ def register(main: click.Group) -> None:
     @main.command("fit-head")
     @click.option("--embeddings", "-e", type=click.Path(exists=True, path_type=Path), default=None,
                   help="Embeddings table from `featx extract` (default: the last one extracted).")
-    @click.option("--head", "head_kind", type=click.Choice(["logreg", "linear-svm", "svm-rbf"]),
-                  default="logreg", show_default=True, help="Classifier on the scaled embeddings.")
+    @click.option("--head", "head_kind", type=click.Choice(["logreg", "linear-svm", "svm-rbf", "sgd-logreg"]),
+                  default="logreg", show_default=True,
+                  help="Classifier on the scaled embeddings; sgd-logreg streams the table shard by "
+                       "shard (for tables larger than memory; --C is ignored, alpha is chosen on a "
+                       "held-out split).")
     @click.option("--C", "C", type=CParam(), default="auto", show_default=True, metavar="auto|FLOAT",
                   help="Inverse regularisation; auto picks it by stratified CV over a log grid.")
     @click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none",
@@ -88,6 +91,9 @@ def register(main: click.Group) -> None:
         from .table import read_table
 
         table_path = embeddings or _last_table()
+        if head_kind == "sgd-logreg":
+            _fit_streaming(table_path, seed, out, backbone, as_json)
+            return
         t = read_table(table_path)
         if not t.labelled:
             raise FeatXError(f"{table_path}: the images have no labels; extract an ImageFolder "
@@ -217,6 +223,30 @@ def _last_table() -> Path:
         raise FeatXError("no embeddings given and no previous `featx extract` to default to; "
                          "run `featx extract DATA` first or pass --embeddings TABLE.parquet")
     return Path(last["out"])
+
+
+def _fit_streaming(table_path, seed, out, backbone, as_json) -> None:
+    """fit-head --head sgd-logreg: memory for one shard, not the table."""
+    from types import SimpleNamespace
+
+    from .headfile import save_head
+    from .stream_head import fit_streaming_head, table_meta
+
+    with progress_bar() as p:
+        pipe, rep = fit_streaming_head(table_path, seed=seed, progress=p)
+    meta = table_meta(table_path)
+    bb = _table_backbone(SimpleNamespace(meta=meta, fingerprint=meta.get("fingerprint", "")),
+                         table_path, backbone)
+    d = {**rep.to_dict(), "head": "sgd-logreg", "embeddings": str(Path(table_path).resolve())}
+    path = save_head(out or Path("head.joblib"), pipe, rep.classes, bb, d)
+    report = path.with_name(path.name + ".report.json")
+    report.write_text(json.dumps(d, indent=2))
+    val = f"{rep.val_accuracy:.4f}" if rep.val_accuracy is not None else "n/a"
+    emit({**d, "head_file": str(path), "report": str(report)}, as_json, [
+        f"sgd-logreg on {rep.rows} images x {rep.dim}, {len(rep.classes)} classes, streamed "
+        f"(at most {rep.max_rows_in_memory} rows in memory)",
+        f"alpha = {rep.alpha:g} (held-out accuracy {val}, {rep.epochs} epochs, {rep.seconds:.1f} s)",
+        f"head: {path}", f"report: {report}"])
 
 
 def _table_backbone(t, table_path, override):

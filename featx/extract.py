@@ -12,7 +12,7 @@ from pathlib import Path
 from . import __version__
 from .backbone import Backbone, resolve_backbone
 from .errors import FeatXError
-from .images import scan
+from .images import ScanResult, scan
 from .paths import home
 from .pipeline import EmbedStats, ProgressFn, _noop, embed_files
 from .runtime import Encoder
@@ -61,13 +61,25 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
             out: str | os.PathLike | None = None, store: str | os.PathLike | None = None,
             weights: str | os.PathLike | None = None, batch_size: int = 32,
             workers: int | None = None, device: str = "auto", draft: bool = True,
-            shard_size: int = 2048, progress: ProgressFn = _noop, write: bool = True) -> ExtractResult:
+            shard_size: int = 2048, progress: ProgressFn = _noop, write: bool = True,
+            engine: str = "local", address: str | None = None) -> ExtractResult:
     """Embed every image under ``root`` (cached), write the table and a report.
 
     The table has one row per image that could be embedded, in scan order;
     files that could not be read are listed with their reason in the report
-    (``<out>.report.json``) and in ``result.stats.failures``.
+    (``<out>.report.json``) and in ``result.stats.failures``. ``engine="ray"``
+    runs the same stages on a Ray cluster (``address``; featx[ray]).
     """
+    if engine == "ray":
+        from .engines.ray import extract as ray_extract
+
+        return ray_extract(root, backbone, out=out, store=store, weights=weights,
+                           batch_size=batch_size, workers=workers, device=device, draft=draft,
+                           shard_size=shard_size, progress=progress, write=write, address=address)
+    if engine != "local":
+        raise FeatXError(f"engine {engine!r} is not one of local, ray")
+    if address is not None:
+        raise FeatXError("address is for engine='ray'")
     t0 = time.perf_counter()
     root = Path(root)
     progress("scan", 0, 0)
@@ -82,32 +94,40 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
     keys, stats = embed_files(files, encoder, st, batch_size=batch_size, workers=workers,
                               draft=draft, flush_rows=shard_size, progress=progress,
                               stat_cache=StatCache(st.root, root))
+    rel = {str(root / it.path): it.path for it in found.items}
+    stats.failures = [(rel.get(p, p), why) for p, why in stats.failures]
+    return finish(root, found, bb, st, keys, stats, encoder.provider, t0, out, write)
+
+
+def finish(root: Path, found: ScanResult, bb: Backbone, st: EmbeddingStore, keys: list[str | None],
+           stats: EmbedStats, provider: str, t0: float, out: str | os.PathLike | None, write: bool,
+           engine: str = "local") -> ExtractResult:
+    """Assemble the table of every embedded image in scan order, write it and the report.
+
+    Shared by every engine, so a table does not depend on which one made it.
+    """
     ok = [i for i, k in enumerate(keys) if k is not None]
-    X = st.get([keys[i] for i in ok])
     table = EmbeddingTable(
         paths=[found.items[i].path for i in ok],
         labels=[found.items[i].label for i in ok],
         keys=[keys[i] for i in ok],  # type: ignore[misc]
-        X=X,
+        X=st.get([keys[i] for i in ok]),  # type: ignore[misc]
         meta={
             "featx_version": __version__, "backbone": bb.name, "fingerprint": bb.fingerprint,
             "dim": bb.dim, "preprocess": bb.preprocess.to_dict(), "root": str(root.resolve()),
             "classes": found.classes, "backbone_path": str(bb.onnx_path.parent),
         },
     )
-    rel = {str(root / it.path): it.path for it in found.items}
-    failures = [(rel.get(p, p), why) for p, why in stats.failures]
-    stats.failures = failures
     out_path = report_path = None
     if write:
         out_path = Path(out) if out else default_out(root)
         write_table(out_path, table)
         report_path = out_path.with_name(out_path.name + ".report.json")
-    result = ExtractResult(table, out_path, report_path, bb, encoder.provider, stats,
+    result = ExtractResult(table, out_path, report_path, bb, provider, stats,
                            time.perf_counter() - t0, found.skipped)
     if write:
-        report = {**result.summary(), "root": str(root.resolve()),
-                  "failures": [{"path": p, "reason": r} for p, r in failures],
+        report = {**result.summary(), "engine": engine, "root": str(root.resolve()),
+                  "failures": [{"path": p, "reason": r} for p, r in stats.failures],
                   "skipped": [{"path": p, "reason": r} for p, r in found.skipped]}
         report_path.write_text(json.dumps(report, indent=2))  # type: ignore[union-attr]
         remember_last(out_path, bb)  # type: ignore[arg-type]

@@ -83,6 +83,11 @@ def table_files(path: str | os.PathLike) -> list[Path]:
     return [p]
 
 
+def table_meta(path: str | os.PathLike) -> dict:
+    """featx metadata of a table (file or directory) from the Parquet schemas alone, no rows read."""
+    return _check_schemas(table_files(path))
+
+
 def _check_schemas(files: list[Path]) -> dict:
     """Validate every file's columns and that all come from one backbone; return the metadata."""
     meta: dict = {}

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# One-time set-up on a fresh machine: a venv in .venv with featx (CPU ONNX Runtime,
+# One-time set-up on a fresh machine: a venv in .venv with featx (CPU ONNX Runtime, Ray,
 # torch for export/fine-tuning, test tools) and Debian's Fashion-MNIST when possible.
 # Idempotent: a second run only checks. On an NVIDIA machine use FEATX_ORT=gpu.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ORT="${FEATX_ORT:-cpu}"   # cpu -> onnxruntime, gpu -> onnxruntime-gpu (never both)
-EXTRAS="${FEATX_EXTRAS:-$ORT,torch,dev}"
+EXTRAS="${FEATX_EXTRAS:-$ORT,torch,ray,dev}"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi

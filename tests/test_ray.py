@@ -88,3 +88,18 @@ def test_cuda_actor_without_cuda_fails_loudly(cluster, lite0, image_folder, tmp_
     assert _device_plan(ray, "auto") == "cuda"
     with pytest.raises(FeatXError, match="not one of"):
         _device_plan(ray, "gpu")
+
+
+def test_cli_engine_ray(cluster, lite0, image_folder, tmp_path):
+    from click.testing import CliRunner
+
+    from featx.cli import main
+
+    out = tmp_path / "cli.parquet"
+    r = CliRunner().invoke(main, ["extract", str(image_folder), "--engine", "ray", "--out", str(out),
+                                  "--store", str(tmp_path / "s"), "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["rows"] == 8
+    assert json.loads(out.with_name(out.name + ".report.json").read_text())["engine"] == "ray"
+    r = CliRunner().invoke(main, ["extract", str(image_folder), "--address", "auto"])
+    assert r.exit_code == 2 and "--address needs --engine ray" in r.output

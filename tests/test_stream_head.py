@@ -69,3 +69,25 @@ def test_streaming_head_refuses_mixed_backbones_and_unlabelled(tmp_path):
         fit_streaming_head(tmp_path / "missing.parquet")
     with pytest.raises(FeatXError, match="epochs must be"):
         fit_streaming_head(tmp_path / "unlab.parquet", epochs=0)
+
+
+def test_cli_fit_head_sgd_logreg(image_folder, lite0, tmp_path):
+    """fit-head --head sgd-logreg streams the table and writes a head that predict can use."""
+    from click.testing import CliRunner
+
+    from featx.cli import main
+    from featx.extract import extract
+    from featx.headfile import load_head
+
+    from .conftest import make_image_folder
+
+    make_image_folder(image_folder, per_class=10)
+    extract(image_folder, lite0, out=tmp_path / "t.parquet", store=tmp_path / "s", device="cpu")
+    r = CliRunner().invoke(main, ["fit-head", "--embeddings", str(tmp_path / "t.parquet"), "--head",
+                                  "sgd-logreg", "--out", str(tmp_path / "h.joblib"), "--json"])
+    assert r.exit_code == 0, r.output
+    h = load_head(tmp_path / "h.joblib")
+    assert h.classes == ["cat", "thing"] and h.fingerprint == lite0.fingerprint
+    r = CliRunner().invoke(main, ["predict", str(tmp_path / "h.joblib"), str(image_folder), "--json",
+                                  "--store", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output

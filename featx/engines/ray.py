@@ -15,7 +15,6 @@ embeddings stream back through the object store (1.3 KB per image at dim 320).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -31,12 +30,11 @@ from .. import errors
 from ..backbone import Backbone, fingerprint_of, resolve_backbone
 from ..cards import Preprocess
 from ..errors import DeviceError, FeatXError, require
-from ..extract import ExtractResult, default_out, remember_last
+from ..extract import ExtractResult, finish
 from ..images import scan
 from ..pipeline import EmbedStats, ProgressFn, _noop, decode_batch, hash_file
 from ..runtime import DEVICES, Encoder
 from ..store import EmbeddingStore
-from ..table import EmbeddingTable, write_table
 
 log = logging.getLogger(__name__)
 
@@ -258,46 +256,14 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
         if started:
             ray.shutdown()
 
-    ok = [i for i, k in enumerate(keys) if k is not None]
-    table = EmbeddingTable(
-        paths=[found.items[i].path for i in ok],
-        labels=[found.items[i].label for i in ok],
-        keys=[keys[i] for i in ok],  # type: ignore[misc]
-        X=st.get([keys[i] for i in ok]),  # type: ignore[misc]
-        # the local engine's metadata, key for key: a table does not say which engine made it
-        meta={
-            "featx_version": _version(), "backbone": bb.name, "fingerprint": bb.fingerprint,
-            "dim": bb.dim, "preprocess": bb.preprocess.to_dict(), "root": str(root),
-            "classes": found.classes, "backbone_path": str(bb.onnx_path.parent),
-        },
-    )
     provider = ",".join(sorted(providers)) or ("CUDAExecutionProvider" if dev == "cuda" else "CPUExecutionProvider")
-    out_path = report_path = None
-    if write:
-        out_path = Path(out) if out else default_out(root)
-        write_table(out_path, table)
-        report_path = out_path.with_name(out_path.name + ".report.json")
-    result = ExtractResult(table, out_path, report_path, bb, provider, stats,
-                           time.perf_counter() - t0, found.skipped)
-    if write:
-        report = {**result.summary(), "engine": "ray", "root": str(root),
-                  "failures": [{"path": p, "reason": r} for p, r in stats.failures],
-                  "skipped": [{"path": p, "reason": r} for p, r in found.skipped]}
-        report_path.write_text(json.dumps(report, indent=2))  # type: ignore[union-attr]
-        remember_last(out_path, bb)  # type: ignore[arg-type]
-    return result
+    return finish(root, found, bb, st, keys, stats, provider, t0, out, write, engine="ray")
 
 
 def _session_memory(bb: Backbone) -> int:
     """Bytes to reserve per actor: a worker process with ORT's arenas (Ray measured ~0.9 GiB
     for EfficientNet-Lite0 at batch 32) plus the weights a few times over."""
     return 4 * bb.onnx_path.stat().st_size + 2**30
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 def _run(ray, root: Path, items: list, bb: Backbone, st: EmbeddingStore, dev: str,
