@@ -229,15 +229,22 @@ def evaluate(net: FineTuneNet, loader, dev: torch.device, loss_fn,
 # ---- checkpoints --------------------------------------------------------------------------
 
 def rng_state() -> dict:
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """RNG states as tensors and plain numbers, so checkpoints load with weights_only=True."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    s = {"python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
+         "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+         "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
 
 
 def set_rng_state(s: dict) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    version, mt, gauss = s["python"]
+    random.setstate((version, tuple(int(v) for v in mt.tolist()), gauss))
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -258,7 +265,7 @@ def atomic_save(obj, path: Path) -> None:
 
 def load_checkpoint(path: Path) -> dict:
     try:
-        # our own file: it holds RNG states (numpy arrays, tuples), so not weights_only
-        return torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: a run directory from elsewhere must not be able to run code on --resume
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise FeatXError(f"{path}: unreadable checkpoint ({e})") from None
