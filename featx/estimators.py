@@ -157,12 +157,22 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
     seed : int
     device, store, batch_size, workers
         As for ``FeatXEmbedder``.
+    finetune : bool
+        Fine-tune the backbone card's top blocks (LP-FT, ``featx.finetune``)
+        instead of fitting a head on frozen embeddings; ``head``/``C`` are then
+        unused and the fitted model is the run's backbone + linear layer.
+    finetune_options : dict or None
+        ``FinetuneConfig`` fields, e.g. ``{"unfreeze": 2, "epochs": 5}``.
+    run_dir : str or None
+        Where the fine-tuning run is written (default: a new directory under
+        ``$FEATX_HOME/runs``); ``run_dir_`` holds the one used.
     """
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, head: str = "logreg",
                  C: float | str = "auto", *, class_weight: str | dict | None = None, cv: int = 5,
                  seed: int = 0, device: str = "auto", store: str | None = None,
-                 batch_size: int = 32, workers: int | None = None) -> None:
+                 batch_size: int = 32, workers: int | None = None, finetune: bool = False,
+                 finetune_options: dict | None = None, run_dir: str | None = None) -> None:
         self.backbone = backbone
         self.head = head
         self.C = C
@@ -173,9 +183,16 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         self.store = store
         self.batch_size = batch_size
         self.workers = workers
+        self.finetune = finetune
+        self.finetune_options = finetune_options
+        self.run_dir = run_dir
+
+    def _fitted_backbone(self):
+        # a fine-tuned classifier embeds with its own backbone, not the card it started from
+        return getattr(self, "backbone_dir_", None) or self.backbone
 
     def _embed(self, X) -> np.ndarray:
-        return embed_images(X, self.backbone, device=self.device, store=self.store,
+        return embed_images(X, self._fitted_backbone(), device=self.device, store=self.store,
                             batch_size=self.batch_size, workers=self.workers,
                             who=type(self).__name__)
 
@@ -194,9 +211,13 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         if len(classes) < 2:
             raise ImageInputError(f"need images of at least 2 classes; y has only one class, "
                                   f"{classes.tolist()}")
-        _, items = _as_images(X, type(self).__name__)
+        kind, items = _as_images(X, type(self).__name__)
         if len(items) != len(y):
             raise ImageInputError(f"{len(items)} images but {len(y)} labels")
+        for attr in ("backbone_dir_", "run_dir_"):  # a refit starts from the card again
+            self.__dict__.pop(attr, None)
+        if self.finetune:
+            return self._fit_finetune(kind, items, classes, codes)
         E = self._embed(X)
         # the head learns codes 0..K-1: column j of predict_proba is classes_[j]
         pipe, report = fit_head(E, codes, head=self.head, C=self.C,
@@ -208,12 +229,41 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         self.backbone_fingerprint_ = resolve_backbone(self.backbone).fingerprint
         return self
 
+    def _fit_finetune(self, kind: str, items, classes: np.ndarray, codes: np.ndarray):
+        """LP-FT through featx.finetune; the run's head becomes ``pipeline_``."""
+        import tempfile
+
+        from .finetune import finetune
+        from .headfile import load_head
+        from .paths import home
+
+        # zero-padded codes sort like classes_, so the run's class j is classes_[j]
+        names = [f"{int(c):06d}" for c in codes]
+        data = (list(items), names) if kind == "paths" else ([np.asarray(a) for a in items], names)
+        out = self.run_dir
+        if out is None:
+            (home() / "runs").mkdir(parents=True, exist_ok=True)
+            out = tempfile.mkdtemp(prefix="estimator-", dir=home() / "runs")
+        opts = {"seed": self.seed, "batch_size": self.batch_size, **(self.finetune_options or {})}
+        run = finetune(data, out=out, device=self.device, store=self.store, backbone=self.backbone,
+                       **opts)
+        head = load_head(run.head_path)
+        if head.classes != sorted(set(names)):
+            raise ImageInputError(f"fine-tuning returned classes {head.classes}, expected {len(classes)}")
+        self.classes_ = classes
+        self.pipeline_ = head.pipeline
+        self.report_ = {**run.summary, "classes": [str(c) for c in classes], "finetune": True}
+        self.run_dir_ = str(run.run_dir)
+        self.backbone_dir_ = str(run.backbone.onnx_path.parent)
+        self.backbone_fingerprint_ = run.backbone.fingerprint
+        return self
+
     def _embed_fitted(self, X) -> np.ndarray:
         from .backbone import resolve_backbone
         from .errors import MismatchError
 
         check_is_fitted(self)
-        fp = resolve_backbone(self.backbone).fingerprint
+        fp = resolve_backbone(self._fitted_backbone()).fingerprint
         if fp != self.backbone_fingerprint_:
             raise MismatchError(f"this classifier was fitted on backbone fingerprint "
                                 f"{self.backbone_fingerprint_}, but backbone={self.backbone!r} is now "
@@ -250,7 +300,8 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         check_is_fitted(self)
         E = self._embed_fitted(X)
         with one_blas_thread():
-            if hasattr(self.pipeline_[-1], "decision_function"):
+            last = self.pipeline_[-1] if hasattr(self.pipeline_, "steps") else self.pipeline_
+            if hasattr(last, "decision_function"):
                 return self.pipeline_.decision_function(E)
             p = np.clip(self.pipeline_.predict_proba(E), 1e-15, 1.0)
         if p.shape[1] == 2:
@@ -263,7 +314,7 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         from .headfile import save_head
 
         check_is_fitted(self)
-        bb = resolve_backbone(self.backbone)
+        bb = resolve_backbone(self._fitted_backbone())
         return save_head(path, self.pipeline_, [str(c) for c in self.classes_], bb, self.report_)
 
     def __sklearn_tags__(self):

@@ -230,3 +230,23 @@ def test_arrays_embedded_before_an_error_are_kept(lite0):
         embed_arrays(imgs, lite0, batch_size=16)
     stored = EmbeddingStore(lite0).keys()
     assert sum(array_key(a) in stored for a in imgs[:40]) == 32  # two whole batches were flushed
+
+
+def test_classifier_finetune_path(arrays, tmp_path):
+    """FeatXClassifier(finetune=True): LP-FT through featx.finetune, a tiny real run."""
+    xtr, ytr, xte, _ = arrays
+    clf = FeatXClassifier(finetune=True, run_dir=str(tmp_path / "run"), device="cpu",
+                          finetune_options={"epochs": 1, "unfreeze": 1, "input_size": 64, "patience": None,
+                                            "lp_C": 0.1})
+    assert clone(clf).get_params()["finetune_options"]["epochs"] == 1
+    clf.fit(xtr, ytr)
+    assert list(clf.classes_) == sorted(set(ytr)) and clf.run_dir_ == str(tmp_path / "run")
+    p = clf.predict_proba(xte)
+    assert p.shape == (len(xte), len(clf.classes_)) and np.allclose(p.sum(1), 1, atol=1e-5)
+    assert set(clf.predict(xte)) <= set(clf.classes_)
+    assert clf.decision_function(xte).shape[0] == len(xte)
+    assert clf.backbone_fingerprint_ != FeatXClassifier().fit(xtr, ytr).backbone_fingerprint_
+    # the run's own head file predicts the same as the estimator
+    from featx.headfile import load_head
+
+    assert load_head(tmp_path / "run").fingerprint == clf.backbone_fingerprint_
