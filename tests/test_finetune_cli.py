@@ -84,3 +84,46 @@ def test_compare_cli_writes_table_and_curve(data, tmp_path):
     assert (out / "learning_curve.png").stat().st_size > 10_000
     r = invoke("compare", data, "--per-class", "0")
     assert r.exit_code == 1 and "must be >= 1" in r.output
+
+
+def test_sigkill_mid_training_then_resume(data, tmp_path, featx_home):
+    """A real `featx finetune` killed with SIGKILL after an epoch resumes from that epoch."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "killed"
+    env = {**os.environ, "FEATX_HOME": str(featx_home)}
+    base = [sys.executable, "-m", "featx.cli", "finetune"]
+    args = [str(data), "--out", str(run), "--epochs", "6", "--input-size", "64", "--batch-size", "4",
+            "--unfreeze", "1", "--lp-C", "1.0", "--patience", "100", "--val-fraction", "0.25",
+            "--device", "cpu", "-q"]
+    proc = subprocess.Popen(base + args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    status = run / "status.json"
+
+    def epoch() -> int:
+        try:
+            return json.loads(status.read_text()).get("epoch") or 0
+        except (OSError, ValueError):
+            return 0
+
+    while time.time() < deadline and epoch() < 1 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = epoch()
+    assert 1 <= killed_at < 6, f"killed at epoch {killed_at}: the test proves nothing"
+    first = json.loads((run / "metrics.json").read_text())  # a list of epoch rows
+    done = subprocess.run([*base, "--resume", str(run), "--json", "-q"], env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((run / "metrics.json").read_text())
+    assert [r["epoch"] for r in rows] == list(range(1, 7))  # every epoch exactly once
+    # the epochs finished before the kill were not trained again
+    for a, b in zip(first[:killed_at], rows[:killed_at], strict=True):
+        assert a["train_loss"] == b["train_loss"]
+    assert json.loads(status.read_text())["state"] == "done"
+    assert (run / "backbone" / "model.onnx").is_file() and (run / "head.joblib").is_file()
