@@ -127,13 +127,18 @@ def write_export(module, pre: Preprocess, dest_dir: Path, meta: dict) -> Path:
             "fingerprint": fingerprint_of(onnx_path.read_bytes(), pre),
         }
         (tmp / "model.json").write_text(json.dumps(meta, indent=2))
-        if dest_dir.exists():
-            shutil.rmtree(dest_dir)
-        os.replace(tmp, dest_dir)
+        publish(tmp, dest_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return dest_dir
+
+
+def publish(tmp: Path, dest: Path) -> None:
+    """Move a finished export directory into place (a rename, so never half-written)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
 
 
 def export_card(card: BackboneCard, weights: str | os.PathLike | None = None,

@@ -21,6 +21,7 @@ import numpy as np
 
 from .backbone import Backbone, fingerprint_of, load_export
 from .errors import FeatXError, ImageError, require
+from .export import publish
 from .images import load_image, scan
 from .paths import exports_dir
 from .pipeline import ProgressFn, _noop
@@ -118,7 +119,7 @@ def guard(fp32: Backbone, int8_path: Path, pixels: np.ndarray, labels: list) -> 
 
 
 def quantize_backbone(backbone: Backbone, calib_root: str | os.PathLike, *, calib_images: int = 300,
-                      guard_images: int = 1000, method: str = "percentile", max_loss: float = 0.5,
+                      guard_images: int = 1000, method: str = "minmax", max_loss: float = 0.5,
                       min_cosine: float = 0.95, force: bool = False, seed: int = 0,
                       progress: ProgressFn = _noop) -> Backbone:
     """Quantise ``backbone`` to int8 (QDQ, per-channel weights) calibrated on ``calib_root``.
@@ -203,9 +204,7 @@ def quantize_backbone(backbone: Backbone, calib_root: str | os.PathLike, *, cali
                 }}
         meta.pop("parity", None)  # parity with torch is the fp32 export's; the guard replaces it
         (tmp / "model.json").write_text(json.dumps(meta, indent=2))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        publish(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
