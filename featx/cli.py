@@ -125,6 +125,26 @@ def main(verbose: int) -> None:
     """featx: transfer learning for images with a frozen ONNX backbone and cached embeddings."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    _fixed_mmap_threshold()
+
+
+def _fixed_mmap_threshold() -> None:
+    """Keep peak memory flat on long runs (glibc only; a process-wide choice, so the CLI's).
+
+    Reader threads allocate whole image files (MBs each); glibc's adaptive mmap
+    threshold then serves them from per-thread heaps that fragment and grow
+    with the number of files. A fixed 1 MiB threshold returns them to the OS.
+    """
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 @main.command()
