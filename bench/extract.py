@@ -66,17 +66,35 @@ def replicate(src: Path, dest: Path, times: int) -> Path:
     return dest
 
 
+def _hwm_kib(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 def run_cli(args: list[str], env: dict) -> tuple[dict, float, float]:
-    """Run `featx extract ... --json` as a child; returns (summary, wall s, peak RSS MiB)."""
+    """Run `featx extract ... --json` as a child; returns (summary, wall s, peak RSS MiB).
+
+    Peak RSS is the child's own VmHWM, polled from /proc: getrusage's ru_maxrss
+    would count this (large) benchmark process, which the child is forked from.
+    """
     t = time.perf_counter()
     p = subprocess.Popen([sys.executable, "-m", "featx.cli", *args, "--json", "-q"], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, ru = os.wait4(p.pid, 0)
+    peak = 0
+    while p.poll() is None:
+        peak = max(peak, _hwm_kib(p.pid) or 0)
+        time.sleep(0.02)
     wall = time.perf_counter() - t
-    out, err = p.stdout.read(), p.stderr.read()
-    if os.waitstatus_to_exitcode(status) != 0:
+    out, err = p.communicate()
+    if p.returncode != 0:
         raise SystemExit(f"featx extract failed: {err}")
-    return json.loads(out), wall, ru.ru_maxrss / 1024
+    return json.loads(out), wall, peak / 1024
 
 
 def ort_alone(backbone, pixels: np.ndarray, batch: int, spin: bool, model_batch: int | None) -> float:

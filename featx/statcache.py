@@ -34,7 +34,7 @@ class StatCache:
         self.path = Path(store_root) / "statcache" / f"{tag}.parquet"
         self.entries: dict[str, tuple[Stat, str]] = {}
         try:
-            t = pq.read_table(self.path).to_pydict()
+            t = pq.ParquetFile(self.path).read().to_pydict()
             for p, sz, mt, ino, k in zip(t["path"], t["size"], t["mtime_ns"], t["inode"], t["key"], strict=True):
                 self.entries[p] = ((sz, mt, ino), k)
         except Exception:  # missing or unreadable: start empty, it is only a cache

@@ -76,7 +76,8 @@ def read_table(path: str | os.PathLike) -> EmbeddingTable:
     if not path.exists():
         raise FeatXError(f"{path}: no such embeddings table; run `featx extract` first")
     try:
-        table = pq.read_table(path)
+        # a single file without pyarrow.dataset (slow to import); a directory of parts with it
+        table = pq.ParquetFile(path).read() if path.is_file() else pq.read_table(path)
     except Exception as e:
         raise FeatXError(f"{path}: not a readable Parquet table ({e})") from None
     missing = {"path", "key", "embedding"} - set(table.column_names)

@@ -130,12 +130,12 @@ def test_sigkill_then_resume_equals_uninterrupted(many_images, lite0, tmp_path, 
     store = tmp_path / "s"
     env = {**os.environ, "FEATX_HOME": str(featx_home)}
     args = _featx("extract", str(many_images), "--out", str(tmp_path / "k.parquet"), "--store", str(store),
-                  "--batch-size", "8", "--shard-size", "8", "--device", "cpu", "-q")
+                  "--batch-size", "4", "--shard-size", "4", "--workers", "1", "--device", "cpu", "-q")
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ns = store / lite0.fingerprint
     deadline = time.time() + 120
     while time.time() < deadline and len(list(ns.glob("shard-*.parquet"))) < 3:
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = {p.name: p.stat().st_mtime_ns for p in ns.glob("shard-*.parquet")}
