@@ -108,6 +108,21 @@ def ort_alone(backbone, pixels: np.ndarray, batch: int, spin: bool, model_batch:
     return len(pixels) / (time.perf_counter() - t)
 
 
+def decode_only(folder: Path, pre, batch: int, workers: int) -> float:
+    """Read + decode + resize + crop with featx's reader pool and no model: the decode ceiling."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from featx.images import scan
+    from featx.pipeline import bounded_map, chunks, decode_batch
+
+    items = [(i, str(folder / it.path), "") for i, it in enumerate(scan(folder).items)]
+    t = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        n = sum(len(r[0]) for r in bounded_map(lambda b: decode_batch(b, pre), chunks(items, batch), pool,
+                                                 window=workers + 2))
+    return n / (time.perf_counter() - t)
+
+
 def torch_baseline(folder: Path, batch: int, workers: int) -> float:
     """What a user would write: torchvision ImageFolder + transforms + DataLoader + eager model."""
     import torch
@@ -167,10 +182,13 @@ def main() -> None:
     res["featx_second_run_cli_s"] = wall2
     from featx.extract import extract
 
-    t = time.perf_counter()
-    again = extract(photos, bb, out=home / "b2.parquet", store=home / "s1", device="cpu")
-    res["featx_second_run_s"] = time.perf_counter() - t
-    assert again.stats.embedded == 0
+    times = []
+    for _ in range(2):  # the first in-process call also pays one-time imports (pyarrow, pandas)
+        t = time.perf_counter()
+        again = extract(photos, bb, out=home / "b2.parquet", store=home / "s1", device="cpu")
+        times.append(time.perf_counter() - t)
+        assert again.stats.embedded == 0
+    res["featx_second_run_cold_s"], res["featx_second_run_s"] = times
     s3, _, _ = run_cli(["extract", str(photos), "--out", str(home / "c.parquet"),
                         "--store", str(home / "s3"), "--no-draft", *common], env)
     res["featx_nodraft_ips"] = s3["images_per_second"]
@@ -180,6 +198,7 @@ def main() -> None:
     # the ceiling: the best of several session settings, featx's own among them
     res["ort_alone_ips"] = max(ort_alone(bb, pixels, a.batch_size, spin, mb)
                                for spin in (False, True) for mb in (None, 1, 4))
+    res["decode_only_ips"] = decode_only(photos, bb.preprocess, a.batch_size, a.workers)
     res["torch_baseline_ips"] = torch_baseline(photos, a.batch_size, a.workers)
 
     if not a.skip_10x:
@@ -199,13 +218,16 @@ def main() -> None:
     print(f"  {'ONNX Runtime alone (pre-decoded)':<40} {r['ort_alone_ips']:8.1f} img/s   (ceiling)")
     print(f"  {'featx extract end to end':<40} {r['featx_ips']:8.1f} img/s   "
           f"{r['featx_ips'] / r['ort_alone_ips']:.0%} of ceiling (target >= 85%)")
+    print(f"  {'decoding alone (reader pool, no model)':<40} {r['decode_only_ips']:8.1f} img/s   "
+          "(with the model both share the same cores)")
     print(f"  {'torch eager + DataLoader baseline':<40} {r['torch_baseline_ips']:8.1f} img/s   "
           f"featx is {r['featx_ips'] / r['torch_baseline_ips']:.2f}x (target >= 4x)")
     print(f"  {'featx, JPEG draft off':<40} {r['featx_nodraft_ips']:8.1f} img/s   "
           f"draft on is {r['featx_ips'] / r['featx_nodraft_ips']:.2f}x faster")
-    print(f"  second run, unchanged data: {r['featx_second_run_s']:.3f} s in-process vs first run "
+    print(f"  second run, unchanged data: {r['featx_second_run_s']:.3f} s in-process (warm) vs first run "
           f"{r['featx_first_run_s']:.2f} s = {r['featx_first_run_s'] / r['featx_second_run_s']:.0f}x faster "
-          f"(target >= 50x); as a CLI process {r['featx_second_run_cli_s']:.2f} s, mostly Python start-up")
+          f"(target >= 50x); first in-process call {r['featx_second_run_cold_s']:.2f} s, as a CLI process "
+          f"{r['featx_second_run_cli_s']:.2f} s (Python start-up and imports)")
     if "featx_10x_second_s" in r:
         print(f"  second run at 10x ({10 * a.n} images): {r['featx_10x_second_s']:.3f} s vs first "
               f"{r['featx_10x_first_s']:.2f} s = {r['featx_10x_first_s'] / r['featx_10x_second_s']:.0f}x faster")

@@ -72,8 +72,8 @@ def main() -> None:
           f"min {g['cosine_min']:.4f}")
     if g["loss_points"] is not None:
         print(f"  linear probe (5-fold CV): fp32 {100 * g['probe_accuracy_fp32']:.2f}%  "
-              f"int8 {100 * g['probe_accuracy_int8']:.2f}%  ({g['loss_points']:+.2f} points lost; "
-              f"limit {g['max_loss']})")
+              f"int8 {100 * g['probe_accuracy_int8']:.2f}%  (int8 - fp32: {-g['loss_points']:+.2f} points; "
+              f"refused below -{g['max_loss']})")
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
     (out / "int8.json").write_text(json.dumps({"model_fp32": m32, "model_int8": m8, "e2e_fp32": ips(e32),

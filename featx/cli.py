@@ -229,7 +229,7 @@ def export(name: str, weights: str | None, preprocess: str | None, force: bool, 
                      f"min {g['cosine_min']:.4f}")
         if g["loss_points"] is not None:
             lines.append(f"  linear probe: {100 * g['probe_accuracy_fp32']:.2f}% fp32, "
-                         f"{100 * g['probe_accuracy_int8']:.2f}% int8 ({g['loss_points']:+.2f} points lost)")
+                         f"{100 * g['probe_accuracy_int8']:.2f}% int8 (int8 - fp32: {-g['loss_points']:+.2f} points)")
         if g["forced"]:
             lines.append("  WARNING: above --max-loss, kept because of --force-quantize")
     emit(summary, as_json, lines)

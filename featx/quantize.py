@@ -182,7 +182,7 @@ def quantize_backbone(backbone: Backbone, calib_root: str | os.PathLike, *, cali
         progress("guard", 1, 1)
         loss = g.loss_points
         verdict = (f"linear-probe accuracy {100 * g.probe_accuracy_fp32:.2f}% fp32 -> "
-                   f"{100 * g.probe_accuracy_int8:.2f}% int8 ({loss:+.2f} points lost)"
+                   f"{100 * g.probe_accuracy_int8:.2f}% int8 ({-loss:+.2f} points)"
                    if loss is not None else f"mean cosine {g.cosine_mean:.4f} (no labels for a probe)")
         bad = (loss is not None and loss > max_loss) or (loss is None and g.cosine_mean < min_cosine)
         if bad and not force:
