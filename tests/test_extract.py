@@ -126,32 +126,43 @@ def many_images(tmp_path):
     return root
 
 
-def test_sigkill_then_resume_equals_uninterrupted(many_images, lite0, tmp_path, featx_home):
+@pytest.mark.parametrize("points", [pytest.param((2, 9, 17), id="fixed-points"),
+                                    pytest.param(None, id="random-points", marks=pytest.mark.slow)])
+def test_sigkill_at_several_points_then_resume(points, many_images, lite0, tmp_path, featx_home):
+    """SIGKILL a real `featx extract` again and again; each rerun resumes, none recomputes."""
+    import random
+
+    if points is None:
+        points = sorted(random.Random().sample(range(1, 28), 6))
     store = tmp_path / "s"
     env = {**os.environ, "FEATX_HOME": str(featx_home)}
     args = _featx("extract", str(many_images), "--out", str(tmp_path / "k.parquet"), "--store", str(store),
                   "--batch-size", "4", "--shard-size", "4", "--workers", "1", "--device", "cpu", "-q")
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ns = store / lite0.fingerprint
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(ns.glob("shard-*.parquet"))) < 3:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    before = {p.name: p.stat().st_mtime_ns for p in ns.glob("shard-*.parquet")}
-    assert len(before) >= 3
+    kept: dict[str, int] = {}
+    for n in points:  # kill once the store holds n shards (4 images each; 30 in all)
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list(ns.glob("shard-*.parquet"))) < n and proc.poll() is None:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        now = {p.name: p.stat().st_mtime_ns for p in ns.glob("shard-*.parquet")}
+        assert all(now[k] == v for k, v in kept.items()), "a finished shard was rewritten"
+        assert not list(ns.glob(".tmp-*"))
+        kept = now
     n_before = len(EmbeddingStore(lite0, store).keys())
-    assert n_before < 120, "the run finished before it was killed; the test proves nothing"
+    assert n_before < 120, "the runs finished before they were killed; the test proves nothing"
     done = subprocess.run([*args, "--json"], env=env, capture_output=True, text=True, check=True)
     summary = json.loads(done.stdout)
     assert summary["embedded"] == 120 - n_before and summary["cached"] == n_before
-    # finished shards were kept as they were, not recomputed
     after = {p.name: p.stat().st_mtime_ns for p in ns.glob("shard-*.parquet")}
-    assert all(after[k] == v for k, v in before.items())
-    assert not list(ns.glob(".tmp-*"))
+    assert all(after[k] == v for k, v in kept.items())
     ref = extract(many_images, lite0, out=tmp_path / "ref.parquet", store=tmp_path / "fresh", device="cpu")
     got = read_table(tmp_path / "k.parquet")
     assert got.paths == ref.table.paths and len(set(got.keys)) == len(got.keys) == 120
+    assert len(EmbeddingStore(lite0, store).keys()) == 120  # nothing missing
+    assert sum(pq.ParquetFile(p).metadata.num_rows for p in ns.glob("shard-*.parquet")) == 120  # no duplicates
     np.testing.assert_allclose(got.X, ref.table.X, rtol=1e-5, atol=1e-6)
 
 
