@@ -9,6 +9,7 @@ deduplicated on read (both rows hold the same embedding).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -131,7 +132,8 @@ class EmbeddingStore:
             pq.write_table(table, tmp)
             os.replace(tmp, final)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # on a read-only store even this fails
+                tmp.unlink(missing_ok=True)
             raise _store_error(self.dir, e) from None
         self._shard_keys[name] = list(keys)
         return final

@@ -6,6 +6,7 @@ fingerprint and data root travel in the schema metadata.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -64,7 +65,8 @@ def write_table(path: str | os.PathLike, t: EmbeddingTable) -> Path:
         pq.write_table(table, tmp)
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise FeatXError(f"cannot write the table {path}: {e.strerror or e}. The embeddings are in "
                          "the store; fix this and run the same command again (nothing is recomputed).") from None
     return path
