@@ -118,6 +118,7 @@ def embed_files(files: list[str], encoder: Encoder, store: EmbeddingStore, *,
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="featx-read") as pool:
         stats_of: list[Stat | None] = [None] * len(files)
+        progress("hash", 0, len(files))
         hashed = bounded_map(lambda f: hash_file(f, stat_cache), files, pool, window=workers * 64)
         for i, (key, why, st) in enumerate(hashed):
             keys[i], stats_of[i] = key, st
