@@ -142,7 +142,7 @@ def _fixed_mmap_threshold() -> None:
         return
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
 
@@ -264,7 +264,7 @@ def extract(root: Path, backbone, weights, out, store, batch_size, workers, devi
     with progress_bar(quiet) as p:
         r = run(root, backbone, out=out, store=store, weights=weights, batch_size=batch_size,
                 workers=workers, device=device, draft=not no_draft, shard_size=shard_size,
-                progress=p, engine=engine, address=address)
+                progress=p, engine=engine, address=address, keep_embeddings=False)
     s = r.summary()
     rate = f", {s['images_per_second']} img/s" if s["images_per_second"] else ""
     lines = [

@@ -62,20 +62,24 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
             weights: str | os.PathLike | None = None, batch_size: int = 32,
             workers: int | None = None, device: str = "auto", draft: bool = True,
             shard_size: int = 2048, progress: ProgressFn = _noop, write: bool = True,
-            engine: str = "local", address: str | None = None) -> ExtractResult:
+            engine: str = "local", address: str | None = None,
+            keep_embeddings: bool = True) -> ExtractResult:
     """Embed every image under ``root`` (cached), write the table and a report.
 
     The table has one row per image that could be embedded, in scan order;
     files that could not be read are listed with their reason in the report
     (``<out>.report.json``) and in ``result.stats.failures``. ``engine="ray"``
     runs the same stages on a Ray cluster (``address``; featx[ray]).
+    ``keep_embeddings=False`` (the CLI's choice) writes the table without holding
+    all embeddings in memory; ``result.table.X`` is then None.
     """
     if engine == "ray":
         from .engines.ray import extract as ray_extract
 
         return ray_extract(root, backbone, out=out, store=store, weights=weights,
                            batch_size=batch_size, workers=workers, device=device, draft=draft,
-                           shard_size=shard_size, progress=progress, write=write, address=address)
+                           shard_size=shard_size, progress=progress, write=write, address=address,
+                           keep_embeddings=keep_embeddings)
     if engine != "local":
         raise FeatXError(f"engine {engine!r} is not one of local, ray")
     if address is not None:
@@ -96,22 +100,27 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
                               stat_cache=StatCache(st.root, root))
     rel = {str(root / it.path): it.path for it in found.items}
     stats.failures = [(rel.get(p, p), why) for p, why in stats.failures]
-    return finish(root, found, bb, st, keys, stats, encoder.provider, t0, out, write)
+    return finish(root, found, bb, st, keys, stats, encoder.provider, t0, out, write,
+                  keep_embeddings=keep_embeddings)
 
 
 def finish(root: Path, found: ScanResult, bb: Backbone, st: EmbeddingStore, keys: list[str | None],
            stats: EmbedStats, provider: str, t0: float, out: str | os.PathLike | None, write: bool,
-           engine: str = "local") -> ExtractResult:
+           engine: str = "local", keep_embeddings: bool = True) -> ExtractResult:
     """Assemble the table of every embedded image in scan order, write it and the report.
 
     Shared by every engine, so a table does not depend on which one made it.
+    ``keep_embeddings=False`` streams the embeddings from the store to the file
+    chunk by chunk (flat memory) and leaves ``result.table.X`` None.
     """
     ok = [i for i, k in enumerate(keys) if k is not None]
+    ok_keys: list[str] = [keys[i] for i in ok]  # type: ignore[misc]
+    keep = keep_embeddings or not write
     table = EmbeddingTable(
         paths=[found.items[i].path for i in ok],
         labels=[found.items[i].label for i in ok],
-        keys=[keys[i] for i in ok],  # type: ignore[misc]
-        X=st.get([keys[i] for i in ok]),  # type: ignore[misc]
+        keys=ok_keys,
+        X=st.get(ok_keys) if keep else None,
         meta={
             "featx_version": __version__, "backbone": bb.name, "fingerprint": bb.fingerprint,
             "dim": bb.dim, "preprocess": bb.preprocess.to_dict(), "root": str(root.resolve()),
@@ -121,7 +130,7 @@ def finish(root: Path, found: ScanResult, bb: Backbone, st: EmbeddingStore, keys
     out_path = report_path = None
     if write:
         out_path = Path(out) if out else default_out(root)
-        write_table(out_path, table)
+        write_table(out_path, table, None if keep else st.iter_get(ok_keys, 4096))
         report_path = out_path.with_name(out_path.name + ".report.json")
     result = ExtractResult(table, out_path, report_path, bb, provider, stats,
                            time.perf_counter() - t0, found.skipped)

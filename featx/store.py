@@ -15,6 +15,7 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -99,23 +100,36 @@ class EmbeddingStore:
 
     def get(self, keys: list[str]) -> np.ndarray:
         """Embeddings for ``keys`` in that order; KeyError names a missing key."""
+        if not keys:
+            return np.zeros((0, self.dim), np.float32)
+        return next(self.iter_get(keys, len(keys)))
+
+    def iter_get(self, keys: list[str], chunk: int = 4096) -> Iterator[np.ndarray]:
+        """Embeddings for ``keys`` in order, ``chunk`` rows at a time.
+
+        Memory: one chunk plus the shards it draws from, not the whole table.
+        """
         want = set(keys)
-        found: dict[str, np.ndarray] = {}
+        loc: dict[str, tuple[Path, int]] = {}
         for s in self.shards():
-            sk = self._keys_of(s)
-            if want.isdisjoint(sk):
-                continue
-            t = _read(s)
-            emb = _embeddings(t, self.dim)
-            for i, k in enumerate(sk):
-                if k in want and k not in found:
-                    found[k] = emb[i]
-        out = np.zeros((len(keys), self.dim), np.float32)
-        for i, k in enumerate(keys):
-            if k not in found:
-                raise KeyError(k)
-            out[i] = found[k]
-        return out
+            for r, k in enumerate(self._keys_of(s)):
+                if k in want and k not in loc:  # first copy wins; concurrent writers may duplicate
+                    loc[k] = (s, r)
+        missing = want - loc.keys()
+        if missing:
+            raise KeyError(next(iter(missing)))
+        for start in range(0, len(keys), chunk):
+            part = keys[start:start + chunk]
+            out = np.empty((len(part), self.dim), np.float32)
+            by_shard: dict[Path, tuple[list[int], list[int]]] = {}
+            for i, k in enumerate(part):
+                s, r = loc[k]
+                rows, dest = by_shard.setdefault(s, ([], []))
+                rows.append(r)
+                dest.append(i)
+            for s, (rows, dest) in by_shard.items():
+                out[dest] = _embeddings(_read(s, ["embedding"]), self.dim)[rows]
+            yield out
 
     def write(self, keys: list[str], embeddings: np.ndarray) -> Path | None:
         """Publish one shard atomically (temp name + rename)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ class EmbeddingTable:
     paths: list[str]
     labels: list[str | None]
     keys: list[str]
-    X: np.ndarray
+    X: np.ndarray | None  # None when only written to disk (see featx.extract, keep_embeddings)
     meta: dict = field(default_factory=dict)
 
     @property
@@ -44,25 +45,37 @@ class EmbeddingTable:
         return len(self.paths)
 
 
-def write_table(path: str | os.PathLike, t: EmbeddingTable) -> Path:
-    """Write ``t`` atomically as Parquet; an unwritable destination raises FeatXError."""
+def write_table(path: str | os.PathLike, t: EmbeddingTable,
+                chunks: Iterable[np.ndarray] | None = None) -> Path:
+    """Write ``t`` atomically as Parquet; an unwritable destination raises FeatXError.
+
+    The embeddings come from ``t.X``, or from ``chunks`` (consecutive row blocks,
+    in order), written one row group at a time so memory stays flat.
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FeatXError(f"cannot create {path.parent}: {e.strerror or e}") from None
-    dim = t.X.shape[1] if t.X.ndim == 2 else int(t.meta.get("dim", 0))
-    emb = t.X.reshape(len(t.paths), dim) if len(t.paths) else np.zeros((0, dim), np.float32)
-    table = pa.table({
-        "path": pa.array(t.paths, pa.string()),
-        "label": pa.array(t.labels, pa.string()),
-        "key": pa.array(t.keys, pa.string()),
-        "embedding": embedding_column(emb) if len(emb) else pa.array([], pa.list_(pa.float32(), dim)),
-    })
-    table = table.replace_schema_metadata({META_KEY: json.dumps(t.meta).encode()})
+    dim = int(t.meta.get("dim") or (t.X.shape[1] if t.X is not None and t.X.ndim == 2 else 0))
+    if chunks is None:
+        X = t.X if t.X is not None and len(t.paths) else np.zeros((0, dim), np.float32)
+        chunks = [X.reshape(len(t.paths), dim)]
+    schema = pa.schema([("path", pa.string()), ("label", pa.string()), ("key", pa.string()),
+                        ("embedding", pa.list_(pa.float32(), dim))],
+                       metadata={META_KEY: json.dumps(t.meta).encode()})
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        pq.write_table(table, tmp)
+        with pq.ParquetWriter(tmp, schema) as w:
+            start = 0
+            for emb in chunks:
+                end = start + len(emb)
+                w.write_table(pa.Table.from_arrays([
+                    pa.array(t.paths[start:end], pa.string()), pa.array(t.labels[start:end], pa.string()),
+                    pa.array(t.keys[start:end], pa.string()),
+                    embedding_column(emb) if len(emb) else pa.array([], pa.list_(pa.float32(), dim)),
+                ], schema=schema))
+                start = end
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):

@@ -309,3 +309,29 @@ def test_mixed_dims_refused(lite0, tmp_path):
     meta.write_text(json.dumps({"dim": 512}))
     with pytest.raises(MismatchError, match="dim 512"):
         EmbeddingStore(lite0, tmp_path / "s")
+
+
+def test_streamed_table_equals_in_memory_table(lite0, tmp_path):
+    """iter_get in small chunks over several shards, and the chunked table writer, change nothing."""
+    from featx.table import EmbeddingTable, write_table
+
+    st = EmbeddingStore(lite0, tmp_path / "s")
+    rng = np.random.default_rng(0)
+    keys = [f"k{i:03d}" for i in range(23)]
+    X = rng.standard_normal((23, lite0.dim)).astype(np.float32)
+    for a, b in [(0, 7), (7, 15), (15, 23)]:
+        st.write(keys[a:b], X[a:b])
+    order = list(rng.permutation(23))
+    want = [keys[i] for i in order]
+    np.testing.assert_array_equal(np.concatenate(list(st.iter_get(want, 5))), X[order])
+    np.testing.assert_array_equal(st.get(want), X[order])
+    t = EmbeddingTable(paths=[f"{k}.png" for k in want], labels=["a"] * 23, keys=want, X=None,
+                       meta={"dim": lite0.dim, "fingerprint": lite0.fingerprint})
+    write_table(tmp_path / "streamed.parquet", t, st.iter_get(want, 5))
+    t.X = X[order]
+    write_table(tmp_path / "memory.parquet", t)
+    a, b = read_table(tmp_path / "streamed.parquet"), read_table(tmp_path / "memory.parquet")
+    assert a.keys == b.keys == want and a.meta == b.meta
+    np.testing.assert_array_equal(a.X, b.X)
+    with pytest.raises(KeyError):
+        st.get(["nope"])

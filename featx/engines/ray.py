@@ -223,7 +223,7 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
             workers: int | None = None, device: str = "auto", draft: bool = True,
             shard_size: int = 2048, progress: ProgressFn = _noop, write: bool = True,
             address: str | None = None, actors: int | None = None, threads: int | None = None,
-            ship_model: bool = True) -> ExtractResult:
+            ship_model: bool = True, keep_embeddings: bool = True) -> ExtractResult:
     """``featx.extract.extract`` on a Ray cluster; same store, same table, same report.
 
     ``address``: a running cluster ("auto", "HOST:PORT", "ray://..."); None joins the Ray
@@ -257,7 +257,8 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
             ray.shutdown()
 
     provider = ",".join(sorted(providers)) or ("CUDAExecutionProvider" if dev == "cuda" else "CPUExecutionProvider")
-    return finish(root, found, bb, st, keys, stats, provider, t0, out, write, engine="ray")
+    return finish(root, found, bb, st, keys, stats, provider, t0, out, write, engine="ray",
+                  keep_embeddings=keep_embeddings)
 
 
 def _session_memory(bb: Backbone) -> int:
