@@ -133,7 +133,7 @@ def _fixed_mmap_threshold() -> None:
 
     Reader threads allocate whole image files (MBs each); glibc's adaptive mmap
     threshold then serves them from per-thread heaps that fragment and grow
-    with the number of files. A fixed 1 MiB threshold returns them to the OS.
+    with the number of files. A fixed 128 KiB threshold returns them to the OS.
     """
     import ctypes
     import ctypes.util
