@@ -69,6 +69,16 @@ class EmbedStats:
     seconds_model: float = 0.0
 
 
+def to_embed(keys: list[str | None], stored: set[str]) -> list[int]:
+    """Indices of the files to decode: the first file of each key not in the store yet."""
+    out, seen = [], set()
+    for i, k in enumerate(keys):
+        if k is not None and k not in stored and k not in seen:
+            seen.add(k)
+            out.append(i)
+    return out
+
+
 def hash_file(path: str, cache: StatCache | None = None) -> tuple[str | None, str | None, Stat | None]:
     """(key, None, stat) or (None, reason, stat); a matching stat record skips reading."""
     st = stat_of(path)
@@ -128,12 +138,7 @@ def embed_files(files: list[str], encoder: Encoder, store: EmbeddingStore, *,
                 progress("hash", i + 1, len(files))
         stats.seconds_hash = time.perf_counter() - t0
 
-        stored = store.keys()
-        todo, seen = [], set()
-        for i, k in enumerate(keys):
-            if k is not None and k not in stored and k not in seen:
-                seen.add(k)
-                todo.append((i, files[i], k))
+        todo = [(i, files[i], keys[i]) for i in to_embed(keys, store.keys())]
         stats.cached = sum(1 for k in keys if k is not None) - len(todo)
         progress("embed", 0, len(todo))
 

@@ -32,7 +32,7 @@ from ..cards import Preprocess
 from ..errors import DeviceError, FeatXError, require
 from ..extract import ExtractResult, finish
 from ..images import scan
-from ..pipeline import EmbedStats, ProgressFn, _noop, decode_batch, hash_file
+from ..pipeline import EmbedStats, ProgressFn, _noop, decode_batch, hash_file, to_embed
 from ..runtime import DEVICES, Encoder
 from ..store import EmbeddingStore
 
@@ -292,12 +292,7 @@ def _run(ray, root: Path, items: list, bb: Backbone, st: EmbeddingStore, dev: st
                 keys[int(i)] = str(k)
     stats.seconds_hash = time.perf_counter() - t
 
-    stored = st.keys()
-    todo, seen = [], set()
-    for i, k in enumerate(keys):
-        if k is not None and k not in stored and k not in seen:
-            seen.add(k)
-            todo.append({"i": i, "path": items[i].path, "key": k})
+    todo = [{"i": i, "path": items[i].path, "key": keys[i]} for i in to_embed(keys, st.keys())]
     stats.cached = sum(k is not None for k in keys) - len(todo)
     progress("embed", 0, len(todo))
 
