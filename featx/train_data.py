@@ -41,11 +41,25 @@ class LabelledFiles:
         return LabelledFiles([self.paths[i] for i in idx], self.labels[idx], self.classes)
 
     def to_dict(self) -> dict:
-        return {"paths": self.paths, "labels": self.labels.tolist(), "classes": self.classes}
+        """Paths relative to their common root, so a manifest cannot point outside it."""
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in self.paths]) if self.paths else ""
+        rel = [os.path.relpath(os.path.abspath(p), root) for p in self.paths]
+        return {"root": root, "paths": rel, "labels": self.labels.tolist(), "classes": self.classes}
 
     @classmethod
     def from_dict(cls, d: dict) -> LabelledFiles:
-        return cls(list(d["paths"]), np.asarray(d["labels"], dtype=np.int64), list(d["classes"]))
+        """Inverse of to_dict; refuses a path that is absolute or climbs out of the root."""
+        root = d.get("root")
+        if root is None:
+            raise FeatXError("this run's split.json has no data root (made by an older featx); "
+                             "start a new run")
+        paths = []
+        for p in d["paths"]:
+            if os.path.isabs(p) or ".." in Path(p).parts:
+                raise FeatXError(f"split.json: path {p!r} escapes the data root {root}; refusing to "
+                                 "resume from a manifest that was edited or not written by featx")
+            paths.append(os.path.join(root, p))
+        return cls(paths, np.asarray(d["labels"], dtype=np.int64), list(d["classes"]))
 
 
 def labelled_files(data, classes: list[str] | None = None) -> LabelledFiles:

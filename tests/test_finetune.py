@@ -232,3 +232,20 @@ def test_arrays_as_files_keeps_pixels(tmp_path):
     assert arrays_as_files(("a.png", "b"), tmp_path) == ("a.png", "b")  # not arrays: unchanged
     with pytest.raises(FeatXError, match="unknown fine-tuning options"):
         finetune((paths, labels), out=tmp_path / "r", epoch=3)
+
+
+def test_resume_refuses_a_manifest_that_escapes_the_data_root(data, tmp_path):
+    opts = dict(TINY, epochs=2, val_fraction=0.25, export=False, device="cpu", patience=None)
+
+    def stop(row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(FinetuneInterrupted):
+        finetune(data, out=tmp_path / "run", on_epoch=stop, **opts)
+    split_file = tmp_path / "run" / "split.json"
+    split = json.loads(split_file.read_text())
+    assert not any(p.startswith("/") for p in split["train"]["paths"])  # relative to its root
+    split["train"]["paths"][0] = "../../../etc/passwd"
+    split_file.write_text(json.dumps(split))
+    with pytest.raises(FeatXError, match="escapes the data root"):
+        finetune(resume=tmp_path / "run", device="cpu", export=False)
