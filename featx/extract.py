@@ -12,7 +12,7 @@ from pathlib import Path
 from . import __version__
 from .backbone import Backbone, resolve_backbone
 from .errors import FeatXError
-from .images import ScanResult, scan
+from .images import IMAGE_EXTENSIONS, ScanResult, scan
 from .paths import home
 from .pipeline import EmbedStats, ProgressFn, _noop, embed_files
 from .runtime import Encoder
@@ -89,7 +89,7 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
     progress("scan", 0, 0)
     found = scan(root)
     if not found.items:
-        raise FeatXError(f"{root}: no images found (looked for {', '.join(sorted({'.jpg', '.png', '.webp', '.bmp', '.tiff', '.gif'}))})")
+        raise FeatXError(f"{root}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     progress("backbone", 0, 0)
     bb = resolve_backbone(backbone, weights=weights)
     encoder = Encoder(bb, device=device)
