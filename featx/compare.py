@@ -13,7 +13,6 @@ Writes ``compare.json``, ``compare.md`` and ``learning_curve.png``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -25,8 +24,9 @@ import numpy as np
 
 from .cards import DEFAULT_BACKBONE
 from .errors import FeatXError
+from .finetune.data import labelled_files, stratified_split
+from .finetune.runlog import write_json
 from .pipeline import ProgressFn, _noop
-from .train_data import labelled_files, stratified_split
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +87,11 @@ def compare(train, test=None, *, out: str | os.PathLike = "report", per_class="5
     method sees exactly the same images for the same number of epochs.
     """
     from .finetune import FinetuneConfig, base_backbone, card_for, finetune
+    from .finetune.loop import torch_device
     from .heads import fit_head
     from .pipeline import embed_files
     from .runtime import Encoder
     from .store import EmbeddingStore
-    from .train_loop import torch_device
     from .zoo import build
 
     unknown = set(methods) - set(METHODS)
@@ -184,7 +184,7 @@ def compare(train, test=None, *, out: str | os.PathLike = "report", per_class="5
             log.info("%s @ %s/class: accuracy %.4f in %.1f s", method, n_label, acc, secs)
             rows.append(row)
             progress(f"{method} @ {n_label}/class", 1, 1)
-            _write_json(out / "compare.json", _report(rows, {}))  # partial results survive a kill
+            write_json(out / "compare.json", _report(rows, {}))  # partial results survive a kill
     config = {"backbone": backbone, "fingerprint": bb.fingerprint, "input_size": card.preprocess.input_size,
               "epochs": epochs, "unfreeze": unfreeze, "lr": lr, "batch_size": batch_size, "seed": seed,
               "device": str(torch_device(device)), "classes": files.classes,
@@ -214,15 +214,9 @@ def _report(rows: list[dict], config: dict) -> dict:
     return {"config": config, "rows": rows}
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def write_report(out: Path, rows: list[dict], config: dict) -> dict:
     """compare.json, compare.md and learning_curve.png; returns their paths."""
-    _write_json(out / "compare.json", _report(rows, config))
+    write_json(out / "compare.json", _report(rows, config))
     sizes = list(dict.fromkeys(r["per_class"] for r in rows))
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     cell = {(r["per_class"], r["method"]): r for r in rows}

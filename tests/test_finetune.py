@@ -24,10 +24,10 @@ from featx.finetune import (
     init_network,
     linear_as_logreg,
 )
+from featx.finetune.data import ImageDataset, labelled_files, random_box, stratified_split
+from featx.finetune.loop import set_trainable, train_mode
 from featx.images import load_image
 from featx.runtime import Encoder
-from featx.train_data import ImageDataset, labelled_files, random_box, stratified_split
-from featx.train_loop import set_trainable, train_mode
 
 TINY = {"input_size": 64, "batch_size": 4, "epochs": 1, "unfreeze": 1, "lp_C": 1.0}
 
@@ -212,10 +212,10 @@ def test_cuda_bf16_channels_last(data, tmp_path):
 
 def test_card_blocks_resolve_for_every_card():
     from featx.cards import list_cards
-    from featx.finetune import _check_blocks
+    from featx.finetune import check_blocks
 
     for card in list_cards():
-        _check_blocks(card)
+        check_blocks(card)
     assert get_card("efficientnet_lite0").blocks
 
 

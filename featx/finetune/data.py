@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .cards import Preprocess
-from .errors import FeatXError, ImageError
-from .images import decode, read_bytes, resize_crop, scan
+from ..cards import Preprocess
+from ..errors import FeatXError, ImageError
+from ..images import decode, read_bytes, resize_crop, scan
 
 # RandomResizedCrop's usual ranges (torchvision/timm defaults)
 CROP_SCALE = (0.08, 1.0)

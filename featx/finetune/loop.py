@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .cards import BackboneCard
-from .errors import DeviceError, FeatXError, require
+from ..cards import BackboneCard
+from ..errors import DeviceError, FeatXError, require
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,99 @@
+"""What a fine-tuning run is asked to do: its config, its card, where it lives."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..cards import DEFAULT_BACKBONE, BackboneCard, get_card
+from ..errors import FeatXError
+
+FINETUNE_FORMAT = 1
+
+
+@dataclass
+class FinetuneConfig:
+    """Every knob of a run; saved as ``config.json`` so ``--resume`` continues the same run."""
+
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None
+    unfreeze: int | str = 2
+    epochs: int = 10
+    lr: float = 1e-3  # head
+    backbone_lr: float | None = None  # default lr / 10: pretrained features move less than the head
+    batch_size: int = 32
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    class_weight: str | None = "balanced"
+    patience: int | None = 3  # epochs without val improvement before stopping; None: never
+    val_fraction: float = 0.1
+    lp_init: bool = True
+    lp_C: float | str = "auto"
+    pretrained: bool = True
+    input_size: int | None = None  # override the card's input size (tests, quick CPU runs)
+    crop_scale: float = 0.08  # smallest area fraction of the random crop (RandomResizedCrop scale)
+    bn_stats: bool | None = None  # update BatchNorm statistics of trained blocks; None: only from scratch
+    seed: int = 0
+
+    def validate(self, card: BackboneCard) -> None:
+        from .loop import resolve_unfreeze
+
+        resolve_unfreeze(card, self.unfreeze)
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise FeatXError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0 or (self.backbone_lr is not None and not self.backbone_lr >= 0):
+            raise FeatXError(f"learning rates must be > 0, got lr={self.lr}, backbone_lr={self.backbone_lr}")
+        if not 0 <= self.val_fraction < 1:
+            raise FeatXError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0 < self.crop_scale <= 1:
+            raise FeatXError(f"crop_scale must be in (0, 1], got {self.crop_scale}")
+        if self.class_weight not in (None, "balanced"):
+            raise FeatXError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
+        if self.input_size is not None and not 16 <= self.input_size <= 1024:
+            raise FeatXError(f"input_size must be in 16..1024, got {self.input_size}")
+        if self.lp_init and not self.pretrained:
+            raise FeatXError("LP init needs pretrained weights; pass lp_init=False to train from scratch")
+
+
+
+def card_for(cfg: FinetuneConfig) -> BackboneCard:
+    """The config's card, with its preprocessing scaled to ``input_size`` when overridden."""
+    if os.sep in cfg.backbone or "/" in cfg.backbone or cfg.backbone.endswith(".onnx"):
+        raise FeatXError(f"--backbone {cfg.backbone}: fine-tuning starts from a backbone card (an "
+                         "architecture with torch weights; see `featx models`), not an ONNX file or "
+                         "run directory; pass --weights FILE.pth to start from your own checkpoint")
+    card = get_card(cfg.backbone)
+    if cfg.input_size is None or cfg.input_size == card.preprocess.input_size:
+        return card
+    p = card.preprocess
+    s = int(cfg.input_size)
+    pre = dataclasses.replace(p, input_size=s, resize_size=max(s, round(s * p.resize_size / p.input_size)))
+    return dataclasses.replace(card, preprocess=pre)
+
+
+def check_blocks(card: BackboneCard) -> None:
+    """Raise if a card names a block its architecture does not have (random init, no weights)."""
+    from ..zoo import _instantiate
+    from .loop import _sub
+
+    model = _instantiate(card)
+    for block in card.blocks:
+        for path in block:
+            try:
+                _sub(model, path)
+            except (AttributeError, IndexError):
+                raise FeatXError(f"card {card.name}: block {path!r} is not in {card.arch}") from None
+
+
+def default_run_dir(base: str | os.PathLike = "runs") -> Path:
+    """runs/ft1, runs/ft2, ...: the first that does not exist."""
+    base = Path(base)
+    i = 1
+    while (base / f"ft{i}").exists():
+        i += 1
+    return base / f"ft{i}"
+

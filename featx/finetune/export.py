@@ -1,0 +1,128 @@
+"""Export back: a trained network becomes a backbone directory, a featx head and a one-file classifier."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..cards import BackboneCard, Preprocess
+from ..errors import FeatXError
+from .config import FinetuneConfig
+from .data import LabelledFiles
+from .runlog import write_json
+
+if TYPE_CHECKING:
+    from .run import FinetuneResult
+
+
+def linear_as_logreg(W: np.ndarray, b: np.ndarray):
+    """A fitted sklearn LogisticRegression whose predict_proba is softmax(X W^T + b).
+
+    Classes are the codes 0..K-1 (featx head convention). Two classes become
+    one logit z = l1 - l0, since sklearn's binary model is sigmoid(z).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+
+    W = np.asarray(W, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    clf = LogisticRegression()
+    clf.classes_ = np.arange(len(W))
+    if len(W) == 2:
+        clf.coef_, clf.intercept_ = (W[1] - W[0])[None, :], np.array([b[1] - b[0]])
+    else:
+        clf.coef_, clf.intercept_ = W, b
+    clf.n_features_in_ = W.shape[1]
+    clf.n_iter_ = np.array([0])
+    return Pipeline([("clf", clf)])
+
+
+def export_run(result: FinetuneResult, card: BackboneCard, cfg: FinetuneConfig, weights_sha: str) -> None:
+    """Write backbone/ (parity-checked ONNX, new fingerprint), head.joblib and classifier.onnx."""
+    import torch
+
+    from ..backbone import load_export
+    from ..export import write_export
+
+    net, run_dir = result.net, result.run_dir
+    meta = {
+        "name": f"{card.name}-ft-{run_dir.name}", "card": card.to_dict(), "card_digest": card.digest(),
+        "weights": f"finetuned from {cfg.weights or card.weights}", "weights_sha256": weights_sha,
+        "dim": card.dim, "torch_version": torch.__version__,
+        "finetune": {"run_dir": str(run_dir.resolve()), "unfreeze": cfg.unfreeze,
+                     "best_epoch": result.best_epoch, "lp_init": cfg.lp_init, "classes": result.classes},
+    }
+    result.backbone = load_export(write_export(net.features, card.preprocess, run_dir / "backbone", meta))
+    W = net.head.weight.detach().numpy()
+    b = net.head.bias.detach().numpy()
+    pipe = linear_as_logreg(W, b)
+    from ..headfile import save_head
+
+    best = next((h for h in result.history if h["epoch"] == result.best_epoch), {})
+    result.head_path = save_head(run_dir / "head.joblib", pipe, result.classes, result.backbone, {
+        "head": "finetuned-linear", "source": "featx finetune", "n_train": None,
+        "best_epoch": result.best_epoch, "val_acc": best.get("val_acc"), "unfreeze": cfg.unfreeze})
+    export_classifier(net, card.preprocess, result.classes, run_dir, result.backbone.fingerprint)
+
+
+def export_classifier(net, pre: Preprocess, classes: list[str], run_dir: Path, fingerprint: str) -> Path:
+    """classifier.onnx: uint8 NHWC pixels -> class probabilities, in one file, parity-checked."""
+    import warnings
+
+    import onnxruntime as ort
+    import torch
+
+    from ..export import OPSET, parity_images
+
+    model = torch.nn.Sequential(net, torch.nn.Softmax(dim=1)).eval()
+    dest = run_dir / "classifier.onnx"
+    tmp = run_dir / ".classifier.onnx.tmp"
+    s = pre.input_size
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (torch.zeros(2, s, s, 3, dtype=torch.uint8),), str(tmp), dynamo=False,
+                          opset_version=OPSET, input_names=["pixels"], output_names=["probabilities"],
+                          dynamic_axes={"pixels": {0: "batch"}, "probabilities": {0: "batch"}})
+    x = parity_images(pre)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    got = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"]).run(None, {"pixels": x})[0]
+    diff = float(np.abs(got - ref).max())
+    if diff > 1e-4:
+        tmp.unlink(missing_ok=True)
+        raise FeatXError(f"classifier.onnx disagrees with torch (max prob diff {diff:.3g})")
+    os.replace(tmp, dest)
+    write_json(run_dir / "classifier.json", {"classes": classes, "preprocess": pre.to_dict(),
+                                              "input": {"name": "pixels", "dtype": "uint8", "layout": "NHWC"},
+                                              "output": "probabilities", "backbone_fingerprint": fingerprint,
+                                              "parity_max_abs_diff": diff})
+    return dest
+
+
+def predict_files(net, paths: list[str], pre: Preprocess, n_classes: int, batch_size: int = 64,
+                  device: str = "cpu") -> np.ndarray:
+    """Softmax of ``net`` over image files (centre crop); unreadable files give NaN rows."""
+    import torch
+
+    from .data import ImageDataset
+    from .loop import autocast, torch_device
+
+    dev = torch_device(device)
+    net = net.to(dev).eval()
+    ds = ImageDataset(LabelledFiles(list(paths), np.zeros(len(paths), np.int64), ["_"] * n_classes),
+                      pre, train=False)
+    out = np.full((len(paths), n_classes), np.nan, np.float32)
+    with torch.no_grad():
+        for i in range(0, len(paths), batch_size):
+            items = [(j, ds[j]) for j in range(i, min(i + batch_size, len(paths)))]
+            ok = [(j, it[0]) for j, it in items if it is not None]
+            if not ok:
+                continue
+            x = torch.from_numpy(np.stack([a for _, a in ok])).to(dev)
+            with autocast(dev):
+                p = torch.softmax(net(x).float(), dim=1).cpu().numpy()
+            out[[j for j, _ in ok]] = p
+    return out

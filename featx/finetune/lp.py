@@ -1,0 +1,141 @@
+"""LP init (the "LP" of LP-FT): a logistic-regression head on frozen embeddings, folded into a linear layer."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..cards import BackboneCard, get_card
+from ..errors import FeatXError, require
+from ..pipeline import ProgressFn, _noop
+from .config import FinetuneConfig, card_for
+from .data import LabelledFiles
+
+log = logging.getLogger(__name__)
+
+
+def base_backbone(card: BackboneCard, module, weights_sha: str, weights: str | None):
+    """The frozen starting backbone as an export (cached), for the LP head's embeddings."""
+    from ..backbone import load_export, resolve_backbone
+    from ..export import export_dir_for, write_export
+
+    stock = get_card(card.name)
+    if card.preprocess == stock.preprocess:
+        return resolve_backbone(card.name, weights=weights)
+    dest = export_dir_for(card, weights_sha).with_name(
+        f"{export_dir_for(card, weights_sha).name}-{card.preprocess.input_size}px")
+    if (dest / "model.json").is_file():
+        meta = json.loads((dest / "model.json").read_text())
+        if meta.get("card_digest") == card.digest():
+            return load_export(dest)
+    torch = require("torch", "torch")
+    meta = {"name": f"{card.name}@{card.preprocess.input_size}px", "card": card.to_dict(),
+            "card_digest": card.digest(), "weights": weights or card.weights,
+            "weights_sha256": weights_sha, "dim": card.dim, "torch_version": torch.__version__}
+    return load_export(write_export(module.eval(), card.preprocess, dest, meta))
+
+
+def fit_lp_head(X: np.ndarray, y_names: list[str], classes: list[str], C: float | str,
+                class_weight: str | None, seed: int):
+    """The logistic-regression probe: featx.heads.fit_head, with C by CV when there is enough data."""
+    from ..heads import fit_head
+
+    if C == "auto" and min(np.unique(y_names, return_counts=True)[1]) < 2:
+        log.info("too few images per class to choose C by cross-validation; LP head uses C=1")
+        C = 1.0
+    pipe, report = fit_head(X, y_names, head="logreg", C=C, class_weight=class_weight, seed=seed)
+    if report["classes"] != list(classes):
+        missing = sorted(set(classes) - set(report["classes"]))
+        raise FeatXError(f"no readable training image for classes {missing}; LP init needs every "
+                         "class (fix the images, or pass --no-lp-init)")
+    return pipe, report
+
+
+def fold_head(pipe, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(W, b) of a linear layer computing the head's logits from raw embeddings.
+
+    The scaler is folded in: W' = W / scale, b' = b - W' @ mean. A binary
+    logistic regression has one logit z; softmax([-z/2, z/2]) = sigmoid(z).
+    """
+    scaler, clf = pipe.named_steps["scaler"], pipe.named_steps["clf"]
+    W = np.asarray(clf.coef_, dtype=np.float64)
+    b = np.asarray(clf.intercept_, dtype=np.float64)
+    if W.shape[0] == 1 and n_classes == 2:
+        W = np.vstack([-W / 2, W / 2])
+        b = np.array([-b[0] / 2, b[0] / 2])
+    scale = np.asarray(scaler.scale_ if scaler.scale_ is not None else np.ones(W.shape[1]))
+    mean = np.asarray(scaler.mean_ if scaler.mean_ is not None else np.zeros(W.shape[1]))
+    W = W / scale[None, :]
+    b = b - W @ mean
+    return W.astype(np.float32), b.astype(np.float32)
+
+
+def lp_init(net, card: BackboneCard, module_for_export, weights_sha: str, cfg: FinetuneConfig,
+            train: LabelledFiles, store, device: str, progress: ProgressFn) -> tuple[dict, object]:
+    """Fit the LP head on cached embeddings of the training images and load it into ``net.head``."""
+    import torch
+
+    from ..pipeline import embed_files
+    from ..runtime import Encoder
+    from ..store import EmbeddingStore
+
+    progress("backbone", 0, 0)
+    bb = base_backbone(card, module_for_export, weights_sha, cfg.weights)
+    encoder = Encoder(bb, device="cpu" if device == "cpu" else "auto")
+    st = EmbeddingStore(bb, store)
+    keys, stats = embed_files(train.paths, encoder, st, progress=progress)
+    ok = [i for i, k in enumerate(keys) if k is not None]
+    X = st.get([keys[i] for i in ok])
+    names = [train.classes[train.labels[i]] for i in ok]
+    progress("lp-init", 0, 1)
+    pipe, report = fit_lp_head(X, names, train.classes, cfg.lp_C,
+                               "balanced" if cfg.class_weight else None, cfg.seed)
+    W, b = fold_head(pipe, len(train.classes))
+    with torch.no_grad():
+        net.head.weight.copy_(torch.from_numpy(W))
+        net.head.bias.copy_(torch.from_numpy(b))
+    progress("lp-init", 1, 1)
+    report = {k: v for k, v in report.items() if k != "cv_grid"} | {
+        "embedding_backbone": bb.name, "embedding_fingerprint": bb.fingerprint,
+        "embedding_backbone_dir": str(bb.onnx_path.parent),
+        "embedded": stats.embedded, "cached": stats.cached, "failed": len(stats.failures)}
+    return report, pipe
+
+
+
+@dataclass
+class InitialNetwork:
+    """The network before any training step (LP head loaded when asked)."""
+
+    net: object
+    card: BackboneCard
+    weights_sha: str
+    lp_report: dict | None = None
+    lp_pipeline: object | None = None
+
+
+def init_network(cfg: FinetuneConfig, train: LabelledFiles, *, store=None, device: str = "auto",
+                 lp: bool | None = None, progress: ProgressFn = _noop) -> InitialNetwork:
+    """Build the card's model (pretrained unless ``cfg.pretrained`` is off) plus a new linear layer.
+
+    With ``lp`` (default ``cfg.lp_init``) the layer starts as the logistic
+    regression fitted on cached embeddings of ``train``, scaler folded in.
+    """
+    from ..export import make_wrapper
+    from ..zoo import build
+    from . import loop as tl
+
+    card = card_for(cfg)
+    progress("model", 0, 0)
+    backbone, _, wsha = build(card, cfg.weights, pretrained=cfg.pretrained)
+    features = make_wrapper(backbone, card.preprocess)
+    net = tl.FineTuneNet(features, card.dim, len(train.classes))
+    init = InitialNetwork(net, card, wsha)
+    if cfg.lp_init if lp is None else lp:
+        init.lp_report, init.lp_pipeline = lp_init(net, card, features, wsha, cfg, train, store,
+                                                   device, progress)
+    return init
+

@@ -1,0 +1,60 @@
+"""A run's files written as it goes: atomic JSON, the metrics log and the training curve."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr_head", "lr_backbone",
+                 "images", "seconds", "images_per_second"]
+
+
+def write_metrics(run_dir: Path, history: list[dict]) -> None:
+    write_json(run_dir / "metrics.json", history)
+    tmp = run_dir / ".metrics.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(history)
+    os.replace(tmp, run_dir / "metrics.csv")
+
+
+def plot_curve(run_dir: Path, history: list[dict], best_epoch: int) -> Path | None:
+    """curve.png: loss and accuracy per epoch, train and validation."""
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
+    a1.plot(ep, [h["val_loss"] for h in history], "s-", label="validation")
+    a1.set_xlabel("epoch")
+    a1.set_ylabel("loss")
+    a2.plot(ep, [h["train_acc"] for h in history], "o-", label="train")
+    a2.plot(ep, [h["val_acc"] for h in history], "s-", label="validation")
+    a2.set_xlabel("epoch")
+    a2.set_ylabel("accuracy")
+    for a in (a1, a2):
+        a.axvline(best_epoch, color="grey", ls=":", label=f"best (epoch {best_epoch})")
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.suptitle(f"featx finetune: {run_dir.name}")
+    fig.tight_layout()
+    out = run_dir / "curve.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
