@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from .cli import Progress, device_option, emit, json_option, store_option
 
@@ -61,6 +62,12 @@ class EpochProgress(Progress):
             click.echo(line, err=True)
 
 
+# the options saved in a run's config.json; with --resume only epochs may be given
+_RUN_OPTIONS = ("train", "val", "backbone", "weights", "unfreeze", "epochs", "lr", "backbone_lr", "batch_size",
+                "weight_decay", "warmup_epochs", "label_smoothing", "class_weight", "patience",
+                "val_fraction", "no_lp_init", "lp_C", "input_size", "crop_scale", "bn_stats", "seed")
+
+
 def _quiet(f):
     return click.option("--quiet", "-q", is_flag=True, help="No progress bar or epoch lines.")(f)
 
@@ -76,7 +83,7 @@ def register(main: click.Group) -> None:
                   help="Run directory (default: runs/ftN, the first free N).")
     @click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
                   help="Continue an interrupted run from its last completed epoch, with its saved "
-                       "options and split (other training options are ignored).")
+                       "options and split; with a larger --epochs, extend a run (even a finished one).")
     @card_option
     @click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
                   help="Local checkpoint (.pth state dict) to start from instead of the card's weights.")
@@ -140,7 +147,15 @@ def register(main: click.Group) -> None:
                 raise click.BadParameter(f"{lp_C!r} is neither 'auto' nor a number", param_hint="--lp-C") from None
             if not lp_C > 0:
                 raise click.BadParameter(f"must be > 0, got {lp_C}", param_hint="--lp-C")
-        options = {} if resume is not None else dict(
+        if resume is not None:
+            ctx = click.get_current_context()
+            given = [n for n in _RUN_OPTIONS
+                     if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT)]
+            if set(given) - {"epochs"}:
+                flags = ", ".join("--" + n.replace("_", "-") for n in given if n != "epochs")
+                raise click.UsageError(f"--resume continues a run with its saved options; {flags} cannot "
+                                       "change (only --epochs can, to extend the run)")
+        options = ({"epochs": epochs} if "epochs" in given else {}) if resume is not None else dict(
             backbone=backbone, weights=weights, unfreeze=unfreeze, epochs=epochs,
             lr=lr, backbone_lr=backbone_lr, batch_size=batch_size, weight_decay=weight_decay,
             warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,

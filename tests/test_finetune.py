@@ -184,6 +184,38 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(data, tmp_path):
     assert straight.summary["val_images"] == resumed.summary["val_images"] == 2
 
 
+def test_resume_with_more_epochs_extends_a_finished_run(data, tmp_path):
+    opts = dict(TINY, val_fraction=0.25, export=False, device="cpu", patience=None, warmup_epochs=0)
+    run = tmp_path / "run"
+    one = finetune(data, out=run, **opts)
+    assert [h["epoch"] for h in one.history] == [1]
+    with pytest.raises(FeatXError, match="--epochs N"):
+        finetune(resume=run, device="cpu", export=False)
+    with pytest.raises(FeatXError, match="already trained"):
+        finetune(resume=run, device="cpu", export=False, epochs=1)
+    with pytest.raises(FeatXError, match="only the number of epochs"):
+        finetune(resume=run, device="cpu", export=False, epochs=3, lr=0.1)
+    three = finetune(resume=run, device="cpu", export=False, epochs=3)
+    assert [h["epoch"] for h in three.history] == [1, 2, 3]
+    assert three.history[0] == one.history[0]  # epoch 1 kept, not retrained
+    # the schedule was stretched: epoch 2 starts where a 3-epoch cosine is at 1/3, not at its end
+    steps = three.history[1]["images"] / TINY["batch_size"]
+    want = 0.5 * (1 + np.cos(np.pi * (2 * steps) / (3 * steps))) * 1e-3
+    assert three.history[1]["lr_head"] == pytest.approx(want, rel=0.05)
+    assert json.loads((run / "config.json").read_text())["config"]["epochs"] == 3
+    assert json.loads((run / "status.json").read_text()) == {"state": "done", "epoch": 3, "epochs": 3}
+
+
+def test_cli_resume_refuses_options_it_would_ignore(data, tmp_path):
+    from click.testing import CliRunner
+
+    from featx.cli import main
+
+    r = CliRunner().invoke(main, ["finetune", "--resume", str(data), "--lr", "0.1", "--batch-size", "8"])
+    assert r.exit_code == 2
+    assert "--lr, --batch-size cannot change" in r.output
+
+
 def test_frozen_blocks_do_not_move(run, data):
     ref = init_network(FinetuneConfig(input_size=64), labelled_files(data), lp=False).net
     got = run.net.features.backbone

@@ -106,7 +106,9 @@ def finetune(data=None, *, val=None, out: str | os.PathLike | None = None,
     ``val`` likewise (default: a stratified ``val_fraction`` of ``data``).
     Options are ``FinetuneConfig`` fields (``unfreeze=2, epochs=10, lr=1e-3, ...``).
     ``resume=RUN_DIR`` continues an interrupted run from its last completed
-    epoch with its saved config and split (``data``/options are then ignored).
+    epoch with its saved config and split (``data`` is then ignored, and the
+    only option allowed is ``epochs``: more epochs extend a run, even a
+    finished one, stretching the cosine schedule from the current step).
     ``progress(stage, done, total)`` reports stages ``embed``, ``lp-init``,
     ``epoch`` (batches), ``validate`` and ``export``; ``on_epoch(row)`` gets
     each epoch's metrics. Ctrl-C raises ``FinetuneInterrupted`` (a
@@ -117,14 +119,15 @@ def finetune(data=None, *, val=None, out: str | os.PathLike | None = None,
 
     t_start = time.perf_counter()
     dev = tl.torch_device(device)
+    extended = False
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.json").is_file():
             raise FeatXError(f"--resume {run_dir}: not a featx fine-tuning run (no config.json)")
         status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").is_file() else {}
-        if status.get("state") == "done":
-            raise FeatXError(f"--resume {run_dir}: that run already finished ({status.get('epoch')} epochs); "
-                             "start a new run with another --out")
+        if set(options) - {"epochs"}:
+            raise FeatXError(f"--resume {run_dir} continues the run with its saved options; only the "
+                             f"number of epochs can change (got {sorted(set(options) - {'epochs'})})")
         saved = json.loads((run_dir / "config.json").read_text())
         cfg = FinetuneConfig(**saved["config"])
         split = json.loads((run_dir / "split.json").read_text())
@@ -132,6 +135,20 @@ def finetune(data=None, *, val=None, out: str | os.PathLike | None = None,
         valf = LabelledFiles.from_dict(split["val"]) if split.get("val") else None
         val_source = split.get("val_source", "")
         ckpt = tl.load_checkpoint(run_dir / "last.pt") if (run_dir / "last.pt").is_file() else None
+        trained = ckpt["epoch"] if ckpt is not None else 0
+        epochs = options.get("epochs")
+        if epochs is not None and int(epochs) <= trained:
+            raise FeatXError(f"--resume {run_dir}: {trained} epoch(s) are already trained; "
+                             f"--epochs must be more than that to extend the run")
+        if epochs is not None and int(epochs) != cfg.epochs:
+            # the cosine schedule is stretched to the new length from the current step on
+            cfg = dataclasses.replace(cfg, epochs=int(epochs))
+            extended = True
+            write_json(run_dir / "config.json", dict(saved, config=dataclasses.asdict(cfg)))
+        elif status.get("state") == "done":
+            raise FeatXError(f"--resume {run_dir}: that run already finished ({trained} epochs); extend it "
+                             f"with --resume {run_dir} --epochs N (N > {trained}), or start a new run "
+                             "with another --out")
     else:
         if data is None:
             raise FeatXError("no training data given (a folder or a (paths, labels) pair)")
@@ -155,7 +172,7 @@ def finetune(data=None, *, val=None, out: str | os.PathLike | None = None,
     lock = _lock_run(run_dir)
     try:
         return _train(cfg, card, k, train, valf, val_source, run_dir, resume, ckpt, dev, device,
-                      workers, store, export, progress, on_epoch, t_start)
+                      workers, store, export, progress, on_epoch, t_start, extended)
     finally:
         lock.release()
 
@@ -174,7 +191,7 @@ def _lock_run(run_dir: Path):
 
 
 def _train(cfg, card, k, train, valf, val_source, run_dir, resume, ckpt, dev, device, workers, store,
-           export, progress, on_epoch, t_start) -> FinetuneResult:
+           export, progress, on_epoch, t_start, extended=False) -> FinetuneResult:
     import torch
 
     from . import loop as tl
@@ -231,6 +248,10 @@ def _train(cfg, card, k, train, valf, val_source, run_dir, resume, ckpt, dev, de
         tl.set_rng_state(ckpt["rng"])
         start, history = ckpt["epoch"], ckpt["history"]
         best_epoch, best_key, bad = ckpt["best_epoch"], ckpt["best_key"], ckpt["bad_epochs"]
+        for g, base, lam in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+            g["lr"] = base * lam(scheduler.last_epoch)  # the (possibly stretched) schedule at this step
+        if extended:
+            bad = 0  # an extended run gets its full patience again
         log.info("resuming %s after epoch %d", run_dir, start)
     log.info("training %d of %d parameters (unfreeze=%s) on %s", n_trainable,
              sum(p.numel() for p in net.parameters()), cfg.unfreeze, dev)
@@ -298,6 +319,6 @@ def _train(cfg, card, k, train, valf, val_source, run_dir, resume, ckpt, dev, de
         "head": str(result.head_path) if result.head_path else None,
     }
     write_json(run_dir / "summary.json", result.summary)
-    write_json(run_dir / "status.json", {"state": "done", "epoch": epoch, "epochs": cfg.epochs})
+    write_json(run_dir / "status.json", {"state": "done", "epoch": len(history), "epochs": cfg.epochs})
     return result
 
