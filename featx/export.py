@@ -24,7 +24,7 @@ from .paths import exports_dir
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2  # 2: static SAME padding (featx.same_pad)
 OPSET = 17
 PARITY_RTOL = 1e-4
 INPUT_NAME = "pixels"
@@ -41,9 +41,16 @@ def make_wrapper(backbone, pre: Preprocess):
             self.backbone = backbone
             self.register_buffer("mean", torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1))
             self.register_buffer("std", torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1))
+            # equal per-channel values are traced as scalars: ONNX Runtime broadcasts a scalar fast,
+            # while a (1,3,1,1) operand, once its transpose optimiser moves the Sub/Div to NHWC
+            # (int8 graphs), costs a quarter of the int8 inference time
+            uniform = len(set(pre.mean)) == 1 and len(set(pre.std)) == 1
+            self.scalar = (float(pre.mean[0]), float(pre.std[0])) if uniform else None
 
         def forward(self, x):
             x = x.permute(0, 3, 1, 2).float()
+            if self.scalar is not None:
+                return self.backbone((x - self.scalar[0]) / self.scalar[1])
             return self.backbone((x - self.mean) / self.std)
 
     return PixelsToEmbedding().eval()
@@ -63,22 +70,57 @@ def parity_images(pre: Preprocess, n: int = 4) -> np.ndarray:
     return np.stack([load_image(p, pre) for p in photos])
 
 
-def export_module(module, pre: Preprocess, dest: str | os.PathLike) -> None:
-    """Trace ``module`` (uint8 NHWC -> embedding) to ONNX with a dynamic batch axis."""
+def export_module(module, pre: Preprocess, dest: str | os.PathLike, output_name: str = OUTPUT_NAME) -> None:
+    """Trace ``module`` (uint8 NHWC -> one output) to ONNX with a dynamic batch axis.
+
+    The traced graph then goes through ONNX Runtime's basic (portable,
+    standard-ops-only) optimisation: constant folding and Pad-into-Conv
+    fusion leave a graph of plain convs that every runtime and the int8
+    quantiser see the same way.
+    """
     torch = require("torch", "torch")
+    import onnxruntime as ort
+
+    from .same_pad import freeze_same_padding
+
     s = pre.input_size
+    module = freeze_same_padding(module, s)
     dummy = torch.zeros(2, s, s, 3, dtype=torch.uint8)  # batch >= 2 so nothing specialises on 1
     import warnings
 
-    with torch.no_grad(), warnings.catch_warnings():
-        # the TorchScript exporter is deprecated but gives a smaller, faster graph for CNNs
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            module, (dummy,), str(dest), dynamo=False, opset_version=OPSET,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            do_constant_folding=True,
-        )
+    traced = Path(dest).with_name(f".{Path(dest).name}.traced")
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # the TorchScript exporter is deprecated but gives a smaller, faster graph for CNNs
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", UserWarning)  # constant-folding notes about Slice steps
+            torch.onnx.export(
+                module, (dummy,), str(traced), dynamo=False, opset_version=OPSET,
+                input_names=[INPUT_NAME], output_names=[output_name],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}},
+                do_constant_folding=True,
+            )
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(dest)
+        so.log_severity_level = 3
+        ort.InferenceSession(str(traced), so, providers=["CPUExecutionProvider"])
+        _keep_used_opsets(dest)
+    finally:
+        traced.unlink(missing_ok=True)
+
+
+def _keep_used_opsets(path: str | os.PathLike) -> None:
+    """Drop the opset imports ONNX Runtime adds for every domain it knows; merging graphs
+    (featx.classifier_onnx) refuses models whose imports differ."""
+    import onnx
+
+    m = onnx.load(str(path))
+    used = {n.domain for n in m.graph.node} | {""}
+    kept = [o for o in m.opset_import if o.domain in used]
+    del m.opset_import[:]
+    m.opset_import.extend(kept)
+    onnx.save(m, str(path))
 
 
 def check_parity(module, onnx_path: str | os.PathLike, pre: Preprocess) -> dict:

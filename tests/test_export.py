@@ -32,6 +32,31 @@ def test_sidecar_and_parity(lite0):
     assert [d.dim_value for d in inp.shape.dim[1:]] == [224, 224, 3]
 
 
+def test_export_graph_is_static_plain_convs(lite0):
+    """TF SAME padding is frozen and fused: no run-time shape arithmetic, no Pad between convs."""
+    ops = [n.op_type for n in onnx.load(str(lite0.onnx_path)).graph.node]
+    assert ops.count("Conv") == 49
+    assert not {"Pad", "Shape", "Ceil", "Gather", "Concat"} & set(ops), sorted(set(ops))
+    assert lite0.meta["featx_export"] == 2
+
+
+@pytest.mark.parametrize("size", [224, 96, 61])
+def test_freeze_same_padding_computes_the_same_function(size):
+    from timm.layers.conv2d_same import Conv2dSame
+
+    from featx.export import make_wrapper
+    from featx.same_pad import freeze_same_padding
+
+    backbone, _, _ = build(get_card("efficientnet_lite0"))
+    module = make_wrapper(backbone, get_card("efficientnet_lite0").preprocess)
+    frozen = freeze_same_padding(module, size)
+    assert any(isinstance(m, Conv2dSame) for m in module.modules())  # the original is untouched
+    assert not any(isinstance(m, Conv2dSame) for m in frozen.modules())
+    x = torch.from_numpy(np.random.default_rng(size).integers(0, 256, (2, size, size, 3), dtype=np.uint8))
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), module(x), rtol=1e-5, atol=1e-5)
+
+
 def test_chelsea_is_a_cat(lite0):
     """Proves weights and preprocessing: the ONNX embedding + ImageNet classifier -> a cat."""
     import skimage.data

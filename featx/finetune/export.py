@@ -70,22 +70,15 @@ def export_run(result: FinetuneResult, card: BackboneCard, cfg: FinetuneConfig, 
 
 def export_classifier(net, pre: Preprocess, classes: list[str], run_dir: Path, fingerprint: str) -> Path:
     """classifier.onnx: uint8 NHWC pixels -> class probabilities, in one file, parity-checked."""
-    import warnings
-
     import onnxruntime as ort
     import torch
 
-    from ..export import OPSET, parity_images
+    from ..export import export_module, parity_images
 
     model = torch.nn.Sequential(net, torch.nn.Softmax(dim=1)).eval()
     dest = run_dir / "classifier.onnx"
     tmp = run_dir / ".classifier.onnx.tmp"
-    s = pre.input_size
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (torch.zeros(2, s, s, 3, dtype=torch.uint8),), str(tmp), dynamo=False,
-                          opset_version=OPSET, input_names=["pixels"], output_names=["probabilities"],
-                          dynamic_axes={"pixels": {0: "batch"}, "probabilities": {0: "batch"}})
+    export_module(model, pre, tmp, output_name="probabilities")
     x = parity_images(pre)
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
