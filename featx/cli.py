@@ -172,6 +172,8 @@ def models(pattern: str, as_json: bool) -> None:
 @click.option("--preprocess", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON preprocessing spec, for your own ONNX file.")
 @click.option("--force", is_flag=True, help="Export again even if a cached export exists.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16: a float16 graph for GPUs (uint8 in, float32 embedding out), in its own directory.")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="Also make a static int8 (QDQ, per-channel) model calibrated on --calibrate.")
 @click.option("--calibrate", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -185,7 +187,7 @@ def models(pattern: str, as_json: bool) -> None:
               help="Refuse int8 above this many points of linear-probe accuracy lost.")
 @click.option("--force-quantize", is_flag=True, help="Keep the int8 model even if the guard refuses it.")
 @json_option
-def export(name: str, weights: str | None, preprocess: str | None, force: bool, quantize: str | None,
+def export(name: str, weights: str | None, preprocess: str | None, force: bool, precision: str, quantize: str | None,
            calibrate: Path | None, calib_images: int, guard_images: int, calibration_method: str,
            max_loss: float, force_quantize: bool, as_json: bool) -> None:
     """Export a backbone to ONNX (uint8 NHWC in, embedding out), parity-checked against torch.
@@ -198,7 +200,11 @@ def export(name: str, weights: str | None, preprocess: str | None, force: bool, 
 
     if quantize and calibrate is None:
         raise click.UsageError("--quantize int8 needs --calibrate DIR (a folder of your images)")
+    if quantize and precision != "fp32":
+        raise click.UsageError("--quantize int8 starts from the fp32 export; drop --precision")
     if name.lower().endswith(".onnx"):
+        if precision != "fp32":
+            raise click.UsageError("--precision applies to backbone cards; your ONNX file is used as it is")
         from .user_onnx import import_onnx
 
         pre = Preprocess.from_dict(json.loads(Path(preprocess).read_text())) if preprocess else None
@@ -206,12 +212,14 @@ def export(name: str, weights: str | None, preprocess: str | None, force: bool, 
     else:
         from .export import export_card
 
-        bb = load_export(export_card(get_card(name), weights, force=force))
+        bb = load_export(export_card(get_card(name), weights, force=force, precision=precision))
     parity = bb.meta.get("parity", {})
     summary = {"name": bb.name, "onnx": str(bb.onnx_path), "dim": bb.dim, "fingerprint": bb.fingerprint,
                "parity": parity, "preprocess": bb.preprocess.to_dict()}
-    lines = [f"{bb.name}: {bb.onnx_path}",
-             f"  dim {bb.dim}, input {bb.preprocess.input_size}px uint8 NHWC, fingerprint {bb.fingerprint}"]
+    summary["precision"] = bb.meta.get("precision", "fp32")
+    lines = [f"{bb.name}: {bb.onnx_path}" + ("  (use it as --backbone)" if precision != "fp32" else ""),
+             f"  dim {bb.dim}, input {bb.preprocess.input_size}px uint8 NHWC, {summary['precision']}, "
+             f"fingerprint {bb.fingerprint}"]
     if parity:
         lines.append(f"  parity vs torch on {parity['images']} photos: max abs diff "
                      f"{parity['max_abs_diff']:.2e} (relative {parity['max_rel_diff']:.2e})")

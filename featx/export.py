@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 EXPORT_FORMAT = 2  # 2: static SAME padding (featx.same_pad)
 OPSET = 17
 PARITY_RTOL = 1e-4
+FP16_PARITY_RTOL = 5e-2  # float16 against the float32 torch model: a few % on single features ...
+PARITY_MIN_COSINE = 0.999  # ... while every embedding keeps its direction
+PRECISIONS = ("fp32", "fp16")
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "embedding"
 
@@ -46,14 +49,27 @@ def make_wrapper(backbone, pre: Preprocess):
             # (int8 graphs), costs a quarter of the int8 inference time
             uniform = len(set(pre.mean)) == 1 and len(set(pre.std)) == 1
             self.scalar = (float(pre.mean[0]), float(pre.std[0])) if uniform else None
+            self.compute_dtype = torch.float32  # half_precision() switches it
 
         def forward(self, x):
-            x = x.permute(0, 3, 1, 2).float()
+            x = x.permute(0, 3, 1, 2).to(self.compute_dtype)
             if self.scalar is not None:
-                return self.backbone((x - self.scalar[0]) / self.scalar[1])
-            return self.backbone((x - self.mean) / self.std)
+                y = self.backbone((x - self.scalar[0]) / self.scalar[1])
+            else:
+                y = self.backbone((x - self.mean) / self.std)
+            return y.float()  # the embedding stays float32 whatever the compute precision
 
     return PixelsToEmbedding().eval()
+
+
+def half_precision(module):
+    """A float16 copy of a ``make_wrapper`` module: uint8 in, fp16 compute, float32 embedding out."""
+    import copy
+
+    torch = require("torch", "torch")
+    half = copy.deepcopy(module).half().eval()
+    half.compute_dtype = torch.float16
+    return half
 
 
 def parity_images(pre: Preprocess, n: int = 4) -> np.ndarray:
@@ -70,13 +86,15 @@ def parity_images(pre: Preprocess, n: int = 4) -> np.ndarray:
     return np.stack([load_image(p, pre) for p in photos])
 
 
-def export_module(module, pre: Preprocess, dest: str | os.PathLike, output_name: str = OUTPUT_NAME) -> None:
+def export_module(module, pre: Preprocess, dest: str | os.PathLike, output_name: str = OUTPUT_NAME,
+                  optimize: bool = True) -> None:
     """Trace ``module`` (uint8 NHWC -> one output) to ONNX with a dynamic batch axis.
 
-    The traced graph then goes through ONNX Runtime's basic (portable,
-    standard-ops-only) optimisation: constant folding and Pad-into-Conv
-    fusion leave a graph of plain convs that every runtime and the int8
-    quantiser see the same way.
+    With ``optimize`` the traced graph then goes through ONNX Runtime's basic
+    (portable, standard-ops-only) optimisation: constant folding and
+    Pad-into-Conv fusion leave a graph of plain convs that every runtime and
+    the int8 quantiser see the same way. Not for float16 graphs: the CPU
+    provider would bake in Casts to float32 around each op it lacks.
     """
     torch = require("torch", "torch")
     import onnxruntime as ort
@@ -100,6 +118,9 @@ def export_module(module, pre: Preprocess, dest: str | os.PathLike, output_name:
                 dynamic_axes={INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}},
                 do_constant_folding=True,
             )
+        if not optimize:
+            os.replace(traced, dest)
+            return
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         so.optimized_model_filepath = str(dest)
@@ -123,8 +144,8 @@ def _keep_used_opsets(path: str | os.PathLike) -> None:
     onnx.save(m, str(path))
 
 
-def check_parity(module, onnx_path: str | os.PathLike, pre: Preprocess) -> dict:
-    """Run torch and ONNX Runtime on real photos; raise ExportError above PARITY_RTOL."""
+def check_parity(module, onnx_path: str | os.PathLike, pre: Preprocess, rtol: float = PARITY_RTOL) -> dict:
+    """Run torch and ONNX Runtime on real photos; raise ExportError above ``rtol``."""
     torch = require("torch", "torch")
     import onnxruntime as ort
 
@@ -135,9 +156,12 @@ def check_parity(module, onnx_path: str | os.PathLike, pre: Preprocess) -> dict:
     got = sess.run(None, {INPUT_NAME: x})[0]
     max_abs = float(np.abs(got - ref).max())
     rel = max_abs / max(float(np.abs(ref).max()), 1e-12)
-    result = {"images": len(x), "max_abs_diff": max_abs, "max_rel_diff": rel}
-    if not rel <= PARITY_RTOL:
-        raise ExportError(f"ONNX and torch disagree: max abs diff {max_abs:.3g} (relative {rel:.3g} > {PARITY_RTOL})")
+    cos = float(((got * ref).sum(1) / np.maximum(np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1),
+                                                  1e-12)).min())
+    result = {"images": len(x), "max_abs_diff": max_abs, "max_rel_diff": rel, "min_cosine": cos}
+    if not (rel <= rtol and cos >= PARITY_MIN_COSINE):
+        raise ExportError(f"ONNX and torch disagree: max abs diff {max_abs:.3g} (relative {rel:.3g}, "
+                          f"limit {rtol}), min cosine {cos:.5f} (limit {PARITY_MIN_COSINE})")
     return result
 
 
@@ -145,8 +169,12 @@ def export_dir_for(card: BackboneCard, weights_sha: str) -> Path:
     return exports_dir() / f"{card.name}-{weights_sha[:12]}"
 
 
-def write_export(module, pre: Preprocess, dest_dir: Path, meta: dict) -> Path:
-    """Export, parity-check, and atomically publish ``dest_dir`` (model.onnx + model.json)."""
+def write_export(module, pre: Preprocess, dest_dir: Path, meta: dict, precision: str = "fp32") -> Path:
+    """Export, parity-check, and atomically publish ``dest_dir`` (model.onnx + model.json).
+
+    ``precision="fp16"`` exports a float16 copy of ``module`` and checks it
+    against the float32 ``module`` itself, within FP16_PARITY_RTOL.
+    """
     from .backbone import fingerprint_of
 
     dest_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -154,11 +182,17 @@ def write_export(module, pre: Preprocess, dest_dir: Path, meta: dict) -> Path:
     try:
         onnx_path = tmp / "model.onnx"
         t0 = time.perf_counter()
-        export_module(module, pre, onnx_path)
-        parity = check_parity(module, onnx_path, pre)
+        if precision not in PRECISIONS:
+            raise ExportError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        if precision == "fp16":
+            export_module(half_precision(module), pre, onnx_path, optimize=False)
+        else:
+            export_module(module, pre, onnx_path)
+        parity = check_parity(module, onnx_path, pre, FP16_PARITY_RTOL if precision == "fp16" else PARITY_RTOL)
         meta = {
             **meta,
             "featx_export": EXPORT_FORMAT,
+            "precision": precision,
             "featx_version": __version__,
             "preprocess": pre.to_dict(),
             "opset": OPSET,
@@ -184,14 +218,20 @@ def publish(tmp: Path, dest: Path) -> None:
 
 
 def export_card(card: BackboneCard, weights: str | os.PathLike | None = None,
-                force: bool = False) -> Path:
-    """Export a registered backbone (cached). Returns the export directory."""
+                force: bool = False, precision: str = "fp32") -> Path:
+    """Export a registered backbone (cached). Returns the export directory.
+
+    ``precision="fp16"`` writes a float16 graph (uint8 in, float32 embedding
+    out) for GPUs, in its own directory with its own fingerprint.
+    """
     from .backbone import read_sidecar
     from .zoo import build, file_sha256, weights_file
 
     wfile = weights_file(card, weights)
     wsha = file_sha256(wfile)
     dest = export_dir_for(card, wsha)
+    if precision != "fp32":
+        dest = dest.with_name(f"{dest.name}-{precision}")
     if not force and (dest / "model.json").is_file() and (dest / "model.onnx").is_file():
         meta = read_sidecar(dest / "model.json")
         if meta.get("featx_export") == EXPORT_FORMAT and meta.get("card_digest") == card.digest():
@@ -202,7 +242,7 @@ def export_card(card: BackboneCard, weights: str | os.PathLike | None = None,
     backbone, _, _ = build(card, wfile)
     module = make_wrapper(backbone, card.preprocess)
     meta = {
-        "name": card.name,
+        "name": card.name if precision == "fp32" else f"{card.name}-{precision}",
         "card": card.to_dict(),
         "card_digest": card.digest(),
         "weights": str(wfile) if weights is not None else card.weights,
@@ -210,4 +250,4 @@ def export_card(card: BackboneCard, weights: str | os.PathLike | None = None,
         "dim": card.dim,
         "torch_version": torch.__version__,
     }
-    return write_export(module, card.preprocess, dest, meta)
+    return write_export(module, card.preprocess, dest, meta, precision)

@@ -54,7 +54,7 @@ def freeze_same_padding(module, input_size: int):
                                                           strict=True))
         fixed = torch.nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                                 padding=0, dilation=conv.dilation, groups=conv.groups,
-                                bias=conv.bias is not None)
+                                bias=conv.bias is not None).to(conv.weight.device, conv.weight.dtype)
         fixed.load_state_dict(conv.state_dict())
         if (top, left) == (bottom, right):
             fixed.padding = (top, left)

@@ -145,3 +145,72 @@ def test_user_onnx_backbone(tmp_path):
     (tmp_path / "junk.json").write_text(json.dumps(spec))
     with pytest.raises(FeatXError, match="not a valid ONNX model"):
         resolve_backbone(tmp_path / "junk.onnx")
+
+
+def _small_card(size: int = 96):
+    import dataclasses
+
+    card = get_card("efficientnet_lite0")
+    pre = dataclasses.replace(card.preprocess, input_size=size, resize_size=size + size // 8)
+    return dataclasses.replace(card, preprocess=pre)
+
+
+@pytest.fixture(scope="module")
+def fp16_pair():
+    card = _small_card()
+    return load_export(export_card(card)), load_export(export_card(card, precision="fp16"))
+
+
+def _cosines(a, b):
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_fp16_export_is_a_float16_graph_close_to_fp32(fp16_pair):
+    b32, b16 = fp16_pair
+    assert b16.onnx_path.parent.name.endswith("-fp16")
+    assert b16.meta["precision"] == "fp16" and b32.meta["precision"] == "fp32"
+    assert b16.fingerprint != b32.fingerprint
+    m = onnx.load(str(b16.onnx_path))
+    weights = [i for i in m.graph.initializer if len(i.dims) == 4]
+    assert len(weights) == 49 and all(i.data_type == onnx.TensorProto.FLOAT16 for i in weights)
+    assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert m.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # consumers see float32
+    assert b16.meta["parity"]["max_rel_diff"] <= 5e-2  # checked against the float32 torch model
+    assert b16.meta["parity"]["min_cosine"] >= 0.999
+    x = parity_images(b32.preprocess)
+    e32, e16 = Encoder(b32, device="cpu")(x), Encoder(b16, device="cpu")(x)
+    assert e16.dtype == np.float32
+    assert _cosines(e32, e16).min() > 0.999
+
+
+def test_io_binding_gives_the_same_embeddings(fp16_pair):
+    b32, _ = fp16_pair
+    x = parity_images(b32.preprocess, n=3)
+    bound = Encoder(b32, device="cpu", io_binding=True)
+    assert bound._binds()
+    np.testing.assert_array_equal(bound(x), Encoder(b32, device="cpu", io_binding=False)(x))
+
+
+def test_cuda_embeddings_fp32_fp16_and_io_binding(fp16_pair):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu and an NVIDIA GPU")
+    b32, b16 = fp16_pair
+    x = parity_images(b32.preprocess)
+    ref = Encoder(b32, device="cpu")(x)
+    gpu = Encoder(b32, device="cuda")
+    assert gpu._binds()  # IO binding is the CUDA default
+    np.testing.assert_allclose(gpu(x), ref, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(Encoder(b32, device="cuda", io_binding=False)(x), ref, rtol=1e-3, atol=1e-3)
+    assert _cosines(Encoder(b16, device="cuda")(x), ref).min() > 0.999
+
+
+def test_cli_refuses_fp16_with_int8(tmp_path):
+    from click.testing import CliRunner
+
+    from featx.cli import main
+
+    r = CliRunner().invoke(main, ["export", "efficientnet_lite0", "--precision", "fp16", "--quantize", "int8",
+                                  "--calibrate", str(tmp_path)])
+    assert r.exit_code == 2 and "drop --precision" in r.output
