@@ -121,11 +121,18 @@ class FeatXGroup(click.Group):
 @click.group(cls=FeatXGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="featx")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
-def main(verbose: int) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
     """featx: transfer learning for images with a frozen ONNX backbone and cached embeddings."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    _fixed_mmap_threshold()
+    if ctx.invoked_subcommand not in TRAINING_COMMANDS:
+        _fixed_mmap_threshold()
+
+
+# torch training allocates and frees large activation tensors every step: with a fixed
+# mmap threshold each one is a fresh mmap, and page faults took half the CPU time
+TRAINING_COMMANDS = {"finetune", "compare"}
 
 
 def _fixed_mmap_threshold() -> None:
