@@ -166,7 +166,17 @@ def check_parity(module, onnx_path: str | os.PathLike, pre: Preprocess, rtol: fl
 
 
 def export_dir_for(card: BackboneCard, weights_sha: str) -> Path:
-    return exports_dir() / f"{card.name}-{weights_sha[:12]}"
+    """Where a card's export is cached. A card changed from the registered one (another input
+    size, for fine-tuning or tests) gets its own directory instead of replacing the stock export."""
+    from .cards import get_card
+    from .errors import UnknownBackboneError
+
+    name = f"{card.name}-{weights_sha[:12]}"
+    try:
+        stock = get_card(card.name).digest() == card.digest()
+    except UnknownBackboneError:
+        stock = False
+    return exports_dir() / (name if stock else f"{name}-{card.preprocess.input_size}px-{card.digest()[:8]}")
 
 
 def write_export(module, pre: Preprocess, dest_dir: Path, meta: dict, precision: str = "fp32") -> Path:

@@ -168,6 +168,9 @@ def _cosines(a, b):
 def test_fp16_export_is_a_float16_graph_close_to_fp32(fp16_pair):
     b32, b16 = fp16_pair
     assert b16.onnx_path.parent.name.endswith("-fp16")
+    # a changed card has its own directory: the stock 224 px export is not replaced
+    assert b32.onnx_path.parent != export_card(get_card("efficientnet_lite0"))
+    assert "-96px-" in b32.onnx_path.parent.name
     assert b16.meta["precision"] == "fp16" and b32.meta["precision"] == "fp32"
     assert b16.fingerprint != b32.fingerprint
     m = onnx.load(str(b16.onnx_path))

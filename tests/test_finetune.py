@@ -72,8 +72,7 @@ def _lp_backbone_dir(card):
     from featx.export import export_dir_for
     from featx.zoo import file_sha256, weights_file
 
-    d = export_dir_for(card, file_sha256(weights_file(card)))
-    return d.with_name(f"{d.name}-{card.preprocess.input_size}px")
+    return export_dir_for(card, file_sha256(weights_file(card)))
 
 
 def test_fold_head_and_linear_as_logreg_match_sklearn():

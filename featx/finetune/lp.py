@@ -25,8 +25,7 @@ def base_backbone(card: BackboneCard, module, weights_sha: str, weights: str | N
     stock = get_card(card.name)
     if card.preprocess == stock.preprocess:
         return resolve_backbone(card.name, weights=weights)
-    dest = export_dir_for(card, weights_sha).with_name(
-        f"{export_dir_for(card, weights_sha).name}-{card.preprocess.input_size}px")
+    dest = export_dir_for(card, weights_sha)
     if (dest / "model.json").is_file():
         meta = json.loads((dest / "model.json").read_text())
         if meta.get("card_digest") == card.digest():
