@@ -204,6 +204,10 @@ def register(main: click.Group) -> None:
                   help="Epochs for LP-FT and scratch (the same budget for both).")
     @click.option("--unfreeze", type=UnfreezeParam(), default=2, show_default=True)
     @click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
+    @click.option("--backbone-lr", type=click.FloatRange(0), default=None,
+                  help="LP-FT's learning rate for the unfrozen blocks (default: lr / 10; scratch uses lr).")
+    @click.option("--crop-scale", type=click.FloatRange(0, 1, min_open=True), default=0.08, show_default=True,
+                  help="Smallest area fraction of the random training crop.")
     @click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)
     @click.option("--input-size", type=click.IntRange(16, 1024), default=None,
                   help="Override the card's input size for every method (faster on CPU).")
@@ -214,8 +218,8 @@ def register(main: click.Group) -> None:
     @store_option
     @_quiet
     @json_option
-    def compare_cmd(train, test, per_class, methods, out, backbone, epochs, unfreeze, lr, batch_size,
-                    input_size, test_per_class, seed, device, store, quiet, as_json):
+    def compare_cmd(train, test, per_class, methods, out, backbone, epochs, unfreeze, lr, backbone_lr, crop_scale,
+                    batch_size, input_size, test_per_class, seed, device, store, quiet, as_json):
         """Accuracy and wall time vs images per class: frozen + logreg, LP-FT, scratch."""
         from .compare import compare, parse_per_class
 
@@ -225,7 +229,8 @@ def register(main: click.Group) -> None:
             r = compare(train, test, out=out, per_class=per_class,
                         methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                         backbone=backbone, epochs=epochs, unfreeze=unfreeze,
-                        lr=lr, batch_size=batch_size, input_size=input_size,
+                        lr=lr, backbone_lr=backbone_lr, crop_scale=crop_scale, batch_size=batch_size,
+                        input_size=input_size,
                         test_per_class=test_per_class, seed=seed, device=device, store=store, progress=p)
         finally:
             p.close()

@@ -75,7 +75,8 @@ class CompareResult:
 
 def compare(train, test=None, *, out: str | os.PathLike = "report", per_class="5,20,100,all",
             methods: tuple[str, ...] = METHODS, backbone: str = DEFAULT_BACKBONE, epochs: int = 5,
-            unfreeze: int | str = 2, lr: float = 1e-3, batch_size: int = 32, input_size: int | None = None,
+            unfreeze: int | str = 2, lr: float = 1e-3, backbone_lr: float | None = None,
+            crop_scale: float = 0.08, batch_size: int = 32, input_size: int | None = None,
             test_per_class: int | None = None, seed: int = 0, device: str = "auto",
             store: str | os.PathLike | None = None, keep_runs: bool = False,
             progress: ProgressFn = _noop) -> CompareResult:
@@ -109,9 +110,9 @@ def compare(train, test=None, *, out: str | os.PathLike = "report", per_class="5
     torch_device(device)  # an impossible --device fails before any work
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = FinetuneConfig(backbone=backbone, unfreeze=unfreeze, epochs=epochs, lr=lr,
-                         batch_size=batch_size, input_size=input_size, seed=seed, val_fraction=0.0,
-                         patience=None)
+    cfg = FinetuneConfig(backbone=backbone, unfreeze=unfreeze, epochs=epochs, lr=lr, backbone_lr=backbone_lr,
+                         crop_scale=crop_scale, batch_size=batch_size, input_size=input_size, seed=seed,
+                         val_fraction=0.0, patience=None)
     card = card_for(cfg)
     cfg.validate(card)
 
@@ -186,7 +187,8 @@ def compare(train, test=None, *, out: str | os.PathLike = "report", per_class="5
             progress(f"{method} @ {n_label}/class", 1, 1)
             write_json(out / "compare.json", _report(rows, {}))  # partial results survive a kill
     config = {"backbone": backbone, "fingerprint": bb.fingerprint, "input_size": card.preprocess.input_size,
-              "epochs": epochs, "unfreeze": unfreeze, "lr": lr, "batch_size": batch_size, "seed": seed,
+              "epochs": epochs, "unfreeze": unfreeze, "lr": lr, "backbone_lr": cfg.backbone_lr,
+              "crop_scale": crop_scale, "batch_size": batch_size, "seed": seed,
               "device": str(torch_device(device)), "classes": files.classes,
               "test_images": len(y_te), "test_source": test_source,
               "embed_seconds_total": round(embed_s, 2),

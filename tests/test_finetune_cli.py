@@ -68,8 +68,10 @@ def test_compare_cli_writes_table_and_curve(data, tmp_path):
     out = tmp_path / "report"
     r = invoke("compare", data, "--test", test, "--per-class", "2,all", "--methods", "frozen,lpft",
                "--epochs", 1, "--input-size", 64, "--batch-size", 4, "--unfreeze", 1,
-               "--device", "cpu", "--out", out, "--json")
+               "--backbone-lr", 3e-4, "--crop-scale", 0.5, "--device", "cpu", "--out", out, "--json")
     assert r.exit_code == 0, r.output
+    config = json.loads(r.stdout)["config"]
+    assert (config["backbone_lr"], config["crop_scale"]) == (3e-4, 0.5)
     rows = json.loads(r.stdout)["rows"]
     assert [(x["per_class"], x["method"]) for x in rows] == [
         (2, "frozen"), (2, "lpft"), ("all", "frozen"), ("all", "lpft")]
