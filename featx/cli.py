@@ -229,7 +229,8 @@ def export(name: str, weights: str | None, preprocess: str | None, force: bool, 
              f"fingerprint {bb.fingerprint}"]
     if parity:
         lines.append(f"  parity vs torch on {parity['images']} photos: max abs diff "
-                     f"{parity['max_abs_diff']:.2e} (relative {parity['max_rel_diff']:.2e})")
+                     f"{parity['max_abs_diff']:.2e} (relative {parity['max_rel_diff']:.2e})"
+                     + (f", min cosine {parity['min_cosine']:.5f}" if "min_cosine" in parity else ""))
     if quantize:
         from .quantize import quantize_backbone
 
