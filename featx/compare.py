@@ -31,7 +31,7 @@ from .pipeline import ProgressFn, _noop
 log = logging.getLogger(__name__)
 
 METHODS = ("frozen", "lpft", "scratch")
-LABELS = {"frozen": "frozen + logistic regression", "lpft": "LP-FT (top blocks)",
+LABELS = {"frozen": "frozen + logistic regression", "lpft": "LP-FT",
           "scratch": "same architecture from scratch"}
 
 
