@@ -53,6 +53,14 @@ class ExtractResult:
         }
 
 
+def scan_images(root: Path) -> ScanResult:
+    """``images.scan``, refusing a folder with no image in it (both engines start here)."""
+    found = scan(root)
+    if not found.items:
+        raise FeatXError(f"{root}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return found
+
+
 def default_out(root: Path) -> Path:
     return Path.cwd() / f"{root.resolve().name or 'images'}.featx.parquet"
 
@@ -87,9 +95,7 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
     t0 = time.perf_counter()
     root = Path(root)
     progress("scan", 0, 0)
-    found = scan(root)
-    if not found.items:
-        raise FeatXError(f"{root}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    found = scan_images(root)
     progress("backbone", 0, 0)
     bb = resolve_backbone(backbone, weights=weights)
     encoder = Encoder(bb, device=device)

@@ -30,8 +30,7 @@ from .. import errors
 from ..backbone import Backbone, fingerprint_of, resolve_backbone
 from ..cards import Preprocess
 from ..errors import DeviceError, FeatXError, require
-from ..extract import ExtractResult, finish
-from ..images import scan
+from ..extract import ExtractResult, finish, scan_images
 from ..pipeline import EmbedStats, ProgressFn, _noop, decode_batch, hash_file, to_embed
 from ..runtime import DEVICES, Encoder
 from ..store import EmbeddingStore
@@ -237,9 +236,7 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
     t0 = time.perf_counter()
     root = Path(root).resolve()
     progress("scan", 0, 0)
-    found = scan(root)
-    if not found.items:
-        raise FeatXError(f"{root}: no images found")
+    found = scan_images(root)
     progress("backbone", 0, 0)
     bb = resolve_backbone(backbone, weights=weights)
     st = EmbeddingStore(bb, store)
