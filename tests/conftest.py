@@ -10,6 +10,16 @@ import pytest
 from PIL import Image
 
 
+def _fashion_mnist_available() -> bool:
+    from featx.datasets import fashion_mnist_available
+
+    return fashion_mnist_available()
+
+
+needs_fashion_mnist = pytest.mark.skipif(not _fashion_mnist_available(),
+                                         reason="needs Debian's dataset-fashion-mnist")
+
+
 def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", help="run long tests (kill/resume loops, ...)")
 

@@ -11,15 +11,16 @@ import pytest
 from click.testing import CliRunner
 
 from featx.cli import main
-from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist, fashion_mnist_available, subsample
+from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist, subsample
 from featx.headfile import save_head
 from featx.heads import fit_head
 from featx.images import load_image
 from featx.predict import embed_arrays, predict
 from featx.runtime import make_session
 
-pytestmark = pytest.mark.skipif(not fashion_mnist_available(),
-                                reason="needs Debian's dataset-fashion-mnist")
+from .conftest import needs_fashion_mnist
+
+pytestmark = needs_fashion_mnist
 
 
 @pytest.fixture(scope="module")

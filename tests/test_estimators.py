@@ -15,9 +15,11 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from featx import FeatXClassifier, FeatXEmbedder
 from featx.cli import main
-from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist, fashion_mnist_available, subsample
+from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist, subsample
 from featx.errors import FeatXError
 from featx.estimators import ImageInputError
+
+from .conftest import needs_fashion_mnist
 
 # ---- sklearn's estimator checks --------------------------------------------------------------
 # These checks fit on random float feature matrices (n_samples, n_features). featx estimators
@@ -83,7 +85,6 @@ def test_sklearn_estimator_checks(estimator, check):
 
 # ---- the contract on real images -------------------------------------------------------------
 
-needs_fm = pytest.mark.skipif(not fashion_mnist_available(), reason="needs dataset-fashion-mnist")
 KEEP = [1, 5, 8]  # trouser, sandal, bag
 
 
@@ -99,7 +100,7 @@ def arrays():
     return x[train], y[train], x[test], y[test]
 
 
-@needs_fm
+@needs_fashion_mnist
 def test_classifier_on_arrays(arrays):
     X, y, Xt, yt = arrays
     clf = FeatXClassifier(C=1.0)
@@ -127,7 +128,7 @@ def test_classifier_on_arrays(arrays):
     assert ((d2 > 0) == (b.predict(Xt) == b.classes_[1])).all()
 
 
-@needs_fm
+@needs_fashion_mnist
 def test_clone_params_and_pickle(arrays):
     X, y, Xt, _ = arrays
     clf = FeatXClassifier(head="logreg", C=0.5, class_weight="balanced", seed=3)
@@ -145,7 +146,7 @@ def test_clone_params_and_pickle(arrays):
     np.testing.assert_array_equal(back.predict_proba(Xt), clf.predict_proba(Xt))
 
 
-@needs_fm
+@needs_fashion_mnist
 def test_pipeline_gridsearch_cross_val(arrays):
     X, y, Xt, yt = arrays
     pipe = Pipeline([("embed", FeatXEmbedder()), ("clf", LogisticRegression(max_iter=1000))])
@@ -157,7 +158,7 @@ def test_pipeline_gridsearch_cross_val(arrays):
     assert scores.shape == (2,) and scores.mean() >= 0.7
 
 
-@needs_fm
+@needs_fashion_mnist
 def test_embedder(arrays, lite0):
     X = arrays[0][:4]
     emb = FeatXEmbedder()
@@ -169,7 +170,7 @@ def test_embedder(arrays, lite0):
     np.testing.assert_allclose(emb.transform(np.repeat(X[..., None], 3, axis=3)), E, atol=1e-5)
 
 
-@needs_fm
+@needs_fashion_mnist
 def test_classifier_on_paths_shares_the_cli_cache(tmp_path, lite0):
     from featx.datasets import write_image_folder
     from featx.images import scan
@@ -218,7 +219,7 @@ def test_bad_input_is_refused_clearly(tmp_path):
         FeatXEmbedder().transform([str(tmp_path / "broken.png")])
 
 
-@needs_fm
+@needs_fashion_mnist
 def test_arrays_embedded_before_an_error_are_kept(lite0):
     from featx.errors import ImageError
     from featx.predict import array_key, embed_arrays

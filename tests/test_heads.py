@@ -16,14 +16,15 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from featx.backbone import resolve_backbone
-from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist, fashion_mnist_available, subsample
+from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist, subsample
 from featx.errors import FeatXError
 from featx.headfile import HeadFileError, load_head, read_header, save_head
 from featx.heads import C_GRID, fit_head
 from featx.predict import embed_arrays, head_proba
 
-pytestmark = pytest.mark.skipif(not fashion_mnist_available(),
-                                reason="needs Debian's dataset-fashion-mnist")
+from .conftest import needs_fashion_mnist
+
+pytestmark = needs_fashion_mnist
 
 CLASSES = [0, 1, 4, 8]  # t-shirt, trouser, coat, bag
 

@@ -19,15 +19,15 @@ from featx.cli import main
 from featx.datasets import (
     FASHION_MNIST_CLASSES,
     fashion_mnist,
-    fashion_mnist_available,
     subsample,
     write_image_folder,
 )
 from featx.headfile import load_head, save_head
 from featx.store import EmbeddingStore
 
-pytestmark = pytest.mark.skipif(not fashion_mnist_available(),
-                                reason="needs Debian's dataset-fashion-mnist")
+from .conftest import needs_fashion_mnist
+
+pytestmark = needs_fashion_mnist
 
 KEEP = [0, 1, 8]  # t-shirt, trouser, bag
 

@@ -8,15 +8,15 @@ from featx.cli import main
 from featx.datasets import (
     FASHION_MNIST_CLASSES,
     fashion_mnist,
-    fashion_mnist_available,
     subsample,
     write_image_folder,
 )
 from featx.extract import extract
 from featx.quantize import QuantizationRefused, quantize_backbone
 
-pytestmark = pytest.mark.skipif(not fashion_mnist_available(),
-                                reason="needs Debian's dataset-fashion-mnist")
+from .conftest import needs_fashion_mnist
+
+pytestmark = needs_fashion_mnist
 
 
 @pytest.fixture(scope="module")
