@@ -98,7 +98,7 @@ def run_cli(args: list[str], env: dict) -> tuple[dict, float, float]:
 
 
 def ort_alone(backbone, pixels: np.ndarray, batch: int, spin: bool, model_batch: int | None) -> float:
-    from featx.runtime import Encoder
+    from featx.embed.runtime import Encoder
 
     enc = Encoder(backbone, device="cpu", spin=spin, model_batch=model_batch)
     enc(pixels[:batch])  # warm-up
@@ -112,8 +112,8 @@ def decode_only(folder: Path, pre, batch: int, workers: int) -> float:
     """Read + decode + resize + crop with featx's reader pool and no model: the decode ceiling."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from featx.images import scan
-    from featx.pipeline import bounded_map, chunks, decode_batch
+    from featx.embed.images import scan
+    from featx.engines.local import bounded_map, chunks, decode_batch
 
     items = [(i, str(folder / it.path), "") for i, it in enumerate(scan(folder).items)]
     t = time.perf_counter()
@@ -128,8 +128,8 @@ def torch_baseline(folder: Path, batch: int, workers: int) -> float:
     import torch
     from torchvision import datasets, transforms
 
-    from featx.cards import get_card
-    from featx.zoo import build
+    from featx.backbones.cards import get_card
+    from featx.backbones.zoo import build
 
     card = get_card("efficientnet_lite0")
     model, _, _ = build(card)
@@ -160,8 +160,8 @@ def main() -> None:
     ap.add_argument("--skip-10x", action="store_true", help="skip the 10x peak-RSS run")
     a = ap.parse_args()
 
-    from featx.backbone import resolve_backbone
-    from featx.images import load_image, scan
+    from featx.backbones.resolve import resolve_backbone
+    from featx.embed.images import load_image, scan
 
     photos = make_photos(a.data / f"photos{a.n}", a.n)
     home = Path(tempfile.mkdtemp(prefix="featx-bench-home-"))

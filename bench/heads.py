@@ -40,8 +40,8 @@ def main() -> None:
     from sklearn.preprocessing import StandardScaler
 
     from featx.datasets import subsample
-    from featx.heads import C_GRID, fit_head
-    from featx.table import read_table
+    from featx.embed.table import read_table
+    from featx.heads.fit import C_GRID, fit_head
 
     warnings.simplefilter("ignore", ConvergenceWarning)
     tr, te = read_table(a.train), read_table(a.test)

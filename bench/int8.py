@@ -20,7 +20,7 @@ import numpy as np
 
 
 def model_ips(bb, pixels: np.ndarray, batch: int = 32, seconds: float = 6.0) -> float:
-    from featx.runtime import Encoder
+    from featx.embed.runtime import Encoder
 
     enc = Encoder(bb, device="cpu")
     enc(pixels[:batch])
@@ -38,11 +38,11 @@ def main() -> None:
     ap.add_argument("--guard-images", type=int, default=2000)
     a = ap.parse_args()
 
-    from featx.backbone import resolve_backbone
+    from featx.backbones.quantize import quantize_backbone
+    from featx.backbones.resolve import resolve_backbone
     from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist, subsample, write_image_folder
+    from featx.embed.images import load_image, scan
     from featx.extract import extract
-    from featx.images import load_image, scan
-    from featx.quantize import quantize_backbone
 
     x, y = fashion_mnist("train")
     idx = subsample(y, a.per_class, seed=3)

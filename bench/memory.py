@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--photos", type=int, default=200)
     a = ap.parse_args()
 
-    from featx.backbone import resolve_backbone
+    from featx.backbones.resolve import resolve_backbone
     from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist, write_image_folder
 
     tmp = Path(tempfile.gettempdir())

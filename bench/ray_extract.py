@@ -38,10 +38,9 @@ def main() -> None:
 
     import ray
 
-    from featx.backbone import resolve_backbone
-    from featx.engines.ray import extract as ray_extract
+    from featx.backbones.resolve import resolve_backbone
+    from featx.embed.images import scan
     from featx.extract import extract as local_extract
-    from featx.images import scan
 
     folder = args.folder or fashion_folder(args.images)
     bb = resolve_backbone(args.backbone)
@@ -55,8 +54,9 @@ def main() -> None:
     ray_start = time.perf_counter() - t
     try:
         rows = []
-        for name, fn in (("local", local_extract), ("ray", ray_extract)):
-            r = fn(folder, bb, store=tmp / name, write=False, batch_size=args.batch_size, device="cpu")
+        for name in ("local", "ray"):
+            r = local_extract(folder, bb, store=tmp / name, write=False, batch_size=args.batch_size,
+                              device="cpu", engine=name)
             rows.append((name, r))
     finally:
         ray.shutdown()

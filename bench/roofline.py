@@ -69,9 +69,9 @@ def traced_only_export(name: str, dest: Path) -> Path:
 
     import torch
 
-    from featx.cards import get_card
-    from featx.export import make_wrapper
-    from featx.zoo import build
+    from featx.backbones.cards import get_card
+    from featx.backbones.export import make_wrapper
+    from featx.backbones.zoo import build
 
     card = get_card(name)
     module = make_wrapper(build(card)[0], card.preprocess)
@@ -90,10 +90,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a smaller grid")
     a = ap.parse_args()
 
-    from featx.backbone import resolve_backbone
-    from featx.export import parity_images
-    from featx.flops import count_flops
-    from featx.runtime import physical_cores
+    from featx.backbones.export import parity_images
+    from featx.backbones.flops import count_flops
+    from featx.backbones.resolve import resolve_backbone
+    from featx.embed.runtime import physical_cores
 
     bb = resolve_backbone(a.backbone)
     flops = count_flops(bb.onnx_path)
@@ -123,7 +123,7 @@ def main() -> None:
         rows.append({"label": label, "batch": batch, "threads": threads, "level": level, "spin": spin,
                      "images_per_second": ips, "fraction_of_sgemm": frac})
         print(f"  {label:<32} {ips:7.1f} img/s  {ips * flops / 1e9:6.1f} GFLOP/s  {frac:5.0%} of ceiling")
-    from featx.runtime import Encoder
+    from featx.embed.runtime import Encoder
 
     enc = Encoder(bb, device="cpu")  # featx's default: decode batches of 32, sub-batches of 4, no spin
     enc(pixels[:32])

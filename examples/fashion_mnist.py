@@ -39,8 +39,8 @@ def main() -> None:
     from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist, subsample, write_image_folder
     from featx.evaluate import evaluate
     from featx.extract import extract
-    from featx.headfile import save_head
-    from featx.heads import fit_head
+    from featx.heads.fit import fit_head
+    from featx.heads.headfile import save_head
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="100,1000,all",
@@ -64,7 +64,7 @@ def main() -> None:
     train, x_train = tables["train"]
     test, x_test = tables["test"]
     bb = train_bb = None
-    from featx.backbone import resolve_backbone
+    from featx.backbones.resolve import resolve_backbone
 
     bb = train_bb = resolve_backbone(train.meta["backbone_path"])
     names = np.array(train.labels)

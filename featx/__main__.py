@@ -1,5 +1,5 @@
 """`python -m featx`."""
 
-from featx.cli import main
+from featx.cli.main import main
 
 main()

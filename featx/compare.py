@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .cards import DEFAULT_BACKBONE
-from .errors import FeatXError
-from .finetune.data import labelled_files, stratified_split
-from .finetune.runlog import write_json
-from .pipeline import ProgressFn, _noop
+from featx.backbones.cards import DEFAULT_BACKBONE
+from featx.errors import FeatXError
+from featx.finetune.data import labelled_files, stratified_split
+from featx.finetune.runlog import write_json
+from featx.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def compare(train, test=None, *, out: str | os.PathLike = "report", per_class="5
             crop_scale: float = 0.08, batch_size: int = 32, input_size: int | None = None,
             test_per_class: int | None = None, seed: int = 0, device: str = "auto",
             store: str | os.PathLike | None = None, keep_runs: bool = False,
-            progress: ProgressFn = _noop) -> CompareResult:
+            progress: ProgressFn = no_progress) -> CompareResult:
     """Accuracy and wall time vs images per class for frozen+logreg, LP-FT and scratch.
 
     ``test`` is a folder or (paths, labels); without it 20% of ``train`` is
@@ -87,13 +87,13 @@ def compare(train, test=None, *, out: str | os.PathLike = "report", per_class="5
     Fine-tuning runs use no validation split and no early stopping, so every
     method sees exactly the same images for the same number of epochs.
     """
-    from .finetune import FinetuneConfig, base_backbone, card_for, finetune
-    from .finetune.loop import torch_device
-    from .heads import fit_head
-    from .pipeline import embed_files
-    from .runtime import Encoder
-    from .store import EmbeddingStore
-    from .zoo import build
+    from featx.backbones.zoo import build
+    from featx.embed.runtime import Encoder
+    from featx.embed.store import EmbeddingStore
+    from featx.engines.local import embed_files
+    from featx.finetune import FinetuneConfig, base_backbone, card_for, finetune
+    from featx.finetune.loop import torch_device
+    from featx.heads.fit import fit_head
 
     unknown = set(methods) - set(METHODS)
     if unknown or not methods:
@@ -119,7 +119,7 @@ def compare(train, test=None, *, out: str | os.PathLike = "report", per_class="5
     # frozen embeddings of every image any size uses, through the store (cached)
     progress("backbone", 0, 0)
     module, _, wsha = build(card)
-    from .export import make_wrapper
+    from featx.backbones.export import make_wrapper
 
     bb = base_backbone(card, make_wrapper(module, card.preprocess), wsha, None)
     del module
@@ -200,7 +200,7 @@ def compare(train, test=None, *, out: str | os.PathLike = "report", per_class="5
 
 def _time_embedding(paths: list[str], enc) -> float | None:
     """Seconds per image to decode, preprocess and embed ``paths`` (one warm batch)."""
-    from .pipeline import decode_batch
+    from featx.engines.local import decode_batch
 
     items = [(i, p, "") for i, p in enumerate(paths)]
     enc(decode_batch(items[:2], enc.backbone.preprocess)[2])  # warm-up

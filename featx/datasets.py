@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FeatXError
+from featx.errors import FeatXError
 
 FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",

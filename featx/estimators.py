@@ -21,8 +21,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 
-from .cards import DEFAULT_BACKBONE
-from .errors import FeatXError
+from featx.backbones.cards import DEFAULT_BACKBONE
+from featx.errors import FeatXError
 
 
 class ImageInputError(FeatXError, ValueError):
@@ -51,7 +51,7 @@ def _as_images(X, who: str) -> tuple[str, Sequence]:
             raise ImageInputError(
                 f"{who} takes images: image paths, or uint8 arrays shaped (N, H, W) or "
                 f"(N, H, W, 3); got a {X.dtype} array of shape {X.shape}. To fit on "
-                "precomputed embeddings use featx.heads.fit_head or a plain sklearn estimator.")
+                "precomputed embeddings use featx.heads.fit.fit_head or a plain sklearn estimator.")
     if not isinstance(X, Sequence) or isinstance(X, bytes):
         raise ImageInputError(f"{who} takes a sequence of image paths or uint8 arrays, "
                               f"got {type(X).__name__}")
@@ -69,8 +69,8 @@ def _as_images(X, who: str) -> tuple[str, Sequence]:
 def embed_images(X, backbone, *, device: str = "auto", store=None, batch_size: int = 32,
                  workers: int | None = None, who: str = "FeatXEmbedder") -> np.ndarray:
     """Embeddings (N, dim) float32 of a batch of images, in input order, via the shared cache."""
-    from .backbone import resolve_backbone
-    from .predict import embed_arrays, embed_paths
+    from featx.backbones.resolve import resolve_backbone
+    from featx.predict import embed_arrays, embed_paths
 
     kind, items = _as_images(X, who)
     bb = resolve_backbone(backbone)
@@ -124,7 +124,7 @@ class FeatXEmbedder(TransformerMixin, BaseEstimator):
                             who=type(self).__name__)
 
     def get_feature_names_out(self, input_features=None) -> np.ndarray:
-        from .backbone import resolve_backbone
+        from featx.backbones.resolve import resolve_backbone
 
         dim = resolve_backbone(self.backbone).dim
         return np.asarray([f"embedding{i}" for i in range(dim)], dtype=object)
@@ -141,7 +141,7 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
     """A frozen backbone + a featx head (scaler + logreg / linear SVM / RBF SVM) on images.
 
     ``fit`` embeds the images (through the shared cache) and calls
-    ``featx.heads.fit_head``; ``C="auto"`` picks C by stratified CV. Fitted
+    ``featx.heads.fit.fit_head``; ``C="auto"`` picks C by stratified CV. Fitted
     attributes: ``classes_``, ``pipeline_`` (the sklearn head on embeddings),
     ``report_`` (C, CV score and spread, class counts), ``backbone_fingerprint_``.
 
@@ -198,8 +198,8 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y):
         """Embed ``X`` and fit the head on labels ``y``; returns self."""
-        from .backbone import resolve_backbone
-        from .heads import fit_head
+        from featx.backbones.resolve import resolve_backbone
+        from featx.heads.fit import fit_head
 
         if y is None:
             raise ImageInputError(f"{type(self).__name__} requires y to be passed, but the target y is None")
@@ -233,9 +233,9 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         """LP-FT through featx.finetune; the run's head becomes ``pipeline_``."""
         import tempfile
 
-        from .finetune import finetune
-        from .headfile import load_head
-        from .paths import home
+        from featx.finetune import finetune
+        from featx.heads.headfile import load_head
+        from featx.paths import home
 
         # zero-padded codes sort like classes_, so the run's class j is classes_[j]
         names = [f"{int(c):06d}" for c in codes]
@@ -259,8 +259,8 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         return self
 
     def _embed_fitted(self, X) -> np.ndarray:
-        from .backbone import resolve_backbone
-        from .errors import MismatchError
+        from featx.backbones.resolve import resolve_backbone
+        from featx.errors import MismatchError
 
         check_is_fitted(self)
         fp = resolve_backbone(self._fitted_backbone()).fingerprint
@@ -272,7 +272,7 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
 
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities (N, n_classes), columns in ``classes_`` order."""
-        from .heads import one_blas_thread
+        from featx.heads.fit import one_blas_thread
 
         check_is_fitted(self)
         E = self._embed_fitted(X)
@@ -295,7 +295,7 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         give log-probabilities (log-odds of ``classes_[1]`` for two classes), whose
         ordering matches ``predict_proba``.
         """
-        from .heads import one_blas_thread
+        from featx.heads.fit import one_blas_thread
 
         check_is_fitted(self)
         E = self._embed_fitted(X)
@@ -310,8 +310,8 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
 
     def save_head(self, path: str | os.PathLike):
         """Write a featx head file, usable by ``featx predict/evaluate/export-classifier``."""
-        from .backbone import resolve_backbone
-        from .headfile import save_head
+        from featx.backbones.resolve import resolve_backbone
+        from featx.heads.headfile import save_head
 
         check_is_fitted(self)
         bb = resolve_backbone(self._fitted_backbone())

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbone import Backbone
-from .errors import FeatXError
-from .headfile import Head, load_head
-from .pipeline import ProgressFn, _noop
-from .predict import PredictResult, predict
+from featx.backbones.artifact import Backbone
+from featx.errors import FeatXError
+from featx.heads.headfile import Head, load_head
+from featx.predict import PredictResult, predict
+from featx.progress import ProgressFn, no_progress
 
 
 @dataclass
@@ -75,7 +75,7 @@ def evaluate(head: Head | str | os.PathLike, root: str | os.PathLike, *,
              out_dir: str | os.PathLike | None = None,
              backbone: str | os.PathLike | Backbone | None = None, device: str = "auto",
              store: str | os.PathLike | None = None, batch_size: int = 32,
-             workers: int | None = None, progress: ProgressFn = _noop) -> EvalResult:
+             workers: int | None = None, progress: ProgressFn = no_progress) -> EvalResult:
     """Evaluate ``head`` on the labelled ImageFolder ``root``.
 
     Writes ``metrics.json`` and ``confusion_matrix.png`` into ``out_dir`` (when

@@ -1,6 +1,6 @@
 """Predict with a head: images -> embeddings (through the shared cache) -> probabilities.
 
-Files go through ``featx.pipeline.embed_files`` into the same embedding store
+Files go through ``featx.engines.local.embed_files`` into the same embedding store
 as ``featx extract``, so an image embedded once is never run again. In-memory
 uint8 arrays (the sklearn API) are keyed by a hash of their pixels and shape
 and cached in the same store.
@@ -18,14 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbone import Backbone
-from .errors import FeatXError
-from .headfile import Head, head_backbone, load_head
-from .images import IMAGE_EXTENSIONS, array_to_pil, resize_crop, scan
-from .pipeline import ProgressFn, _noop, embed_files
-from .runtime import Encoder
-from .statcache import StatCache
-from .store import EmbeddingStore
+from featx.backbones.artifact import Backbone
+from featx.embed.images import IMAGE_EXTENSIONS, array_to_pil, resize_crop, scan
+from featx.embed.runtime import Encoder
+from featx.embed.statcache import StatCache
+from featx.embed.store import EmbeddingStore
+from featx.engines.local import embed_files
+from featx.errors import FeatXError
+from featx.heads.headfile import Head, head_backbone, load_head
+from featx.heads.proba import head_class_columns, head_proba
+from featx.progress import ProgressFn, no_progress
 
 _RUNTIMES: dict[tuple, tuple[Encoder, EmbeddingStore]] = {}
 _LOCK = threading.Lock()
@@ -75,7 +77,7 @@ def collect_files(inputs: list[str | os.PathLike]) -> tuple[list[str], list[str 
 def embed_paths(files: list[str], bb: Backbone, *, device: str = "auto",
                 store: str | os.PathLike | None = None, batch_size: int = 32,
                 workers: int | None = None, data_root: str | os.PathLike | None = None,
-                progress: ProgressFn = _noop) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+                progress: ProgressFn = no_progress) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
     """Embeddings of the readable ``files``: (X, indices of those files, failures).
 
     With ``data_root`` (the one folder the files come from), the stat record that
@@ -128,34 +130,6 @@ def embed_arrays(images, bb: Backbone, *, device: str = "auto",
     return st.get(keys) if keys else np.zeros((0, bb.dim), np.float32)
 
 
-def head_class_columns(head: Head) -> list[str]:
-    """Class name of each ``predict_proba`` column (heads are trained on codes 0..K-1,
-    but a pipeline built elsewhere may carry the names themselves)."""
-    cls = getattr(head.pipeline, "classes_", None)
-    if cls is None:
-        return list(head.classes)
-    out = []
-    for c in np.asarray(cls).tolist():
-        if isinstance(c, (int, np.integer)) and 0 <= int(c) < len(head.classes):
-            out.append(head.classes[int(c)])
-        else:
-            out.append(str(c))
-    return out
-
-
-def head_proba(head: Head, X: np.ndarray) -> np.ndarray:
-    """Probabilities (N, K) with columns in ``head_class_columns`` order."""
-    if X.shape[1:] != (head.meta.get("backbone", {}).get("dim", X.shape[1]),):
-        raise FeatXError(f"embeddings have dim {X.shape[1]}, the head expects "
-                         f"{head.meta['backbone']['dim']}")
-    if len(X) == 0:
-        return np.zeros((0, len(head_class_columns(head))))
-    from .heads import one_blas_thread
-
-    with one_blas_thread():
-        return np.asarray(head.pipeline.predict_proba(X), dtype=np.float64)
-
-
 @dataclass
 class PredictResult:
     """Per-image predictions; ``files[i]`` has ``labels[i]`` and ``proba[i]`` (over ``classes``)."""
@@ -181,7 +155,7 @@ class PredictResult:
 def predict(head: Head | str | os.PathLike, inputs: list[str | os.PathLike], *,
             backbone: str | os.PathLike | Backbone | None = None, device: str = "auto",
             store: str | os.PathLike | None = None, batch_size: int = 32,
-            workers: int | None = None, progress: ProgressFn = _noop) -> PredictResult:
+            workers: int | None = None, progress: ProgressFn = no_progress) -> PredictResult:
     """Predict every image in ``inputs`` (files and/or folders) with ``head``.
 
     The label is the class with the highest probability. Unreadable files are

@@ -44,7 +44,7 @@ def featx_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def lite0(featx_home):
     """The real default backbone, exported once per session."""
-    from featx.backbone import resolve_backbone
+    from featx.backbones.resolve import resolve_backbone
 
     return resolve_backbone("efficientnet_lite0")
 

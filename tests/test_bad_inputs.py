@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from featx.cards import Preprocess
+from featx.backbones.cards import Preprocess
+from featx.embed.images import load_image
 from featx.errors import ImageError
 from featx.extract import extract
-from featx.images import load_image
 
 from .conftest import make_image_folder
 

@@ -1,6 +1,6 @@
 import pytest
 
-from featx.cards import Preprocess, get_card, list_cards, registry
+from featx.backbones.cards import Preprocess, get_card, list_cards, registry
 from featx.errors import FeatXError, UnknownBackboneError
 
 REQUIRED = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18", "resnet50",

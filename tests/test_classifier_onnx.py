@@ -12,11 +12,11 @@ from click.testing import CliRunner
 
 from featx.cli import main
 from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist, subsample
-from featx.headfile import save_head
-from featx.heads import fit_head
-from featx.images import load_image
+from featx.embed.images import load_image
+from featx.embed.runtime import make_session
+from featx.heads.fit import fit_head
+from featx.heads.headfile import save_head
 from featx.predict import embed_arrays, predict
-from featx.runtime import make_session
 
 from .conftest import needs_fashion_mnist
 
@@ -74,7 +74,7 @@ def test_bare_logistic_regression_head(data, lite0, tmp_path):
     """A head that is a bare LogisticRegression (as a fine-tuning run writes), classes_ = names."""
     from sklearn.linear_model import LogisticRegression
 
-    from featx.classifier_onnx import export_classifier
+    from featx.heads.onnx_classifier import export_classifier
 
     X, names, folder = data
     lr = LogisticRegression(C=0.1, max_iter=1000).fit(X, names)

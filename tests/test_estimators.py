@@ -173,8 +173,8 @@ def test_embedder(arrays, lite0):
 @needs_fashion_mnist
 def test_classifier_on_paths_shares_the_cli_cache(tmp_path, lite0):
     from featx.datasets import write_image_folder
-    from featx.images import scan
-    from featx.store import EmbeddingStore
+    from featx.embed.images import scan
+    from featx.embed.store import EmbeddingStore
 
     x, y = fashion_mnist("test")
     idx = subsample(y, 4, seed=11)
@@ -221,9 +221,9 @@ def test_bad_input_is_refused_clearly(tmp_path):
 
 @needs_fashion_mnist
 def test_arrays_embedded_before_an_error_are_kept(lite0):
+    from featx.embed.store import EmbeddingStore
     from featx.errors import ImageError
     from featx.predict import array_key, embed_arrays
-    from featx.store import EmbeddingStore
 
     x, _ = fashion_mnist("test")
     imgs = [*list(x[-40:]), np.zeros(5, np.uint8)]  # the 41st is not an image
@@ -248,6 +248,6 @@ def test_classifier_finetune_path(arrays, tmp_path):
     assert clf.decision_function(xte).shape[0] == len(xte)
     assert clf.backbone_fingerprint_ != FeatXClassifier().fit(xtr, ytr).backbone_fingerprint_
     # the run's own head file predicts the same as the estimator
-    from featx.headfile import load_head
+    from featx.heads.headfile import load_head
 
     assert load_head(tmp_path / "run").fingerprint == clf.backbone_fingerprint_

@@ -8,13 +8,14 @@ import onnx
 import pytest
 import torch
 
-from featx.backbone import load_export, resolve_backbone
-from featx.cards import get_card
+from featx.backbones.artifact import load_export
+from featx.backbones.cards import get_card
+from featx.backbones.export import export_card, parity_images
+from featx.backbones.resolve import resolve_backbone
+from featx.backbones.zoo import build
+from featx.embed.images import load_image
+from featx.embed.runtime import Encoder
 from featx.errors import FeatXError, MismatchError
-from featx.export import export_card, parity_images
-from featx.images import load_image
-from featx.runtime import Encoder
-from featx.zoo import build
 
 IMAGENET_CATS = {281: "tabby", 282: "tiger cat", 285: "Egyptian cat"}
 
@@ -44,8 +45,8 @@ def test_export_graph_is_static_plain_convs(lite0):
 def test_freeze_same_padding_computes_the_same_function(size):
     from timm.layers.conv2d_same import Conv2dSame
 
-    from featx.export import make_wrapper
-    from featx.same_pad import freeze_same_padding
+    from featx.backbones.export import make_wrapper
+    from featx.backbones.same_pad import freeze_same_padding
 
     backbone, _, _ = build(get_card("efficientnet_lite0"))
     module = make_wrapper(backbone, get_card("efficientnet_lite0").preprocess)
@@ -72,7 +73,7 @@ def test_chelsea_is_a_cat(lite0):
 
 def test_onnx_matches_torch_any_batch(lite0):
     backbone, _, _ = build(get_card("efficientnet_lite0"))
-    from featx.export import make_wrapper
+    from featx.backbones.export import make_wrapper
 
     module = make_wrapper(backbone, lite0.preprocess)
     x = parity_images(lite0.preprocess, n=3)

@@ -17,10 +17,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from featx.cli import main
+from featx.embed.store import EmbeddingStore
+from featx.embed.table import read_table
 from featx.errors import DeviceError, FeatXError, StoreError
 from featx.extract import extract
-from featx.store import EmbeddingStore
-from featx.table import read_table
 
 from .conftest import make_image_folder
 
@@ -313,7 +313,7 @@ def test_mixed_dims_refused(lite0, tmp_path):
 
 def test_streamed_table_equals_in_memory_table(lite0, tmp_path):
     """iter_get in small chunks over several shards, and the chunked table writer, change nothing."""
-    from featx.table import EmbeddingTable, write_table
+    from featx.embed.table import EmbeddingTable, write_table
 
     st = EmbeddingStore(lite0, tmp_path / "s")
     rng = np.random.default_rng(0)

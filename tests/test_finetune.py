@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from featx.backbone import resolve_backbone
-from featx.cards import get_card
+from featx.backbones.cards import get_card
+from featx.backbones.resolve import resolve_backbone
+from featx.embed.images import load_image
+from featx.embed.runtime import Encoder
 from featx.errors import DeviceError, FeatXError
 from featx.finetune import (
     FinetuneConfig,
@@ -26,8 +28,6 @@ from featx.finetune import (
 )
 from featx.finetune.data import ImageDataset, labelled_files, random_box, stratified_split
 from featx.finetune.loop import set_trainable, train_mode
-from featx.images import load_image
-from featx.runtime import Encoder
 
 TINY = {"input_size": 64, "batch_size": 4, "epochs": 1, "unfreeze": 1, "lp_C": 1.0}
 
@@ -69,8 +69,8 @@ def test_lp_init_reproduces_the_head_before_any_step(data):
 
 
 def _lp_backbone_dir(card):
-    from featx.export import export_dir_for
-    from featx.zoo import file_sha256, weights_file
+    from featx.backbones.export import export_dir_for
+    from featx.backbones.zoo import file_sha256, weights_file
 
     return export_dir_for(card, file_sha256(weights_file(card)))
 
@@ -141,7 +141,7 @@ def test_run_exports_backbone_head_and_classifier(run, data):
     assert bb.fingerprint != base.fingerprint
     assert bb.meta["parity"]["max_rel_diff"] <= 1e-4 and bb.preprocess.input_size == 64
     # the head file + exported backbone reproduce the in-memory network
-    from featx.headfile import load_head
+    from featx.heads.headfile import load_head
 
     head = load_head(d)
     files = labelled_files(data)
@@ -242,7 +242,7 @@ def test_cuda_bf16_channels_last(data, tmp_path):
 
 
 def test_card_blocks_resolve_for_every_card():
-    from featx.cards import list_cards
+    from featx.backbones.cards import list_cards
     from featx.finetune import check_blocks
 
     for card in list_cards():

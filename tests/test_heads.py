@@ -15,12 +15,13 @@ from hypothesis import strategies as st
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from featx.backbone import resolve_backbone
+from featx.backbones.resolve import resolve_backbone
 from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist, subsample
 from featx.errors import FeatXError
-from featx.headfile import HeadFileError, load_head, read_header, save_head
-from featx.heads import C_GRID, fit_head
-from featx.predict import embed_arrays, head_proba
+from featx.heads.fit import C_GRID, fit_head
+from featx.heads.headfile import HeadFileError, load_head, read_header, save_head
+from featx.heads.proba import head_proba
+from featx.predict import embed_arrays
 
 from .conftest import needs_fashion_mnist
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featx.cards import Preprocess
+from featx.backbones.cards import Preprocess
+from featx.embed.images import decode, load_image, scan
 from featx.errors import FeatXError, ImageError
-from featx.images import decode, load_image, scan
 
 SPEC = Preprocess(input_size=64, resize_size=72, interpolation="bilinear")
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from featx.backbone import fingerprint_of, load_export
-from featx.cards import Preprocess
+from featx.backbones.artifact import fingerprint_of, load_export
+from featx.backbones.cards import Preprocess
 from featx.cli import main
 from featx.datasets import (
     FASHION_MNIST_CLASSES,
@@ -22,8 +22,8 @@ from featx.datasets import (
     subsample,
     write_image_folder,
 )
-from featx.headfile import load_head, save_head
-from featx.store import EmbeddingStore
+from featx.embed.store import EmbeddingStore
+from featx.heads.headfile import load_head, save_head
 
 from .conftest import needs_fashion_mnist
 
@@ -120,7 +120,7 @@ def test_predict_csv_json_and_bad_files(flow, head, lite0):
         assert sum(t["probability"] for t in p["top"]) == pytest.approx(1.0, abs=1e-6)
     assert len(EmbeddingStore(lite0).keys()) - before == 15
     # a folder's stat record (as extract keeps) lets the next run skip re-reading its files
-    from featx.statcache import StatCache
+    from featx.embed.statcache import StatCache
 
     rec = StatCache(store.root, flow["test"]).entries
     assert len(rec) == 15 and not any(p.endswith("broken.png") for p in rec)

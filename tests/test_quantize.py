@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from featx.backbones.quantize import QuantizationRefused, quantize_backbone
 from featx.cli import main
 from featx.datasets import (
     FASHION_MNIST_CLASSES,
@@ -12,7 +13,6 @@ from featx.datasets import (
     write_image_folder,
 )
 from featx.extract import extract
-from featx.quantize import QuantizationRefused, quantize_backbone
 
 from .conftest import needs_fashion_mnist
 

@@ -10,11 +10,14 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from featx.embed.runtime import available_providers  # noqa: E402
 from featx.engines.ray import _device_plan  # noqa: E402
-from featx.engines.ray import extract as ray_extract  # noqa: E402
 from featx.errors import DeviceError, FeatXError  # noqa: E402
 from featx.extract import extract as local_extract  # noqa: E402
-from featx.runtime import available_providers  # noqa: E402
+
+
+def ray_extract(*args, **kwargs):
+    return local_extract(*args, engine="ray", **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from featx.embed.table import EmbeddingTable, write_table
 from featx.errors import FeatXError, MismatchError
-from featx.stream_head import fit_streaming_head
-from featx.table import EmbeddingTable, write_table
+from featx.heads.streaming import fit_streaming_head
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -77,7 +77,7 @@ def test_cli_fit_head_sgd_logreg(image_folder, lite0, tmp_path):
 
     from featx.cli import main
     from featx.extract import extract
-    from featx.headfile import load_head
+    from featx.heads.headfile import load_head
 
     from .conftest import make_image_folder
 

@@ -26,14 +26,15 @@ from typing import Any
 
 import numpy as np
 
-from .. import errors
-from ..backbone import Backbone, fingerprint_of, resolve_backbone
-from ..cards import Preprocess
-from ..errors import DeviceError, FeatXError, require
-from ..extract import ExtractResult, finish, scan_images
-from ..pipeline import EmbedStats, ProgressFn, _noop, decode_batch, hash_file, to_embed
-from ..runtime import DEVICES, Encoder
-from ..store import EmbeddingStore
+from featx import errors
+from featx.backbones.artifact import Backbone, fingerprint_of
+from featx.backbones.cards import Preprocess
+from featx.embed.runtime import DEVICES, Encoder
+from featx.embed.store import EmbeddingStore
+from featx.engines.local import decode_batch, hash_file, to_embed
+from featx.engines.result import EmbedStats, EngineRun, ExtractJob
+from featx.errors import DeviceError, FeatXError, require
+from featx.progress import ProgressFn
 
 log = logging.getLogger(__name__)
 
@@ -216,46 +217,41 @@ def _translate(e: BaseException, stage: str) -> BaseException:
     return RayEngineError(f"the Ray {stage} stage failed: {type(e).__name__}: {e}")
 
 
-def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | None = None, *,
-            out: str | os.PathLike | None = None, store: str | os.PathLike | None = None,
-            weights: str | os.PathLike | None = None, batch_size: int = 32,
-            workers: int | None = None, device: str = "auto", draft: bool = True,
-            shard_size: int = 2048, progress: ProgressFn = _noop, write: bool = True,
-            address: str | None = None, actors: int | None = None, threads: int | None = None,
-            ship_model: bool = True, keep_embeddings: bool = True) -> ExtractResult:
-    """``featx.extract.extract`` on a Ray cluster; same store, same table, same report.
+@dataclasses.dataclass
+class RayEngine:
+    """The stages of the local engine on a Ray cluster; same store, same table, same report.
 
     ``address``: a running cluster ("auto", "HOST:PORT", "ray://..."); None joins the Ray
-    already initialised in this process or starts a local one (and stops it after).
-    ``root`` must be readable at the same path on every node. ``workers`` is the CPU
-    count of a local Ray this starts. ``actors``: size of the ONNX actor pool (default:
-    one per GPU, or one on CPU clusters); ``threads``: ORT threads per CPU actor.
-    ``ship_model`` sends the ONNX bytes through the object store so nodes need not
-    see the export directory. Files that cannot be read are reported, not fatal.
+    already initialised in this process or starts a local one (and stops it after), with
+    the job's ``workers`` as its CPU count. The job's root must be readable at the same
+    path on every node. ``actors``: size of the ONNX actor pool (default: one per GPU, or
+    one on CPU clusters); ``threads``: ORT threads per CPU actor. ``ship_model`` sends the
+    ONNX bytes through the object store so nodes need not see the export directory.
+    Files that cannot be read are reported, not fatal.
     """
-    t0 = time.perf_counter()
-    root = Path(root).resolve()
-    progress("scan", 0, 0)
-    found = scan_images(root)
-    progress("backbone", 0, 0)
-    bb = resolve_backbone(backbone, weights=weights)
-    st = EmbeddingStore(bb, store)
-    if batch_size < 1:
-        raise FeatXError(f"batch_size must be >= 1, got {batch_size}")
 
-    ray, started = _connect(address, workers)
-    try:
-        _quiet_data_context()
-        dev = _device_plan(ray, device)
-        keys, stats, providers = _run(ray, root, found.items, bb, st, dev, batch_size, draft,
-                                      actors, threads, ship_model, shard_size, progress)
-    finally:
-        if started:
-            ray.shutdown()
+    address: str | None = None
+    actors: int | None = None
+    threads: int | None = None
+    ship_model: bool = True
+    name: str = "ray"
 
-    provider = ",".join(sorted(providers)) or ("CUDAExecutionProvider" if dev == "cuda" else "CPUExecutionProvider")
-    return finish(root, found, bb, st, keys, stats, provider, t0, out, write, engine="ray",
-                  keep_embeddings=keep_embeddings)
+    def run(self, job: ExtractJob) -> EngineRun:
+        """Embed ``job``'s files on the cluster into its store (the driver writes every shard)."""
+        root = job.root.resolve()
+        ray, started = _connect(self.address, job.workers)
+        try:
+            _quiet_data_context()
+            dev = _device_plan(ray, job.device)
+            keys, stats, providers = _run(ray, root, job.found.items, job.backbone, job.store, dev,
+                                          job.batch_size, job.draft, self.actors, self.threads,
+                                          self.ship_model, job.shard_size, job.progress)
+        finally:
+            if started:
+                ray.shutdown()
+        provider = (",".join(sorted(providers))
+                    or ("CUDAExecutionProvider" if dev == "cuda" else "CPUExecutionProvider"))
+        return EngineRun(keys, stats, provider)
 
 
 def _session_memory(bb: Backbone) -> int:

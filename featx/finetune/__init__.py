@@ -17,11 +17,11 @@ A run directory holds everything::
     summary.json  status.json
 """
 
-from .config import FinetuneConfig, card_for, check_blocks, default_run_dir
-from .export import export_classifier, linear_as_logreg, predict_files
-from .lp import InitialNetwork, base_backbone, fold_head, init_network
-from .run import FinetuneInterrupted, FinetuneResult, arrays_as_files, finetune
+from featx.finetune.config import FinetuneConfig, card_for, check_blocks, default_run_dir
+from featx.finetune.export import export_network_classifier, linear_as_logreg, predict_files
+from featx.finetune.lp import InitialNetwork, base_backbone, fold_head, init_network
+from featx.finetune.run import FinetuneInterrupted, FinetuneResult, arrays_as_files, finetune
 
 __all__ = ["FinetuneConfig", "FinetuneInterrupted", "FinetuneResult", "InitialNetwork", "arrays_as_files",
-           "base_backbone", "card_for", "check_blocks", "default_run_dir", "export_classifier",
+           "base_backbone", "card_for", "check_blocks", "default_run_dir", "export_network_classifier",
            "finetune", "fold_head", "init_network", "linear_as_logreg", "predict_files"]

@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cards import DEFAULT_BACKBONE, BackboneCard, get_card
-from ..errors import FeatXError
+from featx.backbones.cards import DEFAULT_BACKBONE, BackboneCard, get_card
+from featx.errors import FeatXError
 
 FINETUNE_FORMAT = 1
 
@@ -39,7 +39,7 @@ class FinetuneConfig:
     seed: int = 0
 
     def validate(self, card: BackboneCard) -> None:
-        from .loop import resolve_unfreeze
+        from featx.finetune.loop import resolve_unfreeze
 
         resolve_unfreeze(card, self.unfreeze)
         for name in ("epochs", "batch_size"):
@@ -77,8 +77,8 @@ def card_for(cfg: FinetuneConfig) -> BackboneCard:
 
 def check_blocks(card: BackboneCard) -> None:
     """Raise if a card names a block its architecture does not have (random init, no weights)."""
-    from ..zoo import _instantiate
-    from .loop import _sub
+    from featx.backbones.zoo import _instantiate
+    from featx.finetune.loop import _sub
 
     model = _instantiate(card)
     for block in card.blocks:

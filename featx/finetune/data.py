@@ -1,10 +1,10 @@
 """Training data for fine-tuning: labelled files, a stratified split, augmented uint8 batches.
 
-Pixels come through ``featx.images.decode`` + ``resize_crop``, the same
+Pixels come through ``featx.embed.images.decode`` + ``resize_crop``, the same
 functions extraction and prediction use: evaluation is their centre crop,
 training is a random box (RandomResizedCrop) and flip through the same
 resampling. Batches are uint8 NHWC, exactly what the exported ONNX graph
-takes, so normalisation lives in one place (``featx.export.make_wrapper``).
+takes, so normalisation lives in one place (``featx.backbones.export.make_wrapper``).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cards import Preprocess
-from ..errors import FeatXError, ImageError
-from ..images import decode, read_bytes, resize_crop, scan
+from featx.backbones.cards import Preprocess
+from featx.embed.images import decode, read_bytes, resize_crop, scan
+from featx.errors import FeatXError, ImageError
 
 # RandomResizedCrop's usual ranges (torchvision/timm defaults)
 CROP_SCALE = (0.08, 1.0)

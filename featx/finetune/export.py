@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..cards import BackboneCard, Preprocess
-from ..errors import FeatXError
-from .config import FinetuneConfig
-from .data import LabelledFiles
-from .runlog import write_json
-
-if TYPE_CHECKING:
-    from .run import FinetuneResult
+from featx.backbones.artifact import Backbone, load_export
+from featx.backbones.cards import BackboneCard, Preprocess
+from featx.errors import FeatXError
+from featx.finetune.config import FinetuneConfig
+from featx.finetune.data import LabelledFiles
+from featx.finetune.runlog import write_json
 
 
 def linear_as_logreg(W: np.ndarray, b: np.ndarray):
@@ -40,40 +37,49 @@ def linear_as_logreg(W: np.ndarray, b: np.ndarray):
     return Pipeline([("clf", clf)])
 
 
-def export_run(result: FinetuneResult, card: BackboneCard, cfg: FinetuneConfig, weights_sha: str) -> None:
-    """Write backbone/ (parity-checked ONNX, new fingerprint), head.joblib and classifier.onnx."""
+def export_run(net, run_dir: Path, classes: list[str], history: list[dict], best_epoch: int,
+               card: BackboneCard, cfg: FinetuneConfig, weights_sha: str) -> tuple[Backbone, Path]:
+    """Write backbone/ (parity-checked ONNX, new fingerprint), head.joblib and classifier.onnx.
+
+    Returns the new backbone and the head file.
+    """
     import torch
 
-    from ..backbone import load_export
-    from ..export import write_export
+    from featx.backbones.export import write_export
 
-    net, run_dir = result.net, result.run_dir
     meta = {
         "name": f"{card.name}-ft-{run_dir.name}", "card": card.to_dict(), "card_digest": card.digest(),
         "weights": f"finetuned from {cfg.weights or card.weights}", "weights_sha256": weights_sha,
         "dim": card.dim, "torch_version": torch.__version__,
         "finetune": {"run_dir": str(run_dir.resolve()), "unfreeze": cfg.unfreeze,
-                     "best_epoch": result.best_epoch, "lp_init": cfg.lp_init, "classes": result.classes},
+                     "best_epoch": best_epoch, "lp_init": cfg.lp_init, "classes": classes},
     }
-    result.backbone = load_export(write_export(net.features, card.preprocess, run_dir / "backbone", meta))
+    backbone = load_export(write_export(net.features, card.preprocess, run_dir / "backbone", meta))
     W = net.head.weight.detach().numpy()
     b = net.head.bias.detach().numpy()
     pipe = linear_as_logreg(W, b)
-    from ..headfile import save_head
+    from featx.heads.headfile import save_head
 
-    best = next((h for h in result.history if h["epoch"] == result.best_epoch), {})
-    result.head_path = save_head(run_dir / "head.joblib", pipe, result.classes, result.backbone, {
+    best = next((h for h in history if h["epoch"] == best_epoch), {})
+    head_path = save_head(run_dir / "head.joblib", pipe, classes, backbone, {
         "head": "finetuned-linear", "source": "featx finetune", "n_train": None,
-        "best_epoch": result.best_epoch, "val_acc": best.get("val_acc"), "unfreeze": cfg.unfreeze})
-    export_classifier(net, card.preprocess, result.classes, run_dir, result.backbone.fingerprint)
+        "best_epoch": best_epoch, "val_acc": best.get("val_acc"), "unfreeze": cfg.unfreeze})
+    export_network_classifier(net, card.preprocess, classes, run_dir, backbone.fingerprint)
+    return backbone, head_path
 
 
-def export_classifier(net, pre: Preprocess, classes: list[str], run_dir: Path, fingerprint: str) -> Path:
-    """classifier.onnx: uint8 NHWC pixels -> class probabilities, in one file, parity-checked."""
+def export_network_classifier(net, pre: Preprocess, classes: list[str], run_dir: Path,
+                              fingerprint: str) -> Path:
+    """A run's classifier.onnx: the fine-tuned torch network traced whole, parity-checked.
+
+    uint8 NHWC pixels -> class probabilities, with the classes in classifier.json.
+    (``featx.heads.onnx_classifier.export_classifier`` builds the same contract from a
+    backbone ONNX and a sklearn head; this one starts from the torch network.)
+    """
     import onnxruntime as ort
     import torch
 
-    from ..export import export_module, parity_images
+    from featx.backbones.export import export_module, parity_images
 
     model = torch.nn.Sequential(net, torch.nn.Softmax(dim=1)).eval()
     dest = run_dir / "classifier.onnx"
@@ -100,8 +106,8 @@ def predict_files(net, paths: list[str], pre: Preprocess, n_classes: int, batch_
     """Softmax of ``net`` over image files (centre crop); unreadable files give NaN rows."""
     import torch
 
-    from .data import ImageDataset
-    from .loop import autocast, torch_device
+    from featx.finetune.data import ImageDataset
+    from featx.finetune.loop import autocast, torch_device
 
     dev = torch_device(device)
     net = net.to(dev).eval()

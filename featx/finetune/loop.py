@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cards import BackboneCard
-from ..errors import DeviceError, FeatXError, require
+from featx.backbones.cards import BackboneCard
+from featx.errors import DeviceError, FeatXError, require
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class FineTuneNet(nn.Module):
 
     def __init__(self, features: nn.Module, dim: int, n_classes: int) -> None:
         super().__init__()
-        self.features = features  # featx.export.make_wrapper(backbone, preprocess)
+        self.features = features  # featx.backbones.export.make_wrapper(backbone, preprocess)
         self.head = nn.Linear(dim, n_classes)
 
     def forward(self, x):

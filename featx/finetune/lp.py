@@ -8,19 +8,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..cards import BackboneCard, get_card
-from ..errors import FeatXError, require
-from ..pipeline import ProgressFn, _noop
-from .config import FinetuneConfig, card_for
-from .data import LabelledFiles
+from featx.backbones.cards import BackboneCard, get_card
+from featx.errors import FeatXError, require
+from featx.finetune.config import FinetuneConfig, card_for
+from featx.finetune.data import LabelledFiles
+from featx.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
 
 
 def base_backbone(card: BackboneCard, module, weights_sha: str, weights: str | None):
     """The frozen starting backbone as an export (cached), for the LP head's embeddings."""
-    from ..backbone import load_export, resolve_backbone
-    from ..export import export_dir_for, write_export
+    from featx.backbones.artifact import load_export
+    from featx.backbones.export import export_dir_for, write_export
+    from featx.backbones.resolve import resolve_backbone
 
     stock = get_card(card.name)
     if card.preprocess == stock.preprocess:
@@ -39,8 +40,8 @@ def base_backbone(card: BackboneCard, module, weights_sha: str, weights: str | N
 
 def fit_lp_head(X: np.ndarray, y_names: list[str], classes: list[str], C: float | str,
                 class_weight: str | None, seed: int):
-    """The logistic-regression probe: featx.heads.fit_head, with C by CV when there is enough data."""
-    from ..heads import fit_head
+    """The logistic-regression probe: featx.heads.fit.fit_head, with C by CV when there is enough data."""
+    from featx.heads.fit import fit_head
 
     if C == "auto" and min(np.unique(y_names, return_counts=True)[1]) < 2:
         log.info("too few images per class to choose C by cross-validation; LP head uses C=1")
@@ -77,9 +78,9 @@ def lp_init(net, card: BackboneCard, module_for_export, weights_sha: str, cfg: F
     """Fit the LP head on cached embeddings of the training images and load it into ``net.head``."""
     import torch
 
-    from ..pipeline import embed_files
-    from ..runtime import Encoder
-    from ..store import EmbeddingStore
+    from featx.embed.runtime import Encoder
+    from featx.embed.store import EmbeddingStore
+    from featx.engines.local import embed_files
 
     progress("backbone", 0, 0)
     bb = base_backbone(card, module_for_export, weights_sha, cfg.weights)
@@ -117,15 +118,15 @@ class InitialNetwork:
 
 
 def init_network(cfg: FinetuneConfig, train: LabelledFiles, *, store=None, device: str = "auto",
-                 lp: bool | None = None, progress: ProgressFn = _noop) -> InitialNetwork:
+                 lp: bool | None = None, progress: ProgressFn = no_progress) -> InitialNetwork:
     """Build the card's model (pretrained unless ``cfg.pretrained`` is off) plus a new linear layer.
 
     With ``lp`` (default ``cfg.lp_init``) the layer starts as the logistic
     regression fitted on cached embeddings of ``train``, scaler folded in.
     """
-    from ..export import make_wrapper
-    from ..zoo import build
-    from . import loop as tl
+    from featx.backbones.export import make_wrapper
+    from featx.backbones.zoo import build
+    from featx.finetune import loop as tl
 
     card = card_for(cfg)
     progress("model", 0, 0)

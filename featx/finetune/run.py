@@ -13,14 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cards import Preprocess
-from ..errors import FeatXError, require
-from ..pipeline import ProgressFn, _noop
-from .config import FINETUNE_FORMAT, FinetuneConfig, card_for, default_run_dir
-from .data import LabelledFiles, labelled_files, stratified_split
-from .export import export_run, predict_files
-from .lp import init_network
-from .runlog import plot_curve, write_json, write_metrics
+from featx.backbones.artifact import Backbone
+from featx.backbones.cards import Preprocess
+from featx.errors import FeatXError, require
+from featx.finetune.config import FINETUNE_FORMAT, FinetuneConfig, card_for, default_run_dir
+from featx.finetune.data import LabelledFiles, labelled_files, stratified_split
+from featx.finetune.export import export_run, predict_files
+from featx.finetune.lp import init_network
+from featx.finetune.runlog import plot_curve, write_json, write_metrics
+from featx.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class FinetuneResult:
     best_epoch: int
     net: object
     preprocess: Preprocess
-    backbone: object | None = None  # featx.backbone.Backbone of run_dir/backbone
+    backbone: Backbone | None = None  # the exported run_dir/backbone
     head_path: Path | None = None
     lp_report: dict | None = None
     seconds: float = 0.0
@@ -72,7 +73,7 @@ def arrays_as_files(data, root: Path):
         images = list(images)
     if not len(images) or not all(isinstance(a, np.ndarray) for a in images):
         return data
-    from ..images import array_to_pil
+    from featx.embed.images import array_to_pil
 
     root.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -98,7 +99,7 @@ def _prepare_data(data, val, cfg: FinetuneConfig) -> tuple[LabelledFiles, Labell
 def finetune(data=None, *, val=None, out: str | os.PathLike | None = None,
              config: FinetuneConfig | None = None, resume: str | os.PathLike | None = None,
              device: str = "auto", workers: int | None = None, store: str | os.PathLike | None = None,
-             export: bool = True, progress: ProgressFn = _noop,
+             export: bool = True, progress: ProgressFn = no_progress,
              on_epoch: Callable[[dict], None] | None = None, **options) -> FinetuneResult:
     """Fine-tune a backbone card on labelled images; returns the run (and writes its directory).
 
@@ -115,7 +116,7 @@ def finetune(data=None, *, val=None, out: str | os.PathLike | None = None,
     KeyboardInterrupt) after the run directory is left consistent.
     """
     require("torch", "torch")
-    from . import loop as tl
+    from featx.finetune import loop as tl
 
     t_start = time.perf_counter()
     dev = tl.torch_device(device)
@@ -194,8 +195,8 @@ def _train(cfg, card, k, train, valf, val_source, run_dir, resume, ckpt, dev, de
            export, progress, on_epoch, t_start, extended=False) -> FinetuneResult:
     import torch
 
-    from . import loop as tl
-    from .data import ImageDataset, class_weights, make_loader
+    from featx.finetune import loop as tl
+    from featx.finetune.data import ImageDataset, class_weights, make_loader
 
     classes = train.classes
     if resume is None:
@@ -304,7 +305,8 @@ def _train(cfg, card, k, train, valf, val_source, run_dir, resume, ckpt, dev, de
                             stopped_early=stopped_early)
     if export:
         progress("export", 0, 1)
-        export_run(result, card, cfg, wsha)
+        result.backbone, result.head_path = export_run(result.net, run_dir, result.classes, history,
+                                                       best_epoch, card, cfg, wsha)
         progress("export", 1, 1)
     result.seconds = time.perf_counter() - t_start
     result.summary = {

@@ -10,7 +10,7 @@ one at a time in a random order, shuffles the rows of that bucket and calls
 a held-out split picks the alpha, the streaming analogue of choosing C by CV.
 
 The result is ``Pipeline([("scaler", StandardScaler), ("clf", SGDClassifier)])``
-trained on class codes 0..K-1, like ``featx.heads``; the class names are in the
+trained on class codes 0..K-1, like ``featx.heads.fit``; the class names are in the
 report.
 """
 
@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,20 +31,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import FeatXError, MismatchError
-from .table import META_KEY
+from featx.embed.table import META_KEY
+from featx.errors import FeatXError, MismatchError
+from featx.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
 
 ALPHAS = (1e-4, 1e-3, 1e-2)
-
-# progress(stage, done, total), rendered by the CLI
-ProgressFn = Callable[[str, int, int], None]
-
-
-def _noop(stage: str, done: int, total: int) -> None:
-    pass
-
 
 @dataclass
 class StreamHeadReport:
@@ -125,7 +118,7 @@ def fit_streaming_head(path: str | os.PathLike, *, epochs: int = 10,
                        alphas: Sequence[float] = ALPHAS, shard_rows: int = 4096,
                        validation_fraction: float = 0.1, seed: int = 0,
                        workdir: str | os.PathLike | None = None,
-                       progress: ProgressFn = _noop):
+                       progress: ProgressFn = no_progress):
     """Fit scaler + SGD logistic regression on a table too large for memory.
 
     ``path``: a table written by ``featx extract`` or a directory of them (one

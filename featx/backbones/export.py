@@ -17,14 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .cards import BackboneCard, Preprocess
-from .errors import ExportError, require
-from .paths import exports_dir
+from featx import __version__
+from featx.backbones.artifact import fingerprint_of, publish, read_sidecar
+from featx.backbones.cards import BackboneCard, Preprocess
+from featx.errors import ExportError, require
+from featx.paths import exports_dir
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT = 2  # 2: static SAME padding (featx.same_pad)
+EXPORT_FORMAT = 2  # 2: static SAME padding (featx.backbones.same_pad)
 OPSET = 17
 PARITY_RTOL = 1e-4
 FP16_PARITY_RTOL = 5e-2  # float16 against the float32 torch model: a few % on single features ...
@@ -74,7 +75,7 @@ def half_precision(module):
 
 def parity_images(pre: Preprocess, n: int = 4) -> np.ndarray:
     """Real photos (scikit-image's bundled set) preprocessed for ``pre``: uint8 (n, s, s, 3)."""
-    from .images import load_image
+    from featx.embed.images import load_image
 
     try:
         import skimage.data as sd
@@ -99,7 +100,7 @@ def export_module(module, pre: Preprocess, dest: str | os.PathLike, output_name:
     torch = require("torch", "torch")
     import onnxruntime as ort
 
-    from .same_pad import freeze_same_padding
+    from featx.backbones.same_pad import freeze_same_padding
 
     s = pre.input_size
     module = freeze_same_padding(module, s)
@@ -133,7 +134,7 @@ def export_module(module, pre: Preprocess, dest: str | os.PathLike, output_name:
 
 def _keep_used_opsets(path: str | os.PathLike) -> None:
     """Drop the opset imports ONNX Runtime adds for every domain it knows; merging graphs
-    (featx.classifier_onnx) refuses models whose imports differ."""
+    (featx.heads.onnx_classifier) refuses models whose imports differ."""
     import onnx
 
     m = onnx.load(str(path))
@@ -168,8 +169,8 @@ def check_parity(module, onnx_path: str | os.PathLike, pre: Preprocess, rtol: fl
 def export_dir_for(card: BackboneCard, weights_sha: str) -> Path:
     """Where a card's export is cached. A card changed from the registered one (another input
     size, for fine-tuning or tests) gets its own directory instead of replacing the stock export."""
-    from .cards import get_card
-    from .errors import UnknownBackboneError
+    from featx.backbones.cards import get_card
+    from featx.errors import UnknownBackboneError
 
     name = f"{card.name}-{weights_sha[:12]}"
     try:
@@ -185,7 +186,6 @@ def write_export(module, pre: Preprocess, dest_dir: Path, meta: dict, precision:
     ``precision="fp16"`` exports a float16 copy of ``module`` and checks it
     against the float32 ``module`` itself, within FP16_PARITY_RTOL.
     """
-    from .backbone import fingerprint_of
 
     dest_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}-", dir=dest_dir.parent))
@@ -220,13 +220,6 @@ def write_export(module, pre: Preprocess, dest_dir: Path, meta: dict, precision:
     return dest_dir
 
 
-def publish(tmp: Path, dest: Path) -> None:
-    """Move a finished export directory into place (a rename, so never half-written)."""
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
-
-
 def export_card(card: BackboneCard, weights: str | os.PathLike | None = None,
                 force: bool = False, precision: str = "fp32") -> Path:
     """Export a registered backbone (cached). Returns the export directory.
@@ -234,8 +227,7 @@ def export_card(card: BackboneCard, weights: str | os.PathLike | None = None,
     ``precision="fp16"`` writes a float16 graph (uint8 in, float32 embedding
     out) for GPUs, in its own directory with its own fingerprint.
     """
-    from .backbone import read_sidecar
-    from .zoo import build, file_sha256, weights_file
+    from featx.backbones.zoo import build, file_sha256, weights_file
 
     wfile = weights_file(card, weights)
     wsha = file_sha256(wfile)

@@ -7,8 +7,8 @@ import os
 
 import numpy as np
 
-from .backbone import Backbone
-from .errors import DeviceError, FeatXError
+from featx.backbones.artifact import Backbone
+from featx.errors import DeviceError, FeatXError
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .cards import Preprocess
-from .errors import FeatXError, ImageError
+from featx.backbones.cards import Preprocess
+from featx.errors import FeatXError, ImageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 # Refuse anything whose header claims more pixels than this (decompression bombs).

@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from filelock import FileLock
 
-from .backbone import Backbone
-from .errors import MismatchError, StoreError
-from .paths import default_store
+from featx.backbones.artifact import Backbone
+from featx.errors import MismatchError, StoreError
+from featx.paths import default_store
 
 STORE_FORMAT = 1
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import tomllib
 
-from .errors import FeatXError, UnknownBackboneError
+from featx.errors import FeatXError, UnknownBackboneError
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 
@@ -134,7 +134,7 @@ def _torch_hub_has(card: BackboneCard) -> bool:
 
 def _load_registry() -> dict[str, BackboneCard]:
     cards = {}
-    for entry in resources.files("featx_models").iterdir():
+    for entry in resources.files(__name__).iterdir():
         if entry.name.endswith(".toml"):
             card = BackboneCard.from_dict(tomllib.loads(entry.read_text()))
             cards[card.name] = card

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import math
 
-from .errors import require
+from featx.errors import require
 
 
 def _same_pads(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:

@@ -1,165 +1,31 @@
-"""featx command line: parses options, calls the library, renders progress and results.
-
-Every command is a library function first; nothing here computes anything.
-"""
+"""CLI commands for backbones and extraction: models, export, extract."""
 
 from __future__ import annotations
 
 import json
-import logging
-import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
-from .errors import FeatXError
-
-log = logging.getLogger("featx")
-
-
-# ---- shared options -------------------------------------------------------------------------
-
-def backbone_option(f):
-    return click.option(
-        "--backbone", "-b", default=None, metavar="NAME|DIR|FILE.onnx", envvar="FEATX_BACKBONE",
-        help="Backbone card name (see `featx models`), an export or fine-tuning run directory, "
-             "or your own ONNX file. Default: efficientnet_lite0.")(f)
-
-
-def weights_option(f):
-    return click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
-                        help="Local checkpoint (.pth state dict) instead of the card's published weights.")(f)
+from featx.cli.options import (
+    backbone_option,
+    batch_options,
+    device_option,
+    emit,
+    json_option,
+    progress_bar,
+    store_option,
+    weights_option,
+)
+from featx.errors import FeatXError
 
 
-def device_option(f):
-    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-                        envvar="FEATX_DEVICE", show_default=True,
-                        help="auto uses CUDA when ONNX Runtime has it; an explicit cuda that cannot "
-                             "be honoured is an error.")(f)
-
-
-def store_option(f):
-    return click.option("--store", type=click.Path(file_okay=False), default=None, envvar="FEATX_STORE",
-                        help="Embedding cache directory (default: $FEATX_HOME/store).")(f)
-
-
-def json_option(f):
-    return click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")(f)
-
-
-def batch_options(f):
-    f = click.option("--workers", type=click.IntRange(1, 256), default=None,
-                     help="Decoding threads (default: number of CPU cores).")(f)
-    return click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)(f)
-
-
-class Progress:
-    """Renders the library's progress callback: a bar on a terminal, nothing otherwise."""
-
-    def __init__(self, enabled: bool | None = None) -> None:
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.bar = None
-        self.stage = None
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-
-        if stage != self.stage:
-            self.close()
-            self.stage = stage
-            if total:
-                unit = {"epoch": "batch"}.get(stage, "img")
-                self.bar = tqdm(total=total, desc=stage, unit=unit, dynamic_ncols=True, file=sys.stderr)
-        if self.bar is not None:
-            self.bar.total = total
-            self.bar.n = done
-            self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-@contextmanager
-def progress_bar(quiet: bool = False):
-    p = Progress(enabled=False if quiet else None)
-    try:
-        yield p
-    finally:
-        p.close()
-
-
-def emit(summary: dict, as_json: bool, lines: list[str]) -> None:
-    if as_json:
-        click.echo(json.dumps(summary))
-    else:
-        for line in lines:
-            click.echo(line)
-
-
-# ---- the group ------------------------------------------------------------------------------
-
-class FeatXGroup(click.Group):
-    """Turns featx errors into one clear line and exit code 1, and Ctrl-C into exit 130."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except FeatXError as e:
-            click.echo(f"error: {e}", err=True)
-            ctx.exit(1)
-        except KeyboardInterrupt:
-            click.echo("\ninterrupted: everything embedded so far is saved; run the same command "
-                       "again to resume.", err=True)
-            ctx.exit(130)
-
-
-@click.group(cls=FeatXGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="featx")
-@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
-@click.pass_context
-def main(ctx: click.Context, verbose: int) -> None:
-    """featx: transfer learning for images with a frozen ONNX backbone and cached embeddings."""
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if ctx.invoked_subcommand not in TRAINING_COMMANDS:
-        _fixed_mmap_threshold()
-
-
-# torch training allocates and frees large activation tensors every step: with a fixed
-# mmap threshold each one is a fresh mmap, and page faults took half the CPU time
-TRAINING_COMMANDS = {"finetune", "compare"}
-
-
-def _fixed_mmap_threshold() -> None:
-    """Keep peak memory flat on long runs (glibc only; a process-wide choice, so the CLI's).
-
-    Reader threads allocate whole image files (MBs each); glibc's adaptive mmap
-    threshold then serves them from per-thread heaps that fragment and grow
-    with the number of files. A fixed 128 KiB threshold returns them to the OS.
-    """
-    import ctypes
-    import ctypes.util
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-@main.command()
+@click.command()
 @click.argument("pattern", default="*")
 @json_option
 def models(pattern: str, as_json: bool) -> None:
     """List the backbones featx knows (PATTERN is a wildcard, e.g. 'efficientnet*')."""
-    from .cards import list_cards
+    from featx.backbones.cards import list_cards
 
     cards = list_cards(pattern)
     rows = [{"name": c.name, "dim": c.dim, "input": c.preprocess.input_size, "source": c.source,
@@ -173,7 +39,7 @@ def models(pattern: str, as_json: bool) -> None:
                    f"{'yes' if r['offline'] else 'no':<8} {r['description']}")
 
 
-@main.command()
+@click.command()
 @click.argument("name", metavar="NAME|FILE.onnx")
 @weights_option
 @click.option("--preprocess", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -202,8 +68,8 @@ def export(name: str, weights: str | None, preprocess: str | None, force: bool, 
     With --quantize int8 --calibrate DIR, also writes an int8 model and prints how
     much it changes the embeddings; pass its directory as --backbone to any command.
     """
-    from .backbone import load_export
-    from .cards import Preprocess, get_card
+    from featx.backbones.artifact import load_export
+    from featx.backbones.cards import Preprocess, get_card
 
     if quantize and calibrate is None:
         raise click.UsageError("--quantize int8 needs --calibrate DIR (a folder of your images)")
@@ -212,12 +78,12 @@ def export(name: str, weights: str | None, preprocess: str | None, force: bool, 
     if name.lower().endswith(".onnx"):
         if precision != "fp32":
             raise click.UsageError("--precision applies to backbone cards; your ONNX file is used as it is")
-        from .user_onnx import import_onnx
+        from featx.backbones.onnx_import import import_onnx
 
         pre = Preprocess.from_dict(json.loads(Path(preprocess).read_text())) if preprocess else None
         bb = load_export(import_onnx(name, pre))
     else:
-        from .export import export_card
+        from featx.backbones.export import export_card
 
         bb = load_export(export_card(get_card(name), weights, force=force, precision=precision))
     parity = bb.meta.get("parity", {})
@@ -232,7 +98,7 @@ def export(name: str, weights: str | None, preprocess: str | None, force: bool, 
                      f"{parity['max_abs_diff']:.2e} (relative {parity['max_rel_diff']:.2e})"
                      + (f", min cosine {parity['min_cosine']:.5f}" if "min_cosine" in parity else ""))
     if quantize:
-        from .quantize import quantize_backbone
+        from featx.backbones.quantize import quantize_backbone
 
         with progress_bar() as p:
             q = quantize_backbone(bb, calibrate, calib_images=calib_images, guard_images=guard_images,
@@ -251,7 +117,7 @@ def export(name: str, weights: str | None, preprocess: str | None, force: bool, 
     emit(summary, as_json, lines)
 
 
-@main.command()
+@click.command()
 @click.argument("root", type=click.Path(file_okay=False, path_type=Path))
 @backbone_option
 @weights_option
@@ -273,7 +139,7 @@ def export(name: str, weights: str | None, preprocess: str | None, force: bool, 
 def extract(root: Path, backbone, weights, out, store, batch_size, workers, device, shard_size,
             no_draft, engine, address, quiet, as_json) -> None:
     """Embed every image under ROOT (ImageFolder layout gives labels), reusing the cache."""
-    from .extract import extract as run
+    from featx.extract import extract as run
 
     if address is not None and engine != "ray":
         raise click.UsageError("--address needs --engine ray")
@@ -298,26 +164,3 @@ def extract(root: Path, backbone, weights, out, store, batch_size, workers, devi
     emit(s, as_json, lines)
     if s["rows"] == 0:
         raise FeatXError(f"no image under {root} could be embedded; see {s['report']}")
-
-
-def _register_optional() -> None:
-    # commands that live in their own modules attach themselves here
-    import importlib
-
-    for mod in ("cli_heads", "cli_finetune"):
-        try:
-            m = importlib.import_module(f".{mod}", __package__)
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.{mod}":
-                raise
-            continue
-        m.register(main)
-
-
-if __name__ == "__main__":
-    # `python -m featx.cli`: run the importable module's group, which has every command attached
-    from featx.cli import main as _main
-
-    _main()
-else:
-    _register_optional()

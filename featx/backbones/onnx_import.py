@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .cards import Preprocess
-from .errors import FeatXError
-from .export import INPUT_NAME, OUTPUT_NAME
-from .paths import exports_dir
-from .zoo import file_sha256
+from featx.backbones.artifact import fingerprint_of, read_sidecar
+from featx.backbones.cards import Preprocess
+from featx.backbones.export import INPUT_NAME, OUTPUT_NAME
+from featx.backbones.zoo import file_sha256
+from featx.errors import FeatXError
+from featx.paths import exports_dir
 
 
 def _load_spec(onnx_path: Path, preprocess: Preprocess | None) -> Preprocess:
@@ -40,7 +41,6 @@ def import_onnx(onnx_path: str | os.PathLike, preprocess: Preprocess | None = No
     import onnx
     from onnx import TensorProto, compose, helper
 
-    from .backbone import fingerprint_of, read_sidecar
 
     onnx_path = Path(onnx_path)
     pre = _load_spec(onnx_path, preprocess)

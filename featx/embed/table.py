@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import FeatXError
-from .store import embedding_column, embeddings_of
+from featx.embed.store import embedding_column, embeddings_of
+from featx.errors import FeatXError
 
 META_KEY = b"featx"
 

@@ -26,7 +26,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
-from .errors import FeatXError
+from featx.errors import FeatXError
 
 log = logging.getLogger(__name__)
 

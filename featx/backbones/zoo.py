@@ -12,8 +12,8 @@ import logging
 import os
 from importlib import resources
 
-from .cards import BackboneCard
-from .errors import FeatXError, require
+from featx.backbones.cards import BackboneCard
+from featx.errors import FeatXError, require
 
 log = logging.getLogger(__name__)
 

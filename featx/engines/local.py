@@ -15,31 +15,24 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from itertools import islice
 from typing import TypeVar
 
 import numpy as np
 
-from .cards import Preprocess
-from .errors import ImageError
-from .images import content_key, decode, read_bytes, resize_crop
-from .runtime import Encoder
-from .statcache import Stat, StatCache, stat_of
-from .store import EmbeddingStore
+from featx.backbones.cards import Preprocess
+from featx.embed.images import content_key, decode, read_bytes, resize_crop
+from featx.embed.runtime import Encoder
+from featx.embed.statcache import Stat, StatCache, stat_of
+from featx.embed.store import EmbeddingStore
+from featx.engines.result import EmbedStats, EngineRun, ExtractJob
+from featx.errors import ImageError
+from featx.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-# progress(stage, done, total): the CLI renders it; the library never prints
-ProgressFn = Callable[[str, int, int], None]
-
-
-def _noop(stage: str, done: int, total: int) -> None:
-    pass
-
 
 def bounded_map(fn: Callable[[T], R], items: Iterable[T], pool: Executor, window: int) -> Iterator[R]:
     """``pool.map`` in order, with at most ``window`` tasks submitted ahead."""
@@ -56,17 +49,6 @@ def bounded_map(fn: Callable[[T], R], items: Iterable[T], pool: Executor, window
 def chunks(seq: list[T], n: int) -> Iterator[list[T]]:
     for i in range(0, len(seq), n):
         yield seq[i:i + n]
-
-
-@dataclass
-class EmbedStats:
-    files: int = 0
-    cached: int = 0
-    embedded: int = 0
-    failures: list[tuple[str, str]] = field(default_factory=list)
-    seconds_hash: float = 0.0
-    seconds_embed: float = 0.0
-    seconds_model: float = 0.0
 
 
 def to_embed(keys: list[str | None], stored: set[str]) -> list[int]:
@@ -114,7 +96,7 @@ def embed_files(files: list[str], encoder: Encoder, store: EmbeddingStore, *,
                 batch_size: int = 32, workers: int | None = None, draft: bool = True,
                 flush_rows: int = 2048, flush_seconds: float = 10.0,
                 stat_cache: StatCache | None = None,
-                progress: ProgressFn = _noop) -> tuple[list[str | None], EmbedStats]:
+                progress: ProgressFn = no_progress) -> tuple[list[str | None], EmbedStats]:
     """Make sure every readable file has an embedding in ``store``.
 
     Returns each file's content key (None where it failed) and statistics;
@@ -189,3 +171,21 @@ def embed_files(files: list[str], encoder: Encoder, store: EmbeddingStore, *,
         stat_cache.save({f: (st, k) for f, st, k in zip(files, stats_of, keys, strict=True)
                          if k is not None and st is not None})
     return keys, stats
+
+
+class LocalEngine:
+    """Threads on this machine: readers decode while ONNX Runtime runs the model."""
+
+    name = "local"
+
+    def run(self, job: ExtractJob) -> EngineRun:
+        """Embed ``job``'s files into its store; failures are paths relative to the root."""
+        encoder = Encoder(job.backbone, device=job.device)
+        files = [str(job.root / it.path) for it in job.found.items]
+        keys, stats = embed_files(files, encoder, job.store, batch_size=job.batch_size,
+                                  workers=job.workers, draft=job.draft, flush_rows=job.shard_size,
+                                  progress=job.progress,
+                                  stat_cache=StatCache(job.store.root, job.root))
+        rel = {str(job.root / it.path): it.path for it in job.found.items}
+        stats.failures = [(rel.get(p, p), why) for p, why in stats.failures]
+        return EngineRun(keys, stats, encoder.provider)

@@ -1,7 +1,7 @@
 """One-file classifier: the backbone graph and the sklearn head merged into one ONNX model.
 
 Input: uint8 pixels (N, S, S, 3), already decoded, resized and centre-cropped
-by the backbone's preprocessing (``featx.images.load_image``; the spec is in the
+by the backbone's preprocessing (``featx.embed.images.load_image``; the spec is in the
 model's metadata). Outputs: ``probabilities`` (float32, N x K, columns in the
 order of the ``featx.classes`` metadata) and ``label`` (class name, string).
 The label is the argmax of the probabilities, exactly as ``featx predict``
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbone import Backbone
-from .errors import ExportError
-from .headfile import Head, head_backbone, load_head
-from .predict import head_class_columns
+from featx.backbones.artifact import Backbone
+from featx.errors import ExportError
+from featx.heads.headfile import Head, head_backbone, load_head
+from featx.heads.proba import head_class_columns
 
 ML_OPSET = 3
 
@@ -105,9 +105,9 @@ def export_classifier(head: Head | str | os.PathLike, out: str | os.PathLike,
     """
     import onnx
 
-    from .export import parity_images
-    from .predict import head_proba
-    from .runtime import Encoder, make_session
+    from featx.backbones.export import parity_images
+    from featx.embed.runtime import Encoder, make_session
+    from featx.heads.proba import head_proba
 
     h = head if isinstance(head, Head) else load_head(head)
     bb = head_backbone(h, backbone)

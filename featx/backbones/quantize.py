@@ -19,13 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbone import Backbone, fingerprint_of, load_export
-from .errors import FeatXError, ImageError, require
-from .export import publish
-from .images import load_image, scan
-from .paths import exports_dir
-from .pipeline import ProgressFn, _noop
-from .runtime import Encoder
+from featx.backbones.artifact import Backbone, fingerprint_of, load_export, publish
+from featx.embed.images import load_image, scan
+from featx.embed.runtime import Encoder
+from featx.errors import FeatXError, ImageError, require
+from featx.paths import exports_dir
+from featx.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +120,7 @@ def guard(fp32: Backbone, int8_path: Path, pixels: np.ndarray, labels: list) -> 
 def quantize_backbone(backbone: Backbone, calib_root: str | os.PathLike, *, calib_images: int = 300,
                       guard_images: int = 1000, method: str = "minmax", max_loss: float = 0.5,
                       min_cosine: float = 0.95, force: bool = False, seed: int = 0,
-                      progress: ProgressFn = _noop) -> Backbone:
+                      progress: ProgressFn = no_progress) -> Backbone:
     """Quantise ``backbone`` to int8 (QDQ, per-channel weights) calibrated on ``calib_root``.
 
     Returns the int8 export (its own fingerprint, usable as ``--backbone DIR``).

@@ -30,10 +30,11 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
-from .backbone import Backbone, load_export, resolve_backbone
-from .cards import Preprocess
-from .errors import FeatXError, MismatchError
+from featx import __version__
+from featx.backbones.artifact import Backbone, load_export
+from featx.backbones.cards import Preprocess
+from featx.backbones.resolve import resolve_backbone
+from featx.errors import FeatXError, MismatchError
 
 MAGIC = b"FEATX-HEAD\n"
 FORMAT = 1
@@ -91,7 +92,7 @@ def _key() -> bytes:
     k = os.environ.get(KEY_ENV)
     if k:
         return k.encode()
-    from .paths import home
+    from featx.paths import home
 
     path = home() / "head.key"
     try:
@@ -187,7 +188,7 @@ def read_header(path: str | os.PathLike, trust: bool = False) -> tuple[dict, byt
     if not data.startswith(MAGIC):
         raise HeadFileError(
             f"{p}: not a featx head file (no FEATX-HEAD marker). featx only loads heads written "
-            "by `featx fit-head` / featx.headfile.save_head; it will not unpickle other files.")
+            "by `featx fit-head` / featx.heads.headfile.save_head; it will not unpickle other files.")
     rest = data[len(MAGIC):]
     nl = rest.find(b"\n", 0, 20)
     try:

@@ -1,8 +1,9 @@
-"""A backbone ready to run: an ONNX file, its preprocessing and its fingerprint.
+"""The backbone artifact: an ONNX file, its sidecar metadata, its fingerprint.
 
-``resolve_backbone`` turns what a user typed (a card name, an export or
-fine-tuning run directory, or their own ONNX file) into a ``Backbone``,
-exporting and caching as needed and verifying the file has not changed.
+An export directory holds ``model.onnx`` and ``model.json``; ``load_export``
+opens one and checks the file has not changed, ``publish`` moves a finished
+one into place. Everything above (torch export, ONNX import, int8, resolving
+what a user typed) produces or consumes these directories.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cards import DEFAULT_BACKBONE, Preprocess, get_card
-from .errors import FeatXError, MismatchError, UnknownBackboneError
+from featx.backbones.cards import Preprocess
+from featx.errors import FeatXError, MismatchError
 
 
 def fingerprint_of(onnx_bytes: bytes, pre: Preprocess) -> str:
@@ -66,27 +68,8 @@ def load_export(directory: str | os.PathLike, verify: bool = True) -> Backbone:
     return Backbone(meta.get("name", d.name), onnx_path, pre, int(meta["dim"]), fp, meta)
 
 
-def resolve_backbone(spec: str | os.PathLike | Backbone | None = None,
-                     weights: str | os.PathLike | None = None,
-                     preprocess: Preprocess | None = None) -> Backbone:
-    """Resolve a backbone given by card name, export/run directory, or ONNX file."""
-    if isinstance(spec, Backbone):
-        return spec
-    spec = os.fspath(spec) if spec is not None else DEFAULT_BACKBONE
-    p = Path(spec)
-    if p.is_dir():
-        for sub in (p, p / "backbone"):
-            if (sub / "model.json").is_file():
-                return load_export(sub)
-        raise FeatXError(f"{p}: not a featx export or run directory (no model.json)")
-    if p.suffix.lower() == ".onnx":
-        if not p.is_file():
-            raise FeatXError(f"{p}: no such ONNX file")
-        from .user_onnx import import_onnx
-
-        return load_export(import_onnx(p, preprocess))
-    if os.sep in spec or "/" in spec:
-        raise UnknownBackboneError(f"{spec}: no such file or directory")
-    from .export import export_card
-
-    return load_export(export_card(get_card(spec), weights))
+def publish(tmp: Path, dest: Path) -> None:
+    """Move a finished export directory into place (a rename, so never half-written)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)

@@ -1,0 +1,28 @@
+"""Backbones: cards (architecture + weights + preprocessing), export to ONNX, and the artifact.
+
+Layers inside, bottom up: ``cards`` (the TOML cards ship as package data beside
+it), ``artifact`` (Backbone, sidecar, fingerprint, load, publish), ``zoo`` (torch
+builders), ``export`` (torch -> ONNX), ``onnx_import`` (a user's ONNX file),
+``quantize`` (int8), ``resolve`` (name | directory | file -> Backbone).
+"""
+
+from __future__ import annotations
+
+from featx._lazy import lazy_exports
+
+_EXPORTS = {
+    "Backbone": "featx.backbones.artifact",
+    "load_export": "featx.backbones.artifact",
+    "fingerprint_of": "featx.backbones.artifact",
+    "BackboneCard": "featx.backbones.cards",
+    "Preprocess": "featx.backbones.cards",
+    "get_card": "featx.backbones.cards",
+    "list_cards": "featx.backbones.cards",
+    "DEFAULT_BACKBONE": "featx.backbones.cards",
+    "export_card": "featx.backbones.export",
+    "import_onnx": "featx.backbones.onnx_import",
+    "quantize_backbone": "featx.backbones.quantize",
+    "resolve_backbone": "featx.backbones.resolve",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,5 @@
+"""``python -m featx.cli``."""
+
+from featx.cli.main import main
+
+main()

@@ -1,0 +1,236 @@
+"""CLI commands for fine-tuning: ``featx finetune`` and ``featx compare``.
+
+Added to the ``featx`` group in featx.cli.main; each command parses options,
+calls one library function (featx.finetune.finetune, featx.compare.compare)
+and renders its progress and result.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+
+from featx.cli.options import Progress, device_option, emit, json_option, store_option
+
+
+def card_option(f):
+    # not featx.cli.main.backbone_option: fine-tuning needs a card (architecture + torch weights),
+    # not an ONNX file or a run directory
+    return click.option("--backbone", "-b", default="efficientnet_lite0", show_default=True, metavar="NAME",
+                        envvar="FEATX_BACKBONE",
+                        help="Backbone card to fine-tune (see `featx models`).")(f)
+
+
+class UnfreezeParam(click.ParamType):
+    """A number of blocks (0 = linear probe) or ``all``."""
+
+    name = "K|all"
+
+    def convert(self, value, param, ctx):
+        if value == "all" or isinstance(value, int):
+            return value
+        try:
+            k = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number of blocks nor 'all'", param, ctx)
+        if k < 0:
+            self.fail(f"must be >= 0, got {k}", param, ctx)
+        return k
+
+
+class EpochProgress(Progress):
+    """The shared progress bar, plus one line per finished epoch (loss, accuracy, images/s)."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        super().__init__(enabled=False if quiet else None)
+        self.lines = not quiet
+
+    def epoch_done(self, row: dict) -> None:
+        if not self.lines:
+            return
+        val = "" if math.isnan(row["val_acc"]) else f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
+        line = (f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
+                f"{val}  {row['images_per_second']:.1f} img/s"
+                + ("  *best" if row.get("best_epoch") == row["epoch"] else ""))
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            click.echo(line, err=True)
+
+
+# the options saved in a run's config.json; with --resume only epochs may be given
+_RUN_OPTIONS = ("train", "val", "backbone", "weights", "unfreeze", "epochs", "lr", "backbone_lr", "batch_size",
+                "weight_decay", "warmup_epochs", "label_smoothing", "class_weight", "patience",
+                "val_fraction", "no_lp_init", "lp_C", "input_size", "crop_scale", "bn_stats", "seed")
+
+
+def _quiet(f):
+    return click.option("--quiet", "-q", is_flag=True, help="No progress bar or epoch lines.")(f)
+
+
+@click.command("finetune")
+@click.argument("train", type=click.Path(exists=True, file_okay=False, path_type=Path), required=False)
+@click.option("--val", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Validation folder (same classes). Default: a stratified --val-fraction of TRAIN.")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run directory (default: runs/ftN, the first free N).")
+@click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Continue an interrupted run from its last completed epoch, with its saved "
+                   "options and split; with a larger --epochs, extend a run (even a finished one).")
+@card_option
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Local checkpoint (.pth state dict) to start from instead of the card's weights.")
+@click.option("--unfreeze", type=UnfreezeParam(), default=2, show_default=True,
+              help="Top blocks of the card to train with the head: 0 = linear probe, all = everything.")
+@click.option("--epochs", type=click.IntRange(1, 10000), default=10, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True,
+              help="Peak learning rate of the new linear layer.")
+@click.option("--backbone-lr", type=click.FloatRange(0), default=None,
+              help="Peak learning rate of the unfrozen blocks (default: lr / 10).")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(0), default=0.05, show_default=True)
+@click.option("--warmup-epochs", type=click.FloatRange(0), default=1.0, show_default=True)
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.1,
+              show_default=True)
+@click.option("--class-weight", type=click.Choice(["balanced", "none"]), default="balanced",
+              show_default=True, help="Weight the loss so rare classes count as much as common ones.")
+@click.option("--patience", type=click.IntRange(0), default=3, show_default=True,
+              help="Stop after this many epochs without validation improvement (0: never).")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1,
+              show_default=True)
+@click.option("--no-lp-init", is_flag=True,
+              help="Start the linear layer at random instead of from a logistic-regression probe.")
+@click.option("--lp-C", "lp_C", default="auto", show_default=True, metavar="auto|FLOAT",
+              help="C of the LP probe (auto: cross-validated; a number skips the CV on big sets).")
+@click.option("--input-size", type=click.IntRange(16, 1024), default=None,
+              help="Override the card's input size (smaller = faster on CPU, less accurate).")
+@click.option("--crop-scale", type=click.FloatRange(0, 1, min_open=True), default=0.08, show_default=True,
+              help="Smallest area fraction of the random training crop (1 = flips only).")
+@click.option("--bn-stats/--no-bn-stats", default=None,
+              help="Update BatchNorm statistics in the trained blocks (default: only from scratch; "
+                   "batch statistics of small augmented batches undo the LP init).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--workers", type=click.IntRange(0, 256), default=None,
+              help="Data loader processes (default: 0 on CPU, up to 8 on CUDA).")
+@device_option
+@store_option
+@_quiet
+@json_option
+def finetune_cmd(train, val, out, resume, backbone, weights, unfreeze, epochs, lr, backbone_lr,
+                 batch_size, weight_decay, warmup_epochs, label_smoothing, class_weight, patience,
+                 val_fraction, no_lp_init, lp_C, input_size, crop_scale, bn_stats, seed, workers, device, store, quiet, as_json):
+    """Fine-tune a backbone on TRAIN (ImageFolder layout) and export it back to ONNX.
+
+    LP-FT: a logistic-regression head fitted on cached embeddings starts the new
+    linear layer, then the top --unfreeze blocks train with it. The run directory
+    works as a backbone (`featx extract DIR --backbone RUN`) and as a head
+    (`featx predict RUN IMAGES`).
+    """
+    from featx.finetune import FinetuneInterrupted, finetune
+
+    if resume is None and train is None:
+        raise click.UsageError("give TRAIN (a folder of class folders), or --resume RUN_DIR")
+    if resume is not None and out is not None and out.resolve() != resume.resolve():
+        raise click.UsageError("--out and --resume name different directories; --resume continues "
+                               "the run in place")
+    if lp_C != "auto":
+        try:
+            lp_C = float(lp_C)
+        except ValueError:
+            raise click.BadParameter(f"{lp_C!r} is neither 'auto' nor a number", param_hint="--lp-C") from None
+        if not lp_C > 0:
+            raise click.BadParameter(f"must be > 0, got {lp_C}", param_hint="--lp-C")
+    if resume is not None:
+        ctx = click.get_current_context()
+        given = [n for n in _RUN_OPTIONS
+                 if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT)]
+        if set(given) - {"epochs"}:
+            flags = ", ".join("--" + n.replace("_", "-") for n in given if n != "epochs")
+            raise click.UsageError(f"--resume continues a run with its saved options; {flags} cannot "
+                                   "change (only --epochs can, to extend the run)")
+    options = ({"epochs": epochs} if "epochs" in given else {}) if resume is not None else dict(
+        backbone=backbone, weights=weights, unfreeze=unfreeze, epochs=epochs,
+        lr=lr, backbone_lr=backbone_lr, batch_size=batch_size, weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
+        class_weight=None if class_weight == "none" else class_weight,
+        patience=patience or None, val_fraction=val_fraction, lp_init=not no_lp_init, lp_C=lp_C,
+        input_size=input_size, crop_scale=crop_scale, bn_stats=bn_stats, seed=seed)
+    p = EpochProgress(quiet)
+    try:
+        r = finetune(train, val=val, out=out, resume=resume, device=device, workers=workers,
+                     store=store, progress=p, on_epoch=p.epoch_done, **options)
+    except FinetuneInterrupted as e:
+        p.close()
+        cmd = f"featx finetune --resume {e.run_dir}"
+        click.echo(f"\ninterrupted: {e.run_dir} holds {e.epoch} completed epoch(s); continue with: "
+                   f"{cmd}", err=True)
+        sys.exit(130)
+    finally:
+        p.close()
+    s = r.summary
+    best = s["best_val_acc"]
+    lines = [
+        f"device: {s['device']} (asked: {device})",
+        f"{s['epochs_trained']} epoch(s) on {s['train_images']} images, {len(s['classes'])} classes"
+        + (" (stopped early)" if s["stopped_early"] else "")
+        + (f"; best epoch {s['best_epoch']}, val accuracy {best:.4f}"
+           if best is not None and not math.isnan(best) else ""),
+        f"run: {s['run_dir']}  ({s['seconds']} s)",
+        f"backbone: {s['run_dir']}/backbone (fingerprint {s['fingerprint']})",
+        f"head: {s['head']}   curve: {s['run_dir']}/curve.png",
+        f"next: featx predict {s['run_dir']} IMAGES   |   featx extract DIR --backbone {s['run_dir']}",
+    ]
+    emit(s, as_json, lines)
+
+@click.command("compare")
+@click.argument("train", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--test", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Test folder (same classes). Default: a stratified 20% of TRAIN.")
+@click.option("--per-class", default="5,20,100,all", show_default=True, metavar="N,N,...|all",
+              help="Training images per class to measure at.")
+@click.option("--methods", default="frozen,lpft,scratch", show_default=True,
+              help="Any of frozen, lpft, scratch.")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=Path("report"),
+              show_default=True)
+@card_option
+@click.option("--epochs", type=click.IntRange(1, 1000), default=5, show_default=True,
+              help="Epochs for LP-FT and scratch (the same budget for both).")
+@click.option("--unfreeze", type=UnfreezeParam(), default=2, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
+@click.option("--backbone-lr", type=click.FloatRange(0), default=None,
+              help="LP-FT's learning rate for the unfrozen blocks (default: lr / 10; scratch uses lr).")
+@click.option("--crop-scale", type=click.FloatRange(0, 1, min_open=True), default=0.08, show_default=True,
+              help="Smallest area fraction of the random training crop.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)
+@click.option("--input-size", type=click.IntRange(16, 1024), default=None,
+              help="Override the card's input size for every method (faster on CPU).")
+@click.option("--test-per-class", type=click.IntRange(1), default=None,
+              help="Cap the test images per class (faster).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@device_option
+@store_option
+@_quiet
+@json_option
+def compare_cmd(train, test, per_class, methods, out, backbone, epochs, unfreeze, lr, backbone_lr, crop_scale,
+                batch_size, input_size, test_per_class, seed, device, store, quiet, as_json):
+    """Accuracy and wall time vs images per class: frozen + logreg, LP-FT, scratch."""
+    from featx.compare import compare, parse_per_class
+
+    parse_per_class(per_class)  # bad values fail before any work
+    p = Progress(enabled=False if quiet else None)
+    try:
+        r = compare(train, test, out=out, per_class=per_class,
+                    methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+                    backbone=backbone, epochs=epochs, unfreeze=unfreeze,
+                    lr=lr, backbone_lr=backbone_lr, crop_scale=crop_scale, batch_size=batch_size,
+                    input_size=input_size,
+                    test_per_class=test_per_class, seed=seed, device=device, store=store, progress=p)
+    finally:
+        p.close()
+    lines = [(out / "compare.md").read_text().split("\n\n![")[0], "",
+             f"table: {r.files['markdown']}  json: {r.files['json']}  plot: {r.files['png']}"]
+    emit({"config": r.config, "rows": r.rows, "files": r.files}, as_json, lines)

@@ -1,0 +1,74 @@
+"""featx command line: parses options, calls the library, renders progress and results.
+
+Every command is a library function first; nothing here computes anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from featx.cli.extract import export, extract, models
+from featx.cli.finetune import compare_cmd, finetune_cmd
+from featx.cli.heads import evaluate_cmd, export_classifier_cmd, fit_head_cmd, predict_cmd
+from featx.errors import FeatXError
+
+log = logging.getLogger("featx")
+
+
+class FeatXGroup(click.Group):
+    """Turns featx errors into one clear line and exit code 1, and Ctrl-C into exit 130."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except FeatXError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted: everything embedded so far is saved; run the same command "
+                       "again to resume.", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=FeatXGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="featx")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
+    """featx: transfer learning for images with a frozen ONNX backbone and cached embeddings."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if ctx.invoked_subcommand not in TRAINING_COMMANDS:
+        _fixed_mmap_threshold()
+
+
+# torch training allocates and frees large activation tensors every step: with a fixed
+# mmap threshold each one is a fresh mmap, and page faults took half the CPU time
+TRAINING_COMMANDS = {"finetune", "compare"}
+
+
+def _fixed_mmap_threshold() -> None:
+    """Keep peak memory flat on long runs (glibc only; a process-wide choice, so the CLI's).
+
+    Reader threads allocate whole image files (MBs each); glibc's adaptive mmap
+    threshold then serves them from per-thread heaps that fragment and grow
+    with the number of files. A fixed 128 KiB threshold returns them to the OS.
+    """
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+for _cmd in (models, export, extract, fit_head_cmd, predict_cmd, evaluate_cmd, export_classifier_cmd,
+             finetune_cmd, compare_cmd):
+    main.add_command(_cmd)

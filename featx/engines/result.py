@@ -1,0 +1,174 @@
+"""What every engine shares: the job it is given, what it returns, and the table it ends in.
+
+``extract`` scans the folder and resolves the backbone into an ``ExtractJob``; an
+engine (``LocalEngine``, ``RayEngine``) makes sure every readable file has an
+embedding in the store and returns an ``EngineRun``; ``finish`` assembles the
+table in scan order and writes it with its report, so a table does not depend on
+which engine made it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from featx import __version__
+from featx.backbones.artifact import Backbone
+from featx.embed.images import IMAGE_EXTENSIONS, ScanResult, scan
+from featx.embed.store import EmbeddingStore
+from featx.embed.table import EmbeddingTable, write_table
+from featx.errors import FeatXError
+from featx.paths import home
+from featx.progress import ProgressFn, no_progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbedStats:
+    """Counts and timings of one embedding run; ``failures`` are (path, reason)."""
+
+    files: int = 0
+    cached: int = 0
+    embedded: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    seconds_hash: float = 0.0
+    seconds_embed: float = 0.0
+    seconds_model: float = 0.0
+
+
+@dataclass
+class ExtractJob:
+    """One folder to embed with one backbone into one store: what an engine is given."""
+
+    root: Path
+    found: ScanResult
+    backbone: Backbone
+    store: EmbeddingStore
+    batch_size: int = 32
+    workers: int | None = None
+    device: str = "auto"
+    draft: bool = True
+    shard_size: int = 2048
+    progress: ProgressFn = no_progress
+
+
+@dataclass
+class EngineRun:
+    """What an engine returns: each scanned file's content key (None = failed), stats, provider."""
+
+    keys: list[str | None]
+    stats: EmbedStats
+    provider: str
+
+
+class Engine(Protocol):
+    """An execution engine: embeds a job's files into its store."""
+
+    name: str
+
+    def run(self, job: ExtractJob) -> EngineRun: ...
+
+
+@dataclass
+class ExtractResult:
+    table: EmbeddingTable
+    out: Path | None
+    report: Path | None
+    backbone: Backbone
+    provider: str
+    stats: EmbedStats
+    seconds: float
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {
+            "images": self.stats.files,
+            "embedded": self.stats.embedded,
+            "cached": self.stats.cached,
+            "failed": len(self.stats.failures),
+            "rows": len(self.table),
+            "classes": len(self.table.meta.get("classes", [])),
+            "backbone": self.backbone.name,
+            "fingerprint": self.backbone.fingerprint,
+            "provider": self.provider,
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.stats.embedded / self.stats.seconds_embed, 2)
+            if self.stats.seconds_embed > 0 and self.stats.embedded else None,
+            "out": str(self.out) if self.out else None,
+            "report": str(self.report) if self.report else None,
+        }
+
+
+def scan_images(root: Path) -> ScanResult:
+    """``images.scan``, refusing a folder with no image in it (both engines start here)."""
+    found = scan(root)
+    if not found.items:
+        raise FeatXError(f"{root}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return found
+
+
+def default_out(root: Path) -> Path:
+    return Path.cwd() / f"{root.resolve().name or 'images'}.featx.parquet"
+
+
+def finish(job: ExtractJob, run: EngineRun, t0: float, out: str | os.PathLike | None, write: bool,
+           engine: str = "local", keep_embeddings: bool = True) -> ExtractResult:
+    """Assemble the table of every embedded image in scan order, write it and the report.
+
+    Shared by every engine, so a table does not depend on which one made it.
+    ``keep_embeddings=False`` streams the embeddings from the store to the file
+    chunk by chunk (flat memory) and leaves ``result.table.X`` None.
+    """
+    root, found, bb, st = job.root, job.found, job.backbone, job.store
+    keys, stats, provider = run.keys, run.stats, run.provider
+    ok = [i for i, k in enumerate(keys) if k is not None]
+    ok_keys: list[str] = [keys[i] for i in ok]  # type: ignore[misc]
+    keep = keep_embeddings or not write
+    table = EmbeddingTable(
+        paths=[found.items[i].path for i in ok],
+        labels=[found.items[i].label for i in ok],
+        keys=ok_keys,
+        X=st.get(ok_keys) if keep else None,
+        meta={
+            "featx_version": __version__, "backbone": bb.name, "fingerprint": bb.fingerprint,
+            "dim": bb.dim, "preprocess": bb.preprocess.to_dict(), "root": str(root.resolve()),
+            "classes": found.classes, "backbone_path": str(bb.onnx_path.parent),
+        },
+    )
+    out_path = report_path = None
+    if write:
+        out_path = Path(out) if out else default_out(root)
+        write_table(out_path, table, None if keep else st.iter_get(ok_keys, 4096))
+        report_path = out_path.with_name(out_path.name + ".report.json")
+    result = ExtractResult(table, out_path, report_path, bb, provider, stats,
+                           time.perf_counter() - t0, found.skipped)
+    if write:
+        report = {**result.summary(), "engine": engine, "root": str(root.resolve()),
+                  "failures": [{"path": p, "reason": r} for p, r in stats.failures],
+                  "skipped": [{"path": p, "reason": r} for p, r in found.skipped]}
+        report_path.write_text(json.dumps(report, indent=2))  # type: ignore[union-attr]
+        remember_last(out_path, bb)  # type: ignore[arg-type]
+    return result
+
+
+def remember_last(out: Path, bb: Backbone) -> None:
+    """Let `featx fit-head` default to the table of the last extract."""
+    try:
+        (home() / "last_extract.json").write_text(json.dumps(
+            {"out": str(out.resolve()), "backbone": str(bb.onnx_path.parent), "fingerprint": bb.fingerprint}))
+    except OSError as e:
+        log.warning("could not record the last extract: %s", e)
+
+
+def last_extract() -> dict | None:
+    p = home() / "last_extract.json"
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None

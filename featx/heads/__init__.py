@@ -1,0 +1,22 @@
+"""Heads: classifiers trained on embeddings, the head file, and the one-file ONNX classifier.
+
+``fit`` (scaler + logistic regression / SVM, C by cross-validation), ``streaming``
+(SGD over a table larger than memory), ``headfile`` (save/load, with the backbone
+fingerprint it belongs to), ``onnx_classifier`` (backbone + head as one ONNX file).
+"""
+
+from __future__ import annotations
+
+from featx._lazy import lazy_exports
+
+_EXPORTS = {
+    "fit_head": "featx.heads.fit",
+    "make_head": "featx.heads.fit",
+    "fit_streaming_head": "featx.heads.streaming",
+    "Head": "featx.heads.headfile",
+    "save_head": "featx.heads.headfile",
+    "load_head": "featx.heads.headfile",
+    "export_classifier": "featx.heads.onnx_classifier",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

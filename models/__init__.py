@@ -1,1 +1,0 @@
-"""Backbone cards: one TOML file per backbone (installed as featx.cards)."""
