@@ -112,7 +112,7 @@ def decode_only(folder: Path, pre, batch: int, workers: int) -> float:
     """Read + decode + resize + crop with featx's reader pool and no model: the decode ceiling."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from featx.embed.images import scan
+    from featx.embed.scan import scan
     from featx.engines.local import bounded_map, chunks, decode_batch
 
     items = [(i, str(folder / it.path), "") for i, it in enumerate(scan(folder).items)]
@@ -161,7 +161,8 @@ def main() -> None:
     a = ap.parse_args()
 
     from featx.backbones.resolve import resolve_backbone
-    from featx.embed.images import load_image, scan
+    from featx.embed.images import load_image
+    from featx.embed.scan import scan
 
     photos = make_photos(a.data / f"photos{a.n}", a.n)
     home = Path(tempfile.mkdtemp(prefix="featx-bench-home-"))

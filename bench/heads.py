@@ -39,16 +39,16 @@ def main() -> None:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from featx.datasets import subsample
     from featx.embed.table import read_table
     from featx.heads.fit import C_GRID, fit_head
+    from featx.sampling import per_class_subset
 
     warnings.simplefilter("ignore", ConvergenceWarning)
     tr, te = read_table(a.train), read_table(a.test)
     classes = sorted(set(tr.labels))
     ytr = np.array([classes.index(v) for v in tr.labels])
     yte = np.array([classes.index(v) for v in te.labels])
-    idx = subsample(ytr, a.per_class or None, seed=0)
+    idx = per_class_subset(ytr, a.per_class or None, seed=0)
     X, y = tr.X[idx], ytr[idx]
     rows = {}
 

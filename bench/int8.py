@@ -40,12 +40,14 @@ def main() -> None:
 
     from featx.backbones.quantize import quantize_backbone
     from featx.backbones.resolve import resolve_backbone
-    from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist, subsample, write_image_folder
-    from featx.embed.images import load_image, scan
+    from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist, write_image_folder
+    from featx.embed.images import load_image
+    from featx.embed.scan import scan
     from featx.extract import extract
+    from featx.sampling import per_class_subset
 
     x, y = fashion_mnist("train")
-    idx = subsample(y, a.per_class, seed=3)
+    idx = per_class_subset(y, a.per_class, seed=3)
     data = write_image_folder(Path(tempfile.gettempdir()) / f"featx-bench-fm{a.per_class}", x[idx], y[idx],
                               FASHION_MNIST_CLASSES)
     fp32 = resolve_backbone("efficientnet_lite0")

@@ -19,11 +19,12 @@ from pathlib import Path
 
 
 def fashion_folder(n: int) -> Path:
-    from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist, subsample, write_image_folder
+    from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist, write_image_folder
+    from featx.sampling import per_class_subset
 
     root = Path(tempfile.gettempdir()) / f"featx-bench-fmnist-{n}"
     x, y = fashion_mnist("test")
-    idx = subsample(y, n // 10, seed=0)
+    idx = per_class_subset(y, n // 10, seed=0)
     return write_image_folder(root, x[idx], y[idx], FASHION_MNIST_CLASSES)
 
 
@@ -39,7 +40,7 @@ def main() -> None:
     import ray
 
     from featx.backbones.resolve import resolve_backbone
-    from featx.embed.images import scan
+    from featx.embed.scan import scan
     from featx.extract import extract as local_extract
 
     folder = args.folder or fashion_folder(args.images)

@@ -36,11 +36,12 @@ def original_index(paths: list[str]) -> np.ndarray:
 
 
 def main() -> None:
-    from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist, subsample, write_image_folder
+    from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist, write_image_folder
     from featx.evaluate import evaluate
     from featx.extract import extract
     from featx.heads.fit import fit_head
     from featx.heads.headfile import save_head
+    from featx.sampling import per_class_subset
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="100,1000,all",
@@ -72,7 +73,7 @@ def main() -> None:
     raw_test = x_test[original_index(test.paths)].reshape(len(test), -1).astype(np.float32) / 255
     rows = []
     for per_class in sizes:
-        idx = subsample(codes, per_class, seed=0)
+        idx = per_class_subset(codes, per_class, seed=0)
         n = len(idx)
         raw = x_train[original_index([train.paths[i] for i in idx])].reshape(n, -1).astype(np.float32) / 255
         result = {"per_class": per_class or "all", "n_train": n}

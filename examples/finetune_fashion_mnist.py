@@ -32,10 +32,11 @@ HERE = Path(__file__).resolve().parent
 
 
 def write_split(out: Path, split: str, per_class: int | None) -> Path:
-    from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist, subsample, write_image_folder
+    from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist, write_image_folder
+    from featx.sampling import per_class_subset
 
     x, y = fashion_mnist(split)
-    idx = subsample(y, per_class)
+    idx = per_class_subset(y, per_class)
     return write_image_folder(out / f"{split}-{per_class or 'all'}", x[idx], y[idx], FASHION_MNIST_CLASSES)
 
 

@@ -28,16 +28,16 @@ def make_data() -> tuple[Path, Path]:
         FASHION_MNIST_CLASSES,
         fashion_mnist,
         fashion_mnist_available,
-        subsample,
         write_image_folder,
     )
+    from featx.sampling import per_class_subset
 
     root = OUT / "data"
     if fashion_mnist_available():
         out = []
         for split in ("train", "test"):
             x, y = fashion_mnist(split)
-            idx = subsample(y, 20)
+            idx = per_class_subset(y, 20)
             out.append(write_image_folder(root / split, x[idx], y[idx], FASHION_MNIST_CLASSES))
         return out[0], out[1]
     import skimage.data as sd

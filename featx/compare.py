@@ -24,9 +24,10 @@ import numpy as np
 
 from featx.backbones.cards import DEFAULT_BACKBONE
 from featx.errors import FeatXError
-from featx.finetune.data import labelled_files, stratified_split
+from featx.finetune.data import labelled_files
 from featx.finetune.runlog import write_json
 from featx.progress import ProgressFn, no_progress
+from featx.sampling import per_class_subset, stratified_split
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +55,6 @@ def parse_per_class(spec: str | list) -> list[int | None]:
     if not out:
         raise FeatXError("--per-class needs at least one value, e.g. 5,20,100,all")
     return sorted(set(out), key=lambda v: float("inf") if v is None else v)
-
-
-def subsample(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
-    """Up to ``per_class`` indices of each class; nested across sizes for one seed."""
-    if per_class is None:
-        return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
-    idx = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
-    return np.sort(np.concatenate(idx))
 
 
 @dataclass
@@ -106,7 +98,7 @@ def compare(train, test=None, *, out: str | os.PathLike = "report", per_class="5
     else:
         testf, test_source = labelled_files(test, classes=files.classes), "given"
     if test_per_class is not None:
-        testf = testf.subset(subsample(testf.labels, test_per_class, seed))
+        testf = testf.subset(per_class_subset(testf.labels, test_per_class, seed))
     torch_device(device)  # an impossible --device fails before any work
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +117,7 @@ def compare(train, test=None, *, out: str | os.PathLike = "report", per_class="5
     del module
     enc = Encoder(bb, device="cpu" if torch_device(device).type == "cpu" else "auto")
     st = EmbeddingStore(bb, store)
-    largest = subsample(files.labels, sizes[-1], seed)
+    largest = per_class_subset(files.labels, sizes[-1], seed)
     used = files.subset(largest)
     t0 = time.perf_counter()
     keys_tr, stats_tr = embed_files(used.paths, enc, st, progress=progress)
@@ -142,7 +134,7 @@ def compare(train, test=None, *, out: str | os.PathLike = "report", per_class="5
 
     rows: list[dict] = []
     for n in sizes:
-        idx = subsample(files.labels, n, seed)
+        idx = per_class_subset(files.labels, n, seed)
         sub = files.subset(idx)
         n_label = "all" if n is None else n
         counts = np.bincount(sub.labels, minlength=len(files.classes))

@@ -46,15 +46,6 @@ def fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def subsample(y: np.ndarray, per_class: int | None, seed: int = 0) -> np.ndarray:
-    """Indices of ``per_class`` examples of each class (all when None), in a stable order."""
-    if per_class is None:
-        return np.arange(len(y))
-    rng = np.random.default_rng(seed)
-    idx = [rng.permutation(np.flatnonzero(y == c))[:per_class] for c in np.unique(y)]
-    return np.sort(np.concatenate(idx))
-
-
 def write_image_folder(root: str | os.PathLike, images: np.ndarray, labels: np.ndarray,
                        class_names: list[str], fmt: str = "png") -> Path:
     """Write arrays as an ImageFolder tree ``root/<class>/<index>.<fmt>`` (skips existing files)."""

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from featx.backbones.artifact import Backbone
-from featx.embed.images import IMAGE_EXTENSIONS, array_to_pil, resize_crop, scan
+from featx.embed.images import IMAGE_EXTENSIONS, array_to_pil, resize_crop
 from featx.embed.runtime import Encoder
+from featx.embed.scan import scan
 from featx.embed.statcache import StatCache
 from featx.embed.store import EmbeddingStore
 from featx.engines.local import embed_files

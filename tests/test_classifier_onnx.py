@@ -11,12 +11,13 @@ import pytest
 from click.testing import CliRunner
 
 from featx.cli import main
-from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist, subsample
+from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist
 from featx.embed.images import load_image
 from featx.embed.runtime import make_session
 from featx.heads.fit import fit_head
 from featx.heads.headfile import save_head
 from featx.predict import embed_arrays, predict
+from featx.sampling import per_class_subset
 
 from .conftest import needs_fashion_mnist
 
@@ -30,12 +31,12 @@ def data(lite0, tmp_path_factory):
 
     keep = [0, 3, 5, 7]  # t-shirt, dress, sandal, sneaker
     x, y = fashion_mnist("train")
-    idx = subsample(y, 10, seed=5)
+    idx = per_class_subset(y, 10, seed=5)
     idx = idx[np.isin(y[idx], keep)]
     X = embed_arrays(x[idx], lite0)
     names = [FASHION_MNIST_CLASSES[c] for c in y[idx]]
     xt, yt = fashion_mnist("test")
-    tidx = subsample(yt, 3, seed=5)
+    tidx = per_class_subset(yt, 3, seed=5)
     tidx = tidx[np.isin(yt[tidx], keep)]
     folder = write_image_folder(tmp_path_factory.mktemp("onnx") / "test", xt[tidx], yt[tidx],
                                 FASHION_MNIST_CLASSES)

@@ -15,9 +15,10 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from featx import FeatXClassifier, FeatXEmbedder
 from featx.cli import main
-from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist, subsample
+from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist
 from featx.errors import FeatXError
 from featx.estimators import ImageInputError
+from featx.sampling import per_class_subset
 
 from .conftest import needs_fashion_mnist
 
@@ -92,7 +93,7 @@ KEEP = [1, 5, 8]  # trouser, sandal, bag
 def arrays():
     """Fashion-MNIST as uint8 (N, 28, 28) arrays: 8 a class to train, 4 a class to test."""
     x, y = fashion_mnist("train")
-    idx = subsample(y, 12, seed=7)
+    idx = per_class_subset(y, 12, seed=7)
     idx = idx[np.isin(y[idx], KEEP)]
     x, y = x[idx], np.array([FASHION_MNIST_CLASSES[c] for c in y[idx]])
     train = np.concatenate([np.flatnonzero(y == c)[:8] for c in np.unique(y)])
@@ -173,11 +174,11 @@ def test_embedder(arrays, lite0):
 @needs_fashion_mnist
 def test_classifier_on_paths_shares_the_cli_cache(tmp_path, lite0):
     from featx.datasets import write_image_folder
-    from featx.embed.images import scan
+    from featx.embed.scan import scan
     from featx.embed.store import EmbeddingStore
 
     x, y = fashion_mnist("test")
-    idx = subsample(y, 4, seed=11)
+    idx = per_class_subset(y, 4, seed=11)
     idx = idx[np.isin(y[idx], KEEP)]
     root = write_image_folder(tmp_path / "imgs", x[idx], y[idx], FASHION_MNIST_CLASSES)
     r = CliRunner().invoke(main, ["extract", str(root), "--out", str(tmp_path / "t.parquet"), "-q"])

@@ -26,8 +26,9 @@ from featx.finetune import (
     init_network,
     linear_as_logreg,
 )
-from featx.finetune.data import ImageDataset, labelled_files, random_box, stratified_split
+from featx.finetune.data import ImageDataset, labelled_files, random_box
 from featx.finetune.loop import set_trainable, train_mode
+from featx.sampling import stratified_split
 
 TINY = {"input_size": 64, "batch_size": 4, "epochs": 1, "unfreeze": 1, "lp_C": 1.0}
 

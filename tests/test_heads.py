@@ -16,12 +16,13 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from featx.backbones.resolve import resolve_backbone
-from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist, subsample
+from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist
 from featx.errors import FeatXError
 from featx.heads.fit import C_GRID, fit_head
 from featx.heads.headfile import HeadFileError, load_head, read_header, save_head
 from featx.heads.proba import head_proba
 from featx.predict import embed_arrays
+from featx.sampling import per_class_subset
 
 from .conftest import needs_fashion_mnist
 
@@ -32,7 +33,7 @@ CLASSES = [0, 1, 4, 8]  # t-shirt, trouser, coat, bag
 
 def fm_embeddings(lite0, split: str, per_class: int, seed: int = 0):
     x, y = fashion_mnist(split)
-    idx = subsample(y, per_class, seed)
+    idx = per_class_subset(y, per_class, seed)
     idx = idx[np.isin(y[idx], CLASSES)]
     X = embed_arrays(x[idx], lite0)
     return X, np.array([FASHION_MNIST_CLASSES[c] for c in y[idx]])

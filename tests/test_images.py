@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from featx.backbones.cards import Preprocess
-from featx.embed.images import decode, load_image, scan
+from featx.embed.images import decode, load_image
+from featx.embed.scan import scan
 from featx.errors import FeatXError, ImageError
 
 SPEC = Preprocess(input_size=64, resize_size=72, interpolation="bilinear")

@@ -19,11 +19,11 @@ from featx.cli import main
 from featx.datasets import (
     FASHION_MNIST_CLASSES,
     fashion_mnist,
-    subsample,
     write_image_folder,
 )
 from featx.embed.store import EmbeddingStore
 from featx.heads.headfile import load_head, save_head
+from featx.sampling import per_class_subset
 
 from .conftest import needs_fashion_mnist
 
@@ -34,7 +34,7 @@ KEEP = [0, 1, 8]  # t-shirt, trouser, bag
 
 def fm_folder(root: Path, split: str, per_class: int) -> Path:
     x, y = fashion_mnist(split)
-    idx = subsample(y, per_class, seed=3)
+    idx = per_class_subset(y, per_class, seed=3)
     idx = idx[np.isin(y[idx], KEEP)]
     write_image_folder(root, x[idx], y[idx], FASHION_MNIST_CLASSES)
     for d in root.iterdir():  # write_image_folder makes every class folder; keep ours

@@ -9,10 +9,10 @@ from featx.cli import main
 from featx.datasets import (
     FASHION_MNIST_CLASSES,
     fashion_mnist,
-    subsample,
     write_image_folder,
 )
 from featx.extract import extract
+from featx.sampling import per_class_subset
 
 from .conftest import needs_fashion_mnist
 
@@ -22,7 +22,7 @@ pytestmark = needs_fashion_mnist
 @pytest.fixture(scope="module")
 def fmnist_folder(tmp_path_factory):
     x, y = fashion_mnist("test")
-    idx = subsample(y, 12, seed=1)
+    idx = per_class_subset(y, 12, seed=1)
     return write_image_folder(tmp_path_factory.mktemp("fm") / "data", x[idx], y[idx], FASHION_MNIST_CLASSES)
 
 

@@ -20,11 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from featx.backbones.artifact import Backbone, fingerprint_of, load_export, publish
-from featx.embed.images import load_image, scan
+from featx.embed.images import load_image
 from featx.embed.runtime import Encoder
+from featx.embed.scan import scan
 from featx.errors import FeatXError, ImageError, require
 from featx.paths import exports_dir
 from featx.progress import ProgressFn, no_progress
+from featx.sampling import spread_over_classes
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +60,7 @@ class GuardReport:
 def _sample(root: Path, n: int, seed: int) -> tuple[list[str], list[str | None]]:
     """Up to n paths, spread evenly over classes, in a seeded random order."""
     items = scan(root).items
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(items))
-    by_label: dict[str | None, list[int]] = {}
-    for i in order:
-        by_label.setdefault(items[i].label, []).append(int(i))
-    picked: list[int] = []
-    while len(picked) < min(n, len(items)):  # round-robin over classes
-        for lst in by_label.values():
-            if lst and len(picked) < n:
-                picked.append(lst.pop())
+    picked = spread_over_classes([it.label for it in items], n, seed)
     return [str(root / items[i].path) for i in picked], [items[i].label for i in picked]
 
 

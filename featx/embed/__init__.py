@@ -11,7 +11,7 @@ from __future__ import annotations
 from featx._lazy import lazy_exports
 
 _EXPORTS = {
-    "scan": "featx.embed.images",
+    "scan": "featx.embed.scan",
     "load_image": "featx.embed.images",
     "decode": "featx.embed.images",
     "resize_crop": "featx.embed.images",

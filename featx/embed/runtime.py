@@ -8,11 +8,11 @@ import os
 import numpy as np
 
 from featx.backbones.artifact import Backbone
+from featx.devices import choose_device
 from featx.errors import DeviceError, FeatXError
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("auto", "cpu", "cuda")
 CPU_MODEL_BATCH = 4
 
 
@@ -31,16 +31,12 @@ def physical_cores() -> int:
 
 def providers_for(device: str) -> list:
     """Execution providers for ``device``; an explicit cuda that cannot be had raises."""
-    if device not in DEVICES:
-        raise FeatXError(f"device {device!r} is not one of {', '.join(DEVICES)}")
     has_cuda = "CUDAExecutionProvider" in available_providers()
-    if device == "cuda" and not has_cuda:
-        raise DeviceError(
-            "--device cuda asked for, but ONNX Runtime has no CUDA provider here "
-            f"(available: {', '.join(available_providers())}). Install featx[gpu] "
-            "(onnxruntime-gpu, not onnxruntime) on a machine with an NVIDIA GPU, or use --device cpu."
-        )
-    if device == "cuda" or (device == "auto" and has_cuda):
+    if choose_device(device, has_cuda,
+                     "ONNX Runtime has no CUDA provider here "
+                     f"(available: {', '.join(available_providers())}). Install featx[gpu] "
+                     "(onnxruntime-gpu, not onnxruntime) on a machine with an NVIDIA GPU, "
+                     "or use --device cpu.") == "cuda":
         # heuristic search picks fast kernels without a slow first batch
         cuda = ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"})
         return [cuda, "CPUExecutionProvider"]

@@ -29,7 +29,8 @@ import numpy as np
 from featx import errors
 from featx.backbones.artifact import Backbone, fingerprint_of
 from featx.backbones.cards import Preprocess
-from featx.embed.runtime import DEVICES, Encoder
+from featx.devices import check_device_name, choose_device
+from featx.embed.runtime import Encoder
 from featx.embed.store import EmbeddingStore
 from featx.engines.local import decode_batch, hash_file, to_embed
 from featx.engines.result import EmbedStats, EngineRun, ExtractJob
@@ -155,15 +156,11 @@ def _quiet_data_context() -> None:
 
 def _device_plan(ray, device: str) -> str:
     """Resolve ``device`` against the cluster: ``auto`` means cuda when the cluster has GPUs."""
-    if device not in DEVICES:
-        raise FeatXError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+    check_device_name(device)
     gpus = ray.cluster_resources().get("GPU", 0)
-    if device == "cuda" and gpus < 1:
-        raise DeviceError("--device cuda asked for, but the Ray cluster has no GPU resources "
-                          f"(resources: {ray.cluster_resources()}); use --device cpu or add GPU nodes")
-    if device == "auto":
-        return "cuda" if gpus >= 1 else "cpu"
-    return device
+    return choose_device(device, gpus >= 1,
+                         "the Ray cluster has no GPU resources "
+                         f"(resources: {ray.cluster_resources()}); use --device cpu or add GPU nodes")
 
 
 def _unwrap(e: BaseException) -> BaseException:

@@ -19,7 +19,8 @@ from typing import Protocol
 
 from featx import __version__
 from featx.backbones.artifact import Backbone
-from featx.embed.images import IMAGE_EXTENSIONS, ScanResult, scan
+from featx.embed.images import IMAGE_EXTENSIONS
+from featx.embed.scan import ScanResult, scan
 from featx.embed.store import EmbeddingStore
 from featx.embed.table import EmbeddingTable, write_table
 from featx.errors import FeatXError
@@ -106,7 +107,7 @@ class ExtractResult:
 
 
 def scan_images(root: Path) -> ScanResult:
-    """``images.scan``, refusing a folder with no image in it (both engines start here)."""
+    """``embed.scan.scan``, refusing a folder with no image in it (both engines start here)."""
     found = scan(root)
     if not found.items:
         raise FeatXError(f"{root}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")

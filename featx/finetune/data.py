@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from featx.backbones.cards import Preprocess
-from featx.embed.images import decode, read_bytes, resize_crop, scan
+from featx.embed.images import decode, read_bytes, resize_crop
+from featx.embed.scan import scan
 from featx.errors import FeatXError, ImageError
 
 # RandomResizedCrop's usual ranges (torchvision/timm defaults)
@@ -98,18 +99,6 @@ def labelled_files(data, classes: list[str] | None = None) -> LabelledFiles:
     if len(classes) < 2:
         raise FeatXError(f"need at least 2 classes to train a classifier, found {classes}")
     return LabelledFiles(paths, np.array([index[n] for n in names], dtype=np.int64), list(classes))
-
-
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) indices; every class keeps at least one training image."""
-    rng = np.random.default_rng(seed)
-    tr, va = [], []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        n_val = min(round(len(idx) * fraction), len(idx) - 1)
-        va.extend(idx[:n_val])
-        tr.extend(idx[n_val:])
-    return np.sort(np.array(tr, dtype=np.int64)), np.sort(np.array(va, dtype=np.int64))
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from featx.backbones.cards import BackboneCard
-from featx.errors import DeviceError, FeatXError, require
+from featx.devices import choose_device
+from featx.errors import FeatXError, require
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +29,10 @@ nn = torch.nn
 
 def torch_device(device: str) -> torch.device:
     """auto -> cuda when torch sees a GPU, else cpu; an explicit cuda without one raises."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise FeatXError(f"device {device!r} is not one of auto, cpu, cuda")
-    has_cuda = torch.cuda.is_available()
-    if device == "cuda" and not has_cuda:
-        raise DeviceError("--device cuda asked for, but torch sees no CUDA GPU here "
-                          f"(torch {torch.__version__}). Use --device cpu, or install a CUDA build of torch.")
-    return torch.device("cuda" if device == "cuda" or (device == "auto" and has_cuda) else "cpu")
+    return torch.device(choose_device(
+        device, torch.cuda.is_available(),
+        f"torch sees no CUDA GPU here (torch {torch.__version__}). Use --device cpu, "
+        "or install a CUDA build of torch."))
 
 
 class FineTuneNet(nn.Module):

@@ -17,11 +17,12 @@ from featx.backbones.artifact import Backbone
 from featx.backbones.cards import Preprocess
 from featx.errors import FeatXError, require
 from featx.finetune.config import FINETUNE_FORMAT, FinetuneConfig, card_for, default_run_dir
-from featx.finetune.data import LabelledFiles, labelled_files, stratified_split
+from featx.finetune.data import LabelledFiles, labelled_files
 from featx.finetune.export import export_run, predict_files
 from featx.finetune.lp import init_network
 from featx.finetune.runlog import plot_curve, write_json, write_metrics
 from featx.progress import ProgressFn, no_progress
+from featx.sampling import stratified_split
 
 log = logging.getLogger(__name__)
 

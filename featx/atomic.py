@@ -1,0 +1,79 @@
+"""Write a file so that readers see the old file or the new one, never a mix.
+
+Every output featx writes (tables, reports, heads, CSVs, run files) goes to a
+unique temporary name in the same folder, is fsynced, then renamed over the
+target. Two processes writing the same path leave one complete file from one
+of them. A killed writer leaves a ``.<name>.<random>.featx-tmp`` file behind;
+``clean_stale_temporaries`` removes those older than a day.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["TMP_SUFFIX", "atomic_path", "clean_stale_temporaries", "write_bytes", "write_text"]
+
+TMP_SUFFIX = ".featx-tmp"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary path beside ``path``; on success it is fsynced and renamed to ``path``.
+
+    The caller writes the temporary file by name (pyarrow, matplotlib, joblib...). On an
+    exception the temporary file is removed and ``path`` is left as it was.
+    """
+    dest = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=TMP_SUFFIX, dir=dest.parent or ".")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
+        os.replace(tmp_path, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Atomically replace ``path`` with ``data``."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Atomically replace ``path`` with ``text`` (UTF-8)."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def clean_stale_temporaries(folder: str | os.PathLike, older_than_s: float = 86400.0) -> int:
+    """Remove temporaries of killed writers in ``folder``; returns how many were removed."""
+    n = 0
+    now = time.time()
+    with contextlib.suppress(OSError):
+        for p in Path(folder).glob(f".*{TMP_SUFFIX}"):
+            with contextlib.suppress(OSError):
+                if now - p.stat().st_mtime > older_than_s:
+                    p.unlink()
+                    n += 1
+    return n
+
+
+def _read_umask() -> int:
+    # read once at import (umask can only be read by setting it, which races with threads)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates 0600; the final file gets the mode a plain open() would give it
+_UMASK = _read_umask()
