@@ -1,8 +1,8 @@
 """scikit-learn estimators: ``FeatXEmbedder`` (transformer) and ``FeatXClassifier``.
 
-Both take images, not a feature matrix: a sequence of image paths, a uint8
-array ``(N, H, W)`` (grayscale) or ``(N, H, W, 3)``, or a list of uint8
-``(H, W[, 3])`` arrays of any size. Images are embedded through the same
+Both take images, not a feature matrix: a sequence of image paths, a list of PIL
+images, a uint8 array ``(N, H, W)`` (grayscale) or ``(N, H, W, 3)``, or a list of
+uint8 ``(H, W[, 3])`` arrays of any size. Images are embedded through the same
 embedding store as ``featx extract``, so a path or array embedded once (by the
 CLI or by another estimator, e.g. a GridSearchCV clone) is never run again.
 
@@ -13,26 +13,57 @@ CLI or by another estimator, e.g. a GridSearchCV clone) is never run again.
 
 from __future__ import annotations
 
+import numbers
 import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
+from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 
 from featx.backbones.cards import DEFAULT_BACKBONE
 from featx.errors import FeatXError
 
+__all__ = ["FeatXClassifier", "FeatXEmbedder", "ImageInputError", "embed_images"]
+
+# sklearn's way of renaming a parameter: the old name stays for a while with this default
+DEPRECATED = "deprecated"
+
 
 class ImageInputError(FeatXError, ValueError):
     """Input that is not a batch of images (a ValueError, as sklearn expects)."""
 
 
+def _is_pil(x) -> bool:
+    from PIL import Image
+
+    return isinstance(x, Image.Image)
+
+
+def _check_paths(paths: list[str], who: str) -> None:
+    """Refuse paths that name no file before any work: a typo, not a file that vanished."""
+    missing = [p for p in paths if not os.path.exists(p)]
+    dirs = [p for p in paths if os.path.isdir(p)]
+    if not missing and not dirs:
+        return
+    bad, what = (missing, "no such file") if missing else (dirs, "a folder, not an image file")
+    shown = ", ".join(repr(p) for p in bad[:3]) + (f" (and {len(bad) - 3} more)" if len(bad) > 3 else "")
+    where = (f"; relative paths are read from the current folder, {os.getcwd()}"
+             if any(not os.path.isabs(p) for p in bad) else "")
+    raise ImageInputError(f"{who}: {what}: {shown}{where}" if len(bad) == 1 else
+                          f"{who}: {len(bad)} of {len(paths)} paths are {what}: {shown}{where}")
+
+
 def _as_images(X, who: str) -> tuple[str, Sequence]:
-    """Classify the input: ("paths", list[str]) or ("arrays", sequence of uint8 arrays)."""
+    """Classify the input: ("paths", list[str]), ("arrays", uint8 arrays) or ("pil", images)."""
     if isinstance(X, (str, os.PathLike)):
         raise ImageInputError(f"{who} takes a sequence of images, got a single path {X!r}; "
+                              "wrap it in a list")
+    if _is_pil(X):
+        raise ImageInputError(f"{who} takes a sequence of images, got a single PIL image; "
                               "wrap it in a list")
     if hasattr(X, "toarray") and hasattr(X, "nnz"):  # scipy.sparse
         raise ImageInputError(f"{who} takes images; sparse input is not supported")
@@ -49,33 +80,106 @@ def _as_images(X, who: str) -> tuple[str, Sequence]:
             X = X.tolist()
         else:
             raise ImageInputError(
-                f"{who} takes images: image paths, or uint8 arrays shaped (N, H, W) or "
-                f"(N, H, W, 3); got a {X.dtype} array of shape {X.shape}. To fit on "
+                f"{who} takes images: image paths, PIL images, or uint8 arrays shaped (N, H, W) "
+                f"or (N, H, W, 3); got a {X.dtype} array of shape {X.shape}. To fit on "
                 "precomputed embeddings use featx.heads.fit.fit_head or a plain sklearn estimator.")
     if not isinstance(X, Sequence) or isinstance(X, bytes):
-        raise ImageInputError(f"{who} takes a sequence of image paths or uint8 arrays, "
+        raise ImageInputError(f"{who} takes a sequence of image paths, PIL images or uint8 arrays, "
                               f"got {type(X).__name__}")
     if len(X) == 0:
         raise ImageInputError(f"{who} got 0 images; need at least 1")
     if all(isinstance(x, (str, os.PathLike)) for x in X):
-        return "paths", [os.fspath(x) for x in X]
+        paths = [os.fspath(x) for x in X]
+        _check_paths(paths, who)
+        return "paths", paths
     if all(isinstance(x, np.ndarray) and x.dtype == np.uint8 for x in X):
         return "arrays", list(X)
+    if all(_is_pil(x) or (isinstance(x, np.ndarray) and x.dtype == np.uint8) for x in X):
+        return "pil", list(X)
     kinds = sorted({type(x).__name__ for x in X})
-    raise ImageInputError(f"{who} takes image paths or uint8 image arrays, all of one kind; "
-                          f"got elements of type {', '.join(kinds)}")
+    raise ImageInputError(f"{who} takes image paths, PIL images or uint8 image arrays, not mixed "
+                          f"with other things; got elements of type {', '.join(kinds)}")
+
+
+def _pil_pixels(images: list) -> list[np.ndarray]:
+    """PIL images as uint8 RGB arrays, converted exactly as featx's loader converts them."""
+    # featx.embed.images._to_rgb is the loader's own mode conversion (transparency on white,
+    # 16-bit scaled, CMYK, palette): one definition, so a PIL image and the same file agree
+    from featx.embed.images import _to_rgb
+
+    return [np.asarray(_to_rgb(x)) if _is_pil(x) else x for x in images]
+
+
+def n_jobs_threads(n_jobs: int | None) -> int | None:
+    """Decoding threads for ``n_jobs`` (joblib's convention; None means every core).
+
+    Unlike most scikit-learn estimators, where ``None`` means one job, featx decodes
+    with every core by default, as its CLI does (threads, not processes: cheap).
+    """
+    if n_jobs is None:
+        return None
+    if not isinstance(n_jobs, numbers.Integral) or isinstance(n_jobs, bool) or n_jobs == 0:
+        raise ImageInputError(f"n_jobs must be a non-zero integer or None, got {n_jobs!r}")
+    if n_jobs < 0:  # -1: all cores, -2: all but one, ...
+        return max(1, (os.cpu_count() or 1) + 1 + int(n_jobs))
+    return int(n_jobs)
+
+
+def seed_from(random_state) -> int:
+    """An int seed for featx's heads: an int as given (as ``--seed``), else drawn from it."""
+    if isinstance(random_state, numbers.Integral) and not isinstance(random_state, bool):
+        return int(random_state)
+    return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
+
+
+def _renamed(est, old: str, new: str, default):
+    """The value of parameter ``new``, or of its deprecated old name ``old`` (with a warning)."""
+    value_old, value_new = getattr(est, old), getattr(est, new)
+    if isinstance(value_old, str) and value_old == DEPRECATED:
+        return value_new
+    if value_new is not default and value_new != default:
+        raise ImageInputError(f"{type(est).__name__}: pass {new}= only ({old}= is its old name), "
+                              f"got {old}={value_old!r} and {new}={value_new!r}")
+    warnings.warn(f"{type(est).__name__}({old}=...) was renamed {new}= (scikit-learn's name) and "
+                  f"will be removed in a future release; use {type(est).__name__}({new}={value_old!r})",
+                  FutureWarning, stacklevel=3)
+    return value_old
 
 
 def embed_images(X, backbone, *, device: str = "auto", store=None, batch_size: int = 32,
                  workers: int | None = None, who: str = "FeatXEmbedder") -> np.ndarray:
-    """Embeddings (N, dim) float32 of a batch of images, in input order, via the shared cache."""
+    """Embeddings of a batch of images, in input order, via the shared cache.
+
+    Parameters
+    ----------
+    X : sequence of image paths, list of PIL images, or uint8 arrays
+        As the estimators take them (see the module docstring).
+    backbone : str, path or Backbone
+        Card name, export or run directory, or ONNX file.
+    device : {"auto", "cpu", "cuda"}
+    store : str or None
+        Embedding cache directory (default ``$FEATX_HOME/store``).
+    batch_size : int
+        Images per ONNX Runtime call.
+    workers : int or None
+        Decoding threads for paths (default: every core).
+    who : str
+        Name used in error messages.
+
+    Returns
+    -------
+    ndarray of shape (N, dim), float32
+        One row per image. An unreadable image raises (naming it): an estimator
+        must return one row per input.
+    """
     from featx.backbones.resolve import resolve_backbone
     from featx.predict import embed_arrays, embed_paths
 
     kind, items = _as_images(X, who)
     bb = resolve_backbone(backbone)
-    if kind == "arrays":
-        return embed_arrays(items, bb, device=device, store=store, batch_size=batch_size)
+    if kind != "paths":
+        pixels = _pil_pixels(items) if kind == "pil" else items
+        return embed_arrays(pixels, bb, device=device, store=store, batch_size=batch_size)
     E, _, failures = embed_paths(list(items), bb, device=device, store=store,
                                   batch_size=batch_size, workers=workers)
     if failures:
@@ -91,39 +195,85 @@ class FeatXEmbedder(TransformerMixin, BaseEstimator):
 
     Stateless: there is nothing to learn, so ``transform`` works without ``fit``
     (``fit`` only validates its input). The ONNX session is opened on first use,
-    shared per process, and never pickled.
+    shared per process, and never pickled. Embeddings go through the same store
+    as ``featx extract``: an image embedded once is not run again.
 
     Parameters
     ----------
-    backbone : str
-        Card name (``featx models``), export/run directory, or ONNX file.
-    device : {"auto", "cpu", "cuda"}
-    store : str or None
-        Embedding cache directory (default: ``$FEATX_HOME/store``, shared with the CLI).
-    batch_size, workers : int
-        Inference batch size; decoding threads (default: CPU count).
+    backbone : str, default="efficientnet_lite0"
+        Card name (``featx models``), export or fine-tuning run directory, or ONNX file.
+    device : {"auto", "cpu", "cuda"}, default="auto"
+        ``auto`` uses CUDA when ONNX Runtime has it; an explicit ``cuda`` that cannot
+        be honoured raises.
+    store : str or None, default=None
+        Embedding cache directory (default ``$FEATX_HOME/store``, shared with the CLI).
+    batch_size : int, default=32
+        Images per ONNX Runtime call.
+    n_jobs : int or None, default=None
+        Threads that read and decode image files. None or -1: every core (featx's
+        default, unlike scikit-learn's one job); -2: all but one; arrays and PIL
+        images are already decoded and do not use them.
+    workers : int, deprecated
+        Old name of ``n_jobs``; still works, with a FutureWarning.
+
+    Examples
+    --------
+    >>> from sklearn.linear_model import LogisticRegression
+    >>> from sklearn.pipeline import make_pipeline
+    >>> from featx import FeatXEmbedder
+    >>> E = FeatXEmbedder().transform(["cat.jpg", "dog.jpg"])   # doctest: +SKIP
+    >>> E.shape                                                 # doctest: +SKIP
+    (2, 1280)
+    >>> make_pipeline(FeatXEmbedder(), LogisticRegression()).fit(paths, y)  # doctest: +SKIP
     """
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, *, device: str = "auto",
-                 store: str | None = None, batch_size: int = 32, workers: int | None = None) -> None:
+                 store: str | None = None, batch_size: int = 32, n_jobs: int | None = None,
+                 workers: int | str | None = DEPRECATED) -> None:
         self.backbone = backbone
         self.device = device
         self.store = store
         self.batch_size = batch_size
+        self.n_jobs = n_jobs
         self.workers = workers
 
+    def _threads(self) -> int | None:
+        return n_jobs_threads(_renamed(self, "workers", "n_jobs", None))
+
     def fit(self, X, y=None):
-        """Validate ``X`` (no learning: the backbone is frozen); returns self."""
+        """Validate ``X``; nothing is learned (the backbone is frozen).
+
+        Parameters
+        ----------
+        X : sequence of image paths, list of PIL images, or uint8 array(s)
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
         _as_images(X, type(self).__name__)
+        self._threads()
         return self
 
     def transform(self, X) -> np.ndarray:
-        """Embeddings (N, dim) float32, in input order."""
+        """Embed the images.
+
+        Parameters
+        ----------
+        X : sequence of image paths, list of PIL images, or uint8 array(s)
+
+        Returns
+        -------
+        ndarray of shape (n_images, dim), float32
+            In input order. An unreadable file raises, naming it.
+        """
         return embed_images(X, self.backbone, device=self.device, store=self.store,
-                            batch_size=self.batch_size, workers=self.workers,
+                            batch_size=self.batch_size, workers=self._threads(),
                             who=type(self).__name__)
 
     def get_feature_names_out(self, input_features=None) -> np.ndarray:
+        """``embedding0`` .. ``embedding{dim-1}``, as in a Pipeline's ``set_output``."""
         from featx.backbones.resolve import resolve_backbone
 
         dim = resolve_backbone(self.backbone).dim
@@ -141,87 +291,146 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
     """A frozen backbone + a featx head (scaler + logreg / linear SVM / RBF SVM) on images.
 
     ``fit`` embeds the images (through the shared cache) and calls
-    ``featx.heads.fit.fit_head``; ``C="auto"`` picks C by stratified CV. Fitted
-    attributes: ``classes_``, ``pipeline_`` (the sklearn head on embeddings),
-    ``report_`` (C, CV score and spread, class counts), ``backbone_fingerprint_``.
+    ``featx.heads.fit.fit_head``, exactly what ``featx fit-head`` does on a table;
+    ``C="auto"`` picks C by stratified cross-validation. With ``finetune=True`` it
+    runs LP-FT fine-tuning instead (``featx.finetune``).
 
     Parameters
     ----------
-    backbone : str
-        Card name, export/run directory, or ONNX file.
-    head : {"logreg", "linear-svm", "svm-rbf"}
-    C : float or "auto"
-    class_weight : None, "balanced" or dict
-    cv : int
-        Folds for ``C="auto"``.
-    seed : int
-    device, store, batch_size, workers
-        As for ``FeatXEmbedder``.
-    finetune : bool
-        Fine-tune the backbone card's top blocks (LP-FT, ``featx.finetune``)
-        instead of fitting a head on frozen embeddings; ``head``/``C`` are then
-        unused and the fitted model is the run's backbone + linear layer.
-    finetune_options : dict or None
+    backbone : str, default="efficientnet_lite0"
+        Card name, export or fine-tuning run directory, or ONNX file.
+    head : {"logreg", "linear-svm", "svm-rbf"}, default="logreg"
+        Classifier on the scaled embeddings (see docs/heads.md).
+    C : float or "auto", default="auto"
+        Inverse regularisation; ``"auto"`` chooses it by stratified CV over a log grid.
+    class_weight : None, "balanced" or dict, default=None
+    cv : int, default=5
+        Folds for ``C="auto"`` (fewer when the smallest class is smaller).
+    random_state : int, RandomState instance or None, default=0
+        Seeds the CV splits, the solvers and fine-tuning. An int is used as given
+        (the same as ``featx fit-head --seed``); None draws a fresh seed per fit.
+    device : {"auto", "cpu", "cuda"}, default="auto"
+    store : str or None, default=None
+        Embedding cache directory (default ``$FEATX_HOME/store``, shared with the CLI).
+    batch_size : int, default=32
+        Images per ONNX Runtime call (and per fine-tuning step).
+    n_jobs : int or None, default=None
+        Threads that read and decode image files; None or -1: every core.
+    finetune : bool, default=False
+        Fine-tune the backbone card's top blocks (LP-FT) instead of fitting a head on
+        frozen embeddings; ``head``/``C`` are then unused and the fitted model is the
+        run's backbone + linear layer.
+    finetune_options : dict or None, default=None
         ``FinetuneConfig`` fields, e.g. ``{"unfreeze": 2, "epochs": 5}``.
-    run_dir : str or None
+    run_dir : str or None, default=None
         Where the fine-tuning run is written (default: a new directory under
-        ``$FEATX_HOME/runs``); ``run_dir_`` holds the one used.
+        ``$FEATX_HOME/runs``).
+    seed : int, deprecated
+        Old name of ``random_state``; still works, with a FutureWarning.
+    workers : int, deprecated
+        Old name of ``n_jobs``; still works, with a FutureWarning.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+        Class labels, in the order of ``predict_proba``'s columns.
+    pipeline_ : sklearn Pipeline
+        The fitted head on embeddings (scaler + classifier).
+    report_ : dict
+        C, CV score and spread, class counts, training accuracy.
+    backbone_fingerprint_ : str
+        Fingerprint of the backbone the head was fitted on; predicting with another
+        backbone raises ``featx.errors.MismatchError``.
+    run_dir_, backbone_dir_ : str
+        Only with ``finetune=True``: the run directory and its exported backbone.
+
+    Examples
+    --------
+    >>> from featx import FeatXClassifier
+    >>> clf = FeatXClassifier(C="auto").fit(["a/1.jpg", "b/1.jpg", ...], ["a", "b", ...])  # doctest: +SKIP
+    >>> clf.predict(["new.jpg"])                                # doctest: +SKIP
+    array(['a'], dtype='<U1')
+    >>> clf.save_head("head.joblib")    # for featx predict / evaluate  # doctest: +SKIP
     """
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, head: str = "logreg",
                  C: float | str = "auto", *, class_weight: str | dict | None = None, cv: int = 5,
-                 seed: int = 0, device: str = "auto", store: str | None = None,
-                 batch_size: int = 32, workers: int | None = None, finetune: bool = False,
-                 finetune_options: dict | None = None, run_dir: str | None = None) -> None:
+                 random_state=0, device: str = "auto", store: str | None = None,
+                 batch_size: int = 32, n_jobs: int | None = None, finetune: bool = False,
+                 finetune_options: dict | None = None, run_dir: str | None = None,
+                 seed: int | str = DEPRECATED, workers: int | str | None = DEPRECATED) -> None:
         self.backbone = backbone
         self.head = head
         self.C = C
         self.class_weight = class_weight
         self.cv = cv
-        self.seed = seed
+        self.random_state = random_state
         self.device = device
         self.store = store
         self.batch_size = batch_size
-        self.workers = workers
+        self.n_jobs = n_jobs
         self.finetune = finetune
         self.finetune_options = finetune_options
         self.run_dir = run_dir
+        self.seed = seed
+        self.workers = workers
 
     def _fitted_backbone(self):
         # a fine-tuned classifier embeds with its own backbone, not the card it started from
         return getattr(self, "backbone_dir_", None) or self.backbone
 
+    def _threads(self) -> int | None:
+        return n_jobs_threads(_renamed(self, "workers", "n_jobs", None))
+
     def _embed(self, X) -> np.ndarray:
         return embed_images(X, self._fitted_backbone(), device=self.device, store=self.store,
-                            batch_size=self.batch_size, workers=self.workers,
+                            batch_size=self.batch_size, workers=self._threads(),
                             who=type(self).__name__)
 
     def fit(self, X, y):
-        """Embed ``X`` and fit the head on labels ``y``; returns self."""
+        """Embed the images and fit the head (or fine-tune) on their labels.
+
+        Parameters
+        ----------
+        X : sequence of image paths, list of PIL images, or uint8 array(s)
+            At least two images of each of at least two classes for ``C="auto"``.
+        y : array-like of shape (n_images,)
+            Class labels (strings or integers).
+
+        Returns
+        -------
+        self
+        """
         from featx.backbones.resolve import resolve_backbone
         from featx.heads.fit import fit_head
 
+        who = type(self).__name__
         if y is None:
-            raise ImageInputError(f"{type(self).__name__} requires y to be passed, but the target y is None")
+            raise ImageInputError(f"{who} requires y to be passed, but the target y is None")
         y = np.asarray(y)
         if y.ndim != 1:
             raise ImageInputError(f"y must be one-dimensional, got shape {y.shape}")
+        if len(y) == 0:
+            raise ImageInputError(f"{who}.fit got no labels (y is empty); it needs labelled "
+                                  "images of at least 2 classes")
+        seed = seed_from(_renamed(self, "seed", "random_state", 0))
+        self._threads()  # a bad n_jobs fails before any work
         check_classification_targets(y)
         classes, codes = np.unique(y, return_inverse=True)
         if len(classes) < 2:
             raise ImageInputError(f"need images of at least 2 classes; y has only one class, "
                                   f"{classes.tolist()}")
-        kind, items = _as_images(X, type(self).__name__)
+        kind, items = _as_images(X, who)
         if len(items) != len(y):
             raise ImageInputError(f"{len(items)} images but {len(y)} labels")
         for attr in ("backbone_dir_", "run_dir_"):  # a refit starts from the card again
             self.__dict__.pop(attr, None)
         if self.finetune:
-            return self._fit_finetune(kind, items, classes, codes)
+            return self._fit_finetune(kind, items, classes, codes, seed)
         E = self._embed(X)
         # the head learns codes 0..K-1: column j of predict_proba is classes_[j]
         pipe, report = fit_head(E, codes, head=self.head, C=self.C,
-                                class_weight=self.class_weight, cv=self.cv, seed=self.seed)
+                                class_weight=self.class_weight, cv=self.cv, seed=seed)
         report["classes"] = [str(c) for c in classes]
         self.classes_ = classes
         self.pipeline_ = pipe
@@ -229,7 +438,7 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         self.backbone_fingerprint_ = resolve_backbone(self.backbone).fingerprint
         return self
 
-    def _fit_finetune(self, kind: str, items, classes: np.ndarray, codes: np.ndarray):
+    def _fit_finetune(self, kind: str, items, classes: np.ndarray, codes: np.ndarray, seed: int):
         """LP-FT through featx.finetune; the run's head becomes ``pipeline_``."""
         import tempfile
 
@@ -239,12 +448,14 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
 
         # zero-padded codes sort like classes_, so the run's class j is classes_[j]
         names = [f"{int(c):06d}" for c in codes]
+        if kind == "pil":
+            items = _pil_pixels(items)
         data = (list(items), names) if kind == "paths" else ([np.asarray(a) for a in items], names)
         out = self.run_dir
         if out is None:
             (home() / "runs").mkdir(parents=True, exist_ok=True)
             out = tempfile.mkdtemp(prefix="estimator-", dir=home() / "runs")
-        opts = {"seed": self.seed, "batch_size": self.batch_size, **(self.finetune_options or {})}
+        opts = {"seed": seed, "batch_size": self.batch_size, **(self.finetune_options or {})}
         run = finetune(data, out=out, device=self.device, store=self.store, backbone=self.backbone,
                        **opts)
         head = load_head(run.head_path)
@@ -271,7 +482,17 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         return self._embed(X)
 
     def predict_proba(self, X) -> np.ndarray:
-        """Class probabilities (N, n_classes), columns in ``classes_`` order."""
+        """Class probabilities.
+
+        Parameters
+        ----------
+        X : sequence of image paths, list of PIL images, or uint8 array(s)
+
+        Returns
+        -------
+        ndarray of shape (n_images, n_classes)
+            Column ``j`` is the probability of ``classes_[j]``; rows sum to 1.
+        """
         from featx.heads.fit import one_blas_thread
 
         check_is_fitted(self)
@@ -280,11 +501,22 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
             return self.pipeline_.predict_proba(E)
 
     def predict(self, X) -> np.ndarray:
-        """The class with the highest probability (as ``featx predict`` and the ONNX file)."""
+        """The class with the highest probability (as ``featx predict`` and the ONNX file).
+
+        Parameters
+        ----------
+        X : sequence of image paths, list of PIL images, or uint8 array(s)
+
+        Returns
+        -------
+        ndarray of shape (n_images,)
+            Labels from ``classes_``.
+        """
         check_is_fitted(self)
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
     def predict_log_proba(self, X) -> np.ndarray:
+        """Natural log of ``predict_proba(X)`` (``-inf`` where a probability is 0)."""
         with np.errstate(divide="ignore"):
             return np.log(self.predict_proba(X))
 
@@ -309,7 +541,18 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         return np.log(p)
 
     def save_head(self, path: str | os.PathLike):
-        """Write a featx head file, usable by ``featx predict/evaluate/export-classifier``."""
+        """Write a featx head file, usable by ``featx predict/evaluate/export-classifier``.
+
+        Parameters
+        ----------
+        path : str or path-like
+            The head file to write (``head.joblib``).
+
+        Returns
+        -------
+        pathlib.Path
+            The file written.
+        """
         from featx.backbones.resolve import resolve_backbone
         from featx.heads.headfile import save_head
 

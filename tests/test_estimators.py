@@ -20,7 +20,7 @@ from featx.errors import FeatXError
 from featx.estimators import ImageInputError
 from featx.sampling import per_class_subset
 
-from .conftest import needs_fashion_mnist
+from .conftest import make_image_folder, needs_fashion_mnist, photos
 
 # ---- sklearn's estimator checks --------------------------------------------------------------
 # These checks fit on random float feature matrices (n_samples, n_features). featx estimators
@@ -132,7 +132,7 @@ def test_classifier_on_arrays(arrays):
 @needs_fashion_mnist
 def test_clone_params_and_pickle(arrays):
     X, y, Xt, _ = arrays
-    clf = FeatXClassifier(head="logreg", C=0.5, class_weight="balanced", seed=3)
+    clf = FeatXClassifier(head="logreg", C=0.5, class_weight="balanced", random_state=3, n_jobs=1)
     params = clf.get_params()
     assert params["C"] == 0.5 and params["class_weight"] == "balanced"
     c2 = clone(clf)
@@ -252,3 +252,107 @@ def test_classifier_finetune_path(arrays, tmp_path):
     from featx.heads.headfile import load_head
 
     assert load_head(tmp_path / "run").fingerprint == clf.backbone_fingerprint_
+
+
+# ---- scikit-learn conventions: PIL input, random_state, n_jobs, clear errors ---------------
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory):
+    """8 real photos (cats vs things) as files, and their labels."""
+    from featx.embed.scan import scan
+
+    root = make_image_folder(tmp_path_factory.mktemp("est") / "data")
+    items = scan(root).items
+    return [str(root / it.path) for it in items], [it.label for it in items]
+
+
+def test_pil_images_embed_like_the_same_pixels(lite0, tmp_path):
+    from PIL import Image
+
+    arrays = [photos()[n] for n in ("chelsea", "coffee", "camera")]
+    pil = [Image.fromarray(a) for a in arrays]
+    emb = FeatXEmbedder()
+    E = emb.transform(pil)
+    assert E.shape == (3, 1280) and E.dtype == np.float32
+    np.testing.assert_allclose(E, emb.transform(arrays), atol=1e-5)
+    # PNG files of the same pixels decode to the same pixels
+    paths = []
+    for i, im in enumerate(pil):
+        im.save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    np.testing.assert_allclose(E, emb.transform(paths), atol=1e-5)
+    # other PIL modes are converted as featx's loader converts them: palette, grayscale,
+    # and alpha composited on white exactly as for an (H, W, 4) array
+    rgba = pil[0].convert("RGBA")
+    rgba.putalpha(128)
+    odd = [pil[1].convert("P"), pil[2], rgba]
+    same = [np.asarray(odd[0].convert("RGB")), arrays[2], np.asarray(rgba)]
+    np.testing.assert_allclose(emb.transform(odd), emb.transform(same), atol=1e-5)
+    # arrays and PIL images may be mixed; paths may not be mixed with in-memory images
+    np.testing.assert_allclose(emb.transform([pil[0], arrays[1]]), E[:2], atol=1e-5)
+    with pytest.raises(ImageInputError, match="single PIL image"):
+        emb.transform(pil[0])
+    with pytest.raises(ImageInputError, match="got elements of type Image, str"):
+        emb.transform([pil[0], paths[0]])
+
+
+def test_classifier_fits_pil_images(photo_folder):
+    from PIL import Image
+
+    paths, labels = photo_folder
+    clf = FeatXClassifier(C=1.0).fit([Image.open(p) for p in paths], labels)
+    assert clf.predict(paths).tolist() == labels
+
+
+def test_random_state_replaces_seed(photo_folder):
+    paths, labels = photo_folder
+    assert "random_state" in FeatXClassifier().get_params()
+    a = FeatXClassifier(C="auto", cv=2, random_state=3).fit(paths, labels)
+    with pytest.warns(FutureWarning, match=r"seed=\.\.\.\) was renamed random_state="):
+        b = FeatXClassifier(C="auto", cv=2, seed=3).fit(paths, labels)
+    assert (a.report_["C"], a.report_["cv_score_mean"]) == (b.report_["C"], b.report_["cv_score_mean"])
+    np.testing.assert_array_equal(a.predict_proba(paths), b.predict_proba(paths))
+    with pytest.raises(ImageInputError, match="pass random_state= only"):
+        FeatXClassifier(seed=3, random_state=4).fit(paths, labels)
+    # sklearn's other random_state forms: None (a fresh seed) and a RandomState
+    for rs in (None, np.random.RandomState(0)):
+        assert FeatXClassifier(C=1.0, random_state=rs).fit(paths, labels).classes_.tolist() == ["cat", "thing"]
+    assert clone(FeatXClassifier(seed=3)).get_params()["seed"] == 3
+
+
+def test_n_jobs_are_decode_threads(photo_folder):
+    paths, _ = photo_folder
+    E = FeatXEmbedder(n_jobs=1).transform(paths)
+    np.testing.assert_array_equal(FeatXEmbedder(n_jobs=-2).transform(paths), E)
+    with pytest.warns(FutureWarning, match="renamed n_jobs="):
+        np.testing.assert_array_equal(FeatXEmbedder(workers=2).transform(paths), E)
+    with pytest.raises(ImageInputError, match="n_jobs must be a non-zero integer or None, got 0"):
+        FeatXEmbedder(n_jobs=0).transform(paths)
+    from featx.estimators import n_jobs_threads
+
+    assert n_jobs_threads(None) is None and n_jobs_threads(3) == 3
+    assert n_jobs_threads(-1) == (__import__("os").cpu_count() or 1)
+
+
+def test_mistyped_path_says_no_such_file(photo_folder, tmp_path, monkeypatch):
+    paths, labels = photo_folder
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ImageInputError, match=r"FeatXEmbedder: no such file: 'cta\.jpg'; relative "
+                                              r"paths are read from the current folder"):
+        FeatXEmbedder().transform(["cta.jpg"])
+    typo = [*paths[:-1], paths[-1] + "x"]
+    with pytest.raises(ImageInputError, match=r"no such file: '.*\.jpgx'|no such file: '.*x'"):
+        FeatXClassifier(C=1.0).fit(typo, labels)
+    with pytest.raises(ImageInputError, match=r"2 of 3 paths are no such file"):
+        FeatXEmbedder().transform([paths[0], "a.jpg", "b.jpg"])
+    with pytest.raises(ImageInputError, match="a folder, not an image file"):
+        FeatXEmbedder().transform([str(tmp_path)])
+
+
+def test_empty_fit_says_empty():
+    with pytest.raises(ImageInputError, match=r"got no labels \(y is empty\); it needs labelled "
+                                              "images of at least 2 classes"):
+        FeatXClassifier().fit([], [])
+    with pytest.raises(ImageInputError, match="got 0 images"):
+        FeatXEmbedder().transform([])
