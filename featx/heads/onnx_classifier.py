@@ -1,8 +1,11 @@
 """One-file classifier: the backbone graph and the sklearn head merged into one ONNX model.
 
 Input: uint8 pixels (N, S, S, 3), already decoded, resized and centre-cropped
-by the backbone's preprocessing (``featx.embed.images.load_image``; the spec is in the
-model's metadata). Outputs: ``probabilities`` (float32, N x K, columns in the
+by the backbone's preprocessing (``featx.embed.images.load_image``). The model's
+metadata holds the spec (``featx.preprocess``) and the exact recipe in words
+(``featx.preprocess_recipe``: JPEG draft decoding, one-pass resample of the crop
+box), so the file can be used without featx; docs/heads.md gives it as a dozen
+lines of Pillow + numpy. Outputs: ``probabilities`` (float32, N x K, columns in the
 order of the ``featx.classes`` metadata) and ``label`` (class name, string).
 The label is the argmax of the probabilities, exactly as ``featx predict``
 picks it, so the two agree even for SVMs, whose own ``predict`` may disagree
@@ -19,11 +22,43 @@ from pathlib import Path
 import numpy as np
 
 from featx.backbones.artifact import Backbone
+from featx.backbones.cards import Preprocess
 from featx.errors import ExportError
 from featx.heads.headfile import Head, head_backbone, load_head
 from featx.heads.proba import head_class_columns
 
 ML_OPSET = 3
+# names the decode/resize/crop of featx.embed.images that the recipe below describes;
+# change it (and the recipe, and docs/heads.md) whenever those change
+RECIPE_VERSION = "featx-pillow-1"
+
+
+def preprocess_recipe(spec: Preprocess) -> str:
+    """featx's decode + resize + crop for ``spec``, in words and numbers, for people outside featx.
+
+    It describes ``featx.embed.images`` (``decode`` with draft, ``resize_crop``) as
+    ``load_image`` runs them on a file. An exported classifier carries it in its metadata
+    (``featx.preprocess_recipe``); docs/heads.md has it as Pillow + numpy code, which
+    tests/test_reference_preprocessing.py checks against ``load_image`` pixel for pixel.
+    """
+    S, R, interp = spec.input_size, spec.resize_size, spec.interpolation
+    return "\n".join([
+        f"featx preprocessing {RECIPE_VERSION} (Pillow). Model input: uint8 (N, {S}, {S}, 3), RGB, "
+        "NHWC; mean/std are applied inside the graph.",
+        f"1. Open the file with Pillow. If its format is JPEG and r = min(w, h) / {R} >= 2, call "
+        "img.draft('RGB', (ceil(w / r), ceil(h / r))) before decoding: libjpeg then decodes at the "
+        "strongest of the 1/2, 1/4, 1/8 reductions that keeps both sides at least that size.",
+        "2. Apply the EXIF orientation (PIL.ImageOps.exif_transpose), after the draft. First frame only.",
+        "3. Make it 8-bit RGB: RGBA, LA, PA, and palette images with transparency are pasted on "
+        "white through their alpha; anything else img.convert('RGB') (16-bit grayscale is scaled "
+        "by 255/65535 first).",
+        f"4. With (w, h) the decoded size, s = {R} / min(w, h), W = max({S}, round(w * s)), "
+        f"H = max({S}, round(h * s)), left = (W - {S}) / 2 / s, top = (H - {S}) / 2 / s: resample "
+        f"the source box (left, top, left + {S} / s, top + {S} / s) straight to {S} x {S}, "
+        f"{interp}, in ONE pass: img.resize(({S}, {S}), {interp.upper()}, box=...). No intermediate "
+        f"image of shorter side {R}: resizing first and cropping after gives other pixels.",
+        "Reference code (Pillow + numpy): docs/heads.md, 'Using the ONNX file without featx'.",
+    ])
 
 
 def _head_to_onnx(head: Head, dim: int, opset: int, input_name: str):
@@ -84,7 +119,12 @@ def build_classifier(head: Head, bb: Backbone):
         helper.make_tensor_value_info("label", TensorProto.STRING, ["batch"]),
     ])
     merged.graph.name = f"featx_classifier_{bb.name}"
+    import PIL
+
     meta = {"featx.classes": json.dumps(classes), "featx.preprocess": bb.preprocess.canonical(),
+            "featx.preprocess_recipe": preprocess_recipe(bb.preprocess),
+            # Pillow's resampling is what the recipe names; say which one made the reference pixels
+            "featx.pillow_version": PIL.__version__,
             "featx.fingerprint": bb.fingerprint, "featx.backbone": bb.name,
             "featx.head_sha256": head.meta.get("payload_sha256", "")}
     del merged.metadata_props[:]
@@ -135,5 +175,6 @@ def export_classifier(head: Head | str | os.PathLike, out: str | os.PathLike,
     return {"path": str(out), "bytes": out.stat().st_size, "input": sess.get_inputs()[0].name,
             "input_shape": ["batch", bb.preprocess.input_size, bb.preprocess.input_size, 3],
             "outputs": ["probabilities", "label"], "classes": classes,
-            "preprocess": bb.preprocess.to_dict(), "fingerprint": bb.fingerprint,
+            "preprocess": bb.preprocess.to_dict(), "recipe": preprocess_recipe(bb.preprocess),
+            "fingerprint": bb.fingerprint,
             "check_max_abs_diff": diff}
