@@ -38,6 +38,24 @@ def messy_folder(image_folder):
     return image_folder
 
 
+def test_cli_local_ray_prints_no_token_or_progress_bar_warning(lite0, image_folder, tmp_path):
+    """featx starts the local Ray itself: Ray's 'token authentication is enabled' and
+    'progress bars disabled' warnings must not reach the user's terminal."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    r = subprocess.run([sys.executable, "-m", "featx.cli", "extract", str(image_folder), "--engine",
+                        "ray", "--workers", "2", "--device", "cpu", "--out", str(tmp_path / "t.parquet"),
+                        "--store", str(tmp_path / "s"), "-q"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "8 images: 8 embedded" in r.stdout
+    assert "Token authentication" not in r.stderr, r.stderr
+    assert "Progress bars disabled" not in r.stderr, r.stderr
+
+
 def test_ray_engine_matches_local_engine(cluster, lite0, messy_folder, tmp_path):
     loc = local_extract(messy_folder, lite0, out=tmp_path / "local.parquet", store=tmp_path / "s1",
                         device="cpu")

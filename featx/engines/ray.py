@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import os
 import re
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -129,6 +130,12 @@ class EmbedActor:
 
 def _connect(address: str | None, num_cpus: int | None):
     """Join ``address`` (or start a local Ray); returns (ray, whether we started it)."""
+    if address is None and "ray" not in sys.modules and not os.environ.get("RAY_ADDRESS"):
+        # A new local Ray turns token authentication on when RAY_AUTH_MODE is unset, and
+        # warns on stderr that it did. Asking for that same mode explicitly keeps the
+        # security without the warning; Ray reads the variable once, at import, hence the
+        # guards (an already imported Ray, or a cluster named by RAY_ADDRESS, is left alone)
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     ray = require("ray", "ray")
     if ray.is_initialized():
         if address is not None:
@@ -152,6 +159,11 @@ def _quiet_data_context() -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # the library never prints: progress goes to the callback
     ctx.print_on_execution_start = False
+    from ray.util.debug import log_once
+
+    # Ray Data warns once per process that its bars are off ("Progress bars disabled ...");
+    # featx turns them off on purpose, so spend that once-only key before Ray Data does
+    log_once("ray_data_progress_manager_disabled")
 
 
 def _device_plan(ray, device: str) -> str:
