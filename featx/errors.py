@@ -50,6 +50,8 @@ def require(module: str, extra: str):
     try:
         return importlib.import_module(module)
     except ImportError as e:
+        # featx is not on PyPI: name the extra as a clone installs it (README, Installing)
         raise MissingDependencyError(
-            f"{module} is needed for this; install it with: pip install 'featx[{extra}]'"
+            f"{module} is needed for this; install featx's '{extra}' extra: pip install "
+            f"'.[{extra}]' in a featx clone (README, Installing)"
         ) from e
