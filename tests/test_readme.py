@@ -201,3 +201,21 @@ def test_fashion_mnist_example_extracts_only_what_the_sizes_need(lite0, tmp_path
     assert not (out / "train").exists() and not (out / "test").exists()
     assert len(list((out / "train-5-a-class").rglob("*.png"))) == 50
     assert all(0.0 <= row["featx"]["test_accuracy"] <= 1.0 for row in doc["results"])
+
+
+# ---- docs/api.md lists exactly the public names --------------------------------------------------
+
+API_PACKAGES = ("featx", "featx.backbones", "featx.embed", "featx.engines", "featx.heads", "featx.finetune")
+
+
+def test_api_page_lists_every_public_name():
+    import importlib
+
+    text = (ROOT / "docs" / "api.md").read_text()
+    for pkg in API_PACKAGES:
+        body = text.split(f"\n## `{pkg}`\n", 1)[1].split("\n## ", 1)[0]
+        listed = re.findall(r"^\| `([A-Za-z_][A-Za-z0-9_]*)` \|", body, flags=re.M)
+        public = importlib.import_module(pkg).__all__
+        assert sorted(listed) == sorted(public), (pkg, set(listed) ^ set(public))
+        for name in public:  # and every one of them is really there
+            assert name == "__version__" or getattr(importlib.import_module(pkg), name) is not None
