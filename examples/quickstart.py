@@ -5,7 +5,7 @@ a class from the official training split, 20 a class from the test split; falls 
 to scikit-image's bundled photos), then runs
 
     featx extract data/train
-    featx fit-head                      # defaults to the table just extracted; C by CV
+    featx fit-head                      # the one *.featx.parquet in this folder; C by CV
     featx evaluate head.joblib data/test
 
 and prints the test accuracy and where the confusion-matrix PNG is.
