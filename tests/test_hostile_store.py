@@ -36,6 +36,14 @@ def two_shards(image_folder, lite0, tmp_path):
     return store, ref, shards[0]
 
 
+def _middle_of_embeddings(path) -> int:
+    """File offset of the middle of the embedding column chunk (dictionary page + data pages)."""
+    col = pq.ParquetFile(path).metadata.row_group(0).column(1)
+    start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+    assert start + col.total_compressed_size < path.stat().st_size
+    return start + col.total_compressed_size // 2
+
+
 def _rerun_recomputes(image_folder, lite0, store, ref, victim, caplog):
     """Extract again: the damaged shard is quarantined and named, its 4 rows are recomputed."""
     with caplog.at_level(logging.WARNING, logger="featx"):
@@ -82,8 +90,7 @@ def test_wrong_schema_shard(two_shards, image_folder, lite0, caplog):
 def test_flipped_bytes_inside_shard(two_shards, image_folder, lite0, caplog):
     """64 flipped bytes in the middle of the embedding data: page CRC / checksum catch them."""
     store, ref, victim = two_shards
-    col = pq.ParquetFile(victim).metadata.row_group(0).column(1)  # the embedding column chunk
-    mid = col.data_page_offset + col.total_compressed_size // 2
+    mid = _middle_of_embeddings(victim)
     data = bytearray(victim.read_bytes())
     for i in range(64):
         data[mid + i] ^= 0xFF
