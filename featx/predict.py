@@ -23,7 +23,7 @@ from featx.embed.images import IMAGE_EXTENSIONS, array_to_pil, resize_crop
 from featx.embed.runtime import Encoder
 from featx.embed.scan import scan
 from featx.embed.statcache import StatCache
-from featx.embed.store import EmbeddingStore
+from featx.embed.store import EmbeddingStore, ShardWriter
 from featx.engines.local import embed_files
 from featx.errors import FeatXError
 from featx.heads.headfile import Head, head_backbone, load_head
@@ -103,31 +103,34 @@ def array_key(a: np.ndarray) -> str:
 
 def embed_arrays(images, bb: Backbone, *, device: str = "auto",
                  store: str | os.PathLike | None = None, batch_size: int = 32,
-                 flush_rows: int = 2048) -> np.ndarray:
-    """Embeddings of uint8 images (an (N,H,W) / (N,H,W,3) array or a list of (H,W[,3]) arrays)."""
+                 shard_size: int = 2048) -> np.ndarray:
+    """Embeddings of uint8 images (an (N,H,W) / (N,H,W,3) array or a list of (H,W[,3]) arrays).
+
+    Cached in the store under a hash of each image's pixels. An image for which the
+    backbone gives NaN or inf is not stored, and a FeatXError names it (after the
+    others are stored).
+    """
     encoder, st = runtime(bb, device, store)
     keys = [array_key(a) for a in images]
-    stored = st.keys()
+    stored = st.stored(keys)
     todo: dict[str, int] = {}
     for i, k in enumerate(keys):
         if k not in stored and k not in todo:
             todo[k] = i
     items = list(todo.items())
-    buf_keys: list[str] = []
-    buf: list[np.ndarray] = []
-    try:
+    refused: list[int] = []
+    # the writer flushes when the block ends, even by an error or Ctrl-C: keep what is embedded
+    with ShardWriter(st, shard_size) as writer:
         for start in range(0, len(items), batch_size):
             batch = items[start:start + batch_size]
             pixels = np.stack([resize_crop(array_to_pil(np.asarray(images[i]), f"image {i}"),
                                            bb.preprocess) for _, i in batch])
-            buf.append(encoder(pixels))
-            buf_keys.extend(k for k, _ in batch)
-            if len(buf_keys) >= flush_rows:  # few large shards keep store lookups fast
-                st.write(buf_keys, np.concatenate(buf))
-                buf_keys, buf = [], []
-    finally:  # an error or Ctrl-C keeps what is already embedded
-        if buf_keys:
-            st.write(buf_keys, np.concatenate(buf))
+            bad = writer.add([k for k, _ in batch], encoder(pixels))
+            refused.extend(batch[j][1] for j in bad)
+    if refused:
+        which = ", ".join(map(str, refused[:10])) + (" ..." if len(refused) > 10 else "")
+        raise FeatXError(f"image{'s' if len(refused) > 1 else ''} {which}: the backbone gave NaN or inf "
+                         "embeddings; they were not stored (the other images were)")
     return st.get(keys) if keys else np.zeros((0, bb.dim), np.float32)
 
 

@@ -150,7 +150,7 @@ def test_sigkill_at_several_points_then_resume(points, many_images, lite0, tmp_p
         proc.wait()
         now = {p.name: p.stat().st_mtime_ns for p in ns.glob("shard-*.parquet")}
         assert all(now[k] == v for k, v in kept.items()), "a finished shard was rewritten"
-        assert not list(ns.glob(".tmp-*"))
+        assert not list(ns.glob(".*featx-tmp"))
         kept = now
     n_before = len(EmbeddingStore(lite0, store).keys())
     assert n_before < 120, "the runs finished before they were killed; the test proves nothing"
@@ -230,7 +230,7 @@ def test_read_only_store(image_folder, lite0, tmp_path):
     with read_only(ns):
         with pytest.raises(StoreError, match="not writable"):
             extract(image_folder, lite0, out=tmp_path / "t.parquet", store=root, device="cpu")
-        assert not list(ns.glob(".tmp-*")) and not st.shards()  # the store is left as it was
+        assert not list(ns.glob(".*featx-tmp")) and not st.shards()  # the store is left as it was
     ok = extract(image_folder, lite0, out=tmp_path / "t.parquet", store=root, device="cpu")
     assert ok.stats.embedded == 8  # and usable once writable again
 
@@ -294,7 +294,7 @@ def test_full_disk_gives_clear_error_and_keeps_store_valid(many_images, lite0, t
     assert p.returncode == 1, p.stderr
     assert "cannot write to the embedding store" in p.stderr and "Traceback" not in p.stderr
     ns = store / lite0.fingerprint
-    assert not list(ns.glob(".tmp-*")) and not list(ns.glob("shard-*"))
+    assert not list(ns.glob(".*featx-tmp")) and not list(ns.glob("shard-*"))
     ok = subprocess.run([*args, "--json"], env=env, capture_output=True, text=True, check=True)
     assert json.loads(ok.stdout)["rows"] == 120
 

@@ -6,11 +6,14 @@ import json
 import shutil
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 ray = pytest.importorskip("ray")
 
+from featx.embed.images import content_key  # noqa: E402
 from featx.embed.runtime import available_providers  # noqa: E402
+from featx.embed.store import EmbeddingStore  # noqa: E402
 from featx.engines.ray import _device_plan  # noqa: E402
 from featx.errors import DeviceError, FeatXError  # noqa: E402
 from featx.extract import extract as local_extract  # noqa: E402
@@ -60,7 +63,7 @@ def test_ray_engine_matches_local_engine(cluster, lite0, messy_folder, tmp_path)
     loc = local_extract(messy_folder, lite0, out=tmp_path / "local.parquet", store=tmp_path / "s1",
                         device="cpu")
     rr = ray_extract(messy_folder, lite0, out=tmp_path / "ray.parquet", store=tmp_path / "s2",
-                     device="cpu", batch_size=4)
+                     device="cpu", batch_size=4, shard_size=3)
     a, b = loc.table, rr.table
     assert len(b) == len(a) == 9  # 8 photos + 1 byte-identical copy; 2 bad files dropped
     assert b.paths == a.paths and b.labels == a.labels and b.keys == a.keys
@@ -75,11 +78,15 @@ def test_ray_engine_matches_local_engine(cluster, lite0, messy_folder, tmp_path)
     assert {f["path"] for f in report["failures"]} == {"cat/broken.jpg", "thing/empty.png"}
     assert report["engine"] == "ray" and report["provider"] == "CPUExecutionProvider"
     # same file schema and metadata bytes as the local engine's table
-    import pyarrow.parquet as pq
-
     assert pq.read_schema(rr.out) == pq.read_schema(loc.out)
     assert pq.read_schema(rr.out).metadata == pq.read_schema(loc.out).metadata
-    assert list((tmp_path / "s2" / lite0.fingerprint).glob("shard-*.parquet"))
+    # the driver's ShardWriter wrote the 8 distinct embeddings once each, in shards of 3 rows,
+    # and they are the table's rows
+    shards = sorted((tmp_path / "s2" / lite0.fingerprint).glob("shard-*.parquet"))
+    assert [pq.ParquetFile(p).metadata.num_rows for p in shards] == [3, 3, 2]
+    st = EmbeddingStore(lite0, tmp_path / "s2")
+    assert st.keys() == set(b.keys) and len(set(b.keys)) == 8
+    np.testing.assert_array_equal(st.get(b.keys), b.X)
 
 
 def test_ray_engine_skips_stored_keys(cluster, lite0, image_folder, tmp_path):
@@ -92,9 +99,19 @@ def test_ray_engine_skips_stored_keys(cluster, lite0, image_folder, tmp_path):
     again = ray_extract(image_folder, lite0, store=store, device="cpu", write=False)
     # only the new image reaches the actors; the rest comes from the store
     assert again.stats.embedded == 1 and again.stats.cached == 8
-    assert again.table.keys[:len(first.table)] != [] and set(first.table.keys) < set(again.table.keys)
+    assert len(again.table) == 9
+    assert set(again.table.keys) - set(first.table.keys) == {
+        content_key((image_folder / "thing" / "red.png").read_bytes())}
     np.testing.assert_array_equal(again.table.X[[again.table.keys.index(k) for k in first.table.keys]],
                                   first.table.X)
+    # a damaged shard: the driver quarantines it and the cluster recomputes its 8 rows
+    ns = store / lite0.fingerprint
+    (victim,) = [p for p in ns.glob("shard-*.parquet") if pq.ParquetFile(p).metadata.num_rows == 8]
+    victim.write_bytes(victim.read_bytes()[:-200])
+    third = ray_extract(image_folder, lite0, store=store, device="cpu", write=False)
+    assert third.stats.embedded == 8 and third.stats.cached == 1
+    assert (ns / "quarantine" / victim.name).is_file()
+    np.testing.assert_allclose(third.table.X, again.table.X, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in available_providers(),

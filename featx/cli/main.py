@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from featx.cli.cache import cache
 from featx.cli.extract import export, extract, models
 from featx.cli.finetune import compare_cmd, finetune_cmd
 from featx.cli.heads import evaluate_cmd, export_classifier_cmd, fit_head_cmd, predict_cmd
@@ -70,5 +71,5 @@ def _fixed_mmap_threshold() -> None:
 
 
 for _cmd in (models, export, extract, fit_head_cmd, predict_cmd, evaluate_cmd, export_classifier_cmd,
-             finetune_cmd, compare_cmd):
+             finetune_cmd, compare_cmd, cache):
     main.add_command(_cmd)

@@ -1,29 +1,40 @@
-"""Remembers each file's content key by (size, mtime, inode), so unchanged files are not re-read.
+"""Remembers each file's content key by its stat, so unchanged files are not re-read.
 
-Like git's index: a file whose stat matches the record keeps its key; anything
-else is hashed again. It is only a shortcut: the decoder re-hashes the bytes it
-actually embeds, so a stale record cannot put a wrong embedding in the store.
+Like git's index: a record matches only when the file's size, mtime_ns, ctime_ns, inode
+and device all equal the recorded ones; anything else is hashed again. ctime is what
+catches an in-place edit that keeps size and mtime (``dd conv=notrunc`` then ``touch -r``):
+any write, ``utime`` or ``chmod`` sets it to now, and no user call can set it back. The
+price is a re-hash after a ``chmod``/``chown`` or a copy that does not keep ctime (it is
+only a shortcut). Records written by earlier featx (without ctime and device) are ignored:
+their files are hashed once more.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import uuid
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-Stat = tuple[int, int, int]  # size, mtime_ns, inode
+from featx.atomic import atomic_path, clean_stale_temporaries
+
+__all__ = ["Stat", "StatCache", "stat_of"]
+
+Stat = tuple[int, int, int, int, int]  # size, mtime_ns, ctime_ns, inode, device
+_COLUMNS = ("size", "mtime_ns", "ctime_ns", "inode", "device")
+_TYPES = (pa.int64(), pa.int64(), pa.int64(), pa.uint64(), pa.uint64())
 
 
 def stat_of(path: str) -> Stat | None:
+    """The stat fields a record must match, or None if the file cannot be stat'ed."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_size, st.st_mtime_ns, st.st_ino
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
 
 
 class StatCache:
@@ -35,12 +46,15 @@ class StatCache:
         self.entries: dict[str, tuple[Stat, str]] = {}
         try:
             t = pq.ParquetFile(self.path).read().to_pydict()
-            for p, sz, mt, ino, k in zip(t["path"], t["size"], t["mtime_ns"], t["inode"], t["key"], strict=True):
-                self.entries[p] = ((sz, mt, ino), k)
-        except Exception:  # missing or unreadable: start empty, it is only a cache
+            stats = zip(*(t[c] for c in _COLUMNS), strict=True)
+            for p, st, k in zip(t["path"], stats, t["key"], strict=True):
+                self.entries[p] = (tuple(st), k)  # type: ignore[assignment]
+        except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
+            # missing, unreadable or from an earlier featx (no ctime): start empty, it is a cache
             self.entries = {}
 
     def lookup(self, path: str, st: Stat | None) -> str | None:
+        """The recorded key of ``path`` if its stat ``st`` matches the record exactly."""
         e = self.entries.get(path)
         return e[1] if e is not None and st is not None and e[0] == st else None
 
@@ -48,15 +62,13 @@ class StatCache:
         """Replace the record with ``records`` (this run's files), atomically; failures are ignored."""
         if not records:
             return
-        try:
+        with contextlib.suppress(OSError, ValueError, pa.ArrowException):
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            clean_stale_temporaries(self.path.parent)
             paths = list(records)
             cols = list(zip(*(records[p][0] for p in paths), strict=True))
-            t = pa.table({"path": paths, "size": pa.array(cols[0], pa.int64()),
-                          "mtime_ns": pa.array(cols[1], pa.int64()), "inode": pa.array(cols[2], pa.uint64()),
+            t = pa.table({"path": paths,
+                          **{c: pa.array(v, ty) for c, v, ty in zip(_COLUMNS, cols, _TYPES, strict=True)},
                           "key": [records[p][1] for p in paths]})
-            tmp = self.path.with_name(f".{uuid.uuid4().hex}.tmp")
-            pq.write_table(t, tmp)
-            os.replace(tmp, self.path)
-        except OSError:
-            pass
+            with atomic_path(self.path) as tmp:
+                pq.write_table(t, tmp)

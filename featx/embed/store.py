@@ -1,21 +1,60 @@
-"""Embedding store: Parquet shards, one namespace per backbone fingerprint.
+"""Embedding store: checksummed Parquet shards, one namespace per backbone fingerprint.
 
-``<root>/<fingerprint>/shard-*.parquet`` hold (key, embedding) rows, keyed
-by content hash. Shards are immutable and published by rename, so readers
-never see half a shard and a killed writer loses only rows it had not yet
-flushed. Concurrent writers use unique shard names; a key written twice is
-deduplicated on read (both rows hold the same embedding).
+Layout::
+
+    <root>/FORMAT                         {"featx_store_format": 1}
+    <root>/statcache/                     stat records of scanned folders (embed.statcache)
+    <root>/<fingerprint>/meta.json        backbone name and embedding dim
+    <root>/<fingerprint>/LAST_USED        touched whenever a run opens the namespace
+    <root>/<fingerprint>/shard-*.parquet  (key, embedding) rows, keyed by content hash
+    <root>/<fingerprint>/quarantine/      shards that failed their checks, with the reason
+
+**Writing.** ``ShardWriter`` buffers rows and publishes a shard every ``shard_size`` rows or
+``flush_seconds`` seconds, and on close, error or Ctrl-C; every engine and ``featx.predict``
+write through it. A shard is written under a unique temporary name (``featx.atomic``),
+fsynced and renamed, so readers never see half a shard, a killed writer loses only rows it
+had not flushed, and concurrent writers never collide. A key written twice (two processes)
+is deduplicated on read: the first copy wins. Temporaries of killed runs older than a day
+are removed when a store is opened.
+
+**Integrity: the cache never lies.** Each shard's Parquet footer holds ``featx.shard``: JSON
+with its row count, dim and the sha256 of its keys and of its embeddings (float32,
+little-endian, row-major); Parquet page CRCs are written too and verified on every read.
+A row's embedding must be ``dim`` float32 values (the column type is
+``fixed_size_list<float>[dim]``), and NaN/inf are refused when written. Checks on read:
+
+- ``keys()`` reads the key column and footer of each shard (cheap: the key column only);
+- ``stored(keys)`` fully checks the shards that hold those keys (checksums, dim, finite
+  values); the engines ask it before deciding what to embed, so a damaged shard's rows are
+  recomputed in the same run;
+- ``get`` / ``iter_get`` verify again the bytes they return.
+
+A shard that fails any check (garbage, zero bytes, truncated, wrong schema or dim, flipped
+bytes, checksum mismatch, NaN) is moved to ``quarantine/`` with a warning naming it and is
+never served; if it cannot be moved (read-only store) it is skipped. ``featx cache verify``
+checks a whole store.
+
+**Shards from before checksums** (written by earlier featx, no ``featx.shard`` footer, no
+page CRCs) are accepted after the structural checks (schema, dim, no nulls, finite values):
+recomputing every cached embedding on upgrade would cost hours on a big store, and these
+shards were never verified before either. A flipped bit inside one can still go unnoticed;
+``featx cache verify`` counts them as unchecksummed, and ``featx cache prune --backbone``
+followed by an extract rewrites them with checksums. The store format number is unchanged
+(earlier featx reads the new shards: it ignores the footer metadata and page CRCs).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
+import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +62,44 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from filelock import FileLock
 
+from featx.atomic import atomic_path, clean_stale_temporaries, write_text
 from featx.backbones.artifact import Backbone
-from featx.errors import MismatchError, StoreError
+from featx.errors import FeatXError, MismatchError, StoreError
 from featx.paths import default_store
 
+__all__ = ["DamagedShardError", "EmbeddingStore", "NonFiniteEmbeddingError", "ShardWriter",
+           "embedding_column", "embeddings_of", "read_namespace_meta", "read_shard"]
+
+log = logging.getLogger(__name__)
+
 STORE_FORMAT = 1
+SHARD_GLOB = "shard-*.parquet"
+QUARANTINE = "quarantine"
+LAST_USED = "LAST_USED"
+META = "meta.json"
+SHARD_META_KEY = b"featx.shard"
+SHARD_META_VERSION = 1
+# temporaries of featx versions before featx.atomic; removed on the same one-day rule
+LEGACY_TEMPORARIES = (".tmp-shard-*.parquet", "meta.*.tmp")
+STALE_AFTER_S = 86400.0
+
+
+class DamagedShardError(StoreError):
+    """A shard failed its checks; ``path`` and ``reason`` say which and why."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = Path(path)
+        self.reason = reason
+
+
+class NonFiniteEmbeddingError(StoreError):
+    """Embeddings with NaN or inf values: refused, never stored. ``keys`` names the rows."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+        super().__init__(f"refused to store NaN or inf embeddings (keys {shown})")
+        self.keys = list(keys)
 
 
 def embedding_type(dim: int) -> pa.DataType:
@@ -45,58 +117,312 @@ def _store_error(path: Path, e: OSError) -> StoreError:
                       "Nothing stored so far was lost; free space or pass --store DIR.")
 
 
+# ---------------------------------------------------------------- checksums and shard checks
+
+def _key_digest(col: pa.Array) -> str:
+    """sha256 of the keys: each key's UTF-8 length (int64 LE) then all key bytes."""
+    if len(col) == 0:
+        return hashlib.sha256(b"").hexdigest()
+    col = col.cast(pa.large_string())
+    _, offsets, data = col.buffers()
+    o = np.frombuffer(offsets, np.int64, count=len(col) + 1, offset=col.offset * 8)
+    h = hashlib.sha256(np.diff(o).astype("<i8").tobytes())
+    if data is not None:
+        h.update(memoryview(data)[o[0]:o[-1]])
+    return h.hexdigest()
+
+
+def _embedding_digest(emb: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(emb, dtype="<f4").data).hexdigest()
+
+
+@dataclass
+class ShardContent:
+    """What one checked shard holds; ``checksummed`` is False for shards from before checksums."""
+
+    keys: list[str]
+    embeddings: np.ndarray | None
+    checksummed: bool
+
+
+def _check_schema(schema: pa.Schema, dim: int) -> str | None:
+    """Why ``schema`` is not a shard of ``dim``-wide rows, or None."""
+    names = schema.names
+    if names != ["key", "embedding"]:
+        return f"wrong schema: columns {names}, expected ['key', 'embedding']"
+    if not pa.types.is_string(schema.field("key").type):
+        return f"wrong schema: key column is {schema.field('key').type}, expected string"
+    t = schema.field("embedding").type
+    if not pa.types.is_fixed_size_list(t) or t.value_type != pa.float32():
+        return f"wrong schema: embedding column is {t}, expected fixed_size_list<float>[{dim}]"
+    if t.list_size != dim:
+        return f"rows are {t.list_size} wide, the backbone's embeddings are {dim}"
+    return None
+
+
+def _footer(schema: pa.Schema, rows: int, dim: int) -> dict | str | None:
+    """The shard's ``featx.shard`` footer (None: a shard from before checksums), or why it is bad."""
+    raw = (schema.metadata or {}).get(SHARD_META_KEY)
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw)
+        ok = (meta["rows"], meta["dim"], meta["sha256_key"], meta["sha256_embedding"])
+    except (ValueError, KeyError, TypeError):
+        return "unreadable featx.shard footer"
+    if ok[:2] != (rows, dim):
+        return f"footer says {ok[0]} rows x {ok[1]}, the file holds {rows} rows x {dim}"
+    return meta
+
+
+def _open_checked(path: Path, dim: int) -> tuple[pq.ParquetFile, dict | None]:
+    """Open a shard and check its schema and footer; raises DamagedShardError."""
+    f = pq.ParquetFile(path, page_checksum_verification=True)
+    why = _check_schema(f.schema_arrow, dim)
+    if why is None:
+        meta = _footer(f.schema_arrow, f.metadata.num_rows, dim)
+        if not isinstance(meta, str):
+            return f, meta
+        why = meta
+    raise DamagedShardError(path, why)
+
+
+def _read_checked(path: Path, dim: int, embeddings: bool) -> ShardContent:
+    f, meta = _open_checked(path, dim)
+    t = f.read(columns=["key", "embedding"] if embeddings else ["key"])
+    key = t.column("key").combine_chunks()
+    if key.null_count:
+        raise DamagedShardError(path, "missing keys (nulls in the key column)")
+    if meta is not None and _key_digest(key) != meta["sha256_key"]:
+        raise DamagedShardError(path, "checksum mismatch in the key column")
+    emb = None
+    if embeddings:
+        emb = _embeddings(t, dim, path)
+        if not np.isfinite(emb).all():
+            raise DamagedShardError(path, "NaN or inf values in the embeddings")
+        if meta is not None and _embedding_digest(emb) != meta["sha256_embedding"]:
+            raise DamagedShardError(path, "checksum mismatch in the embeddings")
+    return ShardContent(key.to_pylist(), emb, meta is not None)
+
+
+def read_shard(path: str | os.PathLike, dim: int, *, embeddings: bool = True) -> ShardContent:
+    """Read one shard and check it: schema, dim, footer checksums, page CRCs, finite values.
+
+    Raises
+    ------
+    DamagedShardError
+        The shard is damaged (the reason says how); it must not be served.
+    FileNotFoundError
+        It vanished (another process quarantined or pruned it).
+    StoreError
+        It cannot be read for a reason that is not damage (permissions).
+    """
+    path = Path(path)
+    try:
+        return _read_checked(path, dim, embeddings)
+    except (DamagedShardError, FileNotFoundError):
+        raise
+    except PermissionError as e:
+        raise StoreError(f"cannot read {path}: {e.strerror or e}") from None
+    except (pa.ArrowException, OSError, ValueError, EOFError) as e:
+        # garbage, zero bytes, truncation, a failed page CRC, corrupt compression, bad thrift
+        raise DamagedShardError(path, f"unreadable Parquet ({type(e).__name__}: {e})") from None
+
+
+def quarantine(path: str | os.PathLike, reason: str) -> Path | None:
+    """Move a damaged shard to ``quarantine/`` beside it (with a ``.reason`` note), warning.
+
+    Returns the new path, or None if it could not be moved (it vanished, or the store is
+    read-only: then the caller must skip it).
+    """
+    path = Path(path)
+    qdir = path.parent / QUARANTINE
+    dest = qdir / path.name
+    try:
+        qdir.mkdir(exist_ok=True)
+        if dest.exists():
+            dest = qdir / f"{path.stem}.{uuid.uuid4().hex[:8]}{path.suffix}"
+        os.replace(path, dest)
+    except FileNotFoundError:
+        return None  # another process moved it first
+    except OSError as e:
+        log.warning("embedding store shard %s is damaged (%s) and cannot be moved aside (%s); "
+                    "it is skipped and its rows are recomputed", path, reason, e.strerror or e)
+        return None
+    with contextlib.suppress(OSError):
+        write_text(dest.with_name(dest.name + ".reason"), reason + "\n")
+    log.warning("embedding store shard %s is damaged (%s); moved it to %s, its rows are recomputed",
+                path, reason, dest)
+    return dest
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{path}: unreadable {what} ({type(e).__name__}: {e}). It was damaged or "
+                         "edited; delete it (featx writes it again) or point --store at another "
+                         "directory.") from None
+    if not isinstance(doc, dict):
+        raise StoreError(f"{path}: not a featx {what} (a JSON object was expected, found "
+                         f"{type(doc).__name__}). Delete it or point --store at another directory.")
+    return doc
+
+
+def read_namespace_meta(directory: str | os.PathLike) -> dict:
+    """A namespace's ``meta.json`` (``fingerprint``, ``dim``, ``backbone``); StoreError if damaged."""
+    path = Path(directory) / META
+    meta = _read_json(path, "store meta.json")
+    if not isinstance(meta.get("dim"), int) or isinstance(meta.get("dim"), bool):
+        raise StoreError(f"{path}: store meta.json has no integer dim ({meta.get('dim')!r}). "
+                         "Delete it (featx writes it again) or point --store at another directory.")
+    return meta
+
+
+def clean_temporaries(folder: Path) -> int:
+    """Remove temporaries of killed writers (older than a day) in ``folder``; returns how many."""
+    n = clean_stale_temporaries(folder, STALE_AFTER_S)
+    now = time.time()
+    for pattern in LEGACY_TEMPORARIES:
+        for p in folder.glob(pattern):
+            with contextlib.suppress(OSError):
+                if now - p.stat().st_mtime > STALE_AFTER_S:
+                    p.unlink()
+                    n += 1
+    return n
+
+
+# ---------------------------------------------------------------- the store
+
 class EmbeddingStore:
-    """The cached embeddings of one backbone."""
+    """The cached embeddings of one backbone.
+
+    Parameters
+    ----------
+    backbone : the backbone whose fingerprint names the namespace and whose dim every row has.
+    root : the store directory (default ``$FEATX_HOME/store``).
+    """
 
     def __init__(self, backbone: Backbone, root: str | os.PathLike | None = None) -> None:
         self.root = Path(root) if root is not None else default_store()
         self.fingerprint = backbone.fingerprint
         self.dim = backbone.dim
         self.dir = self.root / self.fingerprint
-        self._shard_keys: dict[str, list[str]] = {}
+        self._shard_keys: dict[str, list[str]] = {}  # shards are immutable: keys read once
+        self._checked: dict[str, tuple[int, int, int]] = {}  # fully checked shard -> its stat
+        self._skip: set[str] = set()  # damaged shards that could not be moved aside
         self._check_format(backbone)
+        self._housekeeping()
 
     def _check_format(self, backbone: Backbone) -> None:
         fmt_file = self.root / "FORMAT"
-        meta_file = self.dir / "meta.json"
+        meta_file = self.dir / META
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             with FileLock(str(self.root / ".lock")):
                 if not fmt_file.exists():
-                    fmt_file.write_text(json.dumps({"featx_store_format": STORE_FORMAT}))
+                    write_text(fmt_file, json.dumps({"featx_store_format": STORE_FORMAT}))
                 if not meta_file.exists():
-                    tmp = meta_file.with_suffix(f".{uuid.uuid4().hex}.tmp")
-                    tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "dim": self.dim,
-                                               "backbone": backbone.name}))
-                    os.replace(tmp, meta_file)
+                    write_text(meta_file, json.dumps({"fingerprint": self.fingerprint, "dim": self.dim,
+                                                      "backbone": backbone.name}))
         except OSError as e:
             if not fmt_file.exists():
                 raise _store_error(self.root, e) from None
-        fmt = json.loads(fmt_file.read_text()).get("featx_store_format")
+        fmt = _read_json(fmt_file, "store FORMAT file").get("featx_store_format")
         if fmt != STORE_FORMAT:
             raise StoreError(
-                f"{self.root} was written by store format {fmt}; this featx reads format "
-                f"{STORE_FORMAT}. Point --store at a new directory (embeddings are recomputed)."
+                f"{fmt_file}: this store was written by store format {fmt!r}; this featx reads "
+                f"format {STORE_FORMAT}. Point --store at a new directory (embeddings are recomputed)."
             )
         if meta_file.exists():
-            dim = json.loads(meta_file.read_text()).get("dim")
+            dim = read_namespace_meta(self.dir)["dim"]
             if dim != self.dim:
                 raise MismatchError(f"{self.dir}: stored embeddings have dim {dim}, backbone gives {self.dim}")
 
+    def _housekeeping(self) -> None:
+        """Remove stale temporaries of killed runs; record this use (for ``featx cache info``)."""
+        for folder in (self.root, self.dir):
+            n = clean_temporaries(folder)
+            if n:
+                log.info("removed %d stale temporary file(s) of killed runs in %s", n, folder)
+        marker = self.dir / LAST_USED
+        with contextlib.suppress(OSError):  # a read-only store is still readable
+            if marker.exists():
+                os.utime(marker)
+            else:
+                write_text(marker, "")
+
+    # ------------------------------------------------------------ reading
+
     def shards(self) -> list[Path]:
-        return sorted(self.dir.glob("shard-*.parquet"))
+        """The shard files of this namespace (not the quarantined ones), oldest first."""
+        return sorted(p for p in self.dir.glob(SHARD_GLOB) if p.name not in self._skip)
+
+    def _reject(self, shard: Path, reason: str) -> None:
+        self._shard_keys.pop(shard.name, None)
+        self._checked.pop(shard.name, None)
+        if quarantine(shard, reason) is None and shard.exists():
+            self._skip.add(shard.name)
 
     def _keys_of(self, shard: Path) -> list[str]:
-        if shard.name not in self._shard_keys:  # shards are immutable: cache their keys
-            self._shard_keys[shard.name] = _read(shard, ["key"]).column("key").to_pylist()
+        """The keys of a shard, after the cheap checks; [] if it is damaged (then quarantined)."""
+        if shard.name not in self._shard_keys:
+            try:
+                self._shard_keys[shard.name] = read_shard(shard, self.dim, embeddings=False).keys
+            except DamagedShardError as e:
+                self._reject(shard, e.reason)
+                return []
+            except FileNotFoundError:
+                return []
         return self._shard_keys[shard.name]
 
+    def _fully_checked(self, shard: Path) -> bool:
+        """Whether a shard passes every check (read once per process and file state)."""
+        try:
+            s = shard.stat()
+        except FileNotFoundError:
+            return False
+        sig = (s.st_size, s.st_mtime_ns, s.st_ino)
+        if self._checked.get(shard.name) == sig:
+            return True
+        try:
+            read_shard(shard, self.dim)
+        except DamagedShardError as e:
+            self._reject(shard, e.reason)
+            return False
+        except FileNotFoundError:
+            return False
+        self._checked[shard.name] = sig
+        return True
+
+    def _locate(self, want: set[str]) -> dict[str, tuple[Path, int]]:
+        loc: dict[str, tuple[Path, int]] = {}
+        for s in self.shards():
+            for r, k in enumerate(self._keys_of(s)):
+                if k in want and k not in loc:  # first copy wins; concurrent writers may duplicate
+                    loc[k] = (s, r)
+        return loc
+
     def keys(self) -> set[str]:
-        """Every key stored for this backbone."""
+        """Every key stored for this backbone (key columns and footers checked)."""
         out: set[str] = set()
         for s in self.shards():
             out.update(self._keys_of(s))
         return out
+
+    def stored(self, keys: Iterable[str]) -> set[str]:
+        """Which of ``keys`` have an intact embedding here: what a run need not compute.
+
+        Fully checks (checksums, dim, finite values) every shard that holds one of them;
+        a damaged shard is quarantined and its keys are looked for elsewhere, so they are
+        either found intact in another shard or reported missing (to be recomputed).
+        """
+        want = set(keys)
+        while True:
+            loc = self._locate(want)
+            shards = {s for s, _ in loc.values()}
+            if all([self._fully_checked(s) for s in sorted(shards)]):
+                return set(loc)
 
     def get(self, keys: list[str]) -> np.ndarray:
         """Embeddings for ``keys`` in that order; KeyError names a missing key."""
@@ -105,17 +431,13 @@ class EmbeddingStore:
         return next(self.iter_get(keys, len(keys)))
 
     def iter_get(self, keys: list[str], chunk: int = 4096) -> Iterator[np.ndarray]:
-        """Embeddings for ``keys`` in order, ``chunk`` rows at a time.
+        """Embeddings for ``keys`` in order, ``chunk`` rows at a time, each shard verified on read.
 
-        Memory: one chunk plus the shards it draws from, not the whole table.
+        Memory: one chunk plus the shards it draws from, not the whole table. A shard
+        damaged since ``stored`` checked it is quarantined and DamagedShardError raised.
         """
-        want = set(keys)
-        loc: dict[str, tuple[Path, int]] = {}
-        for s in self.shards():
-            for r, k in enumerate(self._keys_of(s)):
-                if k in want and k not in loc:  # first copy wins; concurrent writers may duplicate
-                    loc[k] = (s, r)
-        missing = want - loc.keys()
+        loc = self._locate(set(keys))
+        missing = set(keys) - loc.keys()
         if missing:
             raise KeyError(next(iter(missing)))
         for start in range(0, len(keys), chunk):
@@ -128,34 +450,137 @@ class EmbeddingStore:
                 rows.append(r)
                 dest.append(i)
             for s, (rows, dest) in by_shard.items():
-                out[dest] = _embeddings(_read(s, ["embedding"]), self.dim)[rows]
+                out[dest] = self._verified_embeddings(s)[rows]
             yield out
 
-    def write(self, keys: list[str], embeddings: np.ndarray) -> Path | None:
-        """Publish one shard atomically (temp name + rename)."""
-        if not keys:
+    def _verified_embeddings(self, shard: Path) -> np.ndarray:
+        try:
+            content = read_shard(shard, self.dim)
+        except DamagedShardError as e:
+            self._reject(shard, e.reason)
+            raise DamagedShardError(shard, f"{e.reason}; it was moved to {QUARANTINE}/. Run the "
+                                           "command again to recompute its rows.") from None
+        except FileNotFoundError:
+            raise StoreError(f"{shard} vanished during the run (another featx process quarantined "
+                             "or pruned it); run the command again.") from None
+        if content.keys != self._shard_keys.get(shard.name, content.keys):
+            self._reject(shard, "its keys changed while it was being read")
+            raise DamagedShardError(shard, "its keys changed while it was being read; run again")
+        return content.embeddings  # type: ignore[return-value]
+
+    # ------------------------------------------------------------ writing
+
+    def write(self, keys: Sequence[str], embeddings: np.ndarray) -> Path | None:
+        """Publish one checksummed shard atomically (unique temporary name, fsync, rename).
+
+        Raises MismatchError for rows that are not ``dim`` wide and NonFiniteEmbeddingError
+        for NaN/inf rows (use ``ShardWriter``, which sets those rows aside instead).
+        """
+        if not len(keys):
             return None
         emb = np.ascontiguousarray(embeddings, dtype=np.float32)
         if emb.shape != (len(keys), self.dim):
             raise MismatchError(f"embeddings {emb.shape} do not match {len(keys)} keys x dim {self.dim}")
+        bad = ~np.isfinite(emb).all(axis=1)
+        if bad.any():
+            raise NonFiniteEmbeddingError([k for k, b in zip(keys, bad, strict=True) if b])
+        key_col = pa.array(list(keys), pa.string())
+        footer = {"version": SHARD_META_VERSION, "rows": len(keys), "dim": self.dim,
+                  "sha256_key": _key_digest(key_col), "sha256_embedding": _embedding_digest(emb)}
+        table = pa.table({"key": key_col, "embedding": embedding_column(emb)})
+        table = table.replace_schema_metadata({SHARD_META_KEY: json.dumps(footer).encode()})
         name = f"shard-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
         final = self.dir / name
-        tmp = self.dir / f".tmp-{name}"
-        table = pa.table({"key": pa.array(keys, pa.string()), "embedding": embedding_column(emb)})
         try:
-            pq.write_table(table, tmp)
-            os.replace(tmp, final)
+            with atomic_path(final) as tmp:
+                pq.write_table(table, tmp, write_page_checksum=True)
         except OSError as e:
-            with contextlib.suppress(OSError):  # on a read-only store even this fails
-                tmp.unlink(missing_ok=True)
             raise _store_error(self.dir, e) from None
         self._shard_keys[name] = list(keys)
         return final
 
 
-def _read(path: Path, columns: list[str] | None = None) -> pa.Table:
-    # ParquetFile, not pq.read_table: the latter imports pyarrow.dataset (~0.2 s per process)
-    return pq.ParquetFile(path).read(columns=columns)
+class ShardWriter:
+    """Buffers (key, embedding) rows and publishes them to a store as shards.
+
+    A shard is written as soon as ``shard_size`` rows are buffered (so shards hold exactly
+    ``shard_size`` rows, but the last), when ``flush_seconds`` have passed since the last
+    one, and on ``close``. Used as a context manager it also flushes when the block ends
+    by an error or Ctrl-C, so a stopped run keeps everything it embedded.
+
+    Rows with NaN or inf values are never buffered: ``add`` returns their positions so the
+    caller can report the file each came from.
+
+    Parameters
+    ----------
+    store : the store to publish to; rows must be ``store.dim`` wide.
+    shard_size : rows per shard (the CLI's ``--shard-size``): a killed run loses at most one
+        shard (or ``flush_seconds``) of work, and few large shards keep lookups fast.
+    flush_seconds : longest time rows wait in the buffer while more arrive.
+    """
+
+    def __init__(self, store: EmbeddingStore, shard_size: int = 2048, flush_seconds: float = 10.0) -> None:
+        if shard_size < 1:
+            raise FeatXError(f"shard_size must be >= 1, got {shard_size}")
+        self.store = store
+        self.shard_size = shard_size
+        self.flush_seconds = flush_seconds
+        self.rows_written = 0
+        self.shards_written = 0
+        self._keys: list[str] = []
+        self._emb: list[np.ndarray] = []
+        self._last = time.monotonic()
+        self._broken = False
+
+    def add(self, keys: Sequence[str], embeddings: np.ndarray) -> list[int]:
+        """Buffer rows (flushing full shards); returns the positions of rows refused as NaN/inf."""
+        emb = np.asarray(embeddings, dtype=np.float32)
+        if emb.shape != (len(keys), self.store.dim):
+            raise MismatchError(f"embeddings {emb.shape} do not match {len(keys)} keys x dim "
+                                f"{self.store.dim}")
+        finite = np.isfinite(emb).all(axis=1)
+        refused = np.flatnonzero(~finite).tolist()
+        if refused:
+            log.warning("refused %d NaN/inf embedding(s); they are not stored", len(refused))
+            keys = [k for k, ok in zip(keys, finite, strict=True) if ok]
+            emb = emb[finite]
+        if len(keys):
+            self._keys.extend(keys)
+            self._emb.append(emb)
+        while len(self._keys) >= self.shard_size:
+            self._write(self.shard_size)
+        if self._keys and time.monotonic() - self._last >= self.flush_seconds:
+            self.flush()
+        return refused
+
+    def flush(self) -> None:
+        """Publish whatever is buffered as one shard."""
+        if self._keys:
+            self._write(len(self._keys))
+
+    def _write(self, n: int) -> None:
+        emb = self._emb[0] if len(self._emb) == 1 else np.concatenate(self._emb)
+        try:
+            self.store.write(self._keys[:n], emb[:n])
+        except StoreError:
+            self._broken = True  # a full disk stays full: close() does not try again
+            raise
+        self._keys = self._keys[n:]
+        self._emb = [emb[n:]] if n < len(emb) else []
+        self._last = time.monotonic()
+        self.rows_written += n
+        self.shards_written += 1
+
+    def close(self) -> None:
+        """Flush the rest (unless a write already failed)."""
+        if not self._broken:
+            self.flush()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def embedding_column(emb: np.ndarray) -> pa.FixedSizeListArray:
@@ -163,14 +588,18 @@ def embedding_column(emb: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
 
 
-def _embeddings(table: pa.Table, dim: int) -> np.ndarray:
+def _embeddings(table: pa.Table, dim: int, where: str | os.PathLike = "table") -> np.ndarray:
     col = table.column("embedding").combine_chunks()
-    flat = col.values.to_numpy(zero_copy_only=False)
-    return flat.reshape(-1, dim).astype(np.float32, copy=False)
+    if not pa.types.is_fixed_size_list(col.type) or col.type.list_size != dim:
+        raise DamagedShardError(where, f"embedding column is {col.type}, expected {dim} floats per row")
+    flat = col.flatten()
+    if col.null_count or flat.null_count or len(flat) != len(col) * dim:
+        raise DamagedShardError(where, "missing values (nulls) in the embeddings")
+    return flat.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
 
 
 def embeddings_of(table: pa.Table) -> np.ndarray:
     """The ``embedding`` column of a featx table as float32 (N, dim)."""
     col = table.column("embedding")
-    dim = col.type.list_size
-    return _embeddings(table, dim)
+    dim = getattr(col.type, "list_size", -1)
+    return _embeddings(table, dim, "featx table")

@@ -2,7 +2,7 @@
 
 Readers (a thread pool: PIL and hashlib release the GIL) hash and decode
 files; the encoder runs batches through ONNX Runtime on the calling thread;
-the writer flushes shards to the store. At most ``window`` batches are in
+a ``ShardWriter`` publishes shards to the store. At most ``window`` batches are in
 flight, so memory is flat however many files there are, and decoding of the
 next batches overlaps with inference of the current one.
 """
@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from itertools import islice
 from typing import TypeVar
@@ -24,7 +24,7 @@ from featx.backbones.cards import Preprocess
 from featx.embed.images import content_key, decode, read_bytes, resize_crop
 from featx.embed.runtime import Encoder
 from featx.embed.statcache import Stat, StatCache, stat_of
-from featx.embed.store import EmbeddingStore
+from featx.embed.store import EmbeddingStore, ShardWriter
 from featx.engines.result import EmbedStats, EngineRun, ExtractJob
 from featx.errors import ImageError
 from featx.progress import ProgressFn, no_progress
@@ -92,85 +92,127 @@ def decode_batch(items: list[tuple[int, str, str]], pre: Preprocess, draft: bool
     return idx, keys, pixels, failures
 
 
+NON_FINITE = "the backbone gave a NaN or inf embedding for this image; it was not stored"
+
+
+class FileOutcomes:
+    """Per-file results of an embedding run, shared by the engines.
+
+    ``keys[i]`` is file i's content key (None once it failed), ``failures[i]`` its reason.
+    A file that fails after hashing takes its byte-identical copies down with it
+    (``drop_failed_copies``): they were never decoded, since their key was embedded once.
+    """
+
+    def __init__(self, keys: list[str | None], failures: dict[int, str] | None = None) -> None:
+        self.keys = keys
+        self.failures: dict[int, str] = dict(failures or {})
+        self._failed_keys: dict[str, str] = {}
+
+    def fail(self, i: int, why: str) -> None:
+        k = self.keys[i]
+        if k is not None:
+            self._failed_keys[k] = why
+        self.keys[i] = None
+        self.failures[i] = why
+
+    def store(self, writer: ShardWriter, idx: Sequence[int], keys: Sequence[str],
+              embeddings: np.ndarray) -> int:
+        """Hand embedded rows to ``writer``; a row refused as NaN/inf fails its file.
+
+        ``keys`` are those of the bytes actually decoded; returns how many rows were accepted.
+        """
+        refused = set(writer.add(list(keys), embeddings))
+        for j, (i, k) in enumerate(zip(idx, keys, strict=True)):
+            if j in refused:
+                self.fail(i, NON_FINITE)
+            else:
+                self.keys[i] = k
+        return len(idx) - len(refused)
+
+    def drop_failed_copies(self) -> None:
+        for j, k in enumerate(self.keys):
+            if k is not None and k in self._failed_keys:
+                self.keys[j] = None
+                self.failures[j] = self._failed_keys[k]
+
+    def failure_list(self, names: Sequence[str]) -> list[tuple[str, str]]:
+        """(name of the file, reason) in file order."""
+        return [(names[i], self.failures[i]) for i in sorted(self.failures)]
+
+
+def _hash_all(files: list[str], pool: Executor, workers: int, stat_cache: StatCache | None,
+              progress: ProgressFn) -> tuple[FileOutcomes, list[Stat | None]]:
+    """Content key of every file (a matching stat record skips reading it)."""
+    out = FileOutcomes([None] * len(files))
+    stats_of: list[Stat | None] = [None] * len(files)
+    progress("hash", 0, len(files))
+    hashed = bounded_map(lambda f: hash_file(f, stat_cache), files, pool, window=workers * 64)
+    for i, (key, why, st) in enumerate(hashed):
+        out.keys[i], stats_of[i] = key, st
+        if why is not None:
+            out.failures[i] = why
+        if (i + 1) % 256 == 0 or i + 1 == len(files):
+            progress("hash", i + 1, len(files))
+    return out, stats_of
+
+
+def _embed_todo(todo: list[tuple[int, str, str]], out: FileOutcomes, encoder: Encoder,
+                writer: ShardWriter, pool: Executor, workers: int, batch_size: int, draft: bool,
+                stats: EmbedStats, progress: ProgressFn) -> None:
+    """Decode (reader threads) and embed (this thread) the files in ``todo`` into ``writer``."""
+    pre = encoder.backbone.preprocess
+    progress("embed", 0, len(todo))
+    done = 0
+    batches = chunks(todo, batch_size)
+    for idx, bkeys, pixels, fails in bounded_map(lambda b: decode_batch(b, pre, draft), batches,
+                                                 pool, window=workers + 2):
+        for i, why in fails:
+            out.fail(i, why)
+        if len(pixels):
+            tm = time.perf_counter()
+            emb = encoder(pixels)
+            stats.seconds_model += time.perf_counter() - tm
+            stats.embedded += out.store(writer, idx, bkeys, emb)
+        done += len(idx) + len(fails)
+        progress("embed", done, len(todo))
+
+
 def embed_files(files: list[str], encoder: Encoder, store: EmbeddingStore, *,
                 batch_size: int = 32, workers: int | None = None, draft: bool = True,
-                flush_rows: int = 2048, flush_seconds: float = 10.0,
+                shard_size: int = 2048, flush_seconds: float = 10.0,
                 stat_cache: StatCache | None = None,
                 progress: ProgressFn = no_progress) -> tuple[list[str | None], EmbedStats]:
     """Make sure every readable file has an embedding in ``store``.
 
     Returns each file's content key (None where it failed) and statistics;
-    failures are (file, reason). On KeyboardInterrupt, the embeddings done so
-    far are flushed to the store before it propagates.
+    failures are (file, reason), in file order. Keys already in the store are
+    checked there (``EmbeddingStore.stored``), so the rows of a damaged shard are
+    recomputed. Shards of ``shard_size`` rows are written as the run goes; on an
+    error or KeyboardInterrupt the embeddings done so far are flushed before it propagates.
     """
     workers = workers or max(1, os.cpu_count() or 1)
     stats = EmbedStats(files=len(files))
-    keys: list[str | None] = [None] * len(files)
-    pre = encoder.backbone.preprocess
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="featx-read") as pool:
-        stats_of: list[Stat | None] = [None] * len(files)
-        progress("hash", 0, len(files))
-        hashed = bounded_map(lambda f: hash_file(f, stat_cache), files, pool, window=workers * 64)
-        for i, (key, why, st) in enumerate(hashed):
-            keys[i], stats_of[i] = key, st
-            if why is not None:
-                stats.failures.append((files[i], why))
-            if (i + 1) % 256 == 0 or i + 1 == len(files):
-                progress("hash", i + 1, len(files))
-        stats.seconds_hash = time.perf_counter() - t0
-
-        todo = [(i, files[i], keys[i]) for i in to_embed(keys, store.keys())]
-        stats.cached = sum(1 for k in keys if k is not None) - len(todo)
-        progress("embed", 0, len(todo))
-
-        buf_keys: list[str] = []
-        buf_emb: list[np.ndarray] = []
-        last_flush = time.perf_counter()
-
-        def flush() -> None:
-            nonlocal buf_keys, buf_emb, last_flush
-            if buf_keys:
-                store.write(buf_keys, np.concatenate(buf_emb))
-            buf_keys, buf_emb, last_flush = [], [], time.perf_counter()
-
-        t1 = time.perf_counter()
-        done = 0
-        failed: dict[str | None, str] = {}
         try:
-            batches = chunks(todo, batch_size)
-            for idx, bkeys, pixels, fails in bounded_map(
-                    lambda b: decode_batch(b, pre, draft), batches, pool, window=workers + 2):
-                for i, why in fails:
-                    failed[keys[i]] = why
-                    keys[i] = None
-                    stats.failures.append((files[i], why))
-                for i, k in zip(idx, bkeys, strict=True):
-                    keys[i] = k
-                if len(pixels):
-                    tm = time.perf_counter()
-                    emb = encoder(pixels)
-                    stats.seconds_model += time.perf_counter() - tm
-                    buf_keys.extend(bkeys)
-                    buf_emb.append(emb)
-                    stats.embedded += len(bkeys)
-                done += len(idx) + len(fails)
-                progress("embed", done, len(todo))
-                if len(buf_keys) >= flush_rows or time.perf_counter() - last_flush > flush_seconds:
-                    flush()
+            out, stats_of = _hash_all(files, pool, workers, stat_cache, progress)
+            stats.seconds_hash = time.perf_counter() - t0
+            have = store.stored(k for k in out.keys if k is not None)
+            todo = [(i, files[i], out.keys[i]) for i in to_embed(out.keys, have)]
+            stats.cached = sum(1 for k in out.keys if k is not None) - len(todo)
+            t1 = time.perf_counter()
+            # the writer flushes when the block ends, even by Ctrl-C: keep what is embedded
+            with ShardWriter(store, shard_size, flush_seconds) as writer:
+                _embed_todo(todo, out, encoder, writer, pool, workers, batch_size, draft, stats, progress)
+            stats.seconds_embed = time.perf_counter() - t1
         finally:
-            # Ctrl-C or an error: keep what is already embedded
-            flush()
             pool.shutdown(wait=False, cancel_futures=True)
-        stats.seconds_embed = time.perf_counter() - t1
-    for j, k in enumerate(keys):  # byte-identical copies of a file that failed to decode
-        if k in failed:
-            keys[j] = None
-            stats.failures.append((files[j], failed[k]))
+    out.drop_failed_copies()
+    stats.failures = out.failure_list(files)
     if stat_cache is not None:
-        stat_cache.save({f: (st, k) for f, st, k in zip(files, stats_of, keys, strict=True)
+        stat_cache.save({f: (st, k) for f, st, k in zip(files, stats_of, out.keys, strict=True)
                          if k is not None and st is not None})
-    return keys, stats
+    return out.keys, stats
 
 
 class LocalEngine:
@@ -183,7 +225,7 @@ class LocalEngine:
         encoder = Encoder(job.backbone, device=job.device)
         files = [str(job.root / it.path) for it in job.found.items]
         keys, stats = embed_files(files, encoder, job.store, batch_size=job.batch_size,
-                                  workers=job.workers, draft=job.draft, flush_rows=job.shard_size,
+                                  workers=job.workers, draft=job.draft, shard_size=job.shard_size,
                                   progress=job.progress,
                                   stat_cache=StatCache(job.store.root, job.root))
         rel = {str(job.root / it.path): it.path for it in job.found.items}

@@ -4,7 +4,7 @@ The driver scans the folder and owns the store; the cluster does the work::
 
     paths --(tasks: hash_file)--> keys --driver: drop keys already stored-->
     todo  --(tasks: decode_batch)--> uint8 pixels --(actor pool: Encoder)--> embeddings
-          --driver: EmbeddingStore.write, shard by shard--> table (same as featx.extract)
+          --driver: ShardWriter, shard by shard--> table (same as featx.extract)
 
 Workers read files by path (``root`` must be the same path on every node) and
 preprocess with featx's own ``decode_batch``, so pixels are those of the local
@@ -32,8 +32,8 @@ from featx.backbones.artifact import Backbone, fingerprint_of
 from featx.backbones.cards import Preprocess
 from featx.devices import check_device_name, choose_device
 from featx.embed.runtime import Encoder
-from featx.embed.store import EmbeddingStore
-from featx.engines.local import decode_batch, hash_file, to_embed
+from featx.embed.store import ShardWriter
+from featx.engines.local import FileOutcomes, decode_batch, hash_file, to_embed
 from featx.engines.result import EmbedStats, EngineRun, ExtractJob
 from featx.errors import DeviceError, FeatXError, require
 from featx.progress import ProgressFn
@@ -247,14 +247,11 @@ class RayEngine:
 
     def run(self, job: ExtractJob) -> EngineRun:
         """Embed ``job``'s files on the cluster into its store (the driver writes every shard)."""
-        root = job.root.resolve()
         ray, started = _connect(self.address, job.workers)
         try:
             _quiet_data_context()
             dev = _device_plan(ray, job.device)
-            keys, stats, providers = _run(ray, root, job.found.items, job.backbone, job.store, dev,
-                                          job.batch_size, job.draft, self.actors, self.threads,
-                                          self.ship_model, job.shard_size, job.progress)
+            keys, stats, providers = _run(ray, job, dev, self)
         finally:
             if started:
                 ray.shutdown()
@@ -269,85 +266,86 @@ def _session_memory(bb: Backbone) -> int:
     return 4 * bb.onnx_path.stat().st_size + 2**30
 
 
-def _run(ray, root: Path, items: list, bb: Backbone, st: EmbeddingStore, dev: str,
-         batch_size: int, draft: bool, actors: int | None, threads: int | None,
-         ship_model: bool, flush_rows: int,
-         progress: ProgressFn) -> tuple[list[str | None], EmbedStats, set[str]]:
+def _run(ray, job: ExtractJob, dev: str,
+         engine: RayEngine) -> tuple[list[str | None], EmbedStats, set[str]]:
     """Hash on the cluster, drop stored keys, embed the rest; returns keys per item (None = failed)."""
-    import ray.data as rd
-
-    n = len(items)
-    stats = EmbedStats(files=n)
-    keys: list[str | None] = [None] * n
-    reasons: dict[int, str] = {}
-    rows = [{"i": i, "path": it.path} for i, it in enumerate(items)]
-    blocks = max(1, min(len(rows) // max(1, batch_size), 200))
-
+    items = job.found.items
+    stats = EmbedStats(files=len(items))
     t = time.perf_counter()
-    hashed = rd.from_items(rows, override_num_blocks=blocks).map_batches(
-        hash_rows, fn_kwargs={"root": str(root)}, batch_size=max(batch_size, 64), batch_format="numpy")
-    for b in _stream(hashed, progress, "hash", n):
-        for i, k, why in zip(b["i"], b["key"], b["reason"], strict=True):
-            if why:
-                reasons[int(i)] = str(why)
-            else:
-                keys[int(i)] = str(k)
+    out = _hash_stage(job)
     stats.seconds_hash = time.perf_counter() - t
 
-    todo = [{"i": i, "path": items[i].path, "key": keys[i]} for i in to_embed(keys, st.keys())]
-    stats.cached = sum(k is not None for k in keys) - len(todo)
-    progress("embed", 0, len(todo))
+    have = job.store.stored(k for k in out.keys if k is not None)
+    todo = [{"i": i, "path": items[i].path, "key": out.keys[i]} for i in to_embed(out.keys, have)]
+    stats.cached = sum(k is not None for k in out.keys) - len(todo)
+    job.progress("embed", 0, len(todo))
 
     providers: set[str] = set()
-    failed_keys: dict[str, str] = {}
     t1 = time.perf_counter()
     if todo:
-        gpus = dev == "cuda"
-        size = actors or (int(ray.cluster_resources().get("GPU", 1)) if gpus else 1)
-        model = [ray.put(bb.onnx_path.read_bytes())] if ship_model else None
-        ds = (rd.from_items(todo, override_num_blocks=max(1, min(len(todo) // batch_size, 200)))
-              .map_batches(decode_rows, fn_kwargs={"root": str(root), "pre": bb.preprocess, "draft": draft},
-                           batch_size=batch_size, batch_format="numpy")
-              .map_batches(EmbedActor, fn_constructor_kwargs={"backbone": bb, "device": dev,
-                                                              "threads": threads, "model": model},
-                           compute=rd.ActorPoolStrategy(size=size), batch_size=batch_size,
-                           batch_format="numpy", num_gpus=1 if gpus else 0, num_cpus=1,
-                           # an ORT session holds a few copies of the weights; asking for that
-                           # memory also keeps Ray from fusing decode into the actor, so decode
-                           # tasks run on other cores while the actor runs the model
-                           memory=_session_memory(bb)))
-        buf_keys: list[str] = []
-        buf_emb: list[np.ndarray] = []
-        last_flush = time.perf_counter()
-        batches, ds = _stream(ds, progress, "embed", len(todo)), None  # see _stream
-        try:
-            for b in batches:
-                ok = np.array([not r for r in b["reason"]], dtype=bool)
-                for i, k, why in zip(b["i"], b["key"], b["reason"], strict=True):
-                    if why:
-                        failed_keys[keys[int(i)]] = str(why)  # type: ignore[index]
-                        keys[int(i)] = None
-                        reasons[int(i)] = str(why)
-                    else:
-                        keys[int(i)] = str(k)
-                if ok.any():
-                    buf_keys.extend(str(k) for k in b["key"][ok])
-                    buf_emb.append(np.asarray(b["embedding"][ok], np.float32))
-                    stats.embedded += int(ok.sum())
-                    stats.seconds_model += float(b["seconds"][ok].sum())
-                    providers.update(str(p) for p in b["provider"][ok])
-                # like the local engine: a killed driver loses at most one shard or 10 s of work
-                if buf_keys and (len(buf_keys) >= flush_rows or time.perf_counter() - last_flush > 10):
-                    st.write(buf_keys, np.concatenate(buf_emb))
-                    buf_keys, buf_emb, last_flush = [], [], time.perf_counter()
-        finally:
-            # an error or Ctrl-C: keep what is already embedded
-            if buf_keys:
-                st.write(buf_keys, np.concatenate(buf_emb))
+        # no local name holds the dataset: on a failure _stream must be able to free it
+        batches = _stream(_embed_dataset(ray, job, todo, dev, engine), job.progress, "embed", len(todo))
+        # the writer flushes when the block ends, even by Ctrl-C: keep what is embedded
+        with ShardWriter(job.store, job.shard_size) as writer:
+            _collect(batches, out, writer, stats, providers)
     stats.seconds_embed = time.perf_counter() - t1
-    for j, k in enumerate(keys):  # byte-identical copies of a file that failed to decode
-        if k in failed_keys:
-            keys[j] = None
-            reasons[j] = failed_keys[k]
-    stats.failures = [(items[i].path, reasons[i]) for i in sorted(reasons)]
-    return keys, stats, providers
+    out.drop_failed_copies()
+    stats.failures = out.failure_list([it.path for it in items])
+    return out.keys, stats, providers
+
+
+def _hash_stage(job: ExtractJob) -> FileOutcomes:
+    """Content key (or failure reason) of every file, hashed by Ray tasks."""
+    import ray.data as rd
+
+    items = job.found.items
+    rows = [{"i": i, "path": it.path} for i, it in enumerate(items)]
+    blocks = max(1, min(len(rows) // max(1, job.batch_size), 200))
+    hashed = rd.from_items(rows, override_num_blocks=blocks).map_batches(
+        hash_rows, fn_kwargs={"root": str(job.root.resolve())}, batch_size=max(job.batch_size, 64),
+        batch_format="numpy")
+    out = FileOutcomes([None] * len(items))
+    for b in _stream(hashed, job.progress, "hash", len(items)):
+        for i, k, why in zip(b["i"], b["key"], b["reason"], strict=True):
+            if why:
+                out.failures[int(i)] = str(why)
+            else:
+                out.keys[int(i)] = str(k)
+    return out
+
+
+def _embed_dataset(ray, job: ExtractJob, todo: list[dict], dev: str, engine: RayEngine):
+    """The lazy Ray dataset: decode tasks feeding a pool of ONNX actors."""
+    import ray.data as rd
+
+    bb, bs = job.backbone, job.batch_size
+    gpus = dev == "cuda"
+    size = engine.actors or (int(ray.cluster_resources().get("GPU", 1)) if gpus else 1)
+    model = [ray.put(bb.onnx_path.read_bytes())] if engine.ship_model else None
+    return (rd.from_items(todo, override_num_blocks=max(1, min(len(todo) // bs, 200)))
+            .map_batches(decode_rows, fn_kwargs={"root": str(job.root.resolve()), "pre": bb.preprocess,
+                                                 "draft": job.draft},
+                         batch_size=bs, batch_format="numpy")
+            .map_batches(EmbedActor, fn_constructor_kwargs={"backbone": bb, "device": dev,
+                                                            "threads": engine.threads, "model": model},
+                         compute=rd.ActorPoolStrategy(size=size), batch_size=bs,
+                         batch_format="numpy", num_gpus=1 if gpus else 0, num_cpus=1,
+                         # an ORT session holds a few copies of the weights; asking for that
+                         # memory also keeps Ray from fusing decode into the actor, so decode
+                         # tasks run on other cores while the actor runs the model
+                         memory=_session_memory(bb)))
+
+
+def _collect(batches: Iterator[dict[str, np.ndarray]], out: FileOutcomes, writer: ShardWriter,
+             stats: EmbedStats, providers: set[str]) -> None:
+    """Record each embedded batch: failures per file, embeddings into the shard writer."""
+    for b in batches:
+        ok = np.array([not r for r in b["reason"]], dtype=bool)
+        for i, why in zip(b["i"][~ok], b["reason"][~ok], strict=True):
+            out.fail(int(i), str(why))
+        if ok.any():
+            idx = [int(i) for i in b["i"][ok]]
+            keys = [str(k) for k in b["key"][ok]]  # the keys of the bytes actually decoded
+            stats.embedded += out.store(writer, idx, keys, np.asarray(b["embedding"][ok], np.float32))
+            stats.seconds_model += float(b["seconds"][ok].sum())
+            providers.update(str(p) for p in b["provider"][ok])
