@@ -20,7 +20,7 @@ from featx.errors import FeatXError
 from featx.estimators import ImageInputError
 from featx.sampling import per_class_subset
 
-from .conftest import needs_fashion_mnist
+from .helpers import needs_fashion_mnist
 
 # ---- sklearn's estimator checks --------------------------------------------------------------
 # These checks fit on random float feature matrices (n_samples, n_features). featx estimators

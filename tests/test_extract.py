@@ -22,7 +22,7 @@ from featx.embed.table import read_table
 from featx.errors import DeviceError, FeatXError, StoreError
 from featx.extract import extract
 
-from .conftest import make_image_folder
+from .helpers import make_image_folder
 
 
 def test_table_schema_and_separability(image_folder, lite0, tmp_path):
