@@ -39,7 +39,7 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
             workers: int | None = None, device: str = "auto", draft: bool = True,
             shard_size: int = 2048, progress: ProgressFn = no_progress, write: bool = True,
             engine: str | Engine = "local", address: str | None = None,
-            keep_embeddings: bool = True) -> ExtractResult:
+            keep_embeddings: bool = True, follow_symlinks: bool = False) -> ExtractResult:
     """Embed every image under ``root`` (cached), write the table and a report.
 
     Parameters
@@ -52,13 +52,19 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
         engine object such as ``featx.engines.ray.RayEngine(actors=4)``.
     keep_embeddings : False (the CLI's choice) writes the table without holding all
         embeddings in memory; ``result.table.X`` is then None.
+    follow_symlinks : follow symbolic links into other class folders and out of ``root``
+        too (labels still come from where the link sits). By default such links are
+        skipped and listed in ``result.skipped`` and the report, so a link cannot
+        change a label; see ``featx.embed.scan``.
 
     Returns
     -------
     ExtractResult
         The table (one row per image that could be embedded, in scan order), the
         paths written, and the stats; files that could not be read are listed with
-        their reason in the report (``<out>.report.json``) and ``result.stats.failures``.
+        their reason in the report (``<out>.report.json``) and ``result.stats.failures``,
+        paths the scan left out (links not followed, folders that cannot be listed, ...)
+        in the report and ``result.skipped``.
     """
     runner = _engine(engine, address)
     if batch_size < 1:
@@ -66,7 +72,7 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
     t0 = time.perf_counter()
     root = Path(root)
     progress("scan", 0, 0)
-    found = scan_images(root)
+    found = scan_images(root, follow_symlinks)
     progress("backbone", 0, 0)
     bb = resolve_backbone(backbone, weights=weights)
     job = ExtractJob(root=root, found=found, backbone=bb, store=EmbeddingStore(bb, store),

@@ -15,6 +15,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from featx.embed.scan import is_utf8
+
 Stat = tuple[int, int, int]  # size, mtime_ns, inode
 
 
@@ -50,7 +52,9 @@ class StatCache:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            paths = list(records)
+            paths = [p for p in records if is_utf8(p)]  # Parquet text holds UTF-8 names; others are re-read
+            if not paths:
+                return
             cols = list(zip(*(records[p][0] for p in paths), strict=True))
             t = pa.table({"path": paths, "size": pa.array(cols[0], pa.int64()),
                           "mtime_ns": pa.array(cols[1], pa.int64()), "inode": pa.array(cols[2], pa.uint64()),
