@@ -21,7 +21,7 @@ import numpy as np
 from featx.backbones.artifact import Backbone
 from featx.embed.images import IMAGE_EXTENSIONS, array_to_pil, resize_crop
 from featx.embed.runtime import Encoder
-from featx.embed.scan import display_path, image_by_content, scan
+from featx.embed.scan import display_path, image_by_content, is_table_file, scan, scan_table
 from featx.embed.statcache import StatCache
 from featx.embed.store import EmbeddingStore
 from featx.engines.local import embed_files
@@ -50,20 +50,22 @@ def runtime(bb: Backbone, device: str = "auto",
 
 
 def collect_files(inputs: list[str | os.PathLike]) -> tuple[list[str], list[str | None], list[tuple[str, str]]]:
-    """Files from image files and folders (recursively); returns (files, labels, skipped).
+    """Files from image files, folders (recursively) and CSV/TSV/Parquet tables of paths;
+    returns (files, labels, skipped).
 
-    Labels come from an ImageFolder layout (root/<class>/...) and are None otherwise.
+    Labels come from an ImageFolder layout (root/<class>/...) or a table's label
+    column, and are None otherwise.
     """
     files: list[str] = []
     labels: list[str | None] = []
     skipped: list[tuple[str, str]] = []
     for inp in inputs:
         p = Path(inp)
-        if p.is_dir():
-            found = scan(p)
-            files.extend(str(p / it.path) for it in found.items)
+        if p.is_dir() or is_table_file(p):
+            found = scan(p) if p.is_dir() else scan_table(p)
+            files.extend(str(found.root / it.path) for it in found.items)
             labels.extend(it.label for it in found.items)
-            skipped.extend((str(p / s), why) for s, why in found.skipped)
+            skipped.extend((str(found.root / s), why) for s, why in found.skipped)
         elif p.is_file():
             if p.suffix.lower() not in IMAGE_EXTENSIONS and not image_by_content(p):
                 skipped.append((str(p), f"not an image (extension {p.suffix or 'none'}, no image signature)"))

@@ -118,11 +118,11 @@ def export(name: str, weights: str | None, preprocess: str | None, force: bool, 
 
 
 @click.command()
-@click.argument("root", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("root", metavar="ROOT|TABLE", type=click.Path(path_type=Path))
 @backbone_option
 @weights_option
 @click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Output table (Parquet). Default: ./<folder>.featx.parquet")
+              help="Output table (Parquet). Default: ./<folder or table name>.featx.parquet")
 @store_option
 @batch_options
 @device_option
@@ -141,7 +141,11 @@ def export(name: str, weights: str | None, preprocess: str | None, force: bool, 
 @json_option
 def extract(root: Path, backbone, weights, out, store, batch_size, workers, device, shard_size,
             no_draft, engine, address, follow_symlinks, quiet, as_json) -> None:
-    """Embed every image under ROOT (ImageFolder layout gives labels), reusing the cache."""
+    """Embed every image under ROOT (ImageFolder layout gives labels), reusing the cache.
+
+    Instead of a folder, a CSV/TSV/Parquet TABLE with a `path` column (relative to the
+    table's folder, or absolute) and an optional `label` column lists the images.
+    """
     from featx.extract import extract as run
 
     if address is not None and engine != "ray":

@@ -15,6 +15,9 @@ What is found, and what is not
 - A file is an image by its extension (``IMAGE_EXTENSIONS``) or, whatever its
   extension (``.jfif``, none at all), by its first bytes (JPEG, PNG, GIF, WebP, TIFF,
   BMP signatures); those are listed in ``ScanResult.by_content``.
+- ``scan_table`` is the other way in: a CSV/TSV/Parquet table with a ``path``
+  column (relative to the table's folder, or absolute) and an optional ``label``
+  column lists the images, so data that is not an ImageFolder needs no copying.
 - Names that are not valid UTF-8 are kept losslessly: ``ImageItem.path`` holds them
   as ``os.fsdecode`` gives them (undecodable bytes as surrogate escapes), so the file
   opens; ``display_path`` is the printable form (``\\xff`` escapes) used in labels,
@@ -35,7 +38,8 @@ from featx.errors import FeatXError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ImageItem", "ScanResult", "display_path", "image_by_content", "is_utf8", "scan", "sniff_image"]
+__all__ = ["TABLE_SUFFIXES", "ImageItem", "ScanResult", "display_path", "image_by_content", "is_table_file",
+           "is_utf8", "scan", "scan_table", "sniff_image"]
 
 try:
     PATH_MAX = os.pathconf("/", "PC_PATH_MAX")
@@ -43,6 +47,7 @@ except (OSError, ValueError, AttributeError):  # not POSIX: the Windows limit wi
     PATH_MAX = 260
 
 FOLLOW_HINT = "not followed (--follow-symlinks follows it)"
+TABLE_SUFFIXES = frozenset({".csv", ".tsv", ".parquet", ".pq"})
 
 
 @dataclass(frozen=True)
@@ -286,3 +291,105 @@ def _check_labels_distinct(root: Path, items: list[ImageItem]) -> None:
         if other != folder:
             raise FeatXError(f"{root}: the class folders {other!a} and {folder!a} print as the same "
                              f"label {it.label!r}; rename one of them")
+
+
+def is_table_file(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a file that ``scan_table`` reads (by its suffix)."""
+    p = Path(path)
+    return p.suffix.lower() in TABLE_SUFFIXES and p.is_file()
+
+
+def scan_table(table: str | os.PathLike) -> ScanResult:
+    """The images listed in a table: the other way to build a ``ScanResult``.
+
+    A CSV (``.csv``), TSV (``.tsv``) or Parquet (``.parquet``, ``.pq``) file with a
+    ``path`` column, relative to the table's folder or absolute, and an optional
+    ``label`` column (empty or null: unlabelled). Rows keep the table's order;
+    rows whose file does not exist, empty paths and URLs are listed in ``skipped``
+    with their row number. A featx embeddings table is read with the paths
+    relative to the data root it records, so its images can be extracted again
+    with another backbone.
+
+    Returns
+    -------
+    ScanResult
+        ``root`` is the folder the relative paths start from; absolute paths are
+        kept absolute in ``items``.
+    """
+    table = Path(table)
+    paths, labels, base = _read_listing(table)
+    items: list[ImageItem] = []
+    skipped: list[tuple[str, str]] = []
+    for row, (path, label) in enumerate(zip(paths, labels, strict=True), start=1):
+        why = _unusable(base, path)
+        if why:
+            skipped.append((path or f"{table.name} row {row}", f"row {row}: {why}"))
+            continue
+        label = None if label is None or str(label) == "" else display_path(str(label))
+        items.append(ImageItem(path, label))  # type: ignore[arg-type]
+    labels_set = {i.label for i in items}
+    if None in labels_set and len(labels_set) > 1:
+        first = next(n for n, i in enumerate(items) if i.label is None)
+        raise FeatXError(f"{table}: some rows have a label and some do not (first without: "
+                         f"{display_path(items[first].path)}); label every row or none")
+    classes = sorted(lbl for lbl in labels_set if lbl is not None)
+    return ScanResult(root=base, items=items, classes=classes, skipped=skipped)
+
+
+def _unusable(base: Path, path: str | None) -> str | None:
+    """Why a listed path cannot be read as a local image file, or None."""
+    if not path:
+        return "empty path"
+    if "://" in path:
+        return "a URL; featx reads local files (download the images and list their paths)"
+    full = base / path
+    if not full.is_file():
+        return "no such file" if not full.exists() else "not a file"
+    return None
+
+
+def _read_listing(table: Path) -> tuple[list[str | None], list, Path]:
+    """(paths, labels, base folder) from a CSV/TSV/Parquet listing; FeatXError if it is not one."""
+    import pyarrow as pa
+
+    suffix = table.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise FeatXError(f"{table}: not a table featx reads (use {', '.join(sorted(TABLE_SUFFIXES))})")
+    try:
+        if suffix in (".csv", ".tsv"):
+            import pyarrow.csv as pcsv
+
+            t = pcsv.read_csv(table, parse_options=pcsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ","),
+                              convert_options=pcsv.ConvertOptions(
+                                  column_types={"path": pa.string(), "label": pa.string()}))
+        else:
+            import pyarrow.parquet as pq
+
+            f = pq.ParquetFile(table)
+            t = f.read(columns=[c for c in ("path", "label", "path_bytes") if c in f.schema_arrow.names])
+    except (pa.ArrowException, OSError) as e:
+        raise FeatXError(f"{table}: cannot read the table: {e}") from None
+    if "path" not in t.column_names:
+        raise FeatXError(f"{table}: no 'path' column (it has {', '.join(t.column_names) or 'no columns'}); "
+                         "list the images in a column named path, labels (optional) in one named label")
+    paths = t.column("path").to_pylist()
+    if "path_bytes" in t.column_names:  # a featx table: exact bytes of names that are not UTF-8
+        paths = [p if b is None else os.fsdecode(b) for p, b in zip(paths, t.column("path_bytes").to_pylist(),
+                                                                     strict=True)]
+    labels = t.column("label").to_pylist() if "label" in t.column_names else [None] * len(paths)
+    return paths, labels, _base_of(table, t.schema.metadata or {})
+
+
+def _base_of(table: Path, metadata: dict) -> Path:
+    """The folder relative paths start from: the data root a featx table records, else the table's folder."""
+    import json
+
+    raw = metadata.get(b"featx")  # featx.embed.table.META_KEY (table imports this module, not the reverse)
+    if raw:
+        try:
+            root = json.loads(raw).get("root")
+        except (ValueError, AttributeError):
+            root = None
+        if root:
+            return Path(root)
+    return table.parent

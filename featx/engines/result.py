@@ -21,7 +21,7 @@ from featx import __version__
 from featx.atomic import write_text
 from featx.backbones.artifact import Backbone
 from featx.embed.images import IMAGE_EXTENSIONS
-from featx.embed.scan import ScanResult, display_path, scan
+from featx.embed.scan import ScanResult, display_path, is_table_file, scan, scan_table
 from featx.embed.store import EmbeddingStore
 from featx.embed.table import EmbeddingTable, write_table
 from featx.errors import FeatXError
@@ -109,18 +109,25 @@ class ExtractResult:
 
 
 def scan_images(root: Path, follow_symlinks: bool = False) -> ScanResult:
-    """``embed.scan.scan``, refusing a folder with no image in it (both engines start here)."""
-    found = scan(root, follow_symlinks=follow_symlinks)
+    """The images of a folder (``embed.scan.scan``) or listed in a CSV/TSV/Parquet table
+    (``embed.scan.scan_table``), refusing a set with no image in it (both engines start here)."""
+    if is_table_file(root):
+        found = scan_table(root)
+        looked = "rows of the table whose file exists"
+    else:
+        found = scan(root, follow_symlinks=follow_symlinks)
+        looked = f"{', '.join(sorted(IMAGE_EXTENSIONS))} and image signatures"
     if not found.items:
         skipped = f"; {len(found.skipped)} paths skipped, first {display_path(found.skipped[0][0])}: " \
                   f"{found.skipped[0][1]}" if found.skipped else ""
-        raise FeatXError(f"{root}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} "
-                         f"and image signatures){skipped}")
+        raise FeatXError(f"{root}: no images found (looked for {looked}){skipped}")
     return found
 
 
 def default_out(root: Path) -> Path:
-    return Path.cwd() / f"{root.resolve().name or 'images'}.featx.parquet"
+    """``./<folder>.featx.parquet``, or ``./<table stem>.featx.parquet`` for a table of paths."""
+    name = root.stem if is_table_file(root) else root.resolve().name
+    return Path.cwd() / f"{name or 'images'}.featx.parquet"
 
 
 def finish(job: ExtractJob, run: EngineRun, t0: float, out: str | os.PathLike | None, write: bool,
