@@ -10,7 +10,7 @@ from featx.backbones.artifact import Backbone
 from featx.backbones.resolve import resolve_backbone
 from featx.embed.store import EmbeddingStore
 from featx.engines.local import LocalEngine
-from featx.engines.result import Engine, ExtractJob, ExtractResult, finish, scan_images
+from featx.engines.result import Engine, ExtractJob, ExtractResult, default_out, finish, scan_images
 from featx.errors import FeatXError
 from featx.progress import ProgressFn, no_progress
 
@@ -39,26 +39,35 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
             workers: int | None = None, device: str = "auto", draft: bool = True,
             shard_size: int = 2048, progress: ProgressFn = no_progress, write: bool = True,
             engine: str | Engine = "local", address: str | None = None,
-            keep_embeddings: bool = True) -> ExtractResult:
+            keep_embeddings: bool = True, follow_symlinks: bool = False) -> ExtractResult:
     """Embed every image under ``root`` (cached), write the table and a report.
 
     Parameters
     ----------
-    root : folder of images; ``root/<class>/<image>`` gives labels.
+    root : folder of images; ``root/<class>/<image>`` gives labels. Or a CSV/TSV/Parquet
+        table with a ``path`` column (relative to the table's folder, or absolute) and
+        an optional ``label`` column (``featx.embed.scan.scan_table``).
     backbone : card name, export or run directory, ONNX file or ``Backbone`` (default: the
         default card).
-    out : table to write (default ``./<folder>.featx.parquet``); ``write=False`` writes nothing.
+    out : table to write (default ``./<folder or table name>.featx.parquet``); ``write=False``
+        writes nothing.
     engine : ``"local"`` (threads here), ``"ray"`` (Ray Data on ``address``; featx[ray]), or an
         engine object such as ``featx.engines.ray.RayEngine(actors=4)``.
     keep_embeddings : False (the CLI's choice) writes the table without holding all
         embeddings in memory; ``result.table.X`` is then None.
+    follow_symlinks : follow symbolic links into other class folders and out of ``root``
+        too (labels still come from where the link sits). By default such links are
+        skipped and listed in ``result.skipped`` and the report, so a link cannot
+        change a label; see ``featx.embed.scan``.
 
     Returns
     -------
     ExtractResult
         The table (one row per image that could be embedded, in scan order), the
         paths written, and the stats; files that could not be read are listed with
-        their reason in the report (``<out>.report.json``) and ``result.stats.failures``.
+        their reason in the report (``<out>.report.json``) and ``result.stats.failures``,
+        paths the scan left out (links not followed, folders that cannot be listed, ...)
+        in the report and ``result.skipped``.
     """
     runner = _engine(engine, address)
     if batch_size < 1:
@@ -66,11 +75,13 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
     t0 = time.perf_counter()
     root = Path(root)
     progress("scan", 0, 0)
-    found = scan_images(root)
+    found = scan_images(root, follow_symlinks)
     progress("backbone", 0, 0)
     bb = resolve_backbone(backbone, weights=weights)
-    job = ExtractJob(root=root, found=found, backbone=bb, store=EmbeddingStore(bb, store),
+    # found.root: the folder, or for a table of paths the folder its relative paths start from
+    job = ExtractJob(root=found.root, found=found, backbone=bb, store=EmbeddingStore(bb, store),
                      batch_size=batch_size, workers=workers, device=device, draft=draft,
                      shard_size=shard_size, progress=progress)
     run = runner.run(job)
+    out = out if out is not None else default_out(root)  # named after the folder or the table given
     return finish(job, run, t0, out, write, engine=runner.name, keep_embeddings=keep_embeddings)

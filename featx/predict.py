@@ -21,7 +21,7 @@ import numpy as np
 from featx.backbones.artifact import Backbone
 from featx.embed.images import IMAGE_EXTENSIONS, array_to_pil, resize_crop
 from featx.embed.runtime import Encoder
-from featx.embed.scan import scan
+from featx.embed.scan import display_path, image_by_content, is_table_file, scan, scan_table
 from featx.embed.statcache import StatCache
 from featx.embed.store import EmbeddingStore, ShardWriter
 from featx.engines.local import embed_files
@@ -50,23 +50,25 @@ def runtime(bb: Backbone, device: str = "auto",
 
 
 def collect_files(inputs: list[str | os.PathLike]) -> tuple[list[str], list[str | None], list[tuple[str, str]]]:
-    """Files from image files and folders (recursively); returns (files, labels, skipped).
+    """Files from image files, folders (recursively) and CSV/TSV/Parquet tables of paths;
+    returns (files, labels, skipped).
 
-    Labels come from an ImageFolder layout (root/<class>/...) and are None otherwise.
+    Labels come from an ImageFolder layout (root/<class>/...) or a table's label
+    column, and are None otherwise.
     """
     files: list[str] = []
     labels: list[str | None] = []
     skipped: list[tuple[str, str]] = []
     for inp in inputs:
         p = Path(inp)
-        if p.is_dir():
-            found = scan(p)
-            files.extend(str(p / it.path) for it in found.items)
+        if p.is_dir() or is_table_file(p):
+            found = scan(p) if p.is_dir() else scan_table(p)
+            files.extend(str(found.root / it.path) for it in found.items)
             labels.extend(it.label for it in found.items)
-            skipped.extend((str(p / s), why) for s, why in found.skipped)
+            skipped.extend((str(found.root / s), why) for s, why in found.skipped)
         elif p.is_file():
-            if p.suffix.lower() not in IMAGE_EXTENSIONS:
-                skipped.append((str(p), f"not an image extension ({p.suffix or 'none'})"))
+            if p.suffix.lower() not in IMAGE_EXTENSIONS and not image_by_content(p):
+                skipped.append((str(p), f"not an image (extension {p.suffix or 'none'}, no image signature)"))
                 continue
             files.append(str(p))
             labels.append(None)
@@ -187,8 +189,9 @@ def write_predictions(result: PredictResult, out: str | os.PathLike, top_k: int 
     out.parent.mkdir(parents=True, exist_ok=True)
     k = max(1, min(top_k, len(result.classes)))
     if out.suffix.lower() == ".json":
-        doc = {"classes": result.classes, "predictions": result.rows(k),
-               "failures": [{"path": p, "reason": r} for p, r in result.failures]}
+        doc = {"classes": result.classes,
+               "predictions": [{**r, "path": display_path(r["path"])} for r in result.rows(k)],
+               "failures": [{"path": display_path(p), "reason": r} for p, r in result.failures]}
         out.write_text(json.dumps(doc, indent=2))
         return out
     if out.suffix.lower() not in (".csv", ".tsv"):
@@ -200,12 +203,12 @@ def write_predictions(result: PredictResult, out: str | os.PathLike, top_k: int 
             head += [f"top{j}_class", f"top{j}_probability"]
         w.writerow([*head, "error"])
         for i, (path, lab) in enumerate(zip(result.files, result.labels, strict=True)):
-            row = [path, lab, f"{result.proba[i].max():.6f}"]
+            row = [display_path(path), lab, f"{result.proba[i].max():.6f}"]
             for c, p in result.top_k(i, k):
                 row += [c, f"{p:.6f}"]
             row += ["", ""] * (k - len(result.top_k(i, k)))
             w.writerow([*row, ""])
         for path, why in result.failures:
-            w.writerow([path, "", ""] + [""] * (2 * k) + [why])
+            w.writerow([display_path(path), "", ""] + [""] * (2 * k) + [why])
     return out
 

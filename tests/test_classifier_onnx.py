@@ -19,7 +19,7 @@ from featx.heads.headfile import save_head
 from featx.predict import embed_arrays, predict
 from featx.sampling import per_class_subset
 
-from .conftest import needs_fashion_mnist
+from .helpers import needs_fashion_mnist
 
 pytestmark = needs_fashion_mnist
 

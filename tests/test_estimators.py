@@ -20,7 +20,7 @@ from featx.errors import FeatXError
 from featx.estimators import ImageInputError
 from featx.sampling import per_class_subset
 
-from .conftest import make_image_folder, needs_fashion_mnist, photos
+from .helpers import make_image_folder, needs_fashion_mnist, photos
 
 # ---- sklearn's estimator checks --------------------------------------------------------------
 # These checks fit on random float feature matrices (n_samples, n_features). featx estimators

@@ -22,7 +22,7 @@ from featx.embed.table import read_table
 from featx.errors import DeviceError, FeatXError, StoreError
 from featx.extract import extract
 
-from .conftest import make_image_folder
+from .helpers import make_image_folder
 
 
 def test_table_schema_and_separability(image_folder, lite0, tmp_path):
@@ -183,6 +183,41 @@ def test_two_concurrent_runs_share_a_store(many_images, lite0, tmp_path, featx_h
     ia = {k: i for i, k in enumerate(a.keys)}
     np.testing.assert_allclose(b.X, a.X[[ia[k] for k in b.keys]], rtol=1e-5, atol=1e-6)
     assert len(EmbeddingStore(lite0, store).keys()) == 120
+
+
+def _hardlinked_set(src, root, copies):
+    """``copies`` names per photo of ``src``: many rows (a long table write), few embeddings."""
+    for c in ("cat", "thing"):
+        (root / c).mkdir(parents=True)
+        for f in sorted((src / c).iterdir()):
+            for j in range(copies):
+                os.link(f, root / c / f"{j:03d}_{f.name}")
+    return root
+
+
+def test_two_extracts_writing_the_same_out_leave_one_whole_table(lite0, tmp_path, featx_home):
+    """Two real processes write the same --out, again and again: a whole table from one of them."""
+    src = make_image_folder(tmp_path / "src", per_class=4)
+    roots = [_hardlinked_set(src, tmp_path / "a", 100), _hardlinked_set(src, tmp_path / "b", 99)]
+    store = tmp_path / "s"
+    refs = [extract(r, lite0, out=tmp_path / f"ref{i}.parquet", store=store, device="cpu").table
+            for i, r in enumerate(roots)]  # warm: store and stat records, so each round is quick
+    assert {len(t) for t in refs} == {800, 792}
+    out = tmp_path / "same.parquet"
+    env = {**os.environ, "FEATX_HOME": str(featx_home)}
+    for rnd in range(8):
+        procs = [subprocess.Popen(_featx("extract", str(r), "--out", str(out), "--store", str(store),
+                                         "--device", "cpu", "-q"),
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for r in roots]
+        for p in procs:
+            assert p.wait(timeout=300) == 0, (rnd, p.stderr.read().decode())
+        got = read_table(out)  # readable, and all of one writer's table
+        ref = next((t for t in refs if len(t) == len(got)), None)
+        assert ref is not None and got.paths == ref.paths and got.keys == ref.keys, rnd
+        np.testing.assert_array_equal(got.X, ref.X)
+        report = json.loads((tmp_path / "same.parquet.report.json").read_text())
+        assert report["rows"] in (800, 792)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".same.parquet")]  # no temporaries left
 
 
 def test_explicit_cuda_without_gpu_is_an_error(image_folder, lite0, tmp_path):

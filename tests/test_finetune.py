@@ -35,7 +35,7 @@ TINY = {"input_size": 64, "batch_size": 4, "epochs": 1, "unfreeze": 1, "lp_C": 1
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from .conftest import make_image_folder
+    from .helpers import make_image_folder
 
     return make_image_folder(tmp_path_factory.mktemp("ft") / "data")
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from featx.cli import main
 
-from .conftest import make_image_folder
+from .helpers import make_image_folder
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from featx.heads.proba import head_proba
 from featx.predict import embed_arrays
 from featx.sampling import per_class_subset
 
-from .conftest import needs_fashion_mnist
+from .helpers import needs_fashion_mnist
 
 pytestmark = needs_fashion_mnist
 

@@ -25,7 +25,7 @@ from featx.embed.store import EmbeddingStore
 from featx.heads.headfile import load_head, save_head
 from featx.sampling import per_class_subset
 
-from .conftest import needs_fashion_mnist
+from .helpers import needs_fashion_mnist
 
 pytestmark = needs_fashion_mnist
 

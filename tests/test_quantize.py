@@ -14,7 +14,7 @@ from featx.datasets import (
 from featx.extract import extract
 from featx.sampling import per_class_subset
 
-from .conftest import needs_fashion_mnist
+from .helpers import needs_fashion_mnist
 
 pytestmark = needs_fashion_mnist
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import make_image_folder, needs_fashion_mnist, photos
+from .helpers import make_image_folder, needs_fashion_mnist, photos
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

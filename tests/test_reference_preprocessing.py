@@ -20,7 +20,7 @@ from PIL import Image
 from featx.cli import main
 from featx.embed.images import load_image
 
-from .conftest import make_image_folder, photos
+from .helpers import make_image_folder, photos
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "heads.md"
 # (name, size) of the test photos: camera sizes, landscape and portrait, and a few small

@@ -79,7 +79,7 @@ def test_cli_fit_head_sgd_logreg(image_folder, lite0, tmp_path):
     from featx.extract import extract
     from featx.heads.headfile import load_head
 
-    from .conftest import make_image_folder
+    from .helpers import make_image_folder
 
     make_image_folder(image_folder, per_class=10)
     extract(image_folder, lite0, out=tmp_path / "t.parquet", store=tmp_path / "s", device="cpu")

@@ -118,11 +118,11 @@ def export(name: str, weights: str | None, preprocess: str | None, force: bool, 
 
 
 @click.command()
-@click.argument("root", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("root", metavar="ROOT|TABLE", type=click.Path(path_type=Path))
 @backbone_option
 @weights_option
 @click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Output table (Parquet). Default: ./<folder>.featx.parquet")
+              help="Output table (Parquet). Default: ./<folder or table name>.featx.parquet")
 @store_option
 @batch_options
 @device_option
@@ -134,11 +134,18 @@ def export(name: str, weights: str | None, preprocess: str | None, force: bool, 
 @click.option("--address", default=None, metavar="ADDR",
               help="Ray cluster for --engine ray: auto, HOST:PORT or ray://HOST:10001. "
                    "Default: start a local Ray.")
+@click.option("--follow-symlinks", is_flag=True,
+              help="Follow links into other class folders and out of ROOT too (labels come from where the "
+                   "link sits). By default those are skipped and listed in the report.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @json_option
 def extract(root: Path, backbone, weights, out, store, batch_size, workers, device, shard_size,
-            no_draft, engine, address, quiet, as_json) -> None:
-    """Embed every image under ROOT (ImageFolder layout gives labels), reusing the cache."""
+            no_draft, engine, address, follow_symlinks, quiet, as_json) -> None:
+    """Embed every image under ROOT (ImageFolder layout gives labels), reusing the cache.
+
+    Instead of a folder, a CSV/TSV/Parquet TABLE with a `path` column (relative to the
+    table's folder, or absolute) and an optional `label` column lists the images.
+    """
     from featx.extract import extract as run
 
     if address is not None and engine != "ray":
@@ -146,7 +153,8 @@ def extract(root: Path, backbone, weights, out, store, batch_size, workers, devi
     with progress_bar(quiet) as p:
         r = run(root, backbone, out=out, store=store, weights=weights, batch_size=batch_size,
                 workers=workers, device=device, draft=not no_draft, shard_size=shard_size,
-                progress=p, engine=engine, address=address, keep_embeddings=False)
+                progress=p, engine=engine, address=address, keep_embeddings=False,
+                follow_symlinks=follow_symlinks)
     s = r.summary()
     rate = f", {s['images_per_second']} img/s" if s["images_per_second"] else ""
     lines = [
@@ -157,9 +165,14 @@ def extract(root: Path, backbone, weights, out, store, batch_size, workers, devi
     ]
     if s["failed"]:
         for path, why in r.stats.failures[:5]:
-            lines.append(f"  skipped {path}: {why}")
+            lines.append(f"  failed {path}: {why}")
         if s["failed"] > 5:
             lines.append(f"  ... {s['failed'] - 5} more")
+    if s["skipped"]:
+        lines.append(f"{s['skipped']} skipped (see report)")
+        for path, why in r.skipped[:3]:
+            lines.append(f"  skipped {path}: {why}")
+    if s["failed"] or s["skipped"]:
         lines.append(f"report: {s['report']}")
     emit(s, as_json, lines)
     if s["rows"] == 0:

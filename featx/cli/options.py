@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 
@@ -87,7 +88,8 @@ def emit(summary: dict, as_json: bool, lines: list[str]) -> None:
         click.echo(json.dumps(summary))
     else:
         for line in lines:
-            click.echo(line)
+            # a file name that is not UTF-8 prints with \xNN escapes instead of failing on a strict terminal
+            click.echo(os.fsencode(line).decode("utf-8", "backslashreplace"))
 
 
 def quiet_option(f):

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from featx.atomic import atomic_path, clean_stale_temporaries
+from featx.embed.scan import is_utf8
 
 __all__ = ["Stat", "StatCache", "stat_of"]
 
@@ -65,7 +66,9 @@ class StatCache:
         with contextlib.suppress(OSError, ValueError, pa.ArrowException):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             clean_stale_temporaries(self.path.parent)
-            paths = list(records)
+            paths = [p for p in records if is_utf8(p)]  # Parquet text holds UTF-8 names; others are re-read
+            if not paths:
+                return
             cols = list(zip(*(records[p][0] for p in paths), strict=True))
             t = pa.table({"path": paths,
                           **{c: pa.array(v, ty) for c, v, ty in zip(_COLUMNS, cols, _TYPES, strict=True)},

@@ -2,11 +2,19 @@
 
 Plain Parquet, readable by pandas/pyarrow without featx; the backbone
 fingerprint and data root travel in the schema metadata.
+
+Columns: ``path`` (relative to the data root, ``/``-separated, UTF-8 text),
+``label`` (text, null when unlabelled), ``key`` (content hash), ``embedding``
+(fixed-size list of float32). A file name that is not valid UTF-8 cannot be
+Parquet text as it is: its ``path`` holds the printable form, with each byte
+that is not UTF-8 written as ``\\xNN`` (``featx.embed.scan.display_path``), and
+the table gains a ``path_bytes`` column (binary) with the name's exact bytes for
+those rows (null for the others). ``read_table`` gives the exact names back
+(``os.fsdecode`` of the bytes); tables of valid UTF-8 names have no such column.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Iterable
@@ -17,6 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from featx.atomic import atomic_path
+from featx.embed.scan import display_path, is_utf8
 from featx.embed.store import embedding_column, embeddings_of
 from featx.errors import FeatXError
 
@@ -61,28 +71,36 @@ def write_table(path: str | os.PathLike, t: EmbeddingTable,
     if chunks is None:
         X = t.X if t.X is not None and len(t.paths) else np.zeros((0, dim), np.float32)
         chunks = [X.reshape(len(t.paths), dim)]
-    schema = pa.schema([("path", pa.string()), ("label", pa.string()), ("key", pa.string()),
-                        ("embedding", pa.list_(pa.float32(), dim))],
-                       metadata={META_KEY: json.dumps(t.meta).encode()})
-    tmp = path.with_name(f".{path.name}.tmp")
+    raw = [None if is_utf8(p) else os.fsencode(p) for p in t.paths]
+    fields = [("path", pa.string()), ("label", pa.string()), ("key", pa.string()),
+              ("embedding", pa.list_(pa.float32(), dim))]
+    if any(b is not None for b in raw):
+        fields.append(("path_bytes", pa.binary()))
+    schema = pa.schema(fields, metadata={META_KEY: json.dumps(t.meta).encode()})
     try:
-        with pq.ParquetWriter(tmp, schema) as w:
+        with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as w:
             start = 0
             for emb in chunks:
                 end = start + len(emb)
-                w.write_table(pa.Table.from_arrays([
-                    pa.array(t.paths[start:end], pa.string()), pa.array(t.labels[start:end], pa.string()),
-                    pa.array(t.keys[start:end], pa.string()),
-                    embedding_column(emb) if len(emb) else pa.array([], pa.list_(pa.float32(), dim)),
-                ], schema=schema))
+                w.write_table(_rows(t, raw, start, end, emb, schema))
                 start = end
-        os.replace(tmp, path)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise FeatXError(f"cannot write the table {path}: {e.strerror or e}. The embeddings are in "
                          "the store; fix this and run the same command again (nothing is recomputed).") from None
     return path
+
+
+def _rows(t: EmbeddingTable, raw: list[bytes | None], start: int, end: int, emb: np.ndarray,
+          schema: pa.Schema) -> pa.Table:
+    """Rows ``start:end`` of ``t`` with their embeddings ``emb``, as an Arrow table of ``schema``."""
+    dim = schema.field("embedding").type.list_size
+    cols = [pa.array([display_path(p) for p in t.paths[start:end]], pa.string()),
+            pa.array([None if lbl is None else display_path(lbl) for lbl in t.labels[start:end]], pa.string()),
+            pa.array(t.keys[start:end], pa.string()),
+            embedding_column(emb) if len(emb) else pa.array([], pa.list_(pa.float32(), dim))]
+    if "path_bytes" in schema.names:
+        cols.append(pa.array(raw[start:end], pa.binary()))
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def read_table(path: str | os.PathLike) -> EmbeddingTable:
@@ -104,7 +122,11 @@ def read_table(path: str | os.PathLike) -> EmbeddingTable:
         raw = (pq.read_schema(files[0]).metadata or {}).get(META_KEY) if files else None
     meta = json.loads(raw) if raw else {}
     labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * len(table)
+    paths = table.column("path").to_pylist()
+    if "path_bytes" in table.column_names:  # names that are not UTF-8: their exact bytes
+        paths = [p if b is None else os.fsdecode(b) for p, b in zip(paths, table.column("path_bytes").to_pylist(),
+                                                                     strict=True)]
     return EmbeddingTable(
-        paths=table.column("path").to_pylist(), labels=labels,
+        paths=paths, labels=labels,
         keys=table.column("key").to_pylist(), X=embeddings_of(table), meta=meta,
     )

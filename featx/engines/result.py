@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Protocol
 
 from featx import __version__
+from featx.atomic import write_text
 from featx.backbones.artifact import Backbone
 from featx.embed.images import IMAGE_EXTENSIONS
-from featx.embed.scan import ScanResult, scan
+from featx.embed.scan import ScanResult, display_path, is_table_file, scan, scan_table
 from featx.embed.store import EmbeddingStore
 from featx.embed.table import EmbeddingTable, write_table
 from featx.errors import FeatXError
@@ -93,6 +94,7 @@ class ExtractResult:
             "embedded": self.stats.embedded,
             "cached": self.stats.cached,
             "failed": len(self.stats.failures),
+            "skipped": len(self.skipped),
             "rows": len(self.table),
             "classes": len(self.table.meta.get("classes", [])),
             "backbone": self.backbone.name,
@@ -101,21 +103,31 @@ class ExtractResult:
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.stats.embedded / self.stats.seconds_embed, 2)
             if self.stats.seconds_embed > 0 and self.stats.embedded else None,
-            "out": str(self.out) if self.out else None,
-            "report": str(self.report) if self.report else None,
+            "out": display_path(str(self.out)) if self.out else None,
+            "report": display_path(str(self.report)) if self.report else None,
         }
 
 
-def scan_images(root: Path) -> ScanResult:
-    """``embed.scan.scan``, refusing a folder with no image in it (both engines start here)."""
-    found = scan(root)
+def scan_images(root: Path, follow_symlinks: bool = False) -> ScanResult:
+    """The images of a folder (``embed.scan.scan``) or listed in a CSV/TSV/Parquet table
+    (``embed.scan.scan_table``), refusing a set with no image in it (both engines start here)."""
+    if is_table_file(root):
+        found = scan_table(root)
+        looked = "rows of the table whose file exists"
+    else:
+        found = scan(root, follow_symlinks=follow_symlinks)
+        looked = f"{', '.join(sorted(IMAGE_EXTENSIONS))} and image signatures"
     if not found.items:
-        raise FeatXError(f"{root}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        skipped = f"; {len(found.skipped)} paths skipped, first {display_path(found.skipped[0][0])}: " \
+                  f"{found.skipped[0][1]}" if found.skipped else ""
+        raise FeatXError(f"{root}: no images found (looked for {looked}){skipped}")
     return found
 
 
 def default_out(root: Path) -> Path:
-    return Path.cwd() / f"{root.resolve().name or 'images'}.featx.parquet"
+    """``./<folder>.featx.parquet``, or ``./<table stem>.featx.parquet`` for a table of paths."""
+    name = root.stem if is_table_file(root) else root.resolve().name
+    return Path.cwd() / f"{name or 'images'}.featx.parquet"
 
 
 def finish(job: ExtractJob, run: EngineRun, t0: float, out: str | os.PathLike | None, write: bool,
@@ -150,12 +162,26 @@ def finish(job: ExtractJob, run: EngineRun, t0: float, out: str | os.PathLike | 
     result = ExtractResult(table, out_path, report_path, bb, provider, stats,
                            time.perf_counter() - t0, found.skipped)
     if write:
-        report = {**result.summary(), "engine": engine, "root": str(root.resolve()),
-                  "failures": [{"path": p, "reason": r} for p, r in stats.failures],
-                  "skipped": [{"path": p, "reason": r} for p, r in found.skipped]}
-        report_path.write_text(json.dumps(report, indent=2))  # type: ignore[union-attr]
+        write_report(report_path, result, engine, found)  # type: ignore[arg-type]
         remember_last(out_path, bb)  # type: ignore[arg-type]
     return result
+
+
+def write_report(path: Path, result: ExtractResult, engine: str, found: ScanResult) -> None:
+    """``<out>.report.json``: the summary, every file that failed and every path skipped, with reasons.
+
+    Paths are printable text (``display_path``: bytes that are not UTF-8 as ``\\xNN``).
+    """
+    def listed(pairs: list[tuple[str, str]]) -> list[dict]:
+        return [{"path": display_path(p), "reason": r} for p, r in pairs]
+
+    report = {**result.summary(), "engine": engine, "root": display_path(str(found.root.resolve())),
+              "failures": listed(result.stats.failures), "skipped": listed(found.skipped),
+              "recognised_by_content": [display_path(p) for p in found.by_content]}
+    try:
+        write_text(path, json.dumps(report, indent=2))
+    except OSError as e:
+        raise FeatXError(f"cannot write the report {path}: {e.strerror or e}") from None
 
 
 def remember_last(out: Path, bb: Backbone) -> None:
