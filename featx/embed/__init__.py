@@ -11,7 +11,9 @@ from __future__ import annotations
 from featx._lazy import lazy_exports
 
 _EXPORTS = {
-    "scan": "featx.embed.scan",
+    "ScanResult": "featx.embed.scan",
+    "scan_folder": "featx.embed.scan",
+    "scan_table": "featx.embed.scan",
     "load_image": "featx.embed.images",
     "decode": "featx.embed.images",
     "resize_crop": "featx.embed.images",

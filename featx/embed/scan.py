@@ -393,3 +393,7 @@ def _base_of(table: Path, metadata: dict) -> Path:
         if root:
             return Path(root)
     return table.parent
+
+
+#: ``scan`` under a name that is not its module's (``featx.embed.scan`` is the module)
+scan_folder = scan
