@@ -316,3 +316,11 @@ def test_patience_checks_its_value(data, tmp_path):
         finetune(data, out=tmp_path / "r", patience=-1, device="cpu", **TINY)
     with pytest.raises(FeatXError, match=r"epochs must be int, got 2\.5"):
         finetune(data, out=tmp_path / "r", device="cpu", **dict(TINY, epochs=2.5))
+
+
+def test_config_takes_a_path_to_weights():
+    from pathlib import Path
+
+    cfg = FinetuneConfig(weights=Path("/ckpt/model.pth"))
+    cfg.validate_types()  # the type check that guards config.json also accepts a Path given in Python
+    assert cfg.weights == "/ckpt/model.pth"

@@ -42,6 +42,10 @@ class FinetuneConfig:
     bn_stats: bool | None = None  # update BatchNorm statistics of trained blocks; None: only from scratch
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if isinstance(self.weights, os.PathLike):  # a Path to a checkpoint is as good as its string
+            self.weights = os.fspath(self.weights)
+
     @classmethod
     def from_dict(cls, d, source: str = "config.json") -> FinetuneConfig:
         """A config read back from a run's ``config.json``; anything malformed is a FeatXError naming it."""

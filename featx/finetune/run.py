@@ -188,8 +188,9 @@ def _check(files: LabelledFiles, card: BackboneCard, what: str,
     if not len(usable):
         raise FeatXError(f"no usable {what} image: {_skip_summary(bad, what)}; fix or remove them "
                          "before fine-tuning")
-    empty = [c for i, c in enumerate(files.classes) if i in set(files.labels) and i not in set(usable.labels)]
-    if empty:
+    present, readable = set(files.labels.tolist()), set(usable.labels.tolist())
+    empty = [c for i, c in enumerate(files.classes) if i in present and i not in readable]
+    if empty and what == "training":  # every class must train; a validation set may lack one
         raise FeatXError(f"no readable {what} image of class{'es' if len(empty) > 1 else ''} "
                          f"{', '.join(empty)}: {_skip_summary(bad, what)}")
     for p, why in bad:
