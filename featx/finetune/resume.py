@@ -21,7 +21,7 @@ from featx.backbones.cards import BackboneCard
 from featx.errors import FeatXError
 from featx.finetune.config import FINETUNE_FORMAT, FinetuneConfig, card_for
 from featx.finetune.data import LabelledFiles, RunData, Skipped, changed_files
-from featx.finetune.runlog import write_json
+from featx.finetune.runlog import plural, write_json
 from featx.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
@@ -153,10 +153,10 @@ def resume_job_parts(run_dir: Path, options: dict, root: str | os.PathLike | Non
     epochs = options.get("epochs")
     extended = epochs is not None and int(epochs) != cfg.epochs
     if epochs is not None and int(epochs) <= trained:
-        raise FeatXError(f"--resume {run_dir}: {trained} epoch(s) are already trained; "
+        raise FeatXError(f"--resume {run_dir}: {plural(trained, 'epoch is', 'epochs are')} already trained; "
                          f"--epochs must be more than that to extend the run")
     if not extended and isinstance(status, dict) and status.get("state") == "done":
-        raise FeatXError(f"--resume {run_dir}: that run already finished ({trained} epochs); extend it "
+        raise FeatXError(f"--resume {run_dir}: that run already finished ({plural(trained, 'epoch')}); extend it "
                          f"with --resume {run_dir} --epochs N (N > {trained}), or start a new run "
                          "with another --out")
     data = saved_data(run_dir, root, progress)
