@@ -271,8 +271,8 @@ def finetune(data=None, *, val=None, out: str | os.PathLike | None = None,
     options
         ``FinetuneConfig`` fields (``unfreeze=2, epochs=10, lr=1e-3, ...``).
     progress, on_epoch
-        ``progress(stage, done, total)`` reports stages ``check`` (reading the
-        images), ``embed``, ``lp-init``, ``epoch`` (batches), ``validate`` and
+        ``progress(stage, done, total)`` reports stages ``check`` (decoding the
+        images once), ``verify`` (hashing them again on resume), ``embed``, ``lp-init``, ``epoch`` (batches), ``validate`` and
         ``export``; ``on_epoch(row)`` gets each epoch's metrics.
 
     Ctrl-C raises ``FinetuneInterrupted`` (a KeyboardInterrupt) after the run
