@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from featx.atomic import atomic_path, write_text
 from featx.backbones.cards import DEFAULT_BACKBONE
 from featx.errors import FeatXError
-from featx.finetune.data import labelled_files
-from featx.finetune.runlog import write_json
+from featx.finetune.data import LabelledFiles, labelled_files
+from featx.finetune.runlog import plural, write_json
 from featx.progress import ProgressFn, no_progress
 from featx.sampling import per_class_subset, stratified_split
 
@@ -63,6 +64,137 @@ class CompareResult:
     out: Path
     config: dict
     files: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the report must say besides the numbers
+
+
+def settle_sizes(sizes: list[int | None], labels: np.ndarray, classes: list[str]) -> tuple[list[int | None], list[str]]:
+    """The sizes worth a row, and notes on the ones the data cannot honour.
+
+    A size at or above the largest class takes every training image: it is
+    the 'all' row under another name, so it is measured once, as 'all' (or
+    dropped when 'all' is asked for too). A size above the smallest class is
+    kept, with a note naming the classes that contribute all they have.
+    """
+    counts = np.bincount(labels, minlength=len(classes))
+    largest = int(counts.max())
+    out: list[int | None] = []
+    notes: list[str] = []
+    for n in sizes:
+        if n is not None and n >= largest:
+            repeat = None in sizes or None in out
+            notes.append(f"--per-class {n}: no class has more than {largest} training images, so {n} per class "
+                         + ("is the 'all' row; skipped" if repeat else "means all of them; measured as 'all'"))
+            if not repeat:
+                out.append(None)
+            continue
+        if n is not None and n > counts.min():
+            short = [f"{c} ({k})" for c, k in zip(classes, counts, strict=True) if k < n]
+            notes.append(f"--per-class {n}: {plural(len(short), 'class', 'classes')} "
+                         f"{'has' if len(short) == 1 else 'have'} fewer training images and "
+                         f"{'contributes' if len(short) == 1 else 'contribute'} all of them: {', '.join(short)}")
+        out.append(n)
+    return sorted(set(out), key=lambda v: float("inf") if v is None else v), notes
+
+
+def _test_split(train, test, seed: int, test_per_class: int | None):
+    """(training files, test files, where the test files came from)."""
+    files = labelled_files(train)
+    if test is None:
+        tr, te = stratified_split(files.labels, 0.2, seed)
+        files, testf, source = files.subset(tr), files.subset(te), "20% of train, stratified"
+    else:
+        testf, source = labelled_files(test, classes=files.classes), "given"
+    if test_per_class is not None:
+        testf = testf.subset(per_class_subset(testf.labels, test_per_class, seed))
+    return files, testf, source
+
+
+@dataclass
+class _Frozen:
+    """Frozen embeddings of every image a size uses and of the test images, through the store."""
+
+    backbone: object  # the frozen Backbone
+    store: object  # EmbeddingStore
+    key_of: dict[str, str | None]  # training path -> content key (None: unreadable)
+    X_test: np.ndarray
+    y_test: np.ndarray
+    test_ok: list[int]  # indices of the readable test files
+    per_image: float | None  # seconds to embed one image, when measured
+    seconds: float
+    failed: list[tuple[str, str]]  # (path, reason) of unreadable files
+
+
+def _embed_frozen(card, files: LabelledFiles, testf: LabelledFiles, largest: int | None, seed: int,
+                  device: str, store, progress: ProgressFn) -> _Frozen:
+    from featx.backbones.export import make_wrapper
+    from featx.backbones.zoo import build
+    from featx.embed.runtime import Encoder
+    from featx.embed.store import EmbeddingStore
+    from featx.engines.local import embed_files
+    from featx.finetune import base_backbone
+    from featx.finetune.loop import torch_device
+
+    progress("backbone", 0, 0)
+    module, _, wsha = build(card)
+    bb = base_backbone(card, make_wrapper(module, card.preprocess), wsha, None)
+    del module
+    enc = Encoder(bb, device="cpu" if torch_device(device).type == "cpu" else "auto")
+    st = EmbeddingStore(bb, store)
+    used = files.subset(per_class_subset(files.labels, largest, seed))
+    t0 = time.perf_counter()
+    keys_tr, stats_tr = embed_files(used.paths, enc, st, progress=progress)
+    keys_te, stats_te = embed_files(testf.paths, enc, st, progress=progress)
+    seconds = time.perf_counter() - t0
+    # seconds per image when actually computed (a cached rerun would otherwise report ~0)
+    per_image = (stats_tr.seconds_embed / stats_tr.embedded) if stats_tr.embedded else None
+    if per_image is None:  # all cached: time a small batch to price what an uncached run costs
+        per_image = _time_embedding(used.paths[:32], enc)
+    ok_te = [i for i, k in enumerate(keys_te) if k is not None]
+    return _Frozen(bb, st, dict(zip(used.paths, keys_tr, strict=True)), st.get([keys_te[i] for i in ok_te]),
+                   testf.labels[ok_te], ok_te, per_image, seconds, stats_tr.failures + stats_te.failures)
+
+
+def _frozen_row(frozen: _Frozen, sub: LabelledFiles, seed: int) -> tuple[float, float, dict]:
+    """Logistic regression on the subset's cached embeddings: (accuracy, seconds, extra fields)."""
+    from featx.heads.fit import fit_head
+
+    t = time.perf_counter()
+    X = frozen.store.get([frozen.key_of[p] for p in sub.paths])
+    names = [sub.classes[c] for c in sub.labels]
+    counts = np.bincount(sub.labels, minlength=len(sub.classes))
+    pipe, rep = fit_head(X, names, head="logreg", C="auto" if counts.min() >= 2 else 1.0, seed=seed)
+    codes = np.array([sub.classes.index(c) for c in rep["classes"]])
+    acc = float((codes[pipe.predict_proba(frozen.X_test).argmax(1)] == frozen.y_test).mean())
+    secs = time.perf_counter() - t
+    per_image = frozen.per_image
+    extra = {"C": rep["C"], "fit_seconds": round(secs, 3),
+             "embed_seconds": round(per_image * len(sub), 3) if per_image else None}
+    if per_image:
+        secs += per_image * len(sub)  # the embeddings this method needs, at measured speed
+    return acc, secs, extra
+
+
+def _trained_row(method: str, sub: LabelledFiles, testf: LabelledFiles, frozen: _Frozen, run_dir: Path,
+                 cfg, device: str, store, keep_runs: bool, progress: ProgressFn) -> tuple[float, float, dict]:
+    """LP-FT or scratch on the subset, scored on the test files: (accuracy, seconds, extra fields)."""
+    from featx.finetune import finetune
+
+    t = time.perf_counter()
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    opts = {"lp_init": True} if method == "lpft" else {
+        "pretrained": False, "lp_init": False, "unfreeze": "all", "backbone_lr": cfg.lr}
+    r = finetune(sub, out=run_dir, config=cfg, device=device, store=store, export=False,
+                 progress=progress, **opts)
+    secs = time.perf_counter() - t
+    proba = r.predict_proba(testf.paths, device=device)[frozen.test_ok]
+    acc = float((proba.argmax(1) == frozen.y_test).mean())
+    extra = {"epochs": len(r.history), "train_seconds": round(secs, 3),
+             "final_train_loss": r.history[-1]["train_loss"] if r.history else None}
+    if not keep_runs:
+        for f in run_dir.glob("*.pt"):
+            f.unlink()
+    return acc, secs, extra
 
 
 def compare(train, test=None, *, out: str | os.PathLike = "report", per_class="5,20,100,all",
@@ -77,28 +209,19 @@ def compare(train, test=None, *, out: str | os.PathLike = "report", per_class="5
     ``test`` is a folder or (paths, labels); without it 20% of ``train`` is
     held out (stratified). ``test_per_class`` caps the test set for speed.
     Fine-tuning runs use no validation split and no early stopping, so every
-    method sees exactly the same images for the same number of epochs.
+    method sees exactly the same images for the same number of epochs. A
+    ``per_class`` size the data cannot honour (more than a class has) is
+    measured as 'all', skipped or marked, and ``CompareResult.notes`` says so.
+    Unreadable files are left out of every method and listed in the notes.
     """
-    from featx.backbones.zoo import build
-    from featx.embed.runtime import Encoder
-    from featx.embed.store import EmbeddingStore
-    from featx.engines.local import embed_files
-    from featx.finetune import FinetuneConfig, base_backbone, card_for, finetune
+    from featx.finetune import FinetuneConfig, card_for
     from featx.finetune.loop import torch_device
-    from featx.heads.fit import fit_head
 
     unknown = set(methods) - set(METHODS)
     if unknown or not methods:
         raise FeatXError(f"methods must be among {', '.join(METHODS)}, got {sorted(unknown) or methods}")
-    sizes = parse_per_class(per_class)
-    files = labelled_files(train)
-    if test is None:
-        tr, te = stratified_split(files.labels, 0.2, seed)
-        files, testf, test_source = files.subset(tr), files.subset(te), "20% of train, stratified"
-    else:
-        testf, test_source = labelled_files(test, classes=files.classes), "given"
-    if test_per_class is not None:
-        testf = testf.subset(per_class_subset(testf.labels, test_per_class, seed))
+    files, testf, test_source = _test_split(train, test, seed, test_per_class)
+    sizes, notes = settle_sizes(parse_per_class(per_class), files.labels, files.classes)
     torch_device(device)  # an impossible --device fails before any work
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,87 +230,44 @@ def compare(train, test=None, *, out: str | os.PathLike = "report", per_class="5
                          val_fraction=0.0, patience=None)
     card = card_for(cfg)
     cfg.validate(card)
-
-    # frozen embeddings of every image any size uses, through the store (cached)
-    progress("backbone", 0, 0)
-    module, _, wsha = build(card)
-    from featx.backbones.export import make_wrapper
-
-    bb = base_backbone(card, make_wrapper(module, card.preprocess), wsha, None)
-    del module
-    enc = Encoder(bb, device="cpu" if torch_device(device).type == "cpu" else "auto")
-    st = EmbeddingStore(bb, store)
-    largest = per_class_subset(files.labels, sizes[-1], seed)
-    used = files.subset(largest)
-    t0 = time.perf_counter()
-    keys_tr, stats_tr = embed_files(used.paths, enc, st, progress=progress)
-    keys_te, _ = embed_files(testf.paths, enc, st, progress=progress)
-    embed_s = time.perf_counter() - t0
-    # seconds per image when actually computed (a cached rerun would otherwise report ~0)
-    per_image = (stats_tr.seconds_embed / stats_tr.embedded) if stats_tr.embedded else None
-    if per_image is None:  # all cached: time a small batch to price what an uncached run costs
-        per_image = _time_embedding(used.paths[:32], enc)
-    ok_te = [i for i, k in enumerate(keys_te) if k is not None]
-    X_te = st.get([keys_te[i] for i in ok_te])
-    y_te = testf.labels[ok_te]
-    key_of = dict(zip(used.paths, keys_tr, strict=True))
-
+    frozen = _embed_frozen(card, files, testf, sizes[-1], seed, device, store, progress)
+    if frozen.failed:
+        notes.append(f"{plural(len(frozen.failed), 'unreadable file')} left out of every method: "
+                     + "; ".join(f"{p} ({why})" for p, why in frozen.failed[:5])
+                     + (", ..." if len(frozen.failed) > 5 else ""))
     rows: list[dict] = []
     for n in sizes:
-        idx = per_class_subset(files.labels, n, seed)
-        sub = files.subset(idx)
+        sub = files.subset(per_class_subset(files.labels, n, seed))
+        sub = sub.subset([i for i, p in enumerate(sub.paths) if frozen.key_of.get(p) is not None])
         n_label = "all" if n is None else n
-        counts = np.bincount(sub.labels, minlength=len(files.classes))
         for method in methods:
             progress(f"{method} @ {n_label}/class", 0, 1)
-            t = time.perf_counter()
             if method == "frozen":
-                ok = [i for i, p in enumerate(sub.paths) if key_of.get(p) is not None]
-                X = st.get([key_of[sub.paths[i]] for i in ok])
-                names = [files.classes[sub.labels[i]] for i in ok]
-                C = "auto" if counts.min() >= 2 else 1.0
-                pipe, rep = fit_head(X, names, head="logreg", C=C, seed=seed)
-                proba = pipe.predict_proba(X_te)
-                codes = np.array([files.classes.index(c) for c in rep["classes"]])
-                pred = codes[proba.argmax(1)]
-                acc = float((pred == y_te).mean())
-                secs = time.perf_counter() - t
-                extra = {"C": rep["C"], "fit_seconds": round(secs, 3),
-                         "embed_seconds": round(per_image * len(sub), 3) if per_image else None}
-                if per_image:
-                    secs += per_image * len(sub)  # the embeddings this method needs, at measured speed
+                acc, secs, extra = _frozen_row(frozen, sub, seed)
             else:
-                run_dir = out / "runs" / f"{method}-{n_label}"
-                if run_dir.exists():
-                    shutil.rmtree(run_dir)
-                opts = {"lp_init": True} if method == "lpft" else {
-                    "pretrained": False, "lp_init": False, "unfreeze": "all", "backbone_lr": lr}
-                r = finetune(sub, out=run_dir, config=cfg, device=device, store=store, export=False,
-                             progress=progress, **opts)
-                secs = time.perf_counter() - t
-                proba = r.predict_proba(testf.paths, device=device)[ok_te]
-                acc = float((proba.argmax(1) == y_te).mean())
-                extra = {"epochs": len(r.history), "train_seconds": round(secs, 3),
-                         "final_train_loss": r.history[-1]["train_loss"] if r.history else None}
-                if not keep_runs:
-                    for f in run_dir.glob("*.pt"):
-                        f.unlink()
+                acc, secs, extra = _trained_row(method, sub, testf, frozen, out / "runs" / f"{method}-{n_label}",
+                                                cfg, device, store, keep_runs, progress)
             row = {"per_class": n_label, "train_images": len(sub), "method": method,
                    "accuracy": acc, "seconds": round(secs, 3), **extra}
             log.info("%s @ %s/class: accuracy %.4f in %.1f s", method, n_label, acc, secs)
             rows.append(row)
             progress(f"{method} @ {n_label}/class", 1, 1)
-            write_json(out / "compare.json", _report(rows, {}))  # partial results survive a kill
-    config = {"backbone": backbone, "fingerprint": bb.fingerprint, "input_size": card.preprocess.input_size,
-              "epochs": epochs, "unfreeze": unfreeze, "lr": lr, "backbone_lr": cfg.backbone_lr,
-              "crop_scale": crop_scale, "batch_size": batch_size, "seed": seed,
-              "device": str(torch_device(device)), "classes": files.classes,
-              "test_images": len(y_te), "test_source": test_source,
-              "embed_seconds_total": round(embed_s, 2),
-              "embed_seconds_per_image": round(per_image, 5) if per_image else None}
-    result = CompareResult(rows, out, config)
-    result.files = write_report(out, rows, config)
+            write_json(out / "compare.json", _report(rows, {}, notes))  # partial results survive a kill
+    config = _config(cfg, card, frozen, files.classes, test_source, str(torch_device(device)))
+    result = CompareResult(rows, out, config, notes=notes)
+    result.files = write_report(out, rows, config, notes)
     return result
+
+
+def _config(cfg, card, frozen: _Frozen, classes: list[str], test_source: str, device: str) -> dict:
+    """The settings and embedding costs a report states beside its rows."""
+    return {"backbone": cfg.backbone, "fingerprint": frozen.backbone.fingerprint,
+            "input_size": card.preprocess.input_size, "epochs": cfg.epochs, "unfreeze": cfg.unfreeze,
+            "lr": cfg.lr, "backbone_lr": cfg.backbone_lr, "crop_scale": cfg.crop_scale,
+            "batch_size": cfg.batch_size, "seed": cfg.seed, "device": device, "classes": classes,
+            "test_images": len(frozen.y_test), "test_source": test_source,
+            "embed_seconds_total": round(frozen.seconds, 2),
+            "embed_seconds_per_image": round(frozen.per_image, 5) if frozen.per_image else None}
 
 
 def _time_embedding(paths: list[str], enc) -> float | None:
@@ -204,37 +284,48 @@ def _time_embedding(paths: list[str], enc) -> float | None:
     return (time.perf_counter() - t) / len(pixels)
 
 
-def _report(rows: list[dict], config: dict) -> dict:
-    return {"config": config, "rows": rows}
+def _report(rows: list[dict], config: dict, notes: list[str]) -> dict:
+    return {"config": config, "rows": rows, "notes": notes}
 
 
-def write_report(out: Path, rows: list[dict], config: dict) -> dict:
+def write_report(out: Path, rows: list[dict], config: dict, notes: list[str] | None = None) -> dict:
     """compare.json, compare.md and learning_curve.png; returns their paths."""
-    write_json(out / "compare.json", _report(rows, config))
+    notes = notes or []
+    write_json(out / "compare.json", _report(rows, config, notes))
     sizes = list(dict.fromkeys(r["per_class"] for r in rows))
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     cell = {(r["per_class"], r["method"]): r for r in rows}
     lines = [
         "# featx compare", "",
-        f"Backbone `{config.get('backbone')}` at {config.get('input_size')} px, {config.get('epochs')} "
-        f"epochs for the trained methods, unfreeze {config.get('unfreeze')}, device {config.get('device')}; "
-        f"{config.get('test_images')} test images ({config.get('test_source')}).", "",
+        f"Backbone `{config.get('backbone')}` at {config.get('input_size')} px, "
+        f"{plural(config.get('epochs', 0), 'epoch')} for the trained methods, unfreeze {config.get('unfreeze')}, "
+        f"device {config.get('device')}; {plural(config.get('test_images', 0), 'test image')} "
+        f"({config.get('test_source')}).", "",
         "Accuracy on the test images (wall time in seconds):", "",
         "| images/class | train images | " + " | ".join(LABELS[m] for m in methods) + " |",
         "|---|---|" + "---|" * len(methods),
     ]
+    n_classes = len(config.get("classes", [])) or 1
+    short = False
     for s in sizes:
         n_img = next(r["train_images"] for r in rows if r["per_class"] == s)
         cells = []
         for m in methods:
             r = cell.get((s, m))
             cells.append(f"{r['accuracy']:.4f} ({r['seconds']:.1f} s)" if r else "-")
-        lines.append(f"| {s} | {n_img} | " + " | ".join(cells) + " |")
+        mark = s != "all" and n_img < s * n_classes  # some class has fewer images than asked
+        short = short or mark
+        lines.append(f"| {s}{'*' if mark else ''} | {n_img} | " + " | ".join(cells) + " |")
+    if short:
+        lines += ["", "\\* fewer training images than asked in some classes (see the notes)."]
     lines += ["", "Frozen wall time = fitting the head + embedding its training images at the measured "
               "speed (embeddings are cached, so a second head on the same images costs only the fit).",
               "Fine-tuning runs use no validation split and no early stopping: same images, same epochs "
-              "for LP-FT and scratch.", "", "![learning curve](learning_curve.png)", ""]
-    (out / "compare.md").write_text("\n".join(lines))
+              "for LP-FT and scratch."]
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    lines += ["", "![learning curve](learning_curve.png)", ""]
+    write_text(out / "compare.md", "\n".join(lines))
     png = plot_learning_curve(out, rows, max(1, len(config.get("classes", [])) or 1))
     return {"json": str(out / "compare.json"), "markdown": str(out / "compare.md"), "png": str(png)}
 
@@ -263,7 +354,8 @@ def plot_learning_curve(out: Path, rows: list[dict], n_classes: int) -> Path:
     fig.suptitle("featx compare: accuracy and cost vs training-set size")
     fig.tight_layout()
     p = out / "learning_curve.png"
-    fig.savefig(p, dpi=100)
+    with atomic_path(p) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return p
 

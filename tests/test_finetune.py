@@ -281,3 +281,46 @@ def test_resume_refuses_a_manifest_that_escapes_the_data_root(data, tmp_path):
     split_file.write_text(json.dumps(split))
     with pytest.raises(FeatXError, match="escapes the data root"):
         finetune(resume=tmp_path / "run", device="cpu", export=False)
+
+
+def test_a_card_block_that_is_not_in_the_architecture_is_named():
+    import dataclasses
+
+    from featx.finetune import check_blocks
+
+    card = dataclasses.replace(get_card("efficientnet_lite0"), blocks=[["conv_head"], ["blocks.99"]])
+    with pytest.raises(FeatXError, match=r"block 'blocks.99' is not in"):
+        check_blocks(card)
+
+
+def test_balanced_class_weights_are_sklearns():
+    from featx.finetune.data import class_weights
+
+    y = np.array([0, 0, 0, 1, 2, 2])
+    np.testing.assert_allclose(class_weights(y, 3), [6 / 9, 6 / 3, 6 / 6], rtol=1e-6)
+    with pytest.raises(FeatXError, match="no training image for 1 of the 3 classes"):
+        class_weights(np.array([0, 1, 1]), 3)
+
+
+def test_workers_is_a_deprecated_name_for_loader_workers(tmp_path):
+    (tmp_path / "d" / "a").mkdir(parents=True)
+    (tmp_path / "d" / "b").mkdir()
+    for c in "ab":
+        (tmp_path / "d" / c / "x.jpg").write_bytes(b"")
+    with pytest.warns(DeprecationWarning, match="loader_workers"), pytest.raises(FeatXError, match="no usable"):
+        finetune(tmp_path / "d", out=tmp_path / "r", workers=2, device="cpu")
+
+
+def test_patience_checks_its_value(data, tmp_path):
+    with pytest.raises(FeatXError, match="patience must be >= 0"):
+        finetune(data, out=tmp_path / "r", patience=-1, device="cpu", **TINY)
+    with pytest.raises(FeatXError, match=r"epochs must be int, got 2\.5"):
+        finetune(data, out=tmp_path / "r", device="cpu", **dict(TINY, epochs=2.5))
+
+
+def test_config_takes_a_path_to_weights():
+    from pathlib import Path
+
+    cfg = FinetuneConfig(weights=Path("/ckpt/model.pth"))
+    cfg.validate_types()  # the type check that guards config.json also accepts a Path given in Python
+    assert cfg.weights == "/ckpt/model.pth"

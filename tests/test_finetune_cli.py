@@ -129,3 +129,19 @@ def test_sigkill_mid_training_then_resume(data, tmp_path, featx_home):
         assert a["train_loss"] == b["train_loss"]
     assert json.loads(status.read_text())["state"] == "done"
     assert (run / "backbone" / "model.onnx").is_file() and (run / "head.joblib").is_file()
+
+
+def test_workers_is_a_deprecated_name_for_loader_workers(tmp_path):
+    bad = tmp_path / "bad"
+    for c in ("a", "b"):
+        (bad / c).mkdir(parents=True)
+        (bad / c / "x.jpg").write_bytes(b"")
+    r = CliRunner().invoke(main, ["finetune", str(bad), "--workers", "2", "--out", str(tmp_path / "r"),
+                                  "--device", "cpu"])
+    assert "--workers is deprecated for finetune" in r.stderr and "use --loader-workers" in r.stderr
+    assert r.exit_code == 1 and "no usable training image" in r.stderr  # the run itself went on to its checks
+    r = CliRunner().invoke(main, ["finetune", str(bad), "--loader-workers", "2", "--out", str(tmp_path / "r"),
+                                  "--device", "cpu"])
+    assert r.exit_code == 1 and "--workers is deprecated" not in r.stderr
+    r = CliRunner().invoke(main, ["finetune", str(bad), "--root", str(bad)])
+    assert r.exit_code == 2 and "--root finds the data of a run that moved" in r.output

@@ -114,15 +114,22 @@ def _quiet(f):
               help="Update BatchNorm statistics in the trained blocks (default: only from scratch; "
                    "batch statistics of small augmented batches undo the LP init).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--workers", type=click.IntRange(0, 256), default=None,
-              help="Data loader processes (default: 0 on CPU, up to 8 on CUDA).")
+@click.option("--loader-workers", type=click.IntRange(0, 256), default=None,
+              help="DataLoader processes that decode and augment training batches "
+                   "(default: 0 on CPU, up to 8 on CUDA).")
+@click.option("--workers", "old_workers", type=click.IntRange(0, 256), default=None, hidden=True,
+              help="Deprecated name of --loader-workers.")
+@click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="With --resume: where the run's data folder is now, if it moved (its files must "
+                   "still match the run's).")
 @device_option
 @store_option
 @_quiet
 @json_option
 def finetune_cmd(train, val, out, resume, backbone, weights, unfreeze, epochs, lr, backbone_lr,
                  batch_size, weight_decay, warmup_epochs, label_smoothing, class_weight, patience,
-                 val_fraction, no_lp_init, lp_C, input_size, crop_scale, bn_stats, seed, workers, device, store, quiet, as_json):
+                 val_fraction, no_lp_init, lp_C, input_size, crop_scale, bn_stats, seed, loader_workers,
+                 old_workers, root, device, store, quiet, as_json):
     """Fine-tune a backbone on TRAIN (ImageFolder layout) and export it back to ONNX.
 
     LP-FT: a logistic-regression head fitted on cached embeddings starts the new
@@ -131,60 +138,98 @@ def finetune_cmd(train, val, out, resume, backbone, weights, unfreeze, epochs, l
     (`featx predict RUN IMAGES`).
     """
     from featx.finetune import FinetuneInterrupted, finetune
+    from featx.finetune.runlog import plural
 
     if resume is None and train is None:
         raise click.UsageError("give TRAIN (a folder of class folders), or --resume RUN_DIR")
     if resume is not None and out is not None and out.resolve() != resume.resolve():
         raise click.UsageError("--out and --resume name different directories; --resume continues "
                                "the run in place")
-    if lp_C != "auto":
-        try:
-            lp_C = float(lp_C)
-        except ValueError:
-            raise click.BadParameter(f"{lp_C!r} is neither 'auto' nor a number", param_hint="--lp-C") from None
-        if not lp_C > 0:
-            raise click.BadParameter(f"must be > 0, got {lp_C}", param_hint="--lp-C")
+    if root is not None and resume is None:
+        raise click.UsageError("--root finds the data of a run that moved; it goes with --resume RUN_DIR")
+    if old_workers is not None:
+        click.echo("warning: --workers is deprecated for finetune, where it sets DataLoader processes "
+                   "(in extract and predict it means decoding threads); use --loader-workers", err=True)
+        loader_workers = old_workers if loader_workers is None else loader_workers
+    lp_C = _lp_C(lp_C)
     if resume is not None:
-        ctx = click.get_current_context()
-        given = [n for n in _RUN_OPTIONS
-                 if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT)]
-        if set(given) - {"epochs"}:
-            flags = ", ".join("--" + n.replace("_", "-") for n in given if n != "epochs")
-            raise click.UsageError(f"--resume continues a run with its saved options; {flags} cannot "
-                                   "change (only --epochs can, to extend the run)")
-    options = ({"epochs": epochs} if "epochs" in given else {}) if resume is not None else dict(
-        backbone=backbone, weights=weights, unfreeze=unfreeze, epochs=epochs,
-        lr=lr, backbone_lr=backbone_lr, batch_size=batch_size, weight_decay=weight_decay,
-        warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
-        class_weight=None if class_weight == "none" else class_weight,
-        patience=patience or None, val_fraction=val_fraction, lp_init=not no_lp_init, lp_C=lp_C,
-        input_size=input_size, crop_scale=crop_scale, bn_stats=bn_stats, seed=seed)
+        options = _resume_options(click.get_current_context(), epochs)
+    else:
+        options = dict(
+            backbone=backbone, weights=weights, unfreeze=unfreeze, epochs=epochs,
+            lr=lr, backbone_lr=backbone_lr, batch_size=batch_size, weight_decay=weight_decay,
+            warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
+            class_weight=None if class_weight == "none" else class_weight,
+            patience=patience, val_fraction=val_fraction, lp_init=not no_lp_init, lp_C=lp_C,
+            input_size=input_size, crop_scale=crop_scale, bn_stats=bn_stats, seed=seed)
     p = EpochProgress(quiet)
     try:
-        r = finetune(train, val=val, out=out, resume=resume, device=device, workers=workers,
-                     store=store, progress=p, on_epoch=p.epoch_done, **options)
+        r = finetune(train, val=val, out=out, resume=resume, root=root, device=device,
+                     loader_workers=loader_workers, store=store, progress=p, on_epoch=p.epoch_done, **options)
     except FinetuneInterrupted as e:
         p.close()
-        cmd = f"featx finetune --resume {e.run_dir}"
-        click.echo(f"\ninterrupted: {e.run_dir} holds {e.epoch} completed epoch(s); continue with: "
-                   f"{cmd}", err=True)
+        click.echo(f"\ninterrupted: {e.run_dir} holds {plural(e.epoch, 'completed epoch')}; continue with: "
+                   f"featx finetune --resume {e.run_dir}", err=True)
         sys.exit(130)
     finally:
         p.close()
-    s = r.summary
+    emit(r.summary.to_dict(), as_json, _finetune_lines(r.summary, device))
+
+
+def _lp_C(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        c = float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither 'auto' nor a number", param_hint="--lp-C") from None
+    if not c > 0:
+        raise click.BadParameter(f"must be > 0, got {c}", param_hint="--lp-C")
+    return c
+
+
+def _resume_options(ctx: click.Context, epochs: int) -> dict:
+    """With --resume only --epochs may be given (to extend the run); any other run option is refused."""
+    given = [n for n in _RUN_OPTIONS if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT)]
+    if set(given) - {"epochs"}:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given if n != "epochs")
+        raise click.UsageError(f"--resume continues a run with its saved options; {flags} cannot "
+                               "change (only --epochs can, to extend the run)")
+    return {"epochs": epochs} if "epochs" in given else {}
+
+
+#: how many skipped files the terminal shows (summary.json lists them all)
+SHOW_SKIPPED = 5
+
+
+def _finetune_lines(s, device: str) -> list[str]:
+    from featx.finetune.runlog import plural
+
     best = s["best_val_acc"]
     lines = [
         f"device: {s['device']} (asked: {device})",
-        f"{s['epochs_trained']} epoch(s) on {s['train_images']} images, {len(s['classes'])} classes"
+        f"{plural(s['epochs_trained'], 'epoch')} on {plural(s['train_images'], 'image')}, "
+        f"{plural(len(s['classes']), 'class', 'classes')}"
         + (" (stopped early)" if s["stopped_early"] else "")
         + (f"; best epoch {s['best_epoch']}, val accuracy {best:.4f}"
            if best is not None and not math.isnan(best) else ""),
+        f"validation: {plural(s['val_images'], 'image')} ({s['val_source']})",
+    ]
+    skipped = s["skipped"]
+    if skipped:
+        lines.append(f"skipped {plural(len(skipped), 'unreadable file')} (all listed in "
+                     f"{s['run_dir']}/summary.json):")
+        lines += [f"  {d['path']}: {d['reason']}" for d in skipped[:SHOW_SKIPPED]]
+        if len(skipped) > SHOW_SKIPPED:
+            lines.append(f"  ... and {len(skipped) - SHOW_SKIPPED} more")
+    lines += [
         f"run: {s['run_dir']}  ({s['seconds']} s)",
         f"backbone: {s['run_dir']}/backbone (fingerprint {s['fingerprint']})",
         f"head: {s['head']}   curve: {s['run_dir']}/curve.png",
         f"next: featx predict {s['run_dir']} IMAGES   |   featx extract DIR --backbone {s['run_dir']}",
     ]
-    emit(s, as_json, lines)
+    return lines
+
 
 @click.command("compare")
 @click.argument("train", type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -233,4 +278,4 @@ def compare_cmd(train, test, per_class, methods, out, backbone, epochs, unfreeze
         p.close()
     lines = [(out / "compare.md").read_text().split("\n\n![")[0], "",
              f"table: {r.files['markdown']}  json: {r.files['json']}  plot: {r.files['png']}"]
-    emit({"config": r.config, "rows": r.rows, "files": r.files}, as_json, lines)
+    emit({"config": r.config, "rows": r.rows, "notes": r.notes, "files": r.files}, as_json, lines)

@@ -20,8 +20,15 @@ A run directory holds everything::
 from featx.finetune.config import FinetuneConfig, card_for, check_blocks, default_run_dir
 from featx.finetune.export import export_network_classifier, linear_as_logreg, predict_files
 from featx.finetune.lp import InitialNetwork, base_backbone, fold_head, init_network
-from featx.finetune.run import FinetuneInterrupted, FinetuneResult, arrays_as_files, finetune
+from featx.finetune.run import (
+           FinetuneInterrupted,
+           FinetuneResult,
+           RunSummary,
+           arrays_as_files,
+           finetune,
+)
 
-__all__ = ["FinetuneConfig", "FinetuneInterrupted", "FinetuneResult", "InitialNetwork", "arrays_as_files",
+__all__ = ["FinetuneConfig", "FinetuneInterrupted", "FinetuneResult", "InitialNetwork", "RunSummary",
+           "arrays_as_files",
            "base_backbone", "card_for", "check_blocks", "default_run_dir", "export_network_classifier",
            "finetune", "fold_head", "init_network", "linear_as_logreg", "predict_files"]

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from featx.backbones.cards import DEFAULT_BACKBONE, BackboneCard, get_card
 from featx.errors import FeatXError
 
-FINETUNE_FORMAT = 1
+FINETUNE_FORMAT = 2  # 2: split.json records each file's content key
 
 
 @dataclass
@@ -28,7 +32,7 @@ class FinetuneConfig:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     class_weight: str | None = "balanced"
-    patience: int | None = 3  # epochs without val improvement before stopping; None: never
+    patience: int | None = 3  # epochs without val improvement before stopping; 0 or None: never
     val_fraction: float = 0.1
     lp_init: bool = True
     lp_C: float | str = "auto"
@@ -38,13 +42,46 @@ class FinetuneConfig:
     bn_stats: bool | None = None  # update BatchNorm statistics of trained blocks; None: only from scratch
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if isinstance(self.weights, os.PathLike):  # a Path to a checkpoint is as good as its string
+            self.weights = os.fspath(self.weights)
+
+    @classmethod
+    def from_dict(cls, d, source: str = "config.json") -> FinetuneConfig:
+        """A config read back from a run's ``config.json``; anything malformed is a FeatXError naming it."""
+        if not isinstance(d, dict):
+            raise FeatXError(f"{source}: 'config' is not an object; the run's config was damaged or edited")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise FeatXError(f"{source}: unknown options {unknown} (edited, or written by a newer featx)")
+        cfg = cls(**d)
+        try:
+            cfg.validate_types()
+        except FeatXError as e:
+            raise FeatXError(f"{source}: {e}; the run's config was damaged or edited") from None
+        return cfg
+
+    def validate_types(self) -> None:
+        """Each option has the type its annotation names (``int | str``, ``float | None``, ...)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            allowed = [t.strip() for t in str(f.type).split("|")]
+            if not any(_is_a(value, t) for t in allowed):
+                raise FeatXError(f"{f.name} must be {' or '.join(allowed)}, got {value!r}")
+
     def validate(self, card: BackboneCard) -> None:
         from featx.finetune.loop import resolve_unfreeze
 
+        self.validate_types()
         resolve_unfreeze(card, self.unfreeze)
         for name in ("epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise FeatXError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.patience is not None and self.patience < 0:
+            raise FeatXError(f"patience must be >= 0 (0: never stop early), got {self.patience}")
+        if isinstance(self.lp_C, str) and self.lp_C != "auto":
+            raise FeatXError(f"lp_C must be 'auto' or a number, got {self.lp_C!r}")
         if not self.lr > 0 or (self.backbone_lr is not None and not self.backbone_lr >= 0):
             raise FeatXError(f"learning rates must be > 0, got lr={self.lr}, backbone_lr={self.backbone_lr}")
         if not 0 <= self.val_fraction < 1:
@@ -58,6 +95,22 @@ class FinetuneConfig:
         if self.lp_init and not self.pretrained:
             raise FeatXError("LP init needs pretrained weights; pass lp_init=False to train from scratch")
 
+
+def _is_a(value, type_name: str) -> bool:
+    """Whether ``value`` fits one name of a field annotation; numpy numbers count, bools are not numbers."""
+    if type_name == "None":
+        return value is None
+    if type_name == "bool":
+        return isinstance(value, (bool, np.bool_))
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if type_name == "int":
+        return isinstance(value, numbers.Integral)
+    if type_name == "float":
+        return isinstance(value, numbers.Real) and math.isfinite(value)
+    if type_name == "str":
+        return isinstance(value, str)
+    raise AssertionError(f"FinetuneConfig: no type check for {type_name!r}")  # a new field type: add it here
 
 
 def card_for(cfg: FinetuneConfig) -> BackboneCard:
@@ -78,15 +131,12 @@ def card_for(cfg: FinetuneConfig) -> BackboneCard:
 def check_blocks(card: BackboneCard) -> None:
     """Raise if a card names a block its architecture does not have (random init, no weights)."""
     from featx.backbones.zoo import _instantiate
-    from featx.finetune.loop import _sub
+    from featx.finetune.loop import card_block
 
     model = _instantiate(card)
     for block in card.blocks:
         for path in block:
-            try:
-                _sub(model, path)
-            except (AttributeError, IndexError):
-                raise FeatXError(f"card {card.name}: block {path!r} is not in {card.arch}") from None
+            card_block(model, card, path)
 
 
 def default_run_dir(base: str | os.PathLike = "runs") -> Path:

@@ -11,56 +11,101 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from featx.backbones.cards import Preprocess
-from featx.embed.images import decode, read_bytes, resize_crop
+from featx.embed.images import content_key, decode, read_bytes, resize_crop
 from featx.embed.scan import scan
 from featx.errors import FeatXError, ImageError
+from featx.progress import ProgressFn, no_progress
 
 # RandomResizedCrop's usual ranges (torchvision/timm defaults)
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 
 
+#: (path, reason) of a file left out of a run because it cannot be read or decoded
+Skipped = tuple[str, str]
+
+
 @dataclass
 class LabelledFiles:
-    """Absolute file paths with integer labels into ``classes``."""
+    """Absolute file paths with integer labels into ``classes``.
+
+    ``keys`` are the files' content keys (``featx.embed.images.content_key``) once
+    ``check_files`` has read them: a resumed run uses them to prove that its data
+    did not move or change. ``skipped`` lists what the folder scan left out
+    (symlink loops, ...) as ``(path, reason)``; a subset does not carry it.
+    """
 
     paths: list[str]
     labels: np.ndarray
     classes: list[str]
+    keys: list[str] | None = None
+    skipped: list[Skipped] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def subset(self, idx) -> LabelledFiles:
         idx = np.asarray(idx, dtype=np.int64)
-        return LabelledFiles([self.paths[i] for i in idx], self.labels[idx], self.classes)
+        keys = None if self.keys is None else [self.keys[i] for i in idx]
+        return LabelledFiles([self.paths[i] for i in idx], self.labels[idx], self.classes, keys)
+
+    @property
+    def root(self) -> str:
+        """The deepest folder holding every file."""
+        return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in self.paths]) if self.paths else ""
 
     def to_dict(self) -> dict:
         """Paths relative to their common root, so a manifest cannot point outside it."""
-        root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in self.paths]) if self.paths else ""
+        root = self.root
         rel = [os.path.relpath(os.path.abspath(p), root) for p in self.paths]
-        return {"root": root, "paths": rel, "labels": self.labels.tolist(), "classes": self.classes}
+        d = {"root": root, "paths": rel, "labels": self.labels.tolist(), "classes": self.classes}
+        return d if self.keys is None else d | {"keys": list(self.keys)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> LabelledFiles:
-        """Inverse of to_dict; refuses a path that is absolute or climbs out of the root."""
-        root = d.get("root")
-        if root is None:
-            raise FeatXError("this run's split.json has no data root (made by an older featx); "
+    def from_dict(cls, d: dict, root: str | os.PathLike | None = None, source: str = "split.json") -> LabelledFiles:
+        """Inverse of to_dict, under ``root`` when given (data that moved); refuses anything malformed.
+
+        A path that is absolute or climbs out of the root is refused, so a
+        manifest cannot make a run read files outside its data folder.
+        """
+        if not isinstance(d, dict) or d.get("root") is None:
+            raise FeatXError(f"{source} has no data root (made by an older featx, or edited); "
                              "start a new run")
-        paths = []
-        for p in d["paths"]:
+        root = os.fspath(root) if root is not None else d["root"]
+        paths, labels, classes, keys = (d.get("paths"), d.get("labels"), d.get("classes"), d.get("keys"))
+        if not (_str_list(paths) and _str_list(classes) and isinstance(labels, list) and isinstance(root, str)
+                and len(labels) == len(paths) and len(classes) >= 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(classes) for v in labels)
+                and (keys is None or (_str_list(keys) and len(keys) == len(paths)))):
+            raise FeatXError(f"{source} is damaged (paths, labels, classes or keys are not what featx wrote); "
+                             "restore it from a backup or start a new run")
+        out = []
+        for p in paths:
             if os.path.isabs(p) or ".." in Path(p).parts:
-                raise FeatXError(f"split.json: path {p!r} escapes the data root {root}; refusing to "
+                raise FeatXError(f"{source}: path {p!r} escapes the data root {root}; refusing to "
                                  "resume from a manifest that was edited or not written by featx")
-            paths.append(os.path.join(root, p))
-        return cls(paths, np.asarray(d["labels"], dtype=np.int64), list(d["classes"]))
+            out.append(os.path.join(root, p))
+        return cls(out, np.asarray(labels, dtype=np.int64), list(classes), keys)
+
+
+@dataclass
+class RunData:
+    """The files a run trains and validates on, settled before any training."""
+
+    train: LabelledFiles
+    val: LabelledFiles | None
+    val_source: str
+    skipped: list[Skipped] = field(default_factory=list)  # files left out, (path, reason)
+
+
+def _str_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(s, str) for s in v)
 
 
 def labelled_files(data, classes: list[str] | None = None) -> LabelledFiles:
@@ -81,6 +126,7 @@ def labelled_files(data, classes: list[str] | None = None) -> LabelledFiles:
         root = Path(data)
         paths = [str(root / it.path) for it in found.items]
         names = [it.label for it in found.items]
+        skipped = [(str(root / p), why) for p, why in found.skipped]
     else:
         try:
             paths, names = data
@@ -88,6 +134,7 @@ def labelled_files(data, classes: list[str] | None = None) -> LabelledFiles:
             raise FeatXError("training data must be a folder or a (paths, labels) pair") from None
         paths = [os.fspath(p) for p in paths]
         names = [str(n) for n in names]
+        skipped = []
         if len(paths) != len(names):
             raise FeatXError(f"{len(paths)} paths but {len(names)} labels")
     if classes is None:
@@ -98,14 +145,88 @@ def labelled_files(data, classes: list[str] | None = None) -> LabelledFiles:
         raise FeatXError(f"labels {unknown[:5]} are not among the training classes {classes}")
     if len(classes) < 2:
         raise FeatXError(f"need at least 2 classes to train a classifier, found {classes}")
-    return LabelledFiles(paths, np.array([index[n] for n in names], dtype=np.int64), list(classes))
+    return LabelledFiles(paths, np.array([index[n] for n in names], dtype=np.int64), list(classes),
+                         skipped=skipped)
+
+
+def check_files(files: LabelledFiles, pre: Preprocess, threads: int | None = None,
+                progress: ProgressFn = no_progress) -> tuple[LabelledFiles, list[Skipped]]:
+    """Read and decode every file once, as training will; the readable ones with their content keys.
+
+    Returns the usable files (``keys`` filled in) and ``(path, reason)`` for the
+    others, so a run knows before its first step how many images it really has
+    and can say which ones it leaves out. Decoding uses the training draft size:
+    what passes here decodes the same way in every epoch.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def check(path: str) -> tuple[str | None, str | None]:
+        try:
+            data = read_bytes(path)
+            decode(data, path, draft_size=pre.resize_size)
+            return content_key(data), None
+        except ImageError as e:
+            return None, e.reason
+
+    keys: list[str | None] = []
+    skipped: list[Skipped] = []
+    progress("check", 0, len(files))
+    with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1, thread_name_prefix="featx-check") as pool:
+        for i, (key, why) in enumerate(pool.map(check, files.paths)):
+            keys.append(key)
+            if why is not None:
+                skipped.append((files.paths[i], why))
+            if (i + 1) % 256 == 0 or i + 1 == len(files):
+                progress("check", i + 1, len(files))
+    ok = [i for i, k in enumerate(keys) if k is not None]
+    usable = files.subset(ok)
+    usable.keys = [keys[i] for i in ok]
+    return usable, skipped
+
+
+def changed_files(files: LabelledFiles, threads: int | None = None,
+                  progress: ProgressFn = no_progress) -> list[Skipped]:
+    """``(path, 'missing' | 'changed' | reason)`` for every file whose bytes differ from its recorded key."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if files.keys is None:
+        return []
+
+    def problem(i: int) -> Skipped | None:
+        path = files.paths[i]
+        if not os.path.lexists(path):
+            return (path, "missing")
+        try:
+            key = content_key(read_bytes(path))
+        except ImageError as e:
+            return (path, e.reason)
+        return None if key == files.keys[i] else (path, "changed")
+
+    out: list[Skipped] = []
+    progress("verify", 0, len(files))
+    with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1, thread_name_prefix="featx-check") as pool:
+        for i, p in enumerate(pool.map(problem, range(len(files)))):
+            if p is not None:
+                out.append(p)
+            if (i + 1) % 256 == 0 or i + 1 == len(files):
+                progress("verify", i + 1, len(files))
+    return out
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """'balanced' weights n / (k * count_c): rare classes count as much as common ones."""
-    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    w = len(labels) / (n_classes * np.maximum(counts, 1))
-    return w.astype(np.float32)
+    """'balanced' weights n / (k * count_c): rare classes count as much as common ones.
+
+    sklearn's ``compute_class_weight`` refuses a class without examples; every
+    class has training images here (``labelled_files`` takes the classes from the
+    labels, and the validation split keeps one image of each class for training).
+    """
+    from sklearn.utils.class_weight import compute_class_weight
+
+    present = np.unique(labels)
+    if len(present) != n_classes:
+        raise FeatXError(f"no training image for {n_classes - len(present)} of the {n_classes} classes; "
+                         "every class needs at least one")
+    return compute_class_weight("balanced", classes=np.arange(n_classes), y=labels).astype(np.float32)
 
 
 def random_box(w: int, h: int, rng: np.random.Generator,

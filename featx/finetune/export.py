@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from featx.atomic import atomic_path
 from featx.backbones.artifact import Backbone, load_export
 from featx.backbones.cards import BackboneCard, Preprocess
 from featx.errors import FeatXError
@@ -83,17 +83,15 @@ def export_network_classifier(net, pre: Preprocess, classes: list[str], run_dir:
 
     model = torch.nn.Sequential(net, torch.nn.Softmax(dim=1)).eval()
     dest = run_dir / "classifier.onnx"
-    tmp = run_dir / ".classifier.onnx.tmp"
-    export_module(model, pre, tmp, output_name="probabilities")
-    x = parity_images(pre)
-    with torch.no_grad():
-        ref = model(torch.from_numpy(x)).numpy()
-    got = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"]).run(None, {"pixels": x})[0]
-    diff = float(np.abs(got - ref).max())
-    if diff > 1e-4:
-        tmp.unlink(missing_ok=True)
-        raise FeatXError(f"classifier.onnx disagrees with torch (max prob diff {diff:.3g})")
-    os.replace(tmp, dest)
+    with atomic_path(dest) as tmp:  # published only if the parity check passes
+        export_module(model, pre, tmp, output_name="probabilities")
+        x = parity_images(pre)
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        got = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"]).run(None, {"pixels": x})[0]
+        diff = float(np.abs(got - ref).max())
+        if diff > 1e-4:
+            raise FeatXError(f"classifier.onnx disagrees with torch (max prob diff {diff:.3g})")
     write_json(run_dir / "classifier.json", {"classes": classes, "preprocess": pre.to_dict(),
                                               "input": {"name": "pixels", "dtype": "uint8", "layout": "NHWC"},
                                               "output": "probabilities", "backbone_fingerprint": fingerprint,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featx.atomic import atomic_path
 from featx.backbones.cards import BackboneCard
 from featx.devices import choose_device
 from featx.errors import FeatXError, require
@@ -63,10 +63,12 @@ def resolve_unfreeze(card: BackboneCard, unfreeze: int | str) -> int | None:
     return k
 
 
-def _sub(module: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        module = module[int(part)] if part.isdigit() else getattr(module, part)
-    return module
+def card_block(model: nn.Module, card: BackboneCard, path: str) -> nn.Module:
+    """The submodule a card's block path names (``blocks.6``), or a FeatXError naming the card."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise FeatXError(f"card {card.name}: block {path!r} is not in {card.arch}") from None
 
 
 def trainable_modules(net: FineTuneNet, card: BackboneCard, k: int | None) -> list[nn.Module]:
@@ -74,14 +76,7 @@ def trainable_modules(net: FineTuneNet, card: BackboneCard, k: int | None) -> li
     backbone = net.features.backbone
     if k is None:
         return [backbone]
-    mods = []
-    for block in card.blocks[:k]:
-        for path in block:
-            try:
-                mods.append(_sub(backbone, path))
-            except (AttributeError, IndexError):
-                raise FeatXError(f"card {card.name}: block {path!r} is not in {card.arch}") from None
-    return mods
+    return [card_block(backbone, card, path) for block in card.blocks[:k] for path in block]
 
 
 def set_trainable(net: FineTuneNet, card: BackboneCard, k: int | None) -> int:
@@ -256,14 +251,71 @@ def seed_everything(seed: int) -> None:
 
 def atomic_save(obj, path: Path) -> None:
     """torch.save to a temporary name, then rename: a kill never leaves half a checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_checkpoint(path: Path) -> dict:
     try:
         # weights_only: a run directory from elsewhere must not be able to run code on --resume
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise FeatXError(f"{path}: unreadable checkpoint ({e})") from None
+    except Exception as e:  # torch raises many kinds (pickle, zip, weights_only refusals): all mean damaged
+        raise FeatXError(f"{path}: unreadable checkpoint ({_first_line(e)}); it was damaged or not "
+                         "written by featx. Remove it to restart the run from epoch 1") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "epoch", "history", "best_epoch", "best_key",
+                   "bad_epochs")
+
+
+def check_checkpoint(ckpt, path: Path) -> dict:
+    """``ckpt`` if it has the shape of a featx last.pt; a FeatXError naming the file otherwise."""
+    def bad(what: str) -> FeatXError:
+        return FeatXError(f"{path}: not a checkpoint this run can continue from ({what}); it was damaged "
+                          "or edited. Remove it to restart the run from epoch 1, or restore it")
+
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(ckpt, dict):
+        raise bad("not a dictionary")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise bad(f"no {', '.join(missing)}")
+    epoch, history = ckpt["epoch"], ckpt["history"]
+    if not (count(epoch) and count(ckpt["best_epoch"]) and count(ckpt["bad_epochs"])):
+        raise bad("epoch counters are not counts")
+    if not (isinstance(history, list) and len(history) == epoch and all(
+            isinstance(h, dict) and h.get("epoch") == i + 1 for i, h in enumerate(history))):
+        raise bad(f"its history does not list epochs 1..{epoch}")
+    best_key = ckpt["best_key"]
+    if best_key is not None and not (isinstance(best_key, list) and len(best_key) == 2
+                                     and all(isinstance(v, (int, float)) for v in best_key)):
+        raise bad("best_key is not a pair of numbers")
+    return ckpt
+
+
+def restore_checkpoint(ckpt: dict, path: Path, net: nn.Module, optimizer, scheduler) -> None:
+    """Load a checked last.pt into the network, optimiser, schedule and RNGs."""
+    try:
+        net.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+        raise FeatXError(f"{path}: the checkpoint does not fit this run ({_first_line(e)}); it was damaged "
+                         "or comes from another run. Remove it to restart the run from epoch 1") from None
+
+
+def load_weights(net: nn.Module, path: Path, dev: torch.device) -> None:
+    """best.pt into ``net``, or a FeatXError naming the file."""
+    try:
+        state = torch.load(path, map_location=dev, weights_only=True)
+        net.load_state_dict(state)
+    except Exception as e:  # as load_checkpoint: any failure here means a damaged or foreign file
+        raise FeatXError(f"{path}: the best weights cannot be loaded ({_first_line(e)}); the file was "
+                         "damaged or comes from another run") from None

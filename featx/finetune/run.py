@@ -1,35 +1,99 @@
-"""The training run: data and split, the epoch loop, checkpoints, resume, early stopping."""
+"""The training run: data and split, the epoch loop, checkpoints, resume, early stopping.
+
+``finetune`` settles a ``TrainJob`` (config, card, checked data, run directory,
+checkpoint to resume from), then ``_train`` runs it in small steps: build the
+network, build the optimiser and loaders, restore a checkpoint, run the epochs,
+export. Each step takes the job (and what the previous step built) instead of a
+long list of positional arguments.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from featx.backbones.artifact import Backbone
-from featx.backbones.cards import Preprocess
+from featx.backbones.cards import BackboneCard, Preprocess
 from featx.errors import FeatXError, require
 from featx.finetune.config import FINETUNE_FORMAT, FinetuneConfig, card_for, default_run_dir
-from featx.finetune.data import LabelledFiles, labelled_files
+from featx.finetune.data import LabelledFiles, RunData, Skipped, check_files, labelled_files
 from featx.finetune.export import export_run, predict_files
 from featx.finetune.lp import init_network
+from featx.finetune.resume import read_json, resume_job_parts, save_extended_config
 from featx.finetune.runlog import plot_curve, write_json, write_metrics
 from featx.progress import ProgressFn, no_progress
 from featx.sampling import stratified_split
 
 log = logging.getLogger(__name__)
 
+#: how many skipped files status.json lists (summary.json and split.json list them all)
+STATUS_SKIPPED = 20
+
+
+@dataclass(frozen=True)
+class RunSummary(Mapping):
+    """The outcome of a run, as written to ``summary.json``.
+
+    A typed record that also reads as a mapping (``summary["best_epoch"]``,
+    ``{**summary}``), since it is the JSON file's content.
+    """
+
+    run_dir: str
+    backbone: str
+    unfreeze: int | str
+    epochs_trained: int
+    epochs: int
+    best_epoch: int
+    best_val_acc: float | None
+    stopped_early: bool
+    lp_init: bool
+    lp_train_accuracy: float | None
+    device: str
+    train_images: int
+    val_images: int
+    val_source: str
+    classes: list[str]
+    trainable_parameters: int
+    seconds: float
+    fingerprint: str | None
+    head: str | None
+    skipped: list[dict] = field(default_factory=list)  # {"path", "reason"} of files left out
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._names():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    @classmethod
+    def _names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self._names()}
+
 
 @dataclass
 class FinetuneResult:
-    """What a run produced. ``net`` is the best network, on CPU, in eval mode."""
+    """What a run produced. ``net`` is the best network, on CPU, in eval mode.
+
+    ``skipped`` lists ``(path, reason)`` for every file the run left out
+    because it could not be read or decoded.
+    """
 
     run_dir: Path
     classes: list[str]
@@ -42,7 +106,8 @@ class FinetuneResult:
     lp_report: dict | None = None
     seconds: float = 0.0
     stopped_early: bool = False
-    summary: dict = field(default_factory=dict)
+    summary: RunSummary | None = None
+    skipped: list[Skipped] = field(default_factory=list)
 
     def predict_proba(self, paths: list[str], batch_size: int = 64, device: str = "cpu") -> np.ndarray:
         """Class probabilities of image files with the in-memory network (centre crop)."""
@@ -85,96 +150,157 @@ def arrays_as_files(data, root: Path):
     return paths, [str(v) for v in labels]
 
 
-def _prepare_data(data, val, cfg: FinetuneConfig) -> tuple[LabelledFiles, LabelledFiles | None, str]:
-    files = labelled_files(data)
+# ---- settling what to train ----------------------------------------------------------------
+
+@dataclass
+class TrainJob:
+    """A run ready to train: settled config, checked data, run directory, and how to run it."""
+
+    cfg: FinetuneConfig
+    card: BackboneCard
+    unfreeze: int | None  # card blocks to train; None: everything
+    data: RunData
+    run_dir: Path
+    dev: Any  # torch.device
+    device: str  # as asked: auto | cpu | cuda
+    loader_workers: int | None
+    store: str | os.PathLike | None
+    export: bool
+    progress: ProgressFn
+    on_epoch: Callable[[dict], None] | None
+    t_start: float
+    checkpoint: dict | None = None  # last.pt of a resumed run
+    resumed: bool = False
+    extended: bool = False  # a resumed run given more epochs
+
+
+def _skip_summary(skipped: list[Skipped], what: str) -> str:
+    shown = "; ".join(f"{p} ({why})" for p, why in skipped[:3])
+    return f"{len(skipped)} {what} file{'s' if len(skipped) != 1 else ''} cannot be used: {shown}" + (
+        ", ..." if len(skipped) > 3 else "")
+
+
+def _check(files: LabelledFiles, card: BackboneCard, what: str,
+           progress: ProgressFn) -> tuple[LabelledFiles, list[Skipped]]:
+    """The readable files of ``files``; a FeatXError when none (or no image of some class) is left."""
+    usable, bad = check_files(files, card.preprocess, progress=progress)
+    skipped = list(files.skipped) + bad
+    if not len(usable):
+        raise FeatXError(f"no usable {what} image: {_skip_summary(bad, what)}; fix or remove them "
+                         "before fine-tuning")
+    present, readable = set(files.labels.tolist()), set(usable.labels.tolist())
+    empty = [c for i, c in enumerate(files.classes) if i in present and i not in readable]
+    if empty and what == "training":  # every class must train; a validation set may lack one
+        raise FeatXError(f"no readable {what} image of class{'es' if len(empty) > 1 else ''} "
+                         f"{', '.join(empty)}: {_skip_summary(bad, what)}")
+    for p, why in bad:
+        log.warning("skipped %s: %s", p, why)
+    return usable, skipped
+
+
+def prepare_data(data, val, cfg: FinetuneConfig, card: BackboneCard,
+                 progress: ProgressFn = no_progress) -> RunData:
+    """Labelled files, unreadable ones left out and reported, then the validation split.
+
+    Raises a FeatXError before any training when no training image (or no
+    image of a class, or no given validation image) can be read.
+    """
+    files, skipped = _check(labelled_files(data), card, "training", progress)
     if val is not None:
-        return files, labelled_files(val, classes=files.classes), "given"
+        valf, val_skipped = _check(labelled_files(val, classes=files.classes), card, "validation", progress)
+        return RunData(files, valf, "given", skipped + val_skipped)
     if cfg.val_fraction <= 0:
-        return files, None, "none"
+        return RunData(files, None, "none", skipped)
     tr, va = stratified_split(files.labels, cfg.val_fraction, cfg.seed)
     if len(va) == 0:
-        return files, None, "none (too few images to carve a validation split)"
-    return files.subset(tr), files.subset(va), f"{cfg.val_fraction:.0%} of train, stratified"
+        log.warning("too few images to carve a %.0f%% validation split; training without validation",
+                    100 * cfg.val_fraction)
+        return RunData(files, None, "none (too few images to carve a validation split)", skipped)
+    return RunData(files.subset(tr), files.subset(va), f"{cfg.val_fraction:.0%} of train, stratified", skipped)
+
+
+def _new_job(data, val, out, config: FinetuneConfig | None, options: dict,
+             progress: ProgressFn) -> tuple[FinetuneConfig, BackboneCard, RunData, Path]:
+    if data is None:
+        raise FeatXError("no training data given (a folder or a (paths, labels) pair)")
+    known = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    if set(options) - known:
+        raise FeatXError(f"unknown fine-tuning options {sorted(set(options) - known)}; "
+                         f"expected FinetuneConfig fields: {', '.join(sorted(known))}")
+    cfg = dataclasses.replace(config or FinetuneConfig(), **options)
+    cfg.validate_types()
+    card = card_for(cfg)
+    cfg.validate(card)
+    run_dir = Path(out) if out is not None else default_run_dir()
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FeatXError(f"{run_dir} already exists and is not empty; pass another --out, or "
+                         f"--resume {run_dir} to continue that run")
+    data = arrays_as_files(data, run_dir / "images" / "train")
+    val = arrays_as_files(val, run_dir / "images" / "val")
+    return cfg, card, prepare_data(data, val, cfg, card, progress), run_dir
 
 
 def finetune(data=None, *, val=None, out: str | os.PathLike | None = None,
              config: FinetuneConfig | None = None, resume: str | os.PathLike | None = None,
-             device: str = "auto", workers: int | None = None, store: str | os.PathLike | None = None,
-             export: bool = True, progress: ProgressFn = no_progress,
-             on_epoch: Callable[[dict], None] | None = None, **options) -> FinetuneResult:
+             root: str | os.PathLike | None = None, device: str = "auto", loader_workers: int | None = None,
+             workers: int | None = None, store: str | os.PathLike | None = None, export: bool = True,
+             progress: ProgressFn = no_progress, on_epoch: Callable[[dict], None] | None = None,
+             **options) -> FinetuneResult:
     """Fine-tune a backbone card on labelled images; returns the run (and writes its directory).
 
-    ``data`` is a folder in ImageFolder layout or a ``(paths, labels)`` pair;
-    ``val`` likewise (default: a stratified ``val_fraction`` of ``data``).
-    Options are ``FinetuneConfig`` fields (``unfreeze=2, epochs=10, lr=1e-3, ...``).
-    ``resume=RUN_DIR`` continues an interrupted run from its last completed
-    epoch with its saved config and split (``data`` is then ignored, and the
-    only option allowed is ``epochs``: more epochs extend a run, even a
-    finished one, stretching the cosine schedule from the current step).
-    ``progress(stage, done, total)`` reports stages ``embed``, ``lp-init``,
-    ``epoch`` (batches), ``validate`` and ``export``; ``on_epoch(row)`` gets
-    each epoch's metrics. Ctrl-C raises ``FinetuneInterrupted`` (a
-    KeyboardInterrupt) after the run directory is left consistent.
+    Parameters
+    ----------
+    data, val
+        A folder in ImageFolder layout or a ``(paths, labels)`` pair (``val``
+        default: a stratified ``val_fraction`` of ``data``). Every file is read
+        and decoded once before training: unreadable ones are left out and
+        listed in ``FinetuneResult.skipped`` and ``summary.json``; no usable
+        training image, no usable image of some class, or a given ``val`` with
+        no usable image is a FeatXError before any training.
+    resume, root
+        ``resume=RUN_DIR`` continues an interrupted run from its last completed
+        epoch with its saved config and split (``data`` is then ignored, and the
+        only option allowed is ``epochs``: more epochs extend a run, even a
+        finished one, stretching the cosine schedule from the current step).
+        The data must be where the run found it, byte for byte; data that moved
+        is found with ``root=NEW_DIR`` (its files must still match).
+    loader_workers
+        DataLoader processes (default: 0 on CPU, up to 8 on CUDA). ``workers``
+        is its deprecated old name (elsewhere in featx, ``workers`` means
+        decoding threads).
+    options
+        ``FinetuneConfig`` fields (``unfreeze=2, epochs=10, lr=1e-3, ...``).
+    progress, on_epoch
+        ``progress(stage, done, total)`` reports stages ``check`` (decoding the
+        images once), ``verify`` (hashing them again on resume), ``embed``, ``lp-init``, ``epoch`` (batches), ``validate`` and
+        ``export``; ``on_epoch(row)`` gets each epoch's metrics.
+
+    Ctrl-C raises ``FinetuneInterrupted`` (a KeyboardInterrupt) after the run
+    directory is left consistent.
     """
     require("torch", "torch")
     from featx.finetune import loop as tl
 
+    if workers is not None:
+        warnings.warn("finetune(workers=) is deprecated: it sets DataLoader processes, which "
+                      "loader_workers= now names (workers means decoding threads elsewhere in featx)",
+                      DeprecationWarning, stacklevel=2)
+        loader_workers = workers if loader_workers is None else loader_workers
     t_start = time.perf_counter()
     dev = tl.torch_device(device)
-    extended = False
     if resume is not None:
-        run_dir = Path(resume)
-        if not (run_dir / "config.json").is_file():
-            raise FeatXError(f"--resume {run_dir}: not a featx fine-tuning run (no config.json)")
-        status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").is_file() else {}
-        if set(options) - {"epochs"}:
-            raise FeatXError(f"--resume {run_dir} continues the run with its saved options; only the "
-                             f"number of epochs can change (got {sorted(set(options) - {'epochs'})})")
-        saved = json.loads((run_dir / "config.json").read_text())
-        cfg = FinetuneConfig(**saved["config"])
-        split = json.loads((run_dir / "split.json").read_text())
-        train = LabelledFiles.from_dict(split["train"])
-        valf = LabelledFiles.from_dict(split["val"]) if split.get("val") else None
-        val_source = split.get("val_source", "")
-        ckpt = tl.load_checkpoint(run_dir / "last.pt") if (run_dir / "last.pt").is_file() else None
-        trained = ckpt["epoch"] if ckpt is not None else 0
-        epochs = options.get("epochs")
-        if epochs is not None and int(epochs) <= trained:
-            raise FeatXError(f"--resume {run_dir}: {trained} epoch(s) are already trained; "
-                             f"--epochs must be more than that to extend the run")
-        if epochs is not None and int(epochs) != cfg.epochs:
-            # the cosine schedule is stretched to the new length from the current step on
-            cfg = dataclasses.replace(cfg, epochs=int(epochs))
-            extended = True
-            write_json(run_dir / "config.json", dict(saved, config=dataclasses.asdict(cfg)))
-        elif status.get("state") == "done":
-            raise FeatXError(f"--resume {run_dir}: that run already finished ({trained} epochs); extend it "
-                             f"with --resume {run_dir} --epochs N (N > {trained}), or start a new run "
-                             "with another --out")
+        cfg, card, run_data, run_dir, ckpt, extended = resume_job_parts(Path(resume), options, root, progress)
     else:
-        if data is None:
-            raise FeatXError("no training data given (a folder or a (paths, labels) pair)")
-        known = {f.name for f in dataclasses.fields(FinetuneConfig)}
-        if set(options) - known:
-            raise FeatXError(f"unknown fine-tuning options {sorted(set(options) - known)}; "
-                             f"expected FinetuneConfig fields: {', '.join(sorted(known))}")
-        cfg = dataclasses.replace(config or FinetuneConfig(), **options)
-        run_dir = Path(out) if out is not None else default_run_dir()
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise FeatXError(f"{run_dir} already exists and is not empty; pass another --out, or "
-                             f"--resume {run_dir} to continue that run")
-        data = arrays_as_files(data, run_dir / "images" / "train")
-        val = arrays_as_files(val, run_dir / "images" / "val")
-        train, valf, val_source = _prepare_data(data, val, cfg)
-        ckpt = None
-    card = card_for(cfg)
-    cfg.validate(card)
-    k = tl.resolve_unfreeze(card, cfg.unfreeze)
+        if root is not None:
+            raise FeatXError("root= (--root) only applies with --resume, to find data that moved")
+        cfg, card, run_data, run_dir = _new_job(data, val, out, config, options, progress)
+        ckpt, extended = None, False
+    job = TrainJob(cfg, card, tl.resolve_unfreeze(card, cfg.unfreeze), run_data, run_dir, dev, device,
+                   loader_workers, store, export, progress, on_epoch, t_start, ckpt, resume is not None, extended)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_run(run_dir)
     try:
-        return _train(cfg, card, k, train, valf, val_source, run_dir, resume, ckpt, dev, device,
-                      workers, store, export, progress, on_epoch, t_start, extended)
+        return _train(job)
     finally:
         lock.release()
 
@@ -192,35 +318,92 @@ def _lock_run(run_dir: Path):
     return lock
 
 
-def _train(cfg, card, k, train, valf, val_source, run_dir, resume, ckpt, dev, device, workers, store,
-           export, progress, on_epoch, t_start, extended=False) -> FinetuneResult:
+# ---- training ------------------------------------------------------------------------------
+
+@dataclass
+class _Model:
+    """The network to train, and what building it found out."""
+
+    net: Any  # loop.FineTuneNet
+    weights_sha: str
+    lp_report: dict | None
+    n_trainable: int
+    bn_stats: bool
+
+
+@dataclass
+class _Trainer:
+    """Optimiser, schedule, losses and data for the epochs."""
+
+    optimizer: Any
+    scheduler: Any
+    loss_fn: Any
+    val_loss_fn: Any
+    train_ds: Any  # data.ImageDataset
+    val_loader: Any | None
+    workers: int
+    pin: bool
+    drop_last: bool
+
+
+@dataclass
+class _State:
+    """Where training stands: what a checkpoint saves besides the weights."""
+
+    start: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_key: list | None = None
+    bad: int = 0  # epochs since the best one
+    stopped_early: bool = False
+
+
+def _status(job: TrainJob, state: str, epoch: int, **extra) -> None:
+    skipped = job.data.skipped
+    write_json(job.run_dir / "status.json", {
+        "state": state, "epoch": epoch, "epochs": job.cfg.epochs, **extra,
+        **({"skipped": len(skipped), "skipped_files": [{"path": p, "reason": r} for p, r in
+                                                        skipped[:STATUS_SKIPPED]]} if skipped else {})})
+
+
+def _write_manifest(job: TrainJob) -> None:
+    """split.json (the exact files, with content keys) and config.json, before any training."""
+    d = job.data
+    write_json(job.run_dir / "split.json", {
+        "train": d.train.to_dict(), "val": d.val.to_dict() if d.val else None, "val_source": d.val_source,
+        "skipped": [{"path": p, "reason": r} for p, r in d.skipped]})
+    write_json(job.run_dir / "config.json", {"featx_finetune": FINETUNE_FORMAT,
+                                             "config": dataclasses.asdict(job.cfg),
+                                             "classes": d.train.classes, "card": job.card.to_dict()})
+
+
+def _build_model(job: TrainJob) -> _Model:
+    """The network (LP head fitted on a new run), its trainable blocks set, on the device."""
+    from featx.finetune import loop as tl
+
+    cfg, run_dir = job.cfg, job.run_dir
+    tl.seed_everything(cfg.seed)
+    init = init_network(cfg, job.data.train, store=job.store, device=job.device,
+                        lp=job.checkpoint is None and cfg.lp_init, progress=job.progress)
+    lp_report = init.lp_report
+    if lp_report is not None:
+        write_json(run_dir / "lp_head.json", lp_report)
+    elif (run_dir / "lp_head.json").is_file():
+        lp_report = read_json(run_dir / "lp_head.json", "the LP probe's report")
+    n_trainable = tl.set_trainable(init.net, job.card, job.unfreeze)
+    bn_stats = (not cfg.pretrained) if cfg.bn_stats is None else bool(cfg.bn_stats)
+    return _Model(tl.to_device(init.net, job.dev), init.weights_sha, lp_report, n_trainable, bn_stats)
+
+
+def _make_trainer(job: TrainJob, net) -> _Trainer:
     import torch
 
     from featx.finetune import loop as tl
     from featx.finetune.data import ImageDataset, class_weights, make_loader
 
-    classes = train.classes
-    if resume is None:
-        write_json(run_dir / "split.json", {"train": train.to_dict(),
-                                             "val": valf.to_dict() if valf else None,
-                                             "val_source": val_source})
-        write_json(run_dir / "config.json", {"featx_finetune": FINETUNE_FORMAT,
-                                              "config": dataclasses.asdict(cfg), "classes": classes,
-                                              "card": card.to_dict()})
-
-    tl.seed_everything(cfg.seed)
-    init = init_network(cfg, train, store=store, device=device, lp=ckpt is None and cfg.lp_init,
-                        progress=progress)
-    net, wsha, lp_report = init.net, init.weights_sha, init.lp_report
-    if lp_report is not None:
-        write_json(run_dir / "lp_head.json", lp_report)
-    elif (run_dir / "lp_head.json").is_file():
-        lp_report = json.loads((run_dir / "lp_head.json").read_text())
-    n_trainable = tl.set_trainable(net, card, k)
-    bn_stats = (not cfg.pretrained) if cfg.bn_stats is None else bool(cfg.bn_stats)
-    net = tl.to_device(net, dev)
-
+    cfg, card, train, dev = job.cfg, job.card, job.data.train, job.dev
     pin = dev.type == "cuda"
+    workers = job.loader_workers
     if workers is None:
         workers = min(8, max(0, (os.cpu_count() or 1) - 1)) if dev.type == "cuda" else 0
     train_ds = ImageDataset(train, card.preprocess, train=True, seed=cfg.seed, crop_scale=cfg.crop_scale)
@@ -228,8 +411,8 @@ def _train(cfg, card, k, train, valf, val_source, run_dir, resume, ckpt, dev, de
     drop_last = len(train) % cfg.batch_size == 1 and len(train) > 1
     steps = max(1, len(train) // cfg.batch_size if drop_last else -(-len(train) // cfg.batch_size))
     val_loader = None
-    if valf is not None:
-        val_loader = make_loader(ImageDataset(valf, card.preprocess, train=False), cfg.batch_size * 2,
+    if job.data.val is not None:
+        val_loader = make_loader(ImageDataset(job.data.val, card.preprocess, train=False), cfg.batch_size * 2,
                                  False, cfg.seed, 0, workers, pin)
     backbone_lr = cfg.backbone_lr if cfg.backbone_lr is not None else cfg.lr / 10
     optimizer = torch.optim.AdamW(tl.param_groups(net, cfg.lr, backbone_lr, cfg.weight_decay))
@@ -237,91 +420,147 @@ def _train(cfg, card, k, train, valf, val_source, run_dir, resume, ckpt, dev, de
         optimizer, tl.warmup_cosine(cfg.epochs * steps, round(cfg.warmup_epochs * steps)))
     weight = None
     if cfg.class_weight == "balanced":
-        weight = torch.from_numpy(class_weights(train.labels, len(classes))).to(dev)
+        weight = torch.from_numpy(class_weights(train.labels, len(train.classes))).to(dev)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-    val_loss_fn = torch.nn.CrossEntropyLoss()
+    return _Trainer(optimizer, scheduler, loss_fn, torch.nn.CrossEntropyLoss(), train_ds, val_loader,
+                    workers, pin, drop_last)
 
-    history: list[dict] = []
-    start, best_epoch, best_key, bad = 0, 0, None, 0
-    if ckpt is not None:
-        net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        tl.set_rng_state(ckpt["rng"])
-        start, history = ckpt["epoch"], ckpt["history"]
-        best_epoch, best_key, bad = ckpt["best_epoch"], ckpt["best_key"], ckpt["bad_epochs"]
-        for g, base, lam in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
-            g["lr"] = base * lam(scheduler.last_epoch)  # the (possibly stretched) schedule at this step
-        if extended:
-            bad = 0  # an extended run gets its full patience again
-        log.info("resuming %s after epoch %d", run_dir, start)
-    log.info("training %d of %d parameters (unfreeze=%s) on %s", n_trainable,
-             sum(p.numel() for p in net.parameters()), cfg.unfreeze, dev)
-    write_json(run_dir / "status.json", {"state": "training", "epoch": start, "epochs": cfg.epochs})
 
-    stopped_early = False
-    epoch = start
+def _restore(job: TrainJob, net, trainer: _Trainer) -> _State:
+    """The training state of a resumed run's checkpoint (a fresh one for a new run)."""
+    from featx.finetune import loop as tl
+
+    ckpt = job.checkpoint
+    if ckpt is None:
+        return _State()
+    path = job.run_dir / "last.pt"
+    tl.restore_checkpoint(ckpt, path, net, trainer.optimizer, trainer.scheduler)
+    state = _State(ckpt["epoch"], ckpt["history"], ckpt["best_epoch"], ckpt["best_key"], ckpt["bad_epochs"])
+    sched = trainer.scheduler
+    for g, base, lam in zip(trainer.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+        g["lr"] = base * lam(sched.last_epoch)  # the (possibly stretched) schedule at this step
+    if job.extended:
+        state.bad = 0  # an extended run gets its full patience again
+    log.info("resuming %s after epoch %d", job.run_dir, state.start)
+    return state
+
+
+def _epoch(job: TrainJob, model: _Model, trainer: _Trainer, epoch: int) -> dict:
+    """Train one epoch and validate; the epoch's metrics row."""
+    from featx.finetune import loop as tl
+    from featx.finetune.data import make_loader
+
+    cfg, t = job.cfg, trainer
+    loader = make_loader(t.train_ds, cfg.batch_size, True, cfg.seed, epoch, t.workers, t.pin, t.drop_last)
+    row = {"epoch": epoch, **tl.run_epoch(model.net, loader, job.dev, t.loss_fn, t.optimizer, t.scheduler,
+                                          job.progress, model.bn_stats)}
+    if row["images"] == 0:
+        raise FeatXError(f"epoch {epoch}: none of the {len(job.data.train)} training images could be read "
+                         f"(under {job.data.train.root}); did the data change during the run?")
+    row.update({"val_loss": float("nan"), "val_acc": float("nan")})
+    if t.val_loader is not None:
+        row.update(tl.evaluate(model.net, t.val_loader, job.dev, t.val_loss_fn, job.progress))
+    lrs = {g["name"]: g["lr"] for g in t.optimizer.param_groups}
+    row["lr_head"] = lrs.get("head", lrs.get("head-nodecay"))
+    row["lr_backbone"] = lrs.get("backbone", lrs.get("backbone-nodecay", 0.0))
+    return row
+
+
+def _record(job: TrainJob, model: _Model, trainer: _Trainer, state: _State, row: dict) -> None:
+    """Keep the best weights, checkpoint the epoch, log its metrics."""
+    from featx.finetune import loop as tl
+
+    epoch = row["epoch"]
+    state.history.append(row)
+    # best = highest val accuracy, ties to lower val loss; without val, the last epoch
+    key = (row["val_acc"], -row["val_loss"]) if trainer.val_loader is not None else (epoch, 0.0)
+    if state.best_key is None or tuple(key) > tuple(state.best_key):
+        state.best_key, state.best_epoch, state.bad = list(key), epoch, 0
+        tl.atomic_save(model.net.state_dict(), job.run_dir / "best.pt")
+    else:
+        state.bad += 1
+    tl.atomic_save({"model": model.net.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+                    "scheduler": trainer.scheduler.state_dict(), "rng": tl.rng_state(), "epoch": epoch,
+                    "history": state.history, "best_epoch": state.best_epoch, "best_key": state.best_key,
+                    "bad_epochs": state.bad}, job.run_dir / "last.pt")
+    write_metrics(job.run_dir, state.history)
+    _status(job, "training", epoch)
+    if job.on_epoch is not None:
+        job.on_epoch(dict(row, best_epoch=state.best_epoch))
+
+
+def _run_epochs(job: TrainJob, model: _Model, trainer: _Trainer, state: _State) -> None:
+    """Epochs ``start+1 .. epochs``, stopping after ``patience`` epochs without improvement (0: never)."""
+    patience = job.cfg.patience
     try:
-        for epoch in range(start + 1, cfg.epochs + 1):
-            if cfg.patience is not None and bad >= cfg.patience:
-                stopped_early = True
+        for epoch in range(state.start + 1, job.cfg.epochs + 1):
+            if patience and state.bad >= patience:
+                state.stopped_early = True
                 break
-            loader = make_loader(train_ds, cfg.batch_size, True, cfg.seed, epoch, workers, pin, drop_last)
-            row = {"epoch": epoch, **tl.run_epoch(net, loader, dev, loss_fn, optimizer, scheduler, progress,
-                                                    bn_stats)}
-            row.update({"val_loss": float("nan"), "val_acc": float("nan")})
-            if val_loader is not None:
-                row.update(tl.evaluate(net, val_loader, dev, val_loss_fn, progress))
-            lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-            row["lr_head"] = lrs.get("head", lrs.get("head-nodecay"))
-            row["lr_backbone"] = lrs.get("backbone", lrs.get("backbone-nodecay", 0.0))
-            history.append(row)
-            # best = highest val accuracy, ties to lower val loss; without val, the last epoch
-            key = (row["val_acc"], -row["val_loss"]) if val_loader is not None else (epoch, 0.0)
-            if best_key is None or tuple(key) > tuple(best_key):
-                best_key, best_epoch, bad = list(key), epoch, 0
-                tl.atomic_save(net.state_dict(), run_dir / "best.pt")
-            else:
-                bad += 1
-            tl.atomic_save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "rng": tl.rng_state(), "epoch": epoch,
-                            "history": history, "best_epoch": best_epoch, "best_key": best_key,
-                            "bad_epochs": bad}, run_dir / "last.pt")
-            write_metrics(run_dir, history)
-            write_json(run_dir / "status.json", {"state": "training", "epoch": epoch, "epochs": cfg.epochs})
-            if on_epoch is not None:
-                on_epoch(dict(row, best_epoch=best_epoch))
+            _record(job, model, trainer, state, _epoch(job, model, trainer, epoch))
     except KeyboardInterrupt:
-        done = history[-1]["epoch"] if history else start
-        write_json(run_dir / "status.json", {"state": "interrupted", "epoch": done, "epochs": cfg.epochs})
-        raise FinetuneInterrupted(run_dir, done) from None
+        done = state.history[-1]["epoch"] if state.history else state.start
+        _status(job, "interrupted", done)
+        raise FinetuneInterrupted(job.run_dir, done) from None
+    except FeatXError as e:
+        _status(job, "failed", state.history[-1]["epoch"] if state.history else state.start, error=str(e))
+        raise
 
+
+def _finish(job: TrainJob, model: _Model, state: _State) -> FinetuneResult:
+    """The best weights back on CPU, the curve, the export, summary.json."""
+    import torch
+
+    from featx.finetune import loop as tl
+
+    run_dir, cfg, card = job.run_dir, job.cfg, job.card
+    net = model.net
     if (run_dir / "best.pt").is_file():
-        net.load_state_dict(torch.load(run_dir / "best.pt", map_location=dev, weights_only=True))
+        tl.load_weights(net, run_dir / "best.pt", job.dev)
     net = net.to("cpu", memory_format=torch.contiguous_format).float().eval()
-    plot_curve(run_dir, history, best_epoch)
-    best = next((h for h in history if h["epoch"] == best_epoch), {})
-    result = FinetuneResult(run_dir=run_dir, classes=classes, history=history, best_epoch=best_epoch,
-                            net=net, preprocess=card.preprocess, lp_report=lp_report,
-                            stopped_early=stopped_early)
-    if export:
-        progress("export", 0, 1)
-        result.backbone, result.head_path = export_run(result.net, run_dir, result.classes, history,
-                                                       best_epoch, card, cfg, wsha)
-        progress("export", 1, 1)
-    result.seconds = time.perf_counter() - t_start
-    result.summary = {
-        "run_dir": str(run_dir), "backbone": card.name, "unfreeze": cfg.unfreeze,
-        "epochs_trained": len(history), "epochs": cfg.epochs, "best_epoch": best_epoch,
-        "best_val_acc": best.get("val_acc"), "stopped_early": stopped_early,
-        "lp_init": cfg.lp_init, "lp_train_accuracy": (lp_report or {}).get("train_accuracy"),
-        "device": str(dev), "train_images": len(train), "val_images": len(valf) if valf else 0,
-        "val_source": val_source, "classes": classes, "trainable_parameters": n_trainable,
-        "seconds": round(result.seconds, 2),
-        "fingerprint": result.backbone.fingerprint if result.backbone is not None else None,
-        "head": str(result.head_path) if result.head_path else None,
-    }
-    write_json(run_dir / "summary.json", result.summary)
-    write_json(run_dir / "status.json", {"state": "done", "epoch": len(history), "epochs": cfg.epochs})
+    plot_curve(run_dir, state.history, state.best_epoch)
+    result = FinetuneResult(run_dir=run_dir, classes=job.data.train.classes, history=state.history,
+                            best_epoch=state.best_epoch, net=net, preprocess=card.preprocess,
+                            lp_report=model.lp_report, stopped_early=state.stopped_early,
+                            skipped=list(job.data.skipped))
+    if job.export:
+        job.progress("export", 0, 1)
+        result.backbone, result.head_path = export_run(result.net, run_dir, result.classes, state.history,
+                                                       state.best_epoch, card, cfg, model.weights_sha)
+        job.progress("export", 1, 1)
+    result.seconds = time.perf_counter() - job.t_start
+    result.summary = _summary(job, model, result)
+    write_json(run_dir / "summary.json", result.summary.to_dict())
+    _status(job, "done", len(state.history))
     return result
 
+
+def _summary(job: TrainJob, model: _Model, result: FinetuneResult) -> RunSummary:
+    cfg, d = job.cfg, job.data
+    best = next((h for h in result.history if h["epoch"] == result.best_epoch), {})
+    return RunSummary(
+        run_dir=str(job.run_dir), backbone=job.card.name, unfreeze=cfg.unfreeze,
+        epochs_trained=len(result.history), epochs=cfg.epochs, best_epoch=result.best_epoch,
+        best_val_acc=best.get("val_acc"), stopped_early=result.stopped_early, lp_init=cfg.lp_init,
+        lp_train_accuracy=(model.lp_report or {}).get("train_accuracy"), device=str(job.dev),
+        train_images=len(d.train), val_images=len(d.val) if d.val else 0, val_source=d.val_source,
+        classes=d.train.classes, trainable_parameters=model.n_trainable, seconds=round(result.seconds, 2),
+        fingerprint=result.backbone.fingerprint if result.backbone is not None else None,
+        head=str(result.head_path) if result.head_path else None,
+        skipped=[{"path": p, "reason": r} for p, r in d.skipped])
+
+
+def _train(job: TrainJob) -> FinetuneResult:
+    """Build, restore, train, export: the steps of a run, in the order that keeps seeds reproducible."""
+    if not job.resumed:
+        _write_manifest(job)
+    model = _build_model(job)
+    trainer = _make_trainer(job, model.net)
+    state = _restore(job, model.net, trainer)
+    if job.extended:
+        save_extended_config(job.run_dir, job.cfg)
+    log.info("training %d of %d parameters (unfreeze=%s) on %s", model.n_trainable,
+             sum(p.numel() for p in model.net.parameters()), job.cfg.unfreeze, job.dev)
+    _status(job, "training", state.start)
+    _run_epochs(job, model, trainer, state)
+    return _finish(job, model, state)

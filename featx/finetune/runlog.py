@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
+
+from featx.atomic import atomic_path, write_text
 
 
 def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    """``obj`` as indented JSON, written atomically (unique temporary name, fsync, rename)."""
+    write_text(path, json.dumps(obj, indent=2, default=str))
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``1 epoch``, ``2 epochs``: a count with its noun in the right number."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
 
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr_head", "lr_backbone",
@@ -20,12 +25,10 @@ METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr_
 
 def write_metrics(run_dir: Path, history: list[dict]) -> None:
     write_json(run_dir / "metrics.json", history)
-    tmp = run_dir / ".metrics.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(run_dir / "metrics.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
         w.writeheader()
         w.writerows(history)
-    os.replace(tmp, run_dir / "metrics.csv")
 
 
 def plot_curve(run_dir: Path, history: list[dict], best_epoch: int) -> Path | None:
@@ -54,7 +57,8 @@ def plot_curve(run_dir: Path, history: list[dict], best_epoch: int) -> Path | No
     fig.suptitle(f"featx finetune: {run_dir.name}")
     fig.tight_layout()
     out = run_dir / "curve.png"
-    fig.savefig(out, dpi=100)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return out
 
