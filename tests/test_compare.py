@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from featx.cli import main
 from featx.compare import settle_sizes
 
-from .conftest import make_image_folder
+from .helpers import make_image_folder
 
 
 def test_sizes_above_every_class_are_the_all_row():

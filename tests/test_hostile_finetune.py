@@ -20,7 +20,7 @@ from featx.cli import main
 from featx.errors import FeatXError
 from featx.finetune import finetune
 
-from .conftest import make_image_folder
+from .helpers import make_image_folder
 
 TINY = {"input_size": 64, "batch_size": 4, "epochs": 1, "unfreeze": 0, "lp_C": 1.0, "device": "cpu"}
 BAD = {"cat/empty.jpg": "empty file", "thing/text.png": "not an image"}  # path -> reason fragment
