@@ -7,18 +7,25 @@ ONNX file and its sidecar are all any consumer needs. Exports are cached by
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from featx import __version__
-from featx.backbones.artifact import fingerprint_of, publish, read_sidecar
+from featx.backbones.artifact import (
+    MODEL,
+    SIDECAR,
+    Parity,
+    Sidecar,
+    building,
+    cached_sidecar,
+    fingerprint_of,
+    safe_dirname,
+)
 from featx.backbones.cards import BackboneCard, Preprocess
 from featx.errors import ExportError, require
 from featx.paths import exports_dir
@@ -113,6 +120,9 @@ def export_module(module, pre: Preprocess, dest: str | os.PathLike, output_name:
             # the TorchScript exporter is deprecated but gives a smaller, faster graph for CNNs
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", UserWarning)  # constant-folding notes about Slice steps
+            # shape checks (timm's ViT asserts the input size) trace as constants: right for a
+            # graph of one input size, which every export is
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(
                 module, (dummy,), str(traced), dynamo=False, opset_version=OPSET,
                 input_names=[INPUT_NAME], output_names=[output_name],
@@ -145,7 +155,7 @@ def _keep_used_opsets(path: str | os.PathLike) -> None:
     onnx.save(m, str(path))
 
 
-def check_parity(module, onnx_path: str | os.PathLike, pre: Preprocess, rtol: float = PARITY_RTOL) -> dict:
+def check_parity(module, onnx_path: str | os.PathLike, pre: Preprocess, rtol: float = PARITY_RTOL) -> Parity:
     """Run torch and ONNX Runtime on real photos; raise ExportError above ``rtol``."""
     torch = require("torch", "torch")
     import onnxruntime as ort
@@ -159,11 +169,10 @@ def check_parity(module, onnx_path: str | os.PathLike, pre: Preprocess, rtol: fl
     rel = max_abs / max(float(np.abs(ref).max()), 1e-12)
     cos = float(((got * ref).sum(1) / np.maximum(np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1),
                                                   1e-12)).min())
-    result = {"images": len(x), "max_abs_diff": max_abs, "max_rel_diff": rel, "min_cosine": cos}
     if not (rel <= rtol and cos >= PARITY_MIN_COSINE):
         raise ExportError(f"ONNX and torch disagree: max abs diff {max_abs:.3g} (relative {rel:.3g}, "
                           f"limit {rtol}), min cosine {cos:.5f} (limit {PARITY_MIN_COSINE})")
-    return result
+    return Parity(images=len(x), max_abs_diff=max_abs, max_rel_diff=rel, min_cosine=cos)
 
 
 def export_dir_for(card: BackboneCard, weights_sha: str) -> Path:
@@ -172,7 +181,7 @@ def export_dir_for(card: BackboneCard, weights_sha: str) -> Path:
     from featx.backbones.cards import get_card
     from featx.errors import UnknownBackboneError
 
-    name = f"{card.name}-{weights_sha[:12]}"
+    name = f"{safe_dirname(card.name)}-{weights_sha[:12]}"
     try:
         stock = get_card(card.name).digest() == card.digest()
     except UnknownBackboneError:
@@ -183,40 +192,33 @@ def export_dir_for(card: BackboneCard, weights_sha: str) -> Path:
 def write_export(module, pre: Preprocess, dest_dir: Path, meta: dict, precision: str = "fp32") -> Path:
     """Export, parity-check, and atomically publish ``dest_dir`` (model.onnx + model.json).
 
-    ``precision="fp16"`` exports a float16 copy of ``module`` and checks it
-    against the float32 ``module`` itself, within FP16_PARITY_RTOL.
+    ``meta`` is the provenance (name, dim, card, weights, ...) the sidecar records
+    beside what the export measures. ``precision="fp16"`` exports a float16 copy of
+    ``module`` and checks it against the float32 ``module`` itself, within FP16_PARITY_RTOL.
     """
-
-    dest_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}-", dir=dest_dir.parent))
-    try:
-        onnx_path = tmp / "model.onnx"
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    with building(dest_dir) as tmp:
+        onnx_path = tmp / MODEL
         t0 = time.perf_counter()
-        if precision not in PRECISIONS:
-            raise ExportError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
         if precision == "fp16":
             export_module(half_precision(module), pre, onnx_path, optimize=False)
         else:
             export_module(module, pre, onnx_path)
         parity = check_parity(module, onnx_path, pre, FP16_PARITY_RTOL if precision == "fp16" else PARITY_RTOL)
-        meta = {
+        side = Sidecar.from_dict({
             **meta,
             "featx_export": EXPORT_FORMAT,
             "precision": precision,
             "featx_version": __version__,
             "preprocess": pre.to_dict(),
             "opset": OPSET,
-            "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC"},
-            "output": {"name": OUTPUT_NAME, "dtype": "float32"},
-            "parity": parity,
+            "input": {"name": INPUT_NAME},
+            "output": {"name": OUTPUT_NAME},
             "export_seconds": round(time.perf_counter() - t0, 2),
             "fingerprint": fingerprint_of(onnx_path.read_bytes(), pre),
-        }
-        (tmp / "model.json").write_text(json.dumps(meta, indent=2))
-        publish(tmp, dest_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        }, dest_dir / SIDECAR)
+        dataclasses.replace(side, parity=parity).write(tmp / SIDECAR)
     return dest_dir
 
 
@@ -225,7 +227,8 @@ def export_card(card: BackboneCard, weights: str | os.PathLike | None = None,
     """Export a registered backbone (cached). Returns the export directory.
 
     ``precision="fp16"`` writes a float16 graph (uint8 in, float32 embedding
-    out) for GPUs, in its own directory with its own fingerprint.
+    out) for GPUs, in its own directory with its own fingerprint. A cached
+    export whose model.json is damaged is exported again.
     """
     from featx.backbones.zoo import build, file_sha256, weights_file
 
@@ -234,11 +237,10 @@ def export_card(card: BackboneCard, weights: str | os.PathLike | None = None,
     dest = export_dir_for(card, wsha)
     if precision != "fp32":
         dest = dest.with_name(f"{dest.name}-{precision}")
-    if not force and (dest / "model.json").is_file() and (dest / "model.onnx").is_file():
-        meta = read_sidecar(dest / "model.json")
-        if meta.get("featx_export") == EXPORT_FORMAT and meta.get("card_digest") == card.digest():
-            log.info("export of %s is cached at %s", card.name, dest)
-            return dest
+    cached = None if force else cached_sidecar(dest)
+    if cached is not None and cached.export_format == EXPORT_FORMAT and cached.card_digest == card.digest():
+        log.info("export of %s is cached at %s", card.name, dest)
+        return dest
     torch = require("torch", "torch")
     log.info("exporting %s (weights %s)", card.name, wfile)
     backbone, _, _ = build(card, wfile)

@@ -8,18 +8,25 @@ int8 model is refused unless forced.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import os
-import shutil
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from featx.backbones.artifact import Backbone, fingerprint_of, load_export, publish
+from featx.backbones.artifact import (
+    MODEL,
+    SIDECAR,
+    Backbone,
+    GuardReport,
+    Quantization,
+    building,
+    fingerprint_of,
+    load_export,
+    safe_dirname,
+)
 from featx.embed.images import load_image
 from featx.embed.runtime import Encoder
 from featx.embed.scan import scan
@@ -29,6 +36,8 @@ from featx.progress import ProgressFn, no_progress
 from featx.sampling import spread_over_classes
 
 log = logging.getLogger(__name__)
+
+__all__ = ["METHODS", "GuardReport", "QuantizationRefused", "guard", "probe_accuracy", "quantize_backbone"]
 
 METHODS = ("minmax", "percentile", "entropy")
 # Quantising everything (ORT's default) put the input normalisation (Cast/Sub/Div)
@@ -40,21 +49,6 @@ QUANTIZED_OPS = ["Conv", "Clip", "Relu", "Add", "GlobalAveragePool", "MatMul", "
 
 class QuantizationRefused(FeatXError):
     """The int8 model lost more accuracy than allowed."""
-
-
-@dataclass
-class GuardReport:
-    images: int
-    cosine_mean: float
-    cosine_min: float
-    probe_accuracy_fp32: float | None
-    probe_accuracy_int8: float | None
-
-    @property
-    def loss_points(self) -> float | None:
-        if self.probe_accuracy_fp32 is None or self.probe_accuracy_int8 is None:
-            return None
-        return 100.0 * (self.probe_accuracy_fp32 - self.probe_accuracy_int8)
 
 
 def _sample(root: Path, n: int, seed: int) -> tuple[list[str], list[str | None]]:
@@ -97,10 +91,10 @@ def probe_accuracy(X: np.ndarray, y: list, seed: int = 0) -> float | None:
     return float(cross_val_score(clf, X, ya.astype(str), cv=cv).mean())
 
 
-def guard(fp32: Backbone, int8_path: Path, pixels: np.ndarray, labels: list) -> GuardReport:
+def guard(fp32: Backbone, int8: Backbone, pixels: np.ndarray, labels: list) -> GuardReport:
+    """Cosine of int8 to fp32 embeddings, and each one's linear-probe accuracy when labelled."""
     a = _embed(Encoder(fp32, device="cpu"), pixels)
-    q = Backbone(fp32.name, int8_path, fp32.preprocess, fp32.dim, "", {})
-    b = _embed(Encoder(q, device="cpu"), pixels)
+    b = _embed(Encoder(int8, device="cpu"), pixels)
     cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
     labelled = all(lab is not None for lab in labels)
     return GuardReport(
@@ -108,6 +102,64 @@ def guard(fp32: Backbone, int8_path: Path, pixels: np.ndarray, labels: list) -> 
         probe_accuracy_fp32=probe_accuracy(a, labels) if labelled else None,
         probe_accuracy_int8=probe_accuracy(b, labels) if labelled else None,
     )
+
+
+def _split(root: Path, backbone: Backbone, calib_images: int, guard_images: int, seed: int,
+           progress: ProgressFn) -> tuple[np.ndarray, np.ndarray, list]:
+    """(calibration pixels, guard pixels, guard labels): disjoint samples spread over classes."""
+    paths, labels = _sample(root, calib_images + guard_images, seed)
+    if len(paths) < 2:
+        raise FeatXError(f"{root}: need at least 2 images to calibrate on")
+    n_cal = min(calib_images, max(1, len(paths) // 2))
+    progress("calibrate", 0, len(paths))
+    cal_px, _ = _pixels(paths[:n_cal], labels[:n_cal], backbone)
+    ev_px, ev_labels = _pixels(paths[n_cal:], labels[n_cal:], backbone)
+    progress("calibrate", len(paths), len(paths))
+    return cal_px, ev_px, ev_labels
+
+
+def _quantize_file(src: Path, dest: Path, cal_px: np.ndarray, input_name: str, method: str) -> None:
+    """ORT static QDQ quantisation of ``src`` into ``dest``, calibrated on ``cal_px``."""
+    require("onnxruntime.quantization", "cpu")
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            # equal batches: ORT's calibrators stack per-batch outputs
+            b = 8 if len(cal_px) >= 8 else 1
+            self.it = iter(cal_px[i:i + b] for i in range(0, len(cal_px) - b + 1, b))
+
+        def get_next(self):
+            batch = next(self.it, None)
+            return None if batch is None else {input_name: batch}
+
+    calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+             "entropy": CalibrationMethod.Entropy}[method]
+    pre = dest.with_name("pre.onnx")
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    quantize_static(str(pre), str(dest), Reader(),
+                    quant_format=QuantFormat.QDQ, per_channel=True, calibrate_method=calib,
+                    op_types_to_quantize=QUANTIZED_OPS,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    extra_options={"CalibPercentile": 99.999} if method == "percentile" else None)
+    pre.unlink()
+
+
+def _verdict(g: GuardReport, max_loss: float, min_cosine: float) -> tuple[str, bool]:
+    """(what the guard found, in words; whether it is too much)."""
+    loss = g.loss_points
+    if loss is not None:
+        words = (f"linear-probe accuracy {100 * g.probe_accuracy_fp32:.2f}% fp32 -> "
+                 f"{100 * g.probe_accuracy_int8:.2f}% int8 ({-loss:+.2f} points)")
+        return words, loss > max_loss
+    return f"mean cosine {g.cosine_mean:.4f} (no labels for a probe)", g.cosine_mean < min_cosine
 
 
 def quantize_backbone(backbone: Backbone, calib_root: str | os.PathLike, *, calib_images: int = 300,
@@ -119,87 +171,39 @@ def quantize_backbone(backbone: Backbone, calib_root: str | os.PathLike, *, cali
     Returns the int8 export (its own fingerprint, usable as ``--backbone DIR``).
     Raises QuantizationRefused when the guard finds more than ``max_loss`` points
     of linear-probe accuracy lost (or, unlabelled, a mean cosine below
-    ``min_cosine``), unless ``force``; the guard's figures are in ``meta``.
+    ``min_cosine``), unless ``force``; the guard's figures are in
+    ``sidecar.quantization.guard``.
     """
-    require("onnxruntime.quantization", "cpu")
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     if method not in METHODS:
         raise FeatXError(f"calibration method {method!r} is not one of {', '.join(METHODS)}")
     root = Path(calib_root)
-    paths, labels = _sample(root, calib_images + guard_images, seed)
-    if len(paths) < 2:
-        raise FeatXError(f"{root}: need at least 2 images to calibrate on")
-    n_cal = min(calib_images, max(1, len(paths) // 2))
-    progress("calibrate", 0, len(paths))
-    cal_px, _ = _pixels(paths[:n_cal], labels[:n_cal], backbone)
-    ev_px, ev_labels = _pixels(paths[n_cal:], labels[n_cal:], backbone)
-    progress("calibrate", len(paths), len(paths))
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            # equal batches: ORT's calibrators stack per-batch outputs
-            b = 8 if len(cal_px) >= 8 else 1
-            self.it = iter(cal_px[i:i + b] for i in range(0, len(cal_px) - b + 1, b))
-
-        def get_next(self):
-            batch = next(self.it, None)
-            return None if batch is None else {backbone.input_name: batch}
-
-    calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-             "entropy": CalibrationMethod.Entropy}[method]
-    tag = fingerprint_of(backbone.fingerprint.encode() + f"{method}:{n_cal}:{seed}".encode(),
+    cal_px, ev_px, ev_labels = _split(root, backbone, calib_images, guard_images, seed, progress)
+    tag = fingerprint_of(backbone.fingerprint.encode() + f"{method}:{len(cal_px)}:{seed}".encode(),
                          backbone.preprocess)[:10]
-    dest = exports_dir() / f"{backbone.name}-int8-{tag}"
-    tmp = Path(tempfile.mkdtemp(prefix=".int8-", dir=exports_dir()))
-    try:
+    dest = exports_dir() / f"{safe_dirname(backbone.name)}-int8-{tag}"
+    with building(dest) as tmp:
         t0 = time.perf_counter()
-        quant_pre_process(str(backbone.onnx_path), str(tmp / "pre.onnx"), skip_symbolic_shape=True)
-        quantize_static(str(tmp / "pre.onnx"), str(tmp / "model.onnx"), Reader(),
-                        quant_format=QuantFormat.QDQ, per_channel=True, calibrate_method=calib,
-                        op_types_to_quantize=QUANTIZED_OPS,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        extra_options={"CalibPercentile": 99.999} if method == "percentile" else None)
-        (tmp / "pre.onnx").unlink()
+        _quantize_file(backbone.onnx_path, tmp / MODEL, cal_px, backbone.input_name, method)
         seconds = time.perf_counter() - t0
+        # the candidate is a real backbone (its own fingerprint) before the guard judges it
+        side = dataclasses.replace(backbone.sidecar, name=f"{backbone.name}-int8", parity=None,
+                                   fingerprint=fingerprint_of((tmp / MODEL).read_bytes(), backbone.preprocess))
         progress("guard", 0, 1)
-        g = guard(backbone, tmp / "model.onnx", ev_px, ev_labels)
+        g = guard(backbone, Backbone(tmp / MODEL, side), ev_px, ev_labels)
         progress("guard", 1, 1)
-        loss = g.loss_points
-        verdict = (f"linear-probe accuracy {100 * g.probe_accuracy_fp32:.2f}% fp32 -> "
-                   f"{100 * g.probe_accuracy_int8:.2f}% int8 ({-loss:+.2f} points)"
-                   if loss is not None else f"mean cosine {g.cosine_mean:.4f} (no labels for a probe)")
-        bad = (loss is not None and loss > max_loss) or (loss is None and g.cosine_mean < min_cosine)
+        verdict, bad = _verdict(g, max_loss, min_cosine)
         if bad and not force:
             raise QuantizationRefused(
                 f"int8 {backbone.name} damages the embeddings too much on {root}: {verdict}, "
                 f"cosine to fp32 mean {g.cosine_mean:.4f}. Keep fp32, try --calibration-method, "
                 "or pass --force-quantize to keep it anyway."
             )
-        data = (tmp / "model.onnx").read_bytes()
-        meta = {**backbone.meta,
-                "name": f"{backbone.name}-int8",
-                "fingerprint": fingerprint_of(data, backbone.preprocess),
-                "quantization": {
-                    "dtype": "int8", "format": "QDQ", "per_channel": True, "method": method,
-                    "calibration_root": str(root.resolve()), "calibration_images": len(cal_px),
-                    "base_fingerprint": backbone.fingerprint, "seconds": round(seconds, 1),
-                    "guard": {**g.__dict__, "loss_points": loss, "max_loss": max_loss,
-                              "forced": bool(bad and force)},
-                }}
-        meta.pop("parity", None)  # parity with torch is the fp32 export's; the guard replaces it
-        (tmp / "model.json").write_text(json.dumps(meta, indent=2))
-        publish(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        # parity with torch is the fp32 export's; the guard replaces it
+        dataclasses.replace(side, quantization=Quantization(
+            method=method, calibration_root=str(root.resolve()), calibration_images=len(cal_px),
+            base_fingerprint=backbone.fingerprint, seconds=round(seconds, 1),
+            guard=dataclasses.replace(g, max_loss=max_loss, forced=bool(bad and force)),
+        )).write(tmp / SIDECAR)
     if bad:
         log.warning("int8 export kept although it %s (forced)", verdict)
     return load_export(dest)

