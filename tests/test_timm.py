@@ -25,7 +25,7 @@ from featx.embed.runtime import Encoder
 from featx.embed.table import read_table
 from featx.errors import FeatXError, UnknownBackboneError
 
-from .conftest import make_image_folder
+from .helpers import make_image_folder
 
 timm = pytest.importorskip("timm")
 
