@@ -8,6 +8,7 @@ what a user typed) produces or consumes these directories.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -56,7 +57,7 @@ def load_export(directory: str | os.PathLike, verify: bool = True) -> Backbone:
     onnx_path = d / "model.onnx"
     if not onnx_path.is_file():
         raise FeatXError(f"{d}: model.onnx is missing")
-    pre = Preprocess.from_dict(meta["preprocess"])
+    pre = Preprocess.from_dict(meta["preprocess"], stored=True)
     fp = meta.get("fingerprint", "")
     if verify:
         actual = fingerprint_of(onnx_path.read_bytes(), pre)
@@ -66,6 +67,15 @@ def load_export(directory: str | os.PathLike, verify: bool = True) -> Backbone:
                 "Re-export it (`featx export NAME --force`) or delete the directory."
             )
     return Backbone(meta.get("name", d.name), onnx_path, pre, int(meta["dim"]), fp, meta)
+
+
+def with_decoder(bb: Backbone, decoder: str | None) -> Backbone:
+    """``bb`` with its JPEGs decoded by ``decoder`` (None: its own): another fingerprint,
+    so the embeddings of two decoders never share a store namespace or a head."""
+    if decoder is None or decoder == bb.preprocess.decoder:
+        return bb
+    pre = bb.preprocess.with_decoder(decoder)
+    return dataclasses.replace(bb, preprocess=pre, fingerprint=fingerprint_of(bb.onnx_path.read_bytes(), pre))
 
 
 def publish(tmp: Path, dest: Path) -> None:
