@@ -1,17 +1,22 @@
-"""Extraction benchmark: featx end to end vs ONNX Runtime alone vs a torch baseline.
+"""Extraction benchmark: featx end to end against the shared-core bound, its old path, torch.
 
-Run: .venv/bin/python bench/extract.py [--n 200] [--batch-size 32] [--workers 2]
+Run: .venv/bin/python bench/extract.py [--n 300] [--repeat 2] [--baseline-ref REF]
 
-On a folder of real camera-size JPEGs (scikit-image's photos, upscaled to
-1-12 MP with random crops/flips), prints side by side in one run:
-  - featx extract end to end (decode + ORT, overlapped), images/s
-  - ONNX Runtime alone on pre-decoded uint8 tensors: the ceiling for this machine
-  - the baseline a user would write: the same pretrained backbone in torch eager
-    mode fed by a torch DataLoader with the same number of workers
-  - JPEG draft decoding on vs off
-  - peak RSS of featx extract at 1x and 10x the images (must stay flat)
-  - a second run over unchanged data (cache hits only)
-All timings are wall clock on a shared machine: read the ratios, not the absolutes.
+On a folder of camera-size JPEGs (scikit-image's photos, upscaled to 1-16 MP with
+random flips), prints side by side in one run:
+  - decoding alone (featx's reader pool, no model), for each decoder (simplejpeg, pillow)
+  - the model alone (ONNX Runtime on pre-decoded pixels, best of its settings)
+  - the shared-core bound for each decoder, 1 / (1/decode + 1/model): both stages on
+    the same cores, neither waiting for the other
+  - featx extract end to end with the default decoder and with ``--decoder pillow``,
+    each as a share of its bound
+  - with --baseline-ref REF: featx as it was at git REF (its own defaults), end to end
+  - the baseline a user would write: the same weights in torch eager mode, fed by a
+    torch DataLoader with the same number of workers
+  - Fashion-MNIST-size PNGs (28 px): featx end to end against the model alone
+  - JPEG draft decoding off; a second run over unchanged data; peak RSS at 1x and 10x
+All timings are wall clock on a possibly shared machine: read the ratios of one run,
+not the absolutes, and use --repeat (best of N) where the load moves.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+DECODERS = ("simplejpeg", "pillow")
 
 
 def make_photos(dest: Path, n: int, seed: int = 0) -> Path:
@@ -52,6 +58,27 @@ def make_photos(dest: Path, n: int, seed: int = 0) -> Path:
         big.save(cls / f"img{i:05d}.jpg", quality=int(rng.integers(80, 95)))
     marker.touch()
     return dest
+
+
+def make_small_pngs(dest: Path, n: int) -> Path:
+    """n Fashion-MNIST PNGs (28 px); without Debian's dataset, 28 px crops of skimage's photos."""
+    from featx.datasets import (
+        FASHION_MNIST_CLASSES,
+        fashion_mnist,
+        fashion_mnist_available,
+        write_image_folder,
+    )
+
+    if fashion_mnist_available():
+        x, y = fashion_mnist("train")
+        return write_image_folder(dest, x[:n], y[:n], FASHION_MNIST_CLASSES)
+    import skimage.data as sd
+
+    cam = sd.camera()
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, cam.shape[0] - 28, (n, 2))
+    x = np.stack([cam[i:i + 28, j:j + 28] for i, j in idx])
+    return write_image_folder(dest, x, np.arange(n) % 2, ["a", "b"])
 
 
 def replicate(src: Path, dest: Path, times: int) -> Path:
@@ -108,6 +135,23 @@ def ort_alone(backbone, pixels: np.ndarray, batch: int, spin: bool, model_batch:
     return len(pixels) / (time.perf_counter() - t)
 
 
+def model_only(backbone, pixels: np.ndarray, batch: int) -> float:
+    """The model alone on pre-decoded pixels, as featx's engine runs it (its Encoder's settings)."""
+    from featx.embed.runtime import Encoder
+
+    enc = Encoder(backbone, device="cpu")
+    enc(pixels[:batch])  # warm-up
+    t = time.perf_counter()
+    for i in range(0, len(pixels), batch):
+        enc(pixels[i:i + batch])
+    return len(pixels) / (time.perf_counter() - t)
+
+
+def model_ceiling(backbone, pixels: np.ndarray, batch: int) -> float:
+    """The model alone, best of several ONNX Runtime session settings: what ORT can do here."""
+    return max(ort_alone(backbone, pixels, batch, spin, mb) for spin in (False, True) for mb in (None, 1, 4))
+
+
 def decode_only(folder: Path, pre, batch: int, workers: int) -> float:
     """Read + decode + resize + crop with featx's reader pool and no model: the decode ceiling."""
     from concurrent.futures import ThreadPoolExecutor
@@ -151,18 +195,166 @@ def torch_baseline(folder: Path, batch: int, workers: int) -> float:
     return n / (time.perf_counter() - t)
 
 
+def featx_at(ref: str) -> tuple[Path, dict]:
+    """featx as it was at git ``ref``, to run its CLI with its own defaults: today's path as a baseline.
+
+    The package is taken with ``git archive`` into a temporary directory (the repository is not
+    touched) and gets its own FEATX_HOME, so its export and store are its own. Returns (its
+    directory, the environment to run it in), after exporting its backbone once.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix="featx-bench-ref-"))
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "featx"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive.stdout, check=True)
+    env = {**os.environ, "FEATX_HOME": str(tmp / "home"), "PYTHONPATH": str(tmp)}
+    subprocess.run([sys.executable, "-m", "featx.cli", "export", "efficientnet_lite0"], env=env,
+                   check=True, capture_output=True)
+    return tmp, env
+
+
+def featx_e2e(folder: Path, home: Path, common: list[str], env: dict, tag: str,
+              extra: list[str]) -> tuple[float, dict, float]:
+    """One fresh-store CLI run: (images/s of the embedding phase, summary, peak RSS MiB)."""
+    summary, _, rss = run_cli(["extract", str(folder), "--out", str(home / f"{tag}.parquet"),
+                               "--store", str(home / f"s-{tag}"), *common, *extra], env)
+    return summary["images_per_second"], summary, rss
+
+
+def camera_section(a, bb, photos: Path, home: Path, env: dict, common: list[str],
+                   ref: tuple[Path, dict] | None) -> dict:
+    """Decode-only and model-only per decoder, the bounds, featx end to end per decoder.
+
+    Every figure is measured once per round, the rounds one after the other, and the best
+    round of each is kept: a load that comes and goes then touches all of them alike.
+    """
+    from featx.backbones.artifact import with_decoder
+    from featx.embed.images import load_image
+    from featx.embed.scan import scan
+
+    r: dict = {}
+    pixels = np.stack([load_image(photos / it.path, bb.preprocess) for it in scan(photos).items])
+    r["model_ceiling_ips"] = model_ceiling(bb, pixels, a.batch_size)
+    for k in range(a.repeat):
+        keep(r, "model_ips", model_only(bb, pixels, a.batch_size))
+        for dec in DECODERS:
+            keep(r, f"decode_{dec}_ips", decode_only(photos, with_decoder(bb, dec).preprocess, a.batch_size,
+                                                     a.workers))
+            ips, summary, rss = featx_e2e(photos, home, common, env, f"{dec}-{k}", ["--decoder", dec])
+            keep(r, f"featx_{dec}_ips", ips)
+            if dec == DECODERS[0] and k == 0:
+                r["featx_first_run_s"], r["rss_1x_mib"], r["first_store"] = summary["seconds"], rss, f"s-{dec}-{k}"
+        if ref is not None:  # featx as it was, with its own defaults
+            keep(r, "featx_ref_ips", featx_e2e(photos, ref[0], common, ref[1], f"ref-{k}", [])[0])
+    for dec in DECODERS:
+        r[f"bound_{dec}_ips"] = 1 / (1 / r[f"decode_{dec}_ips"] + 1 / r["model_ips"])
+    return r
+
+
+def keep(r: dict, key: str, value: float) -> None:
+    """Keep the best of the rounds."""
+    r[key] = max(r.get(key, 0.0), value)
+
+
+def small_png_section(a, bb, home: Path, env: dict, common: list[str]) -> dict:
+    """Fashion-MNIST-size PNGs: the model bounds these, so end to end is read against model-only."""
+    from featx.embed.images import load_image
+    from featx.embed.scan import scan
+
+    folder = make_small_pngs(a.data / f"png28-{a.pngs}", a.pngs)
+    pixels = np.stack([load_image(folder / it.path, bb.preprocess) for it in scan(folder).items[:256]])
+    r: dict = {}
+    for k in range(a.repeat):
+        keep(r, "png_model_ips", model_only(bb, pixels, a.batch_size))
+        keep(r, "png_decode_ips", decode_only(folder, bb.preprocess, a.batch_size, a.workers))
+        keep(r, "png_featx_ips", featx_e2e(folder, home, common, env, f"png-{k}", [])[0])
+    return r
+
+
+def rerun_section(a, bb, photos: Path, home: Path, env: dict, common: list[str], first_store: str) -> dict:
+    """Draft off, a second run over unchanged data, peak RSS at 10x."""
+    from featx.extract import extract
+
+    r: dict = {}
+    store = home / first_store  # the first end-to-end run's store
+    _, r["featx_second_run_cli_s"], _ = run_cli(["extract", str(photos), "--out", str(home / "b.parquet"),
+                                                 "--store", str(store), *common], env)
+    times = []
+    for _ in range(2):  # the first in-process call also pays one-time imports (pyarrow, pandas)
+        t = time.perf_counter()
+        again = extract(photos, bb, out=home / "b2.parquet", store=store, device="cpu")
+        times.append(time.perf_counter() - t)
+        assert again.stats.embedded == 0
+    r["featx_second_run_cold_s"], r["featx_second_run_s"] = times
+    s3, _, _ = run_cli(["extract", str(photos), "--out", str(home / "c.parquet"),
+                        "--store", str(home / "s-nodraft"), "--no-draft", *common], env)
+    r["featx_nodraft_ips"] = s3["images_per_second"]
+    if not a.skip_10x:
+        big = replicate(photos, a.data / f"photos{a.n}x10", 10)
+        s10, _, rss10 = run_cli(["extract", str(big), "--out", str(home / "x10.parquet"),
+                                 "--store", str(home / "s10"), *common], env)
+        r["rss_10x_mib"], r["featx_10x_ips"], r["featx_10x_first_s"] = rss10, s10["images_per_second"], s10["seconds"]
+        t = time.perf_counter()
+        extract(big, bb, out=home / "x10b.parquet", store=home / "s10", device="cpu")
+        r["featx_10x_second_s"] = time.perf_counter() - t
+    return r
+
+
+def report(a, r: dict) -> None:
+    new, old = DECODERS
+    row = "  {:<50} {:8.1f} img/s   {}"
+    print(f"\nfeatx extraction benchmark: {a.n} camera-size JPEGs, efficientnet_lite0, CPU, "
+          f"{r['cores']} cores, batch {a.batch_size}, {a.workers} workers, load {r['load']:.1f} "
+          f"(1-min average before the run), best of {a.repeat}")
+    print(row.format("model alone (featx's Encoder, pre-decoded pixels)", r["model_ips"], ""))
+    print(row.format("model alone, best ONNX Runtime setting", r["model_ceiling_ips"], "(for reference)"))
+    for dec in DECODERS:
+        print(row.format(f"decoding alone, {dec}", r[f"decode_{dec}_ips"], ""))
+    for dec in DECODERS:
+        print(row.format(f"shared-core bound, {dec}", r[f"bound_{dec}_ips"], "1 / (1/decode + 1/model)"))
+    for dec in DECODERS:
+        print(row.format(f"featx end to end, --decoder {dec}", r[f"featx_{dec}_ips"],
+                         f"{r[f'featx_{dec}_ips'] / r[f'bound_{dec}_ips']:.0%} of its bound (target >= 90%)"))
+    print(f"  {'featx default vs --decoder ' + old:<50} {r[f'featx_{new}_ips'] / r[f'featx_{old}_ips']:8.2f}x")
+    if "featx_ref_ips" in r:
+        print(row.format(f"featx at {a.baseline_ref} (today's path)", r["featx_ref_ips"],
+                         f"featx now is {r[f'featx_{new}_ips'] / r['featx_ref_ips']:.2f}x (target >= 1.4x)"))
+    if "torch_baseline_ips" in r:
+        print(row.format("torch eager + DataLoader baseline", r["torch_baseline_ips"],
+                         f"featx is {r[f'featx_{new}_ips'] / r['torch_baseline_ips']:.2f}x (target >= 6x)"))
+    if "png_featx_ips" in r:
+        print(f"\n{a.pngs} Fashion-MNIST-size PNGs (28 px):")
+        print(row.format("model alone", r["png_model_ips"], ""))
+        print(row.format("decoding alone", r["png_decode_ips"], ""))
+        print(row.format("featx end to end", r["png_featx_ips"],
+                         f"{r['png_featx_ips'] / r['png_model_ips']:.0%} of model-only (target >= 90%)"))
+    if "featx_nodraft_ips" in r:
+        print(f"\n  {'featx, JPEG draft off':<50} {r['featx_nodraft_ips']:8.1f} img/s   "
+              f"draft on is {r[f'featx_{new}_ips'] / r['featx_nodraft_ips']:.2f}x faster")
+        print(f"  second run, unchanged data: {r['featx_second_run_s']:.3f} s in-process (warm) vs first run "
+              f"{r['featx_first_run_s']:.2f} s = {r['featx_first_run_s'] / r['featx_second_run_s']:.0f}x faster "
+              f"(target >= 50x); first in-process call {r['featx_second_run_cold_s']:.2f} s, as a CLI process "
+              f"{r['featx_second_run_cli_s']:.2f} s (Python start-up and imports)")
+    if "featx_10x_second_s" in r:
+        print(f"  second run at 10x ({10 * a.n} images): {r['featx_10x_second_s']:.3f} s vs first "
+              f"{r['featx_10x_first_s']:.2f} s = {r['featx_10x_first_s'] / r['featx_10x_second_s']:.0f}x faster")
+        print(f"  peak RSS: {r['rss_1x_mib']:.0f} MiB at 1x, {r['rss_10x_mib']:.0f} MiB at 10x "
+              f"({r['rss_10x_mib'] / r['rss_1x_mib']:.2f}x; flat means ~1x)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=200, help="photos at 1x")
+    ap.add_argument("--n", type=int, default=300, help="photos at 1x")
+    ap.add_argument("--pngs", type=int, default=2000, help="Fashion-MNIST-size PNGs (0: skip)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--repeat", type=int, default=1, help="best of N for every rate")
+    ap.add_argument("--baseline-ref", default=None, metavar="REF",
+                    help="also run featx as it was at this git ref (e.g. main), end to end")
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "featx-bench")
+    ap.add_argument("--quick", action="store_true", help="only the decoder/bound/end-to-end figures")
     ap.add_argument("--skip-10x", action="store_true", help="skip the 10x peak-RSS run")
     a = ap.parse_args()
 
     from featx.backbones.resolve import resolve_backbone
-    from featx.embed.images import load_image
-    from featx.embed.scan import scan
 
     photos = make_photos(a.data / f"photos{a.n}", a.n)
     home = Path(tempfile.mkdtemp(prefix="featx-bench-home-"))
@@ -170,71 +362,16 @@ def main() -> None:
     os.environ["FEATX_HOME"] = str(home)
     bb = resolve_backbone("efficientnet_lite0")
     common = ["--batch-size", str(a.batch_size), "--workers", str(a.workers), "--device", "cpu"]
-    res: dict = {"n": a.n, "batch_size": a.batch_size, "workers": a.workers, "cores": os.cpu_count()}
-
-    # featx end to end (fresh store), then a second run over unchanged data
-    s1, wall1, rss1 = run_cli(["extract", str(photos), "--out", str(home / "a.parquet"),
-                               "--store", str(home / "s1"), *common], env)
-    res["featx_ips"] = s1["images_per_second"]
-    res["featx_first_run_s"] = wall1
-    res["rss_1x_mib"] = rss1
-    _, wall2, _ = run_cli(["extract", str(photos), "--out", str(home / "b.parquet"),
-                           "--store", str(home / "s1"), *common], env)
-    res["featx_second_run_cli_s"] = wall2
-    from featx.extract import extract
-
-    times = []
-    for _ in range(2):  # the first in-process call also pays one-time imports (pyarrow, pandas)
-        t = time.perf_counter()
-        again = extract(photos, bb, out=home / "b2.parquet", store=home / "s1", device="cpu")
-        times.append(time.perf_counter() - t)
-        assert again.stats.embedded == 0
-    res["featx_second_run_cold_s"], res["featx_second_run_s"] = times
-    s3, _, _ = run_cli(["extract", str(photos), "--out", str(home / "c.parquet"),
-                        "--store", str(home / "s3"), "--no-draft", *common], env)
-    res["featx_nodraft_ips"] = s3["images_per_second"]
-
-    # ONNX Runtime alone on pre-decoded pixels: the ceiling
-    pixels = np.stack([load_image(photos / it.path, bb.preprocess) for it in scan(photos).items])
-    # the ceiling: the best of several session settings, featx's own among them
-    res["ort_alone_ips"] = max(ort_alone(bb, pixels, a.batch_size, spin, mb)
-                               for spin in (False, True) for mb in (None, 1, 4))
-    res["decode_only_ips"] = decode_only(photos, bb.preprocess, a.batch_size, a.workers)
-    res["torch_baseline_ips"] = torch_baseline(photos, a.batch_size, a.workers)
-
-    if not a.skip_10x:
-        big = replicate(photos, a.data / f"photos{a.n}x10", 10)
-        s10, _, rss10 = run_cli(["extract", str(big), "--out", str(home / "x10.parquet"),
-                                 "--store", str(home / "s10"), *common], env)
-        res["rss_10x_mib"] = rss10
-        res["featx_10x_ips"] = s10["images_per_second"]
-        res["featx_10x_first_s"] = s10["seconds"]
-        t = time.perf_counter()
-        extract(big, bb, out=home / "x10b.parquet", store=home / "s10", device="cpu")
-        res["featx_10x_second_s"] = time.perf_counter() - t
-
-    r = res
-    print(f"\nfeatx extraction benchmark: {a.n} camera-size JPEGs, efficientnet_lite0, CPU, "
-          f"{r['cores']} cores, batch {a.batch_size}, {a.workers} workers")
-    print(f"  {'ONNX Runtime alone (pre-decoded)':<40} {r['ort_alone_ips']:8.1f} img/s   (ceiling)")
-    print(f"  {'featx extract end to end':<40} {r['featx_ips']:8.1f} img/s   "
-          f"{r['featx_ips'] / r['ort_alone_ips']:.0%} of ceiling (target >= 85%)")
-    print(f"  {'decoding alone (reader pool, no model)':<40} {r['decode_only_ips']:8.1f} img/s   "
-          "(with the model both share the same cores)")
-    print(f"  {'torch eager + DataLoader baseline':<40} {r['torch_baseline_ips']:8.1f} img/s   "
-          f"featx is {r['featx_ips'] / r['torch_baseline_ips']:.2f}x (target >= 4x)")
-    print(f"  {'featx, JPEG draft off':<40} {r['featx_nodraft_ips']:8.1f} img/s   "
-          f"draft on is {r['featx_ips'] / r['featx_nodraft_ips']:.2f}x faster")
-    print(f"  second run, unchanged data: {r['featx_second_run_s']:.3f} s in-process (warm) vs first run "
-          f"{r['featx_first_run_s']:.2f} s = {r['featx_first_run_s'] / r['featx_second_run_s']:.0f}x faster "
-          f"(target >= 50x); first in-process call {r['featx_second_run_cold_s']:.2f} s, as a CLI process "
-          f"{r['featx_second_run_cli_s']:.2f} s (Python start-up and imports)")
-    if "featx_10x_second_s" in r:
-        print(f"  second run at 10x ({10 * a.n} images): {r['featx_10x_second_s']:.3f} s vs first "
-              f"{r['featx_10x_first_s']:.2f} s = {r['featx_10x_first_s'] / r['featx_10x_second_s']:.0f}x faster")
-    if "rss_10x_mib" in r:
-        print(f"  peak RSS: {r['rss_1x_mib']:.0f} MiB at 1x, {r['rss_10x_mib']:.0f} MiB at 10x "
-              f"({r['rss_10x_mib'] / r['rss_1x_mib']:.2f}x; flat means ~1x)")
+    r: dict = {"n": a.n, "batch_size": a.batch_size, "workers": a.workers, "cores": os.cpu_count(),
+               "load": os.getloadavg()[0], "repeat": a.repeat}
+    ref = featx_at(a.baseline_ref) if a.baseline_ref else None
+    r.update(camera_section(a, bb, photos, home, env, common, ref))
+    if not a.quick:
+        r["torch_baseline_ips"] = torch_baseline(photos, a.batch_size, a.workers)
+        if a.pngs:
+            r.update(small_png_section(a, bb, home, env, common))
+        r.update(rerun_section(a, bb, photos, home, env, common, r["first_store"]))
+    report(a, r)
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "extract.json").write_text(json.dumps(r, indent=2))

@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from featx.backbones.artifact import Backbone
+from featx.backbones.artifact import Backbone, with_decoder
 from featx.backbones.resolve import resolve_backbone
 from featx.embed.store import EmbeddingStore
 from featx.engines.local import LocalEngine
@@ -37,7 +37,8 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
             out: str | os.PathLike | None = None, store: str | os.PathLike | None = None,
             weights: str | os.PathLike | None = None, batch_size: int = 32,
             workers: int | None = None, device: str = "auto", draft: bool = True,
-            shard_size: int = 2048, progress: ProgressFn = no_progress, write: bool = True,
+            decoder: str | None = None, shard_size: int = 2048, progress: ProgressFn = no_progress,
+            write: bool = True,
             engine: str | Engine = "local", address: str | None = None,
             keep_embeddings: bool = True, follow_symlinks: bool = False) -> ExtractResult:
     """Embed every image under ``root`` (cached), write the table and a report.
@@ -51,6 +52,8 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
         default card).
     out : table to write (default ``./<folder or table name>.featx.parquet``); ``write=False``
         writes nothing.
+    decoder : JPEG decoder, ``"simplejpeg"`` or ``"pillow"`` (default: the backbone's own,
+        ``Preprocess.decoder``). Part of the fingerprint: each decoder has its own store entries.
     engine : ``"local"`` (threads here), ``"ray"`` (Ray Data on ``address``; featx[ray]), or an
         engine object such as ``featx.engines.ray.RayEngine(actors=4)``.
     keep_embeddings : False (the CLI's choice) writes the table without holding all
@@ -77,7 +80,7 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
     progress("scan", 0, 0)
     found = scan_images(root, follow_symlinks)
     progress("backbone", 0, 0)
-    bb = resolve_backbone(backbone, weights=weights)
+    bb = with_decoder(resolve_backbone(backbone, weights=weights), decoder)
     # found.root: the folder, or for a table of paths the folder its relative paths start from
     job = ExtractJob(root=found.root, found=found, backbone=bb, store=EmbeddingStore(bb, store),
                      batch_size=batch_size, workers=workers, device=device, draft=draft,

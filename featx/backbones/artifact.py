@@ -210,7 +210,7 @@ def _parse_sidecar(d: Any, where: str) -> Sidecar:
     if v["dim"] <= 0:
         raise SidecarError(f"{where}: 'dim' must be positive, got {v['dim']}")
     try:
-        pre = Preprocess.from_dict(v["preprocess"])
+        pre = Preprocess.from_dict(v["preprocess"], stored=True)
     except (FeatXError, TypeError, ValueError) as e:
         raise SidecarError(f"{where}: bad 'preprocess' ({e}); re-export it") from None
     io_names = {}
@@ -325,6 +325,17 @@ def building(dest: str | os.PathLike) -> Iterator[Path]:
         publish(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def with_decoder(bb: Backbone, decoder: str | None) -> Backbone:
+    """``bb`` with its JPEGs decoded by ``decoder`` (None: its own): another fingerprint,
+    so the embeddings of two decoders never share a store namespace or a head."""
+    if decoder is None or decoder == bb.preprocess.decoder:
+        return bb
+    pre = bb.preprocess.with_decoder(decoder)
+    side = dataclasses.replace(bb.sidecar, preprocess=pre,
+                               fingerprint=fingerprint_of(bb.onnx_path.read_bytes(), pre))
+    return Backbone(bb.onnx_path, side)
 
 
 def publish(tmp: Path, dest: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from featx.backbones.cards import DECODERS
 from featx.cli.options import (
     backbone_option,
     batch_options,
@@ -163,6 +164,9 @@ def _guard_lines(directory: Path, g) -> list[str]:
 @click.option("--shard-size", type=click.IntRange(1), default=2048, show_default=True,
               help="Rows per store shard; a killed run loses at most one shard (or 10 s) of work.")
 @click.option("--no-draft", is_flag=True, help="Decode JPEGs at full size (slower; for comparison).")
+@click.option("--decoder", type=click.Choice(DECODERS), default=None,
+              help="JPEG decoder (default: the backbone's, simplejpeg for new exports). pillow is "
+                   "the path before featx 0.2: its store entries from then are still valid.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: threads on this machine; ray: Ray Data on a cluster (pip install 'featx[ray]').")
 @click.option("--address", default=None, metavar="ADDR",
@@ -174,7 +178,7 @@ def _guard_lines(directory: Path, g) -> list[str]:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @json_option
 def extract(root: Path, backbone, weights, out, store, batch_size, workers, device, shard_size,
-            no_draft, engine, address, follow_symlinks, quiet, as_json) -> None:
+            no_draft, decoder, engine, address, follow_symlinks, quiet, as_json) -> None:
     """Embed every image under ROOT (ImageFolder layout gives labels), reusing the cache.
 
     Instead of a folder, a CSV/TSV/Parquet TABLE with a `path` column (relative to the
@@ -186,9 +190,9 @@ def extract(root: Path, backbone, weights, out, store, batch_size, workers, devi
         raise click.UsageError("--address needs --engine ray")
     with progress_bar(quiet) as p:
         r = run(root, backbone, out=out, store=store, weights=weights, batch_size=batch_size,
-                workers=workers, device=device, draft=not no_draft, shard_size=shard_size,
-                progress=p, engine=engine, address=address, keep_embeddings=False,
-                follow_symlinks=follow_symlinks)
+                workers=workers, device=device, draft=not no_draft, decoder=decoder,
+                shard_size=shard_size, progress=p, engine=engine, address=address,
+                keep_embeddings=False, follow_symlinks=follow_symlinks)
     s = r.summary()
     rate = f", {s['images_per_second']} img/s" if s["images_per_second"] else ""
     lines = [

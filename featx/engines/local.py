@@ -21,7 +21,7 @@ from typing import TypeVar
 import numpy as np
 
 from featx.backbones.cards import Preprocess
-from featx.embed.images import content_key, decode, read_bytes, resize_crop
+from featx.embed.images import content_key, load_image, read_bytes
 from featx.embed.runtime import Encoder
 from featx.embed.statcache import Stat, StatCache, stat_of
 from featx.embed.store import EmbeddingStore, ShardWriter
@@ -80,7 +80,7 @@ def decode_batch(items: list[tuple[int, str, str]], pre: Preprocess, draft: bool
     for i, path, _ in items:
         try:
             data = read_bytes(path)
-            arrays.append(resize_crop(decode(data, path, draft_size=pre.resize_size if draft else None), pre))
+            arrays.append(load_image(data, pre, name=path, draft=draft))
             idx.append(i)
             keys.append(content_key(data))  # the bytes we decoded, even if the file changed since hashing
         except ImageError as e:

@@ -274,7 +274,7 @@ class ImageDataset:
     def __getitem__(self, i: int):
         path = self.files.paths[i]
         try:
-            img = decode(read_bytes(path), path, draft_size=self.pre.resize_size)
+            img = decode(read_bytes(path), path, draft_size=self.pre.resize_size, decoder=self.pre.decoder)
             if self.train:
                 rng = np.random.default_rng((self.seed, self.epoch, i))
                 box = random_box(img.width, img.height, rng, self.crop_scale)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from featx import __version__
-from featx.backbones.artifact import Backbone, load_export
+from featx.backbones.artifact import Backbone, load_export, with_decoder
 from featx.backbones.cards import Preprocess
 from featx.backbones.resolve import resolve_backbone
 from featx.errors import FeatXError, MismatchError
@@ -250,25 +250,26 @@ def load_head(path: str | os.PathLike, trust: bool = False) -> Head:
     if rel is not None and (p.parent / rel / "model.json").is_file():
         bdir = str((p.parent / rel).resolve())
     return Head(pipeline=pipeline, classes=list(header["classes"]), fingerprint=bb["fingerprint"],
-                backbone_dir=bdir, preprocess=Preprocess.from_dict(header["preprocess"]),
+                backbone_dir=bdir, preprocess=Preprocess.from_dict(header["preprocess"], stored=True),
                 meta=header, path=p)
 
 
 def head_backbone(head: Head, override: str | os.PathLike | Backbone | None = None) -> Backbone:
     """The backbone a head runs on: ``override`` if given (and it must match), else the
-    head's recorded export directory, else its card re-exported; fingerprint always checked."""
+    head's recorded export directory, else its card re-exported; fingerprint always checked.
+    Images are decoded as they were for the head (its ``preprocess.decoder``)."""
     if override is not None:
-        bb = resolve_backbone(override)
+        bb = with_decoder(resolve_backbone(override), head.preprocess.decoder)
         head.check_backbone(bb)
         return bb
     if head.backbone_dir and (Path(head.backbone_dir) / "model.json").is_file():
-        bb = load_export(head.backbone_dir)
+        bb = with_decoder(load_export(head.backbone_dir), head.preprocess.decoder)
         head.check_backbone(bb)
         return bb
     card = head.meta.get("backbone", {}).get("card")
     name = card.get("name") if isinstance(card, dict) else card
     if name:
-        bb = resolve_backbone(name)
+        bb = with_decoder(resolve_backbone(name), head.preprocess.decoder)
         head.check_backbone(bb)
         return bb
     raise FeatXError(f"head {head.path}: its backbone directory {head.backbone_dir} is gone; "

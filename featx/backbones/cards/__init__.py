@@ -21,6 +21,10 @@ import tomllib
 from featx.errors import FeatXError, UnknownBackboneError
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+DECODERS = ("simplejpeg", "pillow")
+DEFAULT_DECODER = "simplejpeg"
+# What every spec written before the decoder was a choice (no "decoder" key) was decoded with.
+LEGACY_DECODER = "pillow"
 
 
 @dataclass(frozen=True)
@@ -28,7 +32,12 @@ class Preprocess:
     """Resize the shorter side to ``resize_size``, centre-crop ``input_size``.
 
     ``mean``/``std`` are on the 0-255 scale and applied inside the ONNX graph,
-    which therefore takes uint8 NHWC pixels.
+    which therefore takes uint8 NHWC pixels. ``decoder`` says what turns JPEG
+    bytes into pixels (``featx.embed.images.decode``): ``"simplejpeg"``
+    (libjpeg-turbo through simplejpeg, the default) or ``"pillow"`` (the path
+    before featx had a choice). Other formats always go through Pillow. The
+    decoder is part of the fingerprint, so embeddings of two decoders never share
+    a store namespace or a head.
     """
 
     input_size: int = 224
@@ -36,12 +45,15 @@ class Preprocess:
     interpolation: str = "bilinear"
     mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    decoder: str = DEFAULT_DECODER
 
     def __post_init__(self) -> None:
         if self.interpolation not in INTERPOLATIONS:
             raise FeatXError(
                 f"interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}"
             )
+        if self.decoder not in DECODERS:
+            raise FeatXError(f"decoder {self.decoder!r} is not one of {', '.join(DECODERS)}")
         if not (0 < self.input_size <= self.resize_size):
             raise FeatXError(
                 f"need 0 < input_size <= resize_size, got {self.input_size} and {self.resize_size}"
@@ -55,16 +67,32 @@ class Preprocess:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+    def from_dict(cls, d: dict[str, Any], *, stored: bool = False) -> Preprocess:
+        """A spec from a dict; ``stored=True`` for one featx wrote earlier (a sidecar, a
+        head file), where a missing ``decoder`` means the Pillow path it was made with."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise FeatXError(f"unknown preprocessing keys {sorted(unknown)}; expected {sorted(known)}")
+        if stored and "decoder" not in d:
+            d = {**d, "decoder": LEGACY_DECODER}
         return cls(**d)
 
+    def with_decoder(self, decoder: str) -> Preprocess:
+        """The same spec decoded with ``decoder``."""
+        return dataclasses.replace(self, decoder=decoder)
+
     def canonical(self) -> str:
-        """Stable JSON, hashed into every fingerprint."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """Stable JSON, hashed into every fingerprint.
+
+        The Pillow decoder is left out, so a Pillow spec hashes exactly as every spec
+        did before the decoder was a choice: stores and heads made then stay valid
+        under ``decoder="pillow"``. Any other decoder is in, so it never shares them.
+        """
+        d = self.to_dict()
+        if self.decoder == LEGACY_DECODER:
+            del d["decoder"]
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
 
 WEIGHT_SOURCES = {"pypi": "PyPI package", "torchvision": "torchvision hub", "timm": "timm hub"}
