@@ -1,0 +1,125 @@
+"""Feature recipes (issue 13): the ``multi`` export on real weights and photos, its recipe per
+card family, and ``last`` staying exactly what it was."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+
+from featx.backbones.cards import get_card
+from featx.backbones.export import export_card, parity_images
+from featx.backbones.features import GRID, make_recipe, multi_features
+from featx.backbones.resolve import resolve_backbone
+from featx.backbones.zoo import build
+from featx.embed.runtime import Encoder
+from featx.errors import FeatXError
+
+# efficientnet_lite0's fingerprint before feature recipes existed, for the library versions
+# it was measured with (another torch/onnx may write other bytes for the same graph)
+LITE0_LAST_FINGERPRINT = "4eaa37b9ecc083d9"
+PINNED_VERSIONS = ("2.14.1+cu130", "1.23.2", "1.32.0")
+
+
+@pytest.fixture(scope="session")
+def lite0_multi(featx_home):
+    return resolve_backbone("efficientnet_lite0", features="multi")
+
+
+def test_last_export_is_unchanged(lite0):
+    """``last`` (the default) is byte-for-byte today's export, so every store stays valid."""
+    if (torch.__version__, onnx.__version__, onnxruntime.__version__) != PINNED_VERSIONS:
+        pytest.skip("the pinned fingerprint was measured with other torch/onnx/onnxruntime versions")
+    assert lite0.fingerprint == LITE0_LAST_FINGERPRINT
+    assert "features" not in lite0.meta
+    assert resolve_backbone("efficientnet_lite0", features="last").fingerprint == LITE0_LAST_FINGERPRINT
+
+
+def test_multi_export_dim_parity_and_sidecar(lite0, lite0_multi):
+    bb = lite0_multi
+    assert bb.dim == 4880 and bb.name == "efficientnet_lite0-multi"
+    assert bb.onnx_path.parent.name.endswith("-multi")
+    assert bb.onnx_path.parent != lite0.onnx_path.parent
+    assert bb.sidecar.parity.max_rel_diff <= 1e-4 and bb.sidecar.parity.min_cosine >= 0.999
+    rec = bb.meta["features"]
+    assert rec["name"] == "multi" and rec["dim"] == 4880
+    segs = rec["segments"]
+    # every stage (timm blocks 0-6: 16+24+40+80+112+192+320 = 784), 2x2 of the last four, then last
+    assert [s["module"] for s in segs if s["grid"] == 1][:7] == [f"blocks.{i}" for i in range(7)]
+    assert sum(s["stop"] - s["start"] for s in segs if s["grid"] == 1) == 784 + 1280
+    assert [s["module"] for s in segs if s["grid"] == GRID] == ["blocks.3", "blocks.4", "blocks.5", "blocks.6"]
+    assert sum(s["stop"] - s["start"] for s in segs if s["grid"] == GRID) == 2816
+    assert [s["start"] for s in segs[1:]] == [s["stop"] for s in segs[:-1]]  # contiguous
+    inp = onnx.load(str(bb.onnx_path)).graph.input[0].type.tensor_type
+    assert inp.elem_type == onnx.TensorProto.UINT8  # still uint8 NHWC in, one output
+    assert len(onnx.load(str(bb.onnx_path)).graph.output) == 1
+
+
+def test_multi_matches_torch_pooling_of_the_stages(lite0, lite0_multi):
+    """The ONNX vector equals timm's stage outputs pooled by torch's own adaptive pooling, and
+    its last segment is the ``last`` embedding."""
+    import torch.nn.functional as F
+
+    card = get_card("efficientnet_lite0")
+    model, _, _ = build(card)
+    x = parity_images(card.preprocess, n=3)
+    maps = {}
+    hooks = [model.blocks[i].register_forward_hook(lambda _m, _a, o, i=i: maps.__setitem__(i, o))
+             for i in range(7)]
+    with torch.no_grad():
+        t = (torch.from_numpy(x).permute(0, 3, 1, 2).float() - 127.0) / 128.0
+        last = model(t)
+        ref = torch.cat([maps[i].mean((2, 3)) for i in range(7)]
+                        + [F.adaptive_avg_pool2d(maps[i], GRID).flatten(1) for i in range(3, 7)] + [last], 1)
+    for h in hooks:
+        h.remove()
+    got = Encoder(lite0_multi, device="cpu")(x)
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(got[:, -1280:], Encoder(lite0, device="cpu")(x), rtol=1e-4, atol=1e-4)
+
+
+def test_multi_fingerprint_differs_from_last_and_is_stable(lite0, lite0_multi):
+    assert lite0_multi.fingerprint != lite0.fingerprint
+    assert resolve_backbone("efficientnet_lite0", features="multi").fingerprint == lite0_multi.fingerprint
+    before = lite0_multi.onnx_path.read_bytes()
+    again = export_card(get_card("efficientnet_lite0"), force=True, features="multi")
+    assert (again / "model.onnx").read_bytes() == before
+    assert resolve_backbone(again).fingerprint == lite0_multi.fingerprint
+
+
+@pytest.mark.parametrize("name, stages, dim", [
+    ("resnet18", ["layer1", "layer2", "layer3", "layer4"], 960 + 4 * 960 + 512),
+    ("efficientnet_b0", [f"features.{i}" for i in range(1, 8)], 784 + 4 * 704 + 1280),
+    # one stage per run of equal shapes; features.16 (the 960-channel head conv) is the last layer
+    ("mobilenet_v3_large", [f"features.{i}" for i in (1, 3, 6, 10, 12, 15)], 432 + 4 * 392 + 960),
+    ("convnext_tiny", ["features.1", "features.3", "features.5", "features.7"], 1440 + 4 * 1440 + 768),
+])
+def test_recipe_per_torchvision_family(name, stages, dim):
+    card = get_card(name)
+    model, _, _ = build(card, pretrained=False)
+    recipe = make_recipe(model, card)
+    assert list(recipe.stages) == stages
+    assert recipe.dim == dim
+
+
+def test_multi_module_on_a_torchvision_card_matches_its_embedding():
+    """resnet18 (random init, no download): the multi module's last segment is the plain backbone."""
+    card = get_card("resnet18")
+    model, _, _ = build(card, pretrained=False)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        plain = model(x)
+        module, recipe = multi_features(model, card)
+        out = module(x)
+    assert out.shape == (2, recipe.dim)
+    torch.testing.assert_close(out[:, -512:], plain)
+
+
+def test_features_for_a_finished_export_must_match(lite0, lite0_multi):
+    with pytest.raises(FeatXError, match="gives 'last' features, not 'multi'"):
+        resolve_backbone(lite0.onnx_path.parent, features="multi")
+    assert resolve_backbone(lite0_multi.onnx_path.parent, features="multi").dim == 4880
+    with pytest.raises(FeatXError, match="not one of last, multi"):
+        resolve_backbone("efficientnet_lite0", features="middle")
