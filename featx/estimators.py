@@ -67,13 +67,14 @@ def _as_images(X, who: str) -> tuple[str, Sequence]:
 
 
 def embed_images(X, backbone, *, device: str = "auto", store=None, batch_size: int = 32,
-                 workers: int | None = None, who: str = "FeatXEmbedder") -> np.ndarray:
+                 workers: int | None = None, who: str = "FeatXEmbedder", features: str | None = None,
+                 crop: str | None = None) -> np.ndarray:
     """Embeddings (N, dim) float32 of a batch of images, in input order, via the shared cache."""
     from featx.backbones.resolve import resolve_backbone
     from featx.predict import embed_arrays, embed_paths
 
     kind, items = _as_images(X, who)
-    bb = resolve_backbone(backbone)
+    bb = resolve_backbone(backbone, features=features, crop=crop)
     if kind == "arrays":
         return embed_arrays(items, bb, device=device, store=store, batch_size=batch_size)
     E, _, failures = embed_paths(list(items), bb, device=device, store=store,
@@ -97,6 +98,11 @@ class FeatXEmbedder(TransformerMixin, BaseEstimator):
     ----------
     backbone : str
         Card name (``featx models``), export/run directory, or ONNX file.
+    features : {"last", "multi"} or None
+        A card's embedding: the last layer (None: the backbone's own, ``last`` for a card)
+        or ``multi``, every stage pooled (wider; better on data unlike ImageNet).
+    crop : {"center", "none"} or None
+        A card's preprocessing: its centre crop (None: the backbone's own) or the whole image.
     device : {"auto", "cpu", "cuda"}
     store : str or None
         Embedding cache directory (default: ``$FEATX_HOME/store``, shared with the CLI).
@@ -104,9 +110,12 @@ class FeatXEmbedder(TransformerMixin, BaseEstimator):
         Inference batch size; decoding threads (default: CPU count).
     """
 
-    def __init__(self, backbone: str = DEFAULT_BACKBONE, *, device: str = "auto",
-                 store: str | None = None, batch_size: int = 32, workers: int | None = None) -> None:
+    def __init__(self, backbone: str = DEFAULT_BACKBONE, *, features: str | None = None, crop: str | None = None,
+                 device: str = "auto", store: str | None = None, batch_size: int = 32,
+                 workers: int | None = None) -> None:
         self.backbone = backbone
+        self.features = features
+        self.crop = crop
         self.device = device
         self.store = store
         self.batch_size = batch_size
@@ -121,12 +130,12 @@ class FeatXEmbedder(TransformerMixin, BaseEstimator):
         """Embeddings (N, dim) float32, in input order."""
         return embed_images(X, self.backbone, device=self.device, store=self.store,
                             batch_size=self.batch_size, workers=self.workers,
-                            who=type(self).__name__)
+                            who=type(self).__name__, features=self.features, crop=self.crop)
 
     def get_feature_names_out(self, input_features=None) -> np.ndarray:
         from featx.backbones.resolve import resolve_backbone
 
-        dim = resolve_backbone(self.backbone).dim
+        dim = resolve_backbone(self.backbone, features=self.features, crop=self.crop).dim
         return np.asarray([f"embedding{i}" for i in range(dim)], dtype=object)
 
     def __sklearn_tags__(self):
@@ -155,7 +164,7 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
     cv : int
         Folds for ``C="auto"``.
     seed : int
-    device, store, batch_size, workers
+    features, crop, device, store, batch_size, workers
         As for ``FeatXEmbedder``.
     finetune : bool
         Fine-tune the backbone card's top blocks (LP-FT, ``featx.finetune``)
@@ -170,10 +179,12 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, head: str = "logreg",
                  C: float | str = "auto", *, class_weight: str | dict | None = None, cv: int = 5,
-                 seed: int = 0, device: str = "auto", store: str | None = None,
-                 batch_size: int = 32, workers: int | None = None, finetune: bool = False,
-                 finetune_options: dict | None = None, run_dir: str | None = None) -> None:
+                 seed: int = 0, features: str | None = None, crop: str | None = None, device: str = "auto",
+                 store: str | None = None, batch_size: int = 32, workers: int | None = None,
+                 finetune: bool = False, finetune_options: dict | None = None, run_dir: str | None = None) -> None:
         self.backbone = backbone
+        self.features = features
+        self.crop = crop
         self.head = head
         self.C = C
         self.class_weight = class_weight
@@ -191,14 +202,22 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         # a fine-tuned classifier embeds with its own backbone, not the card it started from
         return getattr(self, "backbone_dir_", None) or self.backbone
 
+    def _variant(self) -> dict:
+        """features/crop choose among a card's exports; a fine-tuned run's backbone is its own."""
+        return {} if getattr(self, "backbone_dir_", None) else {"features": self.features, "crop": self.crop}
+
+    def _resolve(self):
+        from featx.backbones.resolve import resolve_backbone
+
+        return resolve_backbone(self._fitted_backbone(), **self._variant())
+
     def _embed(self, X) -> np.ndarray:
         return embed_images(X, self._fitted_backbone(), device=self.device, store=self.store,
                             batch_size=self.batch_size, workers=self.workers,
-                            who=type(self).__name__)
+                            who=type(self).__name__, **self._variant())
 
     def fit(self, X, y):
         """Embed ``X`` and fit the head on labels ``y``; returns self."""
-        from featx.backbones.resolve import resolve_backbone
         from featx.heads.fit import fit_head
 
         if y is None:
@@ -217,6 +236,9 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         for attr in ("backbone_dir_", "run_dir_"):  # a refit starts from the card again
             self.__dict__.pop(attr, None)
         if self.finetune:
+            if self.features not in (None, "last") or self.crop not in (None, "center"):
+                raise ImageInputError("finetune=True trains the card's own last-layer embedding on its "
+                                      "own crop; features= and crop= are for frozen heads")
             return self._fit_finetune(kind, items, classes, codes)
         E = self._embed(X)
         # the head learns codes 0..K-1: column j of predict_proba is classes_[j]
@@ -226,7 +248,7 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         self.classes_ = classes
         self.pipeline_ = pipe
         self.report_ = report
-        self.backbone_fingerprint_ = resolve_backbone(self.backbone).fingerprint
+        self.backbone_fingerprint_ = self._resolve().fingerprint
         return self
 
     def _fit_finetune(self, kind: str, items, classes: np.ndarray, codes: np.ndarray):
@@ -259,11 +281,10 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         return self
 
     def _embed_fitted(self, X) -> np.ndarray:
-        from featx.backbones.resolve import resolve_backbone
         from featx.errors import MismatchError
 
         check_is_fitted(self)
-        fp = resolve_backbone(self._fitted_backbone()).fingerprint
+        fp = self._resolve().fingerprint
         if fp != self.backbone_fingerprint_:
             raise MismatchError(f"this classifier was fitted on backbone fingerprint "
                                 f"{self.backbone_fingerprint_}, but backbone={self.backbone!r} is now "
@@ -310,11 +331,10 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
 
     def save_head(self, path: str | os.PathLike):
         """Write a featx head file, usable by ``featx predict/evaluate/export-classifier``."""
-        from featx.backbones.resolve import resolve_backbone
         from featx.heads.headfile import save_head
 
         check_is_fitted(self)
-        bb = resolve_backbone(self._fitted_backbone())
+        bb = self._resolve()
         return save_head(path, self.pipeline_, [str(c) for c in self.classes_], bb, self.report_)
 
     def __sklearn_tags__(self):

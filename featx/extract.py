@@ -39,7 +39,8 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
             workers: int | None = None, device: str = "auto", draft: bool = True,
             shard_size: int = 2048, progress: ProgressFn = no_progress, write: bool = True,
             engine: str | Engine = "local", address: str | None = None,
-            keep_embeddings: bool = True) -> ExtractResult:
+            keep_embeddings: bool = True, features: str | None = None,
+            crop: str | None = None) -> ExtractResult:
     """Embed every image under ``root`` (cached), write the table and a report.
 
     Parameters
@@ -52,6 +53,8 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
         engine object such as ``featx.engines.ray.RayEngine(actors=4)``.
     keep_embeddings : False (the CLI's choice) writes the table without holding all
         embeddings in memory; ``result.table.X`` is then None.
+    features, crop : the export of a backbone card: ``"last"`` or ``"multi"`` features,
+        ``"center"`` or ``"none"`` crop (see ``featx.backbones.resolve.resolve_backbone``).
 
     Returns
     -------
@@ -68,7 +71,7 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
     progress("scan", 0, 0)
     found = scan_images(root)
     progress("backbone", 0, 0)
-    bb = resolve_backbone(backbone, weights=weights)
+    bb = resolve_backbone(backbone, weights=weights, features=features, crop=crop)
     job = ExtractJob(root=root, found=found, backbone=bb, store=EmbeddingStore(bb, store),
                      batch_size=batch_size, workers=workers, device=device, draft=draft,
                      shard_size=shard_size, progress=progress)

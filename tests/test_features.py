@@ -123,3 +123,98 @@ def test_features_for_a_finished_export_must_match(lite0, lite0_multi):
     assert resolve_backbone(lite0_multi.onnx_path.parent, features="multi").dim == 4880
     with pytest.raises(FeatXError, match="not one of last, multi"):
         resolve_backbone("efficientnet_lite0", features="middle")
+
+
+# ---------------------------------------------------------------- crop, and the option everywhere
+
+def test_crop_none_is_recorded_only_when_asked():
+    from featx.backbones.cards import Preprocess
+
+    default = Preprocess()
+    assert "crop" not in default.canonical()  # fingerprints from before crop existed stay the same
+    assert Preprocess.from_dict(default.to_dict()) == default
+    whole = Preprocess(crop="none")
+    assert '"crop":"none"' in whole.canonical() and Preprocess.from_dict(whole.to_dict()) == whole
+    with pytest.raises(FeatXError, match="crop 'corner' is not one of center, none"):
+        Preprocess(crop="corner")
+
+
+def test_crop_none_resizes_the_whole_image():
+    import skimage.data
+    from PIL import Image
+
+    from featx.backbones.cards import Preprocess
+    from featx.embed.images import load_image
+
+    cat = skimage.data.chelsea()  # 300 x 451: a centre crop cuts off the sides
+    pre = Preprocess(interpolation="bicubic", crop="none")
+    got = load_image(cat, pre)
+    want = np.asarray(Image.fromarray(cat).resize((224, 224), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got, load_image(cat, Preprocess(interpolation="bicubic")))
+
+
+def test_export_crop_none_is_the_same_graph_under_another_fingerprint(lite0):
+    from click.testing import CliRunner
+
+    from featx.cli import main
+
+    r = CliRunner().invoke(main, ["export", "efficientnet_lite0", "--crop", "none", "--json"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    s = json.loads(r.output)
+    whole = resolve_backbone(s["onnx"].rsplit("/", 1)[0])
+    assert whole.onnx_path.parent.name == lite0.onnx_path.parent.name + "-crop-none"
+    assert whole.preprocess.crop == "none" and s["preprocess"]["crop"] == "none"
+    assert whole.onnx_path.read_bytes() == lite0.onnx_path.read_bytes()
+    assert whole.fingerprint == s["fingerprint"] != lite0.fingerprint
+    assert resolve_backbone("efficientnet_lite0", crop="none").fingerprint == whole.fingerprint
+    with pytest.raises(FeatXError, match="made with crop 'center', not 'none'"):
+        resolve_backbone(lite0.onnx_path.parent, crop="none")
+
+
+def test_cli_extract_multi_then_fit_head_and_predict(lite0_multi, image_folder, tmp_path):
+    """--features on extract; fit-head and predict find the multi backbone through the table/head."""
+    import json
+
+    from click.testing import CliRunner
+
+    from featx.cli import main
+    from featx.embed.table import read_table
+
+    table = tmp_path / "t.parquet"
+    r = CliRunner().invoke(main, ["extract", str(image_folder), "--features", "multi", "--out", str(table),
+                                  "-q", "--json"])
+    assert r.exit_code == 0, r.output
+    t = read_table(table)
+    assert t.X.shape == (8, 4880) and t.fingerprint == lite0_multi.fingerprint
+    head = tmp_path / "head.joblib"
+    r = CliRunner().invoke(main, ["fit-head", "-e", str(table), "--C", "1.0", "--out", str(head), "--json"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["predict", str(head), str(image_folder), "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)["predictions"]
+    assert len(rows) == 8 and all(row["label"] == row["path"].split("/")[-2] for row in rows)
+
+
+def test_estimators_features_multi(lite0_multi, image_folder, tmp_path):
+    from sklearn.base import clone
+
+    from featx import FeatXClassifier, FeatXEmbedder
+    from featx.heads.headfile import load_head
+
+    paths = sorted(str(p) for p in image_folder.rglob("*.*"))
+    y = [p.split("/")[-2] for p in paths]
+    emb = FeatXEmbedder(features="multi")
+    E = emb.transform(paths)
+    assert E.shape == (8, 4880) and len(emb.get_feature_names_out()) == 4880
+    np.testing.assert_allclose(E[:, -1280:], FeatXEmbedder().transform(paths), rtol=1e-4, atol=1e-4)
+    assert clone(emb).get_params()["features"] == "multi"
+    clf = FeatXClassifier(features="multi", C=1.0).fit(paths, y)
+    assert clf.backbone_fingerprint_ == lite0_multi.fingerprint
+    assert (clf.predict(paths) == np.asarray(y)).all()
+    h = load_head(clf.save_head(tmp_path / "h.joblib"))
+    assert h.fingerprint == lite0_multi.fingerprint
+    with pytest.raises(FeatXError, match="features= and crop= are for frozen heads"):
+        FeatXClassifier(features="multi", finetune=True).fit(paths, y)

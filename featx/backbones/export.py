@@ -185,8 +185,10 @@ def export_dir_for(card: BackboneCard, weights_sha: str) -> Path:
     from featx.errors import UnknownBackboneError
 
     name = f"{safe_dirname(card.name)}-{weights_sha[:12]}"
+    # another crop is the stock card seen another way: export_card names it in a suffix
+    uncropped = dataclasses.replace(card, preprocess=dataclasses.replace(card.preprocess, crop="center"))
     try:
-        stock = get_card(card.name).digest() == card.digest()
+        stock = get_card(card.name).digest() == uncropped.digest()
     except UnknownBackboneError:
         stock = False
     return exports_dir() / (name if stock else f"{name}-{card.preprocess.input_size}px-{card.digest()[:8]}")
@@ -232,7 +234,8 @@ def export_card(card: BackboneCard, weights: str | os.PathLike | None = None,
     ``precision="fp16"`` writes a float16 graph (uint8 in, float32 embedding
     out) for GPUs, in its own directory with its own fingerprint.
     ``features="multi"`` pools intermediate stages into the embedding
-    (featx.backbones.features), in its own directory. A cached export whose
+    (featx.backbones.features), and a card whose preprocessing has
+    ``crop="none"`` sees whole images: each in its own directory. A cached export whose
     model.json is damaged is exported again.
     """
     from featx.backbones.zoo import build, file_sha256, weights_file
@@ -240,7 +243,9 @@ def export_card(card: BackboneCard, weights: str | os.PathLike | None = None,
     check_features(features)
     wfile = weights_file(card, weights)
     wsha = file_sha256(wfile)
-    suffix = "".join(f"-{v}" for v in (features, precision) if v not in ("last", "fp32"))
+    crop = card.preprocess.crop
+    suffix = "".join(f"-{v}" for v in (f"crop-{crop}", features, precision)
+                     if v not in ("crop-center", "last", "fp32"))
     dest = export_dir_for(card, wsha)
     dest = dest.with_name(dest.name + suffix)
     cached = None if force else cached_sidecar(dest)

@@ -11,8 +11,10 @@ import click
 from featx.cli.options import (
     backbone_option,
     batch_options,
+    crop_option,
     device_option,
     emit,
+    features_option,
     json_option,
     progress_bar,
     store_option,
@@ -73,6 +75,8 @@ def _list_timm(pattern: str, as_json: bool) -> None:
 @click.option("--preprocess", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON preprocessing spec, for your own ONNX file.")
 @click.option("--force", is_flag=True, help="Export again even if a cached export exists.")
+@features_option
+@crop_option
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="fp16: a float16 graph for GPUs (uint8 in, float32 embedding out), in its own directory.")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
@@ -88,9 +92,10 @@ def _list_timm(pattern: str, as_json: bool) -> None:
               help="Refuse int8 above this many points of linear-probe accuracy lost.")
 @click.option("--force-quantize", is_flag=True, help="Keep the int8 model even if the guard refuses it.")
 @json_option
-def export(name: str, weights: str | None, preprocess: str | None, force: bool, precision: str, quantize: str | None,
-           calibrate: Path | None, calib_images: int, guard_images: int, calibration_method: str,
-           max_loss: float, force_quantize: bool, as_json: bool) -> None:
+def export(name: str, weights: str | None, preprocess: str | None, force: bool, features: str | None,
+           crop: str | None, precision: str, quantize: str | None, calibrate: Path | None, calib_images: int,
+           guard_images: int, calibration_method: str, max_loss: float, force_quantize: bool,
+           as_json: bool) -> None:
     """Export a backbone to ONNX (uint8 NHWC in, embedding out), parity-checked against torch.
 
     NAME is a card (`featx models`), timm:NAME for any timm model (`featx models --timm`),
@@ -98,6 +103,7 @@ def export(name: str, weights: str | None, preprocess: str | None, force: bool, 
     and prints how much it changes the embeddings; pass its directory as --backbone to any command.
     """
     from featx.backbones.cards import Preprocess
+    from featx.backbones.features import recorded_features
     from featx.backbones.resolve import export_backbone
 
     if quantize and calibrate is None:
@@ -107,12 +113,13 @@ def export(name: str, weights: str | None, preprocess: str | None, force: bool, 
     if name.lower().endswith(".onnx") and precision != "fp32":
         raise click.UsageError("--precision applies to backbone cards; your ONNX file is used as it is")
     pre = Preprocess.from_dict(_read_spec(preprocess)) if preprocess else None
-    bb = export_backbone(name, weights, pre, force=force, precision=precision)
+    bb = export_backbone(name, weights, pre, force=force, precision=precision, features=features, crop=crop)
     side = bb.sidecar
     summary = {"name": bb.name, "onnx": str(bb.onnx_path), "dim": bb.dim, "fingerprint": bb.fingerprint,
                "parity": asdict(side.parity) if side.parity else {}, "preprocess": bb.preprocess.to_dict(),
-               "precision": side.precision}
-    lines = [f"{bb.name}: {bb.onnx_path}" + ("  (use it as --backbone)" if precision != "fp32" else ""),
+               "precision": side.precision, "features": recorded_features(side.extra)}
+    variant = precision != "fp32" or features not in (None, "last") or crop not in (None, "center")
+    lines = [f"{bb.name}: {bb.onnx_path}" + ("  (use it as --backbone)" if variant else ""),
              f"  dim {bb.dim}, input {bb.preprocess.input_size}px uint8 NHWC, {side.precision}, "
              f"fingerprint {bb.fingerprint}"]
     if side.parity:
@@ -155,6 +162,8 @@ def _guard_lines(directory: Path, g) -> list[str]:
 @click.argument("root", type=click.Path(file_okay=False, path_type=Path))
 @backbone_option
 @weights_option
+@features_option
+@crop_option
 @click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output table (Parquet). Default: ./<folder>.featx.parquet")
 @store_option
@@ -170,7 +179,7 @@ def _guard_lines(directory: Path, g) -> list[str]:
                    "Default: start a local Ray.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @json_option
-def extract(root: Path, backbone, weights, out, store, batch_size, workers, device, shard_size,
+def extract(root: Path, backbone, weights, features, crop, out, store, batch_size, workers, device, shard_size,
             no_draft, engine, address, quiet, as_json) -> None:
     """Embed every image under ROOT (ImageFolder layout gives labels), reusing the cache."""
     from featx.extract import extract as run
@@ -180,7 +189,8 @@ def extract(root: Path, backbone, weights, out, store, batch_size, workers, devi
     with progress_bar(quiet) as p:
         r = run(root, backbone, out=out, store=store, weights=weights, batch_size=batch_size,
                 workers=workers, device=device, draft=not no_draft, shard_size=shard_size,
-                progress=p, engine=engine, address=address, keep_embeddings=False)
+                progress=p, engine=engine, address=address, keep_embeddings=False, features=features,
+                crop=crop)
     s = r.summary()
     rate = f", {s['images_per_second']} img/s" if s["images_per_second"] else ""
     lines = [

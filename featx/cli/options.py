@@ -21,6 +21,20 @@ def weights_option(f):
                         help="Local checkpoint (.pth state dict) instead of the card's published weights.")(f)
 
 
+def features_option(f):
+    return click.option(
+        "--features", type=click.Choice(["last", "multi"]), default=None,
+        help="Embedding of a backbone card: last (the last layer's average; default) or multi (every "
+             "stage pooled and concatenated: wider, better on data unlike ImageNet). See docs/heads.md.")(f)
+
+
+def crop_option(f):
+    return click.option(
+        "--crop", type=click.Choice(["center", "none"]), default=None,
+        help="Preprocessing of a backbone card: center (the card's resize + centre crop; default) or "
+             "none (resize the whole image to the input size: nothing is cut off).")(f)
+
+
 def device_option(f):
     return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                         envvar="FEATX_DEVICE", show_default=True,

@@ -21,6 +21,7 @@ import tomllib
 from featx.errors import FeatXError, UnknownBackboneError
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+CROPS = ("center", "none")
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,8 @@ class Preprocess:
     """Resize the shorter side to ``resize_size``, centre-crop ``input_size``.
 
     ``mean``/``std`` are on the 0-255 scale and applied inside the ONNX graph,
-    which therefore takes uint8 NHWC pixels.
+    which therefore takes uint8 NHWC pixels. ``crop="none"`` resizes the whole
+    image to ``input_size`` square instead (nothing cut off; the aspect ratio is not kept).
     """
 
     input_size: int = 224
@@ -36,8 +38,11 @@ class Preprocess:
     interpolation: str = "bilinear"
     mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    crop: str = "center"
 
     def __post_init__(self) -> None:
+        if self.crop not in CROPS:
+            raise FeatXError(f"crop {self.crop!r} is not one of {', '.join(CROPS)}")
         if self.interpolation not in INTERPOLATIONS:
             raise FeatXError(
                 f"interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}"
@@ -52,7 +57,10 @@ class Preprocess:
             raise FeatXError("mean and std need three values each, std > 0")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["crop"] == "center":  # the default is left out: specs, card digests and fingerprints
+            del d["crop"]          # made before crop existed stay the same
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocess:
