@@ -218,3 +218,57 @@ def test_estimators_features_multi(lite0_multi, image_folder, tmp_path):
     assert h.fingerprint == lite0_multi.fingerprint
     with pytest.raises(FeatXError, match="features= and crop= are for frozen heads"):
         FeatXClassifier(features="multi", finetune=True).fit(paths, y)
+
+
+# ---------------------------------------------------------------- compare --backbones/--features
+
+def test_cli_compare_features_rows_and_recommendation(lite0, lite0_multi, image_folder, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from featx.cli import main
+    from tests.conftest import make_image_folder
+
+    test = make_image_folder(tmp_path / "test", per_class=2)
+    out = tmp_path / "report"
+    r = CliRunner().invoke(main, ["compare", str(image_folder), "--test", str(test), "--features", "last,multi",
+                                  "--out", str(out), "-q", "--json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.output)
+    rows = s["rows"]
+    assert [(x["backbone"], x["features"], x["crop"]) for x in rows] == [
+        ("efficientnet_lite0", "last", "center"), ("efficientnet_lite0", "multi", "center")]
+    assert [x["dim"] for x in rows] == [1280, 4880]
+    assert [x["fingerprint"] for x in rows] == [lite0.fingerprint, lite0_multi.fingerprint]
+    for x in rows:
+        assert 0.0 <= x["cv_accuracy"] <= 1.0 and x["test_accuracy"] is not None and x["extract_ms_per_image"] > 0
+    report = (out / "features.md").read_text()
+    best = s["config"]["best"]
+    assert f"**Use {best['backbone']} with {best['features']} features" in report
+    assert f"featx extract {image_folder} --backbone efficientnet_lite0" in report
+    assert (out / "features.png").stat().st_size > 0 and not (out / "compare.md").exists()  # features alone
+
+
+def test_compare_features_reuses_the_cache(lite0, image_folder, tmp_path):
+    from featx.compare_features import compare_features
+    from featx.embed.store import EmbeddingStore
+
+    store = tmp_path / "store"
+    first = compare_features(image_folder, features="last", out=tmp_path / "a", store=store)
+    assert first.rows[0]["embedded_now"] == 8 and len(EmbeddingStore(lite0, store).keys()) == 8
+    again = compare_features(image_folder, features="last", out=tmp_path / "b", store=store)
+    assert again.rows[0]["embedded_now"] == 0 and again.rows[0]["extract_ms_per_image"] > 0
+    with pytest.raises(FeatXError, match="--features: middle; expected a comma-separated list of last, multi"):
+        compare_features(image_folder, features="last,middle", out=tmp_path / "c")
+
+
+def test_recommend_prefers_the_faster_of_a_tie():
+    from featx.compare_features import recommend
+
+    rows = [{"cv_accuracy": 0.9, "extract_ms_per_image": 20.0, "dim": 4880},
+            {"cv_accuracy": 0.9005, "extract_ms_per_image": 10.0, "dim": 1280},
+            {"cv_accuracy": 0.85, "extract_ms_per_image": 5.0, "dim": 512}]
+    assert recommend(rows) is rows[1]
+    rows[0]["cv_accuracy"] = 0.95
+    assert recommend(rows) is rows[0]

@@ -35,6 +35,16 @@ def crop_option(f):
              "none (resize the whole image to the input size: nothing is cut off).")(f)
 
 
+def probe_options(f):
+    f = click.option("--crops", default=None, metavar="center,none",
+                     help="Crops to compare as frozen probes (see --features).")(f)
+    f = click.option("--features", default=None, metavar="last,multi",
+                     help="Feature recipes to compare as frozen probes, each scored by CV on TRAIN "
+                          "(report: features.md).")(f)
+    return click.option("--backbones", default=None, metavar="A,B,...",
+                         help="Backbone cards to compare as frozen probes (see --features).")(f)
+
+
 def device_option(f):
     return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                         envvar="FEATX_DEVICE", show_default=True,
