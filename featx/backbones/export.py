@@ -126,6 +126,9 @@ def export_module(module, pre: Preprocess, dest: str | os.PathLike, output_name:
             # the TorchScript exporter is deprecated but gives a smaller, faster graph for CNNs
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", UserWarning)  # constant-folding notes about Slice steps
+            # shape checks (timm's ViT asserts the input size) trace as constants: right for a
+            # graph of one input size, which every export is
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(
                 module, (dummy,), str(traced), dynamo=False, opset_version=OPSET,
                 input_names=[INPUT_NAME], output_names=[output_name],
