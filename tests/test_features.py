@@ -272,3 +272,15 @@ def test_recommend_prefers_the_faster_of_a_tie():
     assert recommend(rows) is rows[1]
     rows[0]["cv_accuracy"] = 0.95
     assert recommend(rows) is rows[0]
+
+
+def test_recipe_of_timm_models_from_feature_info():
+    """timm:NAME (random init, offline): stages from feature_info; transformer tokens are refused."""
+    card = get_card("timm:resnet18.a1_in1k")
+    model, _, _ = build(card, pretrained=False)
+    recipe = make_recipe(model, card)
+    assert list(recipe.stages) == ["act1", "layer1", "layer2", "layer3", "layer4"]
+    assert recipe.dim == (64 + 64 + 128 + 256 + 512) + 4 * (64 + 128 + 256 + 512) + 512
+    vit = get_card("timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k")
+    with pytest.raises(FeatXError, match="square NCHW feature maps"):
+        make_recipe(build(vit, pretrained=False)[0], vit)
