@@ -11,14 +11,16 @@ import click
 
 def backbone_option(f):
     return click.option(
-        "--backbone", "-b", default=None, metavar="NAME|DIR|FILE.onnx", envvar="FEATX_BACKBONE",
-        help="Backbone card name (see `featx models`), an export or fine-tuning run directory, "
-             "or your own ONNX file. Default: efficientnet_lite0.")(f)
+        "--backbone", "-b", default=None, metavar="NAME|timm:NAME|DIR|FILE.onnx", envvar="FEATX_BACKBONE",
+        help="Backbone card name (see `featx models`), timm:NAME for any timm model (`featx models "
+             "--timm`), an export or fine-tuning run directory, or your own ONNX file. "
+             "Default: efficientnet_lite0.")(f)
 
 
 def weights_option(f):
     return click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
-                        help="Local checkpoint (.pth state dict) instead of the card's published weights.")(f)
+                        help="Local checkpoint (.pth or .safetensors state dict) instead of the published "
+                             "weights: how to use a card or timm:NAME without internet.")(f)
 
 
 def features_option(f):
