@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime
 import pytest
 import torch
 
@@ -17,10 +16,7 @@ from featx.backbones.zoo import build
 from featx.embed.runtime import Encoder
 from featx.errors import FeatXError
 
-# efficientnet_lite0's fingerprint before feature recipes existed, for the library versions
-# it was measured with (another torch/onnx may write other bytes for the same graph)
-LITE0_LAST_FINGERPRINT = "4eaa37b9ecc083d9"
-PINNED_VERSIONS = ("2.14.1+cu130", "1.23.2", "1.32.0")
+from .test_export import DEFAULT_FINGERPRINT
 
 
 @pytest.fixture(scope="session")
@@ -29,12 +25,11 @@ def lite0_multi(featx_home):
 
 
 def test_last_export_is_unchanged(lite0):
-    """``last`` (the default) is byte-for-byte today's export, so every store stays valid."""
-    if (torch.__version__, onnx.__version__, onnxruntime.__version__) != PINNED_VERSIONS:
-        pytest.skip("the pinned fingerprint was measured with other torch/onnx/onnxruntime versions")
-    assert lite0.fingerprint == LITE0_LAST_FINGERPRINT
+    """``last`` (the default) is byte-for-byte the export from before recipes (pinned in
+    test_export.py), so every store stays valid."""
+    assert lite0.fingerprint == DEFAULT_FINGERPRINT
     assert "features" not in lite0.meta
-    assert resolve_backbone("efficientnet_lite0", features="last").fingerprint == LITE0_LAST_FINGERPRINT
+    assert resolve_backbone("efficientnet_lite0", features="last").fingerprint == DEFAULT_FINGERPRINT
 
 
 def test_multi_export_dim_parity_and_sidecar(lite0, lite0_multi):
