@@ -178,6 +178,8 @@ def _cells(size: int, grid: int) -> list[tuple[int, int]]:
 def multi_features(backbone, card: BackboneCard):
     """(module, recipe): ``module`` maps float NCHW to the (N, recipe.dim) ``multi`` embedding.
 
+    ``backbone`` is the module's from then on: its stages carry forward hooks.
+
     The 2x2 averages are static slices (the export has one input size):
     ``adaptive_avg_pool2d`` does the same but does not export to ONNX when the
     map's side (7 at 224 px) is not a multiple of 2.
