@@ -203,7 +203,7 @@ def compare(train, test=None, *, out: str | os.PathLike = "report", per_class="5
             crop_scale: float = 0.08, batch_size: int = 32, input_size: int | None = None,
             test_per_class: int | None = None, seed: int = 0, device: str = "auto",
             store: str | os.PathLike | None = None, keep_runs: bool = False,
-            progress: ProgressFn = no_progress) -> CompareResult:
+            progress: ProgressFn = no_progress, backbones=None, features=None, crops=None) -> CompareResult:
     """Accuracy and wall time vs images per class for frozen+logreg, LP-FT and scratch.
 
     ``test`` is a folder or (paths, labels); without it 20% of ``train`` is
@@ -213,13 +213,26 @@ def compare(train, test=None, *, out: str | os.PathLike = "report", per_class="5
     ``per_class`` size the data cannot honour (more than a class has) is
     measured as 'all', skipped or marked, and ``CompareResult.notes`` says so.
     Unreadable files are left out of every method and listed in the notes.
+
+    ``backbones``, ``features``, ``crops`` (lists, or comma-separated) first score
+    every such frozen probe by CV on ``train`` (featx.compare_features: features.md
+    says which to use); with ``methods=()`` that is all compare does.
     """
     from featx.finetune import FinetuneConfig, card_for
     from featx.finetune.loop import torch_device
 
     unknown = set(methods) - set(METHODS)
-    if unknown or not methods:
+    probes = backbones is not None or features is not None or crops is not None
+    if unknown or not (methods or probes):
         raise FeatXError(f"methods must be among {', '.join(METHODS)}, got {sorted(unknown) or methods}")
+    if probes:
+        from featx.compare_features import compare_features
+
+        fc = compare_features(train, test, backbones=backbones or (backbone,), features=features or ("last",),
+                              crops=crops or ("center",), out=out, seed=seed, device=device, store=store,
+                              batch_size=batch_size, test_per_class=test_per_class, progress=progress)
+        if not methods:
+            return CompareResult(fc.rows, fc.out, {**fc.config, "best": fc.best}, fc.files)
     files, testf, test_source = _test_split(train, test, seed, test_per_class)
     sizes, notes = settle_sizes(parse_per_class(per_class), files.labels, files.classes)
     torch_device(device)  # an impossible --device fails before any work

@@ -147,7 +147,8 @@ def _renamed(est, old: str, new: str, default):
 
 
 def embed_images(X, backbone, *, device: str = "auto", store=None, batch_size: int = 32,
-                 workers: int | None = None, who: str = "FeatXEmbedder") -> np.ndarray:
+                 workers: int | None = None, who: str = "FeatXEmbedder",
+                 features: str | None = None, crop: str | None = None) -> np.ndarray:
     """Embeddings of a batch of images, in input order, via the shared cache.
 
     Parameters
@@ -165,6 +166,9 @@ def embed_images(X, backbone, *, device: str = "auto", store=None, batch_size: i
         Decoding threads for paths (default: every core).
     who : str
         Name used in error messages.
+    features, crop : str or None
+        Which export of a card (``"last"``/``"multi"``, ``"center"``/``"none"``); None: the
+        backbone's own.
 
     Returns
     -------
@@ -176,7 +180,7 @@ def embed_images(X, backbone, *, device: str = "auto", store=None, batch_size: i
     from featx.predict import embed_arrays, embed_paths
 
     kind, items = _as_images(X, who)
-    bb = resolve_backbone(backbone)
+    bb = resolve_backbone(backbone, features=features, crop=crop)
     if kind != "paths":
         pixels = _pil_pixels(items) if kind == "pil" else items
         return embed_arrays(pixels, bb, device=device, store=store, batch_size=batch_size)
@@ -202,6 +206,11 @@ class FeatXEmbedder(TransformerMixin, BaseEstimator):
     ----------
     backbone : str, default="efficientnet_lite0"
         Card name (``featx models``), export or fine-tuning run directory, or ONNX file.
+    features : {"last", "multi"} or None, default=None
+        A card's embedding: the last layer (None: the backbone's own, ``last`` for a card)
+        or ``multi``, every stage pooled (wider; better on data unlike ImageNet).
+    crop : {"center", "none"} or None, default=None
+        A card's preprocessing: its centre crop (None: the backbone's own) or the whole image.
     device : {"auto", "cpu", "cuda"}, default="auto"
         ``auto`` uses CUDA when ONNX Runtime has it; an explicit ``cuda`` that cannot
         be honoured raises.
@@ -227,10 +236,13 @@ class FeatXEmbedder(TransformerMixin, BaseEstimator):
     >>> make_pipeline(FeatXEmbedder(), LogisticRegression()).fit(paths, y)  # doctest: +SKIP
     """
 
-    def __init__(self, backbone: str = DEFAULT_BACKBONE, *, device: str = "auto",
+    def __init__(self, backbone: str = DEFAULT_BACKBONE, *, features: str | None = None,
+                 crop: str | None = None, device: str = "auto",
                  store: str | None = None, batch_size: int = 32, n_jobs: int | None = None,
                  workers: int | str | None = DEPRECATED) -> None:
         self.backbone = backbone
+        self.features = features
+        self.crop = crop
         self.device = device
         self.store = store
         self.batch_size = batch_size
@@ -270,13 +282,13 @@ class FeatXEmbedder(TransformerMixin, BaseEstimator):
         """
         return embed_images(X, self.backbone, device=self.device, store=self.store,
                             batch_size=self.batch_size, workers=self._threads(),
-                            who=type(self).__name__)
+                            who=type(self).__name__, features=self.features, crop=self.crop)
 
     def get_feature_names_out(self, input_features=None) -> np.ndarray:
         """``embedding0`` .. ``embedding{dim-1}``, as in a Pipeline's ``set_output``."""
         from featx.backbones.resolve import resolve_backbone
 
-        dim = resolve_backbone(self.backbone).dim
+        dim = resolve_backbone(self.backbone, features=self.features, crop=self.crop).dim
         return np.asarray([f"embedding{i}" for i in range(dim)], dtype=object)
 
     def __sklearn_tags__(self):
@@ -309,6 +321,8 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
     random_state : int, RandomState instance or None, default=0
         Seeds the CV splits, the solvers and fine-tuning. An int is used as given
         (the same as ``featx fit-head --seed``); None draws a fresh seed per fit.
+    features, crop : str or None, default=None
+        As for ``FeatXEmbedder``: which export of a card to embed with.
     device : {"auto", "cpu", "cuda"}, default="auto"
     store : str or None, default=None
         Embedding cache directory (default ``$FEATX_HOME/store``, shared with the CLI).
@@ -355,11 +369,14 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, head: str = "logreg",
                  C: float | str = "auto", *, class_weight: str | dict | None = None, cv: int = 5,
-                 random_state=0, device: str = "auto", store: str | None = None,
+                 random_state=0, features: str | None = None, crop: str | None = None,
+                 device: str = "auto", store: str | None = None,
                  batch_size: int = 32, n_jobs: int | None = None, finetune: bool = False,
                  finetune_options: dict | None = None, run_dir: str | None = None,
                  seed: int | str = DEPRECATED, workers: int | str | None = DEPRECATED) -> None:
         self.backbone = backbone
+        self.features = features
+        self.crop = crop
         self.head = head
         self.C = C
         self.class_weight = class_weight
@@ -382,10 +399,19 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
     def _threads(self) -> int | None:
         return n_jobs_threads(_renamed(self, "workers", "n_jobs", None))
 
+    def _variant(self) -> dict:
+        """features/crop choose among a card's exports; a fine-tuned run's backbone is its own."""
+        return {} if getattr(self, "backbone_dir_", None) else {"features": self.features, "crop": self.crop}
+
+    def _resolve(self):
+        from featx.backbones.resolve import resolve_backbone
+
+        return resolve_backbone(self._fitted_backbone(), **self._variant())
+
     def _embed(self, X) -> np.ndarray:
         return embed_images(X, self._fitted_backbone(), device=self.device, store=self.store,
                             batch_size=self.batch_size, workers=self._threads(),
-                            who=type(self).__name__)
+                            who=type(self).__name__, **self._variant())
 
     def fit(self, X, y):
         """Embed the images and fit the head (or fine-tune) on their labels.
@@ -401,7 +427,6 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         -------
         self
         """
-        from featx.backbones.resolve import resolve_backbone
         from featx.heads.fit import fit_head
 
         who = type(self).__name__
@@ -426,6 +451,9 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         for attr in ("backbone_dir_", "run_dir_"):  # a refit starts from the card again
             self.__dict__.pop(attr, None)
         if self.finetune:
+            if self.features not in (None, "last") or self.crop not in (None, "center"):
+                raise ImageInputError("finetune=True trains the card's own last-layer embedding on its "
+                                      "own crop; features= and crop= are for frozen heads")
             return self._fit_finetune(kind, items, classes, codes, seed)
         E = self._embed(X)
         # the head learns codes 0..K-1: column j of predict_proba is classes_[j]
@@ -435,7 +463,7 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         self.classes_ = classes
         self.pipeline_ = pipe
         self.report_ = report
-        self.backbone_fingerprint_ = resolve_backbone(self.backbone).fingerprint
+        self.backbone_fingerprint_ = self._resolve().fingerprint
         return self
 
     def _fit_finetune(self, kind: str, items, classes: np.ndarray, codes: np.ndarray, seed: int):
@@ -470,11 +498,10 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         return self
 
     def _embed_fitted(self, X) -> np.ndarray:
-        from featx.backbones.resolve import resolve_backbone
         from featx.errors import MismatchError
 
         check_is_fitted(self)
-        fp = resolve_backbone(self._fitted_backbone()).fingerprint
+        fp = self._resolve().fingerprint
         if fp != self.backbone_fingerprint_:
             raise MismatchError(f"this classifier was fitted on backbone fingerprint "
                                 f"{self.backbone_fingerprint_}, but backbone={self.backbone!r} is now "
@@ -553,11 +580,10 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         pathlib.Path
             The file written.
         """
-        from featx.backbones.resolve import resolve_backbone
         from featx.heads.headfile import save_head
 
         check_is_fitted(self)
-        bb = resolve_backbone(self._fitted_backbone())
+        bb = self._resolve()
         return save_head(path, self.pipeline_, [str(c) for c in self.classes_], bb, self.report_)
 
     def __sklearn_tags__(self):

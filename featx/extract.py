@@ -40,7 +40,8 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
             decoder: str | None = None, shard_size: int = 2048, progress: ProgressFn = no_progress,
             write: bool = True,
             engine: str | Engine = "local", address: str | None = None,
-            keep_embeddings: bool = True, follow_symlinks: bool = False) -> ExtractResult:
+            keep_embeddings: bool = True, follow_symlinks: bool = False,
+            features: str | None = None, crop: str | None = None) -> ExtractResult:
     """Embed every image under ``root`` (cached), write the table and a report.
 
     Parameters
@@ -62,6 +63,8 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
         too (labels still come from where the link sits). By default such links are
         skipped and listed in ``result.skipped`` and the report, so a link cannot
         change a label; see ``featx.embed.scan``.
+    features, crop : the export of a backbone card: ``"last"`` or ``"multi"`` features,
+        ``"center"`` or ``"none"`` crop (see ``featx.backbones.resolve.resolve_backbone``).
 
     Returns
     -------
@@ -80,7 +83,8 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
     progress("scan", 0, 0)
     found = scan_images(root, follow_symlinks)
     progress("backbone", 0, 0)
-    bb = with_decoder(resolve_backbone(backbone, weights=weights), decoder)
+    bb = with_decoder(resolve_backbone(backbone, weights=weights, features=features, crop=crop),
+                      decoder)
     # found.root: the folder, or for a table of paths the folder its relative paths start from
     job = ExtractJob(root=found.root, found=found, backbone=bb, store=EmbeddingStore(bb, store),
                      batch_size=batch_size, workers=workers, device=device, draft=draft,

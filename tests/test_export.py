@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 
-from featx.backbones.artifact import load_export
+from featx.backbones.artifact import Sidecar, fingerprint_of, load_export
 from featx.backbones.cards import get_card
 from featx.backbones.export import export_card, parity_images
 from featx.backbones.resolve import resolve_backbone
@@ -30,6 +30,28 @@ def test_sidecar_and_parity(lite0):
     assert inp.elem_type == onnx.TensorProto.UINT8
     assert inp.shape.dim[0].dim_param  # dynamic batch
     assert [d.dim_value for d in inp.shape.dim[1:]] == [224, 224, 3]
+
+
+# The default backbone's export is byte-identical from one featx version to the next (same torch,
+# timm, onnx and onnxruntime): its fingerprint names every cached embedding and head.
+DEFAULT_FINGERPRINT = "4eaa37b9ecc083d9"
+
+
+def test_default_export_fingerprint_is_pinned(lite0):
+    assert lite0.fingerprint == DEFAULT_FINGERPRINT
+    assert fingerprint_of(lite0.onnx_path.read_bytes(), lite0.preprocess) == DEFAULT_FINGERPRINT
+
+
+def test_sidecar_is_typed_and_round_trips(lite0):
+    raw = json.loads((lite0.onnx_path.parent / "model.json").read_text())
+    side = Sidecar.read(lite0.onnx_path.parent / "model.json")
+    assert side == lite0.sidecar
+    assert json.loads(json.dumps(side.to_dict())) == raw == json.loads(json.dumps(lite0.meta))
+    assert (side.name, side.dim, side.input_name, side.output_name) == ("efficientnet_lite0", 1280, "pixels",
+                                                                         "embedding")
+    assert side.precision == "fp32" and side.export_format == 2 and side.card["name"] == "efficientnet_lite0"
+    assert side.weights == get_card("efficientnet_lite0").weights and side.parity.images == 4
+    assert {"featx_version", "torch_version", "export_seconds"} <= set(side.extra)
 
 
 def test_export_graph_is_static_plain_convs(lite0):
@@ -136,8 +158,13 @@ def test_user_onnx_backbone(tmp_path):
     path = tmp_path / "mine.onnx"
     torch.onnx.export(net, (torch.zeros(2, 3, 224, 224),), str(path), dynamo=False,
                       input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
-    with pytest.raises(FeatXError, match="preprocessing"):
+    with pytest.raises(FeatXError, match="preprocessing") as e:
         resolve_backbone(path)
+    # says what works for every command (a JSON beside the file, or export it once), not an
+    # option only `featx export` has
+    msg = str(e.value)
+    assert str(path.with_suffix(".json")) in msg and "featx export FILE.onnx --preprocess" in msg
+    assert "or pass --preprocess FILE" not in msg
     spec = {"input_size": 224, "resize_size": 256, "interpolation": "bilinear",
             "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]}
     path.with_suffix(".json").write_text(json.dumps(spec))

@@ -171,3 +171,14 @@ def test_without_weights_and_network_the_error_names_weights(tmp_path):
     assert p.returncode == 1, p.stderr
     assert "could not get the published weights of 'timm:resnet18.a1_in1k'" in p.stderr
     assert "--weights PATH" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_finetune_starts_from_a_timm_backbone(checkpoints, tmp_path):
+    """The card's stages (from timm's feature_info) unfreeze; the run exports a backbone like any other."""
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    run = tmp_path / "run"
+    _cli("finetune", str(data), "--backbone", f"timm:{MODELS[0]}", "--weights", str(checkpoints[MODELS[0]]),
+         "--epochs", "1", "--input-size", "64", "--batch-size", "4", "--workers", "0", "--out", str(run))
+    bb = resolve_backbone(run)
+    assert bb.dim == 512 and bb.preprocess.input_size == 64
+    assert bb.sidecar.card["name"] == f"timm:{MODELS[0]}" and bb.sidecar.parity.max_rel_diff <= 1e-4

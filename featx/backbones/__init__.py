@@ -1,7 +1,8 @@
 """Backbones: cards (architecture + weights + preprocessing), export to ONNX, and the artifact.
 
 Layers inside, bottom up: ``cards`` (the TOML cards ship as package data beside
-it), ``artifact`` (Backbone, sidecar, fingerprint, load, publish), ``zoo`` (torch
+it; ``cards.timm_hub`` makes a card for any ``timm:NAME``), ``artifact`` (Backbone,
+the typed model.json ``Sidecar``, fingerprint, load, build-and-publish), ``zoo`` (torch
 builders), ``export`` (torch -> ONNX), ``onnx_import`` (a user's ONNX file),
 ``quantize`` (int8), ``resolve`` (name | directory | file -> Backbone).
 """
@@ -12,9 +13,11 @@ from featx._lazy import lazy_exports
 
 _EXPORTS = {
     "Backbone": "featx.backbones.artifact",
+    "Sidecar": "featx.backbones.artifact",
     "load_export": "featx.backbones.artifact",
     "fingerprint_of": "featx.backbones.artifact",
     "BackboneCard": "featx.backbones.cards",
+    "WeightsSource": "featx.backbones.cards",
     "Preprocess": "featx.backbones.cards",
     "get_card": "featx.backbones.cards",
     "list_cards": "featx.backbones.cards",
@@ -23,6 +26,7 @@ _EXPORTS = {
     "import_onnx": "featx.backbones.onnx_import",
     "quantize_backbone": "featx.backbones.quantize",
     "resolve_backbone": "featx.backbones.resolve",
+    "export_backbone": "featx.backbones.resolve",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -98,6 +98,8 @@ class Quantization:
     dtype: str = "int8"
     format: str = "QDQ"
     per_channel: bool = True
+    weight_bits: int = 8  # 7: this CPU's int8 kernels saturate with 8-bit weights (featx.backbones.quantize)
+    kernel_cosine: float | None = None  # fused int8 kernels vs the same graph in float, on calibration images
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -27,6 +27,12 @@ from featx.backbones.artifact import (
     safe_dirname,
 )
 from featx.backbones.cards import BackboneCard, Preprocess
+from featx.backbones.features import (
+    RECIPE_VERSION,
+    check_features,
+    multi_features,
+    recorded_version,
+)
 from featx.errors import ExportError, require
 from featx.paths import exports_dir
 
@@ -182,8 +188,10 @@ def export_dir_for(card: BackboneCard, weights_sha: str) -> Path:
     from featx.errors import UnknownBackboneError
 
     name = f"{safe_dirname(card.name)}-{weights_sha[:12]}"
+    # another crop is the stock card seen another way: export_card names it in a suffix
+    uncropped = dataclasses.replace(card, preprocess=dataclasses.replace(card.preprocess, crop="center"))
     try:
-        stock = get_card(card.name).digest() == card.digest()
+        stock = get_card(card.name).digest() == uncropped.digest()
     except UnknownBackboneError:
         stock = False
     return exports_dir() / (name if stock else f"{name}-{card.preprocess.input_size}px-{card.digest()[:8]}")
@@ -223,35 +231,47 @@ def write_export(module, pre: Preprocess, dest_dir: Path, meta: dict, precision:
 
 
 def export_card(card: BackboneCard, weights: str | os.PathLike | None = None,
-                force: bool = False, precision: str = "fp32") -> Path:
+                force: bool = False, precision: str = "fp32", features: str = "last") -> Path:
     """Export a registered backbone (cached). Returns the export directory.
 
     ``precision="fp16"`` writes a float16 graph (uint8 in, float32 embedding
-    out) for GPUs, in its own directory with its own fingerprint. A cached
-    export whose model.json is damaged is exported again.
+    out) for GPUs, in its own directory with its own fingerprint.
+    ``features="multi"`` pools intermediate stages into the embedding
+    (featx.backbones.features), and a card whose preprocessing has
+    ``crop="none"`` sees whole images: each in its own directory. A cached export whose
+    model.json is damaged is exported again.
     """
     from featx.backbones.zoo import build, file_sha256, weights_file
 
+    check_features(features)
     wfile = weights_file(card, weights)
     wsha = file_sha256(wfile)
+    crop = card.preprocess.crop
+    suffix = "".join(f"-{v}" for v in (f"crop-{crop}", features, precision)
+                     if v not in ("crop-center", "last", "fp32"))
     dest = export_dir_for(card, wsha)
-    if precision != "fp32":
-        dest = dest.with_name(f"{dest.name}-{precision}")
+    dest = dest.with_name(dest.name + suffix)
     cached = None if force else cached_sidecar(dest)
-    if cached is not None and cached.export_format == EXPORT_FORMAT and cached.card_digest == card.digest():
+    if (cached is not None and cached.export_format == EXPORT_FORMAT and cached.card_digest == card.digest()
+            and recorded_version(cached.extra) == (RECIPE_VERSION if features != "last" else None)):
         log.info("export of %s is cached at %s", card.name, dest)
         return dest
     torch = require("torch", "torch")
     log.info("exporting %s (weights %s)", card.name, wfile)
     backbone, _, _ = build(card, wfile)
+    recipe = None
+    if features != "last":
+        backbone, recipe = multi_features(backbone, card)
     module = make_wrapper(backbone, card.preprocess)
     meta = {
-        "name": card.name if precision == "fp32" else f"{card.name}-{precision}",
+        "name": card.name + suffix,
         "card": card.to_dict(),
         "card_digest": card.digest(),
         "weights": str(wfile) if weights is not None else card.weights,
         "weights_sha256": wsha,
-        "dim": card.dim,
+        "dim": card.dim if recipe is None else recipe.dim,
         "torch_version": torch.__version__,
     }
+    if recipe is not None:
+        meta["features"] = recipe.to_dict()
     return write_export(module, card.preprocess, dest, meta, precision)

@@ -45,6 +45,9 @@ METHODS = ("minmax", "percentile", "entropy")
 # cosine to fp32 was 0.89. Keeping those in float and quantising the conv
 # blocks with their activations (Conv+Clip fuse to one int8 kernel) gives 0.98.
 QUANTIZED_OPS = ["Conv", "Clip", "Relu", "Add", "GlobalAveragePool", "MatMul", "Gemm"]
+# fused int8 kernels that agree less than this with the exact int8 computation saturate
+KERNEL_MIN_COSINE = 0.99
+KERNEL_PROBE_IMAGES = 32
 
 
 class QuantizationRefused(FeatXError):
@@ -118,8 +121,13 @@ def _split(root: Path, backbone: Backbone, calib_images: int, guard_images: int,
     return cal_px, ev_px, ev_labels
 
 
-def _quantize_file(src: Path, dest: Path, cal_px: np.ndarray, input_name: str, method: str) -> None:
-    """ORT static QDQ quantisation of ``src`` into ``dest``, calibrated on ``cal_px``."""
+def _quantize_file(src: Path, dest: Path, cal_px: np.ndarray, input_name: str, method: str,
+                   weight_bits: int = 8) -> None:
+    """ORT static QDQ quantisation of ``src`` into ``dest``, calibrated on ``cal_px``.
+
+    ``weight_bits=7`` quantises the weights of every conv and matmul to 7 bits except
+    depthwise convs (see ``choose_weight_bits``).
+    """
     require("onnxruntime.quantization", "cpu")
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -144,12 +152,72 @@ def _quantize_file(src: Path, dest: Path, cal_px: np.ndarray, input_name: str, m
              "entropy": CalibrationMethod.Entropy}[method]
     pre = dest.with_name("pre.onnx")
     quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    extra: dict = {"CalibPercentile": 99.999} if method == "percentile" else {}
+    if weight_bits == 7:
+        extra["TensorQuantOverrides"] = _full_range_depthwise(pre)
     quantize_static(str(pre), str(dest), Reader(),
                     quant_format=QuantFormat.QDQ, per_channel=True, calibrate_method=calib,
-                    op_types_to_quantize=QUANTIZED_OPS,
+                    op_types_to_quantize=QUANTIZED_OPS, reduce_range=weight_bits == 7,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    extra_options={"CalibPercentile": 99.999} if method == "percentile" else None)
+                    extra_options=extra or None)
     pre.unlink()
+
+
+def _full_range_depthwise(path: Path) -> dict:
+    """TensorQuantOverrides keeping 8-bit weights in depthwise convs (their kernels accumulate
+    in 32 bits, so they never saturate)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    dims = {i.name: list(i.dims) for i in m.graph.initializer}
+    out = {}
+    for n in m.graph.node:
+        w = dims.get(n.input[1]) if n.op_type == "Conv" and len(n.input) > 1 else None
+        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        if w and len(w) == 4 and group > 1 and group == w[0] and w[1] == 1:
+            out[n.input[1]] = [{"axis": 0, "reduce_range": False}] + [{"reduce_range": False}] * (w[0] - 1)
+    return out
+
+
+def kernel_cosine(int8_path: Path, pixels: np.ndarray, input_name: str) -> float:
+    """Mean cosine between ONNX Runtime's fused int8 kernels and the same QDQ graph run in float.
+
+    On x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) the fused u8 x s8 kernels add
+    pairs of products in 16 bits, which saturates: efficientnet_lite0 on an AMD EPYC (AVX2)
+    gave 0.81 cosine to fp32 fused and 0.98 computed exactly. This measures it on this CPU.
+    """
+    import onnxruntime as ort
+
+    def run(level) -> np.ndarray:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(int8_path), so, providers=["CPUExecutionProvider"])
+        return np.concatenate([sess.run(None, {input_name: pixels[i:i + 8]})[0]
+                               for i in range(0, len(pixels), 8)])
+
+    a = run(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    b = run(ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    return float(cos.mean())
+
+
+def _quantize_for_this_cpu(src: Path, dest: Path, cal_px: np.ndarray, input_name: str,
+                           method: str, weight_bits: int | None) -> tuple[int, float]:
+    """Quantise with 8-bit weights; where this CPU's fused kernels then disagree with the
+    exact int8 result (saturation), quantise again with 7-bit weights. (weight bits, kernel cosine).
+
+    ``weight_bits`` 8 or 7 skips the choice (e.g. 8 for a model made here to run on a VNNI CPU).
+    """
+    probe = cal_px[:KERNEL_PROBE_IMAGES]
+    _quantize_file(src, dest, cal_px, input_name, method, weight_bits or 8)
+    agree = kernel_cosine(dest, probe, input_name)
+    if weight_bits is not None or agree >= KERNEL_MIN_COSINE:
+        return weight_bits or 8, agree
+    log.warning("this CPU's int8 kernels saturate with 8-bit weights (fused vs exact cosine %.3f); "
+                "quantising the weights to 7 bits instead", agree)
+    _quantize_file(src, dest, cal_px, input_name, method, weight_bits=7)
+    return 7, kernel_cosine(dest, probe, input_name)
 
 
 def _verdict(g: GuardReport, max_loss: float, min_cosine: float) -> tuple[str, bool]:
@@ -165,7 +233,7 @@ def _verdict(g: GuardReport, max_loss: float, min_cosine: float) -> tuple[str, b
 def quantize_backbone(backbone: Backbone, calib_root: str | os.PathLike, *, calib_images: int = 300,
                       guard_images: int = 1000, method: str = "minmax", max_loss: float = 0.5,
                       min_cosine: float = 0.95, force: bool = False, seed: int = 0,
-                      progress: ProgressFn = no_progress) -> Backbone:
+                      weight_bits: int | None = None, progress: ProgressFn = no_progress) -> Backbone:
     """Quantise ``backbone`` to int8 (QDQ, per-channel weights) calibrated on ``calib_root``.
 
     Returns the int8 export (its own fingerprint, usable as ``--backbone DIR``).
@@ -173,17 +241,23 @@ def quantize_backbone(backbone: Backbone, calib_root: str | os.PathLike, *, cali
     of linear-probe accuracy lost (or, unlabelled, a mean cosine below
     ``min_cosine``), unless ``force``; the guard's figures are in
     ``sidecar.quantization.guard``.
+
+    Weights are 8-bit, or 7-bit where this CPU's fused int8 kernels saturate
+    (x86 without VNNI; see ``kernel_cosine``); ``weight_bits`` fixes the choice.
     """
     if method not in METHODS:
         raise FeatXError(f"calibration method {method!r} is not one of {', '.join(METHODS)}")
+    if weight_bits not in (None, 7, 8):
+        raise FeatXError(f"weight_bits must be 7, 8 or None (choose for this CPU), got {weight_bits!r}")
     root = Path(calib_root)
     cal_px, ev_px, ev_labels = _split(root, backbone, calib_images, guard_images, seed, progress)
-    tag = fingerprint_of(backbone.fingerprint.encode() + f"{method}:{len(cal_px)}:{seed}".encode(),
+    tag = fingerprint_of(backbone.fingerprint.encode() + f"{method}:{len(cal_px)}:{seed}:{weight_bits}".encode(),
                          backbone.preprocess)[:10]
     dest = exports_dir() / f"{safe_dirname(backbone.name)}-int8-{tag}"
     with building(dest) as tmp:
         t0 = time.perf_counter()
-        _quantize_file(backbone.onnx_path, tmp / MODEL, cal_px, backbone.input_name, method)
+        bits, agree = _quantize_for_this_cpu(backbone.onnx_path, tmp / MODEL, cal_px, backbone.input_name,
+                                             method, weight_bits)
         seconds = time.perf_counter() - t0
         # the candidate is a real backbone (its own fingerprint) before the guard judges it
         side = dataclasses.replace(backbone.sidecar, name=f"{backbone.name}-int8", parity=None,
@@ -201,7 +275,8 @@ def quantize_backbone(backbone: Backbone, calib_root: str | os.PathLike, *, cali
         # parity with torch is the fp32 export's; the guard replaces it
         dataclasses.replace(side, quantization=Quantization(
             method=method, calibration_root=str(root.resolve()), calibration_images=len(cal_px),
-            base_fingerprint=backbone.fingerprint, seconds=round(seconds, 1),
+            base_fingerprint=backbone.fingerprint, seconds=round(seconds, 1), weight_bits=bits,
+            kernel_cosine=round(agree, 5),
             guard=dataclasses.replace(g, max_loss=max_loss, forced=bool(bad and force)),
         )).write(tmp / SIDECAR)
     if bad:

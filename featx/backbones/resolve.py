@@ -6,50 +6,75 @@ verifies the file has not changed since it was written.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 from featx.backbones.artifact import SIDECAR, Backbone, load_export
 from featx.backbones.cards import DEFAULT_BACKBONE, Preprocess, get_card
 from featx.backbones.export import export_card
+from featx.backbones.features import check_features, recorded_features
 from featx.backbones.onnx_import import import_onnx
 from featx.errors import FeatXError, UnknownBackboneError
 
 
 def resolve_backbone(spec: str | os.PathLike | Backbone | None = None,
                      weights: str | os.PathLike | None = None,
-                     preprocess: Preprocess | None = None) -> Backbone:
+                     preprocess: Preprocess | None = None, features: str | None = None,
+                     crop: str | None = None) -> Backbone:
     """Resolve a backbone given by card name, ``timm:NAME``, export/run directory, or ONNX file.
 
     ``weights`` (a local checkpoint) applies to card and timm names; ``preprocess``
-    to an ONNX file without a JSON spec beside it.
+    to an ONNX file without a JSON spec beside it. ``features`` (``last``, ``multi``:
+    featx.backbones.features) and ``crop`` (``center``, ``none``: Preprocess.crop)
+    choose the export of a card name; for anything else they must match what the
+    export recorded (None: whatever that is).
     """
     if isinstance(spec, Backbone):
-        return spec
-    return export_backbone(spec, weights, preprocess)
+        return _check_variant(spec, features, crop, spec.name)
+    return export_backbone(spec, weights, preprocess, features=features, crop=crop)
 
 
 def export_backbone(spec: str | os.PathLike | None = None, weights: str | os.PathLike | None = None,
                     preprocess: Preprocess | None = None, force: bool = False,
-                    precision: str = "fp32") -> Backbone:
+                    precision: str = "fp32", features: str | None = None, crop: str | None = None) -> Backbone:
     """``featx export``: the Backbone for ``spec``, exported (or imported) first if needed.
 
     ``force`` re-exports a card even when cached; ``precision="fp16"`` writes a
-    float16 graph of a card. A user's ONNX file is used as it is (fp32 only).
+    float16 graph of a card; ``features="multi"`` pools intermediate stages into
+    the embedding; ``crop="none"`` resizes whole images instead of the card's centre
+    crop. A user's ONNX file is used as it is (fp32, its own output, the crop of its
+    preprocessing spec).
     """
     spec = os.fspath(spec) if spec is not None else DEFAULT_BACKBONE
     p = Path(spec)
     if p.is_dir():
         for sub in (p, p / "backbone"):
             if (sub / SIDECAR).is_file():
-                return load_export(sub)
+                return _check_variant(load_export(sub), features, crop, str(sub))
         raise FeatXError(f"{p}: not a featx export or run directory (no {SIDECAR})")
     if p.suffix.lower() == ".onnx":
         if not p.is_file():
             raise FeatXError(f"{p}: no such ONNX file")
         if precision != "fp32":
             raise FeatXError(f"{p}: --precision applies to backbone cards; your ONNX file is used as it is")
-        return load_export(import_onnx(p, preprocess))
+        return _check_variant(load_export(import_onnx(p, preprocess)), features, crop, str(p))
     if os.sep in spec or "/" in spec:
         raise UnknownBackboneError(f"{spec}: no such file or directory")
-    return load_export(export_card(get_card(spec), weights, force=force, precision=precision))
+    card = get_card(spec)
+    if crop is not None:
+        card = dataclasses.replace(card, preprocess=dataclasses.replace(card.preprocess, crop=crop))
+    return load_export(export_card(card, weights, force=force, precision=precision, features=features or "last"))
+
+
+def _check_variant(bb: Backbone, features: str | None, crop: str | None, where: str) -> Backbone:
+    """A ready-made backbone (directory, ONNX file) gives the features and crop it was made with."""
+    have = recorded_features(bb.sidecar.extra)
+    if features is not None and check_features(features) != have:
+        raise FeatXError(f"{where} gives {have!r} features, not {features!r}: features= applies to "
+                         "backbone cards (e.g. `featx export efficientnet_lite0 --features multi`)")
+    if crop is not None and crop != bb.preprocess.crop:
+        raise FeatXError(f"{where} was made with crop {bb.preprocess.crop!r}, not {crop!r}: crop= applies to "
+                         "backbone cards (e.g. `featx export efficientnet_lite0 --crop none`); for your "
+                         "own ONNX file, set \"crop\" in its preprocessing JSON")
+    return bb

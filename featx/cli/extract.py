@@ -12,8 +12,10 @@ from featx.backbones.cards import DECODERS
 from featx.cli.options import (
     backbone_option,
     batch_options,
+    crop_option,
     device_option,
     emit,
+    features_option,
     json_option,
     progress_bar,
     store_option,
@@ -74,6 +76,8 @@ def _list_timm(pattern: str, as_json: bool) -> None:
 @click.option("--preprocess", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON preprocessing spec, for your own ONNX file.")
 @click.option("--force", is_flag=True, help="Export again even if a cached export exists.")
+@features_option
+@crop_option
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="fp16: a float16 graph for GPUs (uint8 in, float32 embedding out), in its own directory.")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
@@ -89,9 +93,10 @@ def _list_timm(pattern: str, as_json: bool) -> None:
               help="Refuse int8 above this many points of linear-probe accuracy lost.")
 @click.option("--force-quantize", is_flag=True, help="Keep the int8 model even if the guard refuses it.")
 @json_option
-def export(name: str, weights: str | None, preprocess: str | None, force: bool, precision: str, quantize: str | None,
-           calibrate: Path | None, calib_images: int, guard_images: int, calibration_method: str,
-           max_loss: float, force_quantize: bool, as_json: bool) -> None:
+def export(name: str, weights: str | None, preprocess: str | None, force: bool, features: str | None,
+           crop: str | None, precision: str, quantize: str | None, calibrate: Path | None, calib_images: int,
+           guard_images: int, calibration_method: str, max_loss: float, force_quantize: bool,
+           as_json: bool) -> None:
     """Export a backbone to ONNX (uint8 NHWC in, embedding out), parity-checked against torch.
 
     NAME is a card (`featx models`), timm:NAME for any timm model (`featx models --timm`),
@@ -99,6 +104,7 @@ def export(name: str, weights: str | None, preprocess: str | None, force: bool, 
     and prints how much it changes the embeddings; pass its directory as --backbone to any command.
     """
     from featx.backbones.cards import Preprocess
+    from featx.backbones.features import recorded_features
     from featx.backbones.resolve import export_backbone
 
     if quantize and calibrate is None:
@@ -108,12 +114,13 @@ def export(name: str, weights: str | None, preprocess: str | None, force: bool, 
     if name.lower().endswith(".onnx") and precision != "fp32":
         raise click.UsageError("--precision applies to backbone cards; your ONNX file is used as it is")
     pre = Preprocess.from_dict(_read_spec(preprocess)) if preprocess else None
-    bb = export_backbone(name, weights, pre, force=force, precision=precision)
+    bb = export_backbone(name, weights, pre, force=force, precision=precision, features=features, crop=crop)
     side = bb.sidecar
     summary = {"name": bb.name, "onnx": str(bb.onnx_path), "dim": bb.dim, "fingerprint": bb.fingerprint,
                "parity": asdict(side.parity) if side.parity else {}, "preprocess": bb.preprocess.to_dict(),
-               "precision": side.precision}
-    lines = [f"{bb.name}: {bb.onnx_path}" + ("  (use it as --backbone)" if precision != "fp32" else ""),
+               "precision": side.precision, "features": recorded_features(side.extra)}
+    variant = precision != "fp32" or features not in (None, "last") or crop not in (None, "center")
+    lines = [f"{bb.name}: {bb.onnx_path}" + ("  (use it as --backbone)" if variant else ""),
              f"  dim {bb.dim}, input {bb.preprocess.input_size}px uint8 NHWC, {side.precision}, "
              f"fingerprint {bb.fingerprint}"]
     if side.parity:
@@ -156,6 +163,8 @@ def _guard_lines(directory: Path, g) -> list[str]:
 @click.argument("root", metavar="ROOT|TABLE", type=click.Path(path_type=Path))
 @backbone_option
 @weights_option
+@features_option
+@crop_option
 @click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output table (Parquet). Default: ./<folder or table name>.featx.parquet")
 @store_option
@@ -177,8 +186,8 @@ def _guard_lines(directory: Path, g) -> list[str]:
                    "link sits). By default those are skipped and listed in the report.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @json_option
-def extract(root: Path, backbone, weights, out, store, batch_size, workers, device, shard_size,
-            no_draft, decoder, engine, address, follow_symlinks, quiet, as_json) -> None:
+def extract(root: Path, backbone, weights, features, crop, out, store, batch_size, workers, device,
+            shard_size, no_draft, decoder, engine, address, follow_symlinks, quiet, as_json) -> None:
     """Embed every image under ROOT (ImageFolder layout gives labels), reusing the cache.
 
     Instead of a folder, a CSV/TSV/Parquet TABLE with a `path` column (relative to the
@@ -192,7 +201,7 @@ def extract(root: Path, backbone, weights, out, store, batch_size, workers, devi
         r = run(root, backbone, out=out, store=store, weights=weights, batch_size=batch_size,
                 workers=workers, device=device, draft=not no_draft, decoder=decoder,
                 shard_size=shard_size, progress=p, engine=engine, address=address,
-                keep_embeddings=False, follow_symlinks=follow_symlinks)
+                keep_embeddings=False, follow_symlinks=follow_symlinks, features=features, crop=crop)
     s = r.summary()
     rate = f", {s['images_per_second']} img/s" if s["images_per_second"] else ""
     lines = [

@@ -14,7 +14,14 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from featx.cli.options import Progress, device_option, emit, json_option, store_option
+from featx.cli.options import (
+    Progress,
+    device_option,
+    emit,
+    json_option,
+    probe_options,
+    store_option,
+)
 
 
 def card_option(f):
@@ -256,26 +263,38 @@ def _finetune_lines(s, device: str) -> list[str]:
 @click.option("--test-per-class", type=click.IntRange(1), default=None,
               help="Cap the test images per class (faster).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@probe_options
 @device_option
 @store_option
 @_quiet
 @json_option
-def compare_cmd(train, test, per_class, methods, out, backbone, epochs, unfreeze, lr, backbone_lr, crop_scale,
-                batch_size, input_size, test_per_class, seed, device, store, quiet, as_json):
-    """Accuracy and wall time vs images per class: frozen + logreg, LP-FT, scratch."""
+@click.pass_context
+def compare_cmd(ctx, train, test, per_class, methods, out, backbone, epochs, unfreeze, lr, backbone_lr, crop_scale,
+                batch_size, input_size, test_per_class, seed, backbones, features, crops, device, store, quiet,
+                as_json):
+    """Accuracy and wall time vs images per class: frozen + logreg, LP-FT, scratch.
+
+    With --backbones/--features/--crops: first which frozen features to use, each
+    combination scored by CV on TRAIN (features.md); alone, that is all it runs.
+    """
     from featx.compare import compare, parse_per_class
 
     parse_per_class(per_class)  # bad values fail before any work
+    probes = any(v is not None for v in (backbones, features, crops))
+    if probes and ctx.get_parameter_source("methods") == ParameterSource.DEFAULT:
+        methods = ""  # comparing features alone; --methods adds the learning curve
     p = Progress(enabled=False if quiet else None)
     try:
-        r = compare(train, test, out=out, per_class=per_class,
-                    methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+        r = compare(train, test, out=out, per_class=per_class, backbones=backbones, features=features,
+                    crops=crops, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                     backbone=backbone, epochs=epochs, unfreeze=unfreeze,
                     lr=lr, backbone_lr=backbone_lr, crop_scale=crop_scale, batch_size=batch_size,
                     input_size=input_size,
                     test_per_class=test_per_class, seed=seed, device=device, store=store, progress=p)
     finally:
         p.close()
-    lines = [(out / "compare.md").read_text().split("\n\n![")[0], "",
-             f"table: {r.files['markdown']}  json: {r.files['json']}  plot: {r.files['png']}"]
+    lines = [(out / "features.md").read_text().split("\n\n![")[0], ""] if probes else []
+    if methods:
+        lines.append((out / "compare.md").read_text().split("\n\n![")[0])
+    lines += ["", f"table: {r.files['markdown']}  json: {r.files['json']}  plot: {r.files['png']}"]
     emit({"config": r.config, "rows": r.rows, "notes": r.notes, "files": r.files}, as_json, lines)

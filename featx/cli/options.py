@@ -12,14 +12,40 @@ import click
 
 def backbone_option(f):
     return click.option(
-        "--backbone", "-b", default=None, metavar="NAME|DIR|FILE.onnx", envvar="FEATX_BACKBONE",
-        help="Backbone card name (see `featx models`), an export or fine-tuning run directory, "
-             "or your own ONNX file. Default: efficientnet_lite0.")(f)
+        "--backbone", "-b", default=None, metavar="NAME|timm:NAME|DIR|FILE.onnx", envvar="FEATX_BACKBONE",
+        help="Backbone card name (see `featx models`), timm:NAME for any timm model (`featx models "
+             "--timm`), an export or fine-tuning run directory, or your own ONNX file. "
+             "Default: efficientnet_lite0.")(f)
 
 
 def weights_option(f):
     return click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
-                        help="Local checkpoint (.pth state dict) instead of the card's published weights.")(f)
+                        help="Local checkpoint (.pth or .safetensors state dict) instead of the published "
+                             "weights: how to use a card or timm:NAME without internet.")(f)
+
+
+def features_option(f):
+    return click.option(
+        "--features", type=click.Choice(["last", "multi"]), default=None,
+        help="Embedding of a backbone card: last (the last layer's average; default) or multi (every "
+             "stage pooled and concatenated: wider, better on data unlike ImageNet). See docs/heads.md.")(f)
+
+
+def crop_option(f):
+    return click.option(
+        "--crop", type=click.Choice(["center", "none"]), default=None,
+        help="Preprocessing of a backbone card: center (the card's resize + centre crop; default) or "
+             "none (resize the whole image to the input size: nothing is cut off).")(f)
+
+
+def probe_options(f):
+    f = click.option("--crops", default=None, metavar="center,none",
+                     help="Crops to compare as frozen probes (see --features).")(f)
+    f = click.option("--features", default=None, metavar="last,multi",
+                     help="Feature recipes to compare as frozen probes, each scored by CV on TRAIN "
+                          "(report: features.md).")(f)
+    return click.option("--backbones", default=None, metavar="A,B,...",
+                         help="Backbone cards to compare as frozen probes (see --features).")(f)
 
 
 def device_option(f):

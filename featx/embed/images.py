@@ -193,7 +193,8 @@ def decode(data: bytes, name: str = "<bytes>", draft_size: int | None = None,
 
 def resize_crop(img: Image.Image, spec: Preprocess, box: tuple[float, float, float, float] | None = None,
                 flip: bool = False) -> np.ndarray:
-    """Resize shorter side to ``spec.resize_size`` and centre-crop ``spec.input_size``.
+    """Resize shorter side to ``spec.resize_size`` and centre-crop ``spec.input_size``
+    (``spec.crop == "none"``: resize the whole image to ``input_size`` square).
 
     ``box`` (left, top, right, bottom in source pixels) replaces the resize and
     centre crop with a crop of that region resized to the input size: the
@@ -204,6 +205,8 @@ def resize_crop(img: Image.Image, spec: Preprocess, box: tuple[float, float, flo
     s = spec.input_size
     if box is not None:
         out = img.resize((s, s), resample, box=box)
+    elif spec.crop == "none":  # the whole image, squeezed to the input size
+        out = img.resize((s, s), resample)
     else:
         w, h = img.size
         scale = spec.resize_size / min(w, h)

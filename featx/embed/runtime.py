@@ -59,8 +59,15 @@ def make_session(onnx_path: str | os.PathLike | bytes, device: str = "auto",
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if not spin:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
     src = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
-    sess = ort.InferenceSession(src, sess_options=so, providers=providers_for(device))
+    try:
+        sess = ort.InferenceSession(src, sess_options=so, providers=providers_for(device))
+    except (state.Fail, state.InvalidGraph, state.InvalidProtobuf, state.NotImplemented,
+            state.NoSuchFile) as e:  # a damaged or foreign graph: name the file, not ORT's stack
+        where = "<in-memory model>" if isinstance(onnx_path, bytes) else str(onnx_path)
+        raise FeatXError(f"{where}: ONNX Runtime cannot load this model ({str(e)[:300]})") from None
     used = sess.get_providers()[0]
     if device == "cuda" and used != "CUDAExecutionProvider":
         raise DeviceError(f"--device cuda asked for, but ONNX Runtime ran on {used}")

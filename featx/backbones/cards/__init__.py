@@ -25,6 +25,7 @@ DECODERS = ("simplejpeg", "pillow")
 DEFAULT_DECODER = "simplejpeg"
 # What every spec written before the decoder was a choice (no "decoder" key) was decoded with.
 LEGACY_DECODER = "pillow"
+CROPS = ("center", "none")
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ class Preprocess:
     (libjpeg-turbo through simplejpeg, the default) or ``"pillow"`` (the path
     before featx had a choice). Other formats always go through Pillow. The
     decoder is part of the fingerprint, so embeddings of two decoders never share
-    a store namespace or a head.
+    a store namespace or a head. ``crop="none"`` resizes the whole image to
+    ``input_size`` square instead (nothing cut off; the aspect ratio is not kept).
     """
 
     input_size: int = 224
@@ -46,8 +48,11 @@ class Preprocess:
     mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     decoder: str = DEFAULT_DECODER
+    crop: str = "center"
 
     def __post_init__(self) -> None:
+        if self.crop not in CROPS:
+            raise FeatXError(f"crop {self.crop!r} is not one of {', '.join(CROPS)}")
         if self.interpolation not in INTERPOLATIONS:
             raise FeatXError(
                 f"interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}"
@@ -64,7 +69,10 @@ class Preprocess:
             raise FeatXError("mean and std need three values each, std > 0")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["crop"] == "center":  # the default is left out: specs, card digests and fingerprints
+            del d["crop"]          # made before crop existed stay the same
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, stored: bool = False) -> Preprocess:

@@ -1,0 +1,211 @@
+"""Feature recipes: which layers of a backbone make its embedding, and how they are pooled.
+
+``last`` is the backbone's own pooled output, what every export gave before
+recipes existed. ``multi`` follows Head2Toe (Evci et al., ICML 2022): a linear
+probe over pooled *intermediate* features beats the last-layer probe, most on
+data unlike ImageNet. It concatenates, inside the ONNX graph,
+
+- the global average of every stage,
+- a 2x2 average of the last four stages (where in the image a feature is),
+- the last layer's global average (the ``last`` embedding itself),
+
+into one fixed-length vector: still one output, still uint8 NHWC in, so the
+store, the heads and the tables need no change. For efficientnet_lite0 at
+224 px: 784 + 4 x 704 + 1280 = 4880 dims.
+
+Stages per card family (``stage_names``): timm EfficientNet / MobileNetV3
+(the Lite cards): each of ``blocks``; other timm models: their
+``feature_info`` modules; torchvision ResNet: ``layer1``-``layer4``;
+torchvision EfficientNet / MobileNet / ConvNeXt: the last module of each run
+of equal-shaped ``features`` (the stem and, for EfficientNet / MobileNet, the
+head conv, whose average is the last layer, left out). The recipe, with every
+segment's place in the vector, is recorded in the sidecar (``features``); the
+fingerprint covers it because the pooling is part of the ONNX graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from featx.backbones.cards import BackboneCard
+from featx.errors import ExportError, require
+
+FEATURES = ("last", "multi")
+RECIPE_VERSION = 1  # bump when a recipe's layers or pooling change: cached exports are redone
+GRID = 2  # the last GRID_STAGES stages are also averaged over a GRID x GRID grid
+GRID_STAGES = 4
+LAST = "<pooled output>"  # the segment that is the backbone's own embedding
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One piece of the multi embedding: ``module``'s output averaged over a ``grid`` x ``grid``
+    grid (1: global average), ``channels * grid**2`` values starting at ``start``."""
+
+    module: str
+    channels: int
+    grid: int
+    start: int
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.channels * self.grid * self.grid
+
+
+@dataclass(frozen=True)
+class FeatureRecipe:
+    """A ``multi`` recipe resolved for one backbone at one input size."""
+
+    name: str
+    stages: tuple[str, ...]
+    sizes: tuple[int, ...]  # spatial side of each stage's output at the card's input size
+    segments: tuple[Segment, ...]
+    version: int = RECIPE_VERSION
+
+    @property
+    def dim(self) -> int:
+        return self.segments[-1].stop
+
+    def to_dict(self) -> dict[str, Any]:
+        """What the sidecar records under ``features``."""
+        return {"name": self.name, "version": self.version, "dim": self.dim,
+                "pooling": f"global average of every stage + {GRID}x{GRID} average of the last "
+                           f"{GRID_STAGES} stages + the last layer's global average",
+                "segments": [{"module": s.module, "channels": s.channels, "grid": s.grid,
+                              "start": s.start, "stop": s.stop} for s in self.segments]}
+
+
+def check_features(features: str) -> str:
+    if features not in FEATURES:
+        raise ExportError(f"features {features!r} is not one of {', '.join(FEATURES)}")
+    return features
+
+
+def recorded_features(extra: Mapping[str, Any]) -> str:
+    """The recipe an export was made with, from its sidecar's ``extra`` (``last`` when absent)."""
+    rec = extra.get("features")
+    return rec.get("name", "last") if isinstance(rec, dict) else "last"
+
+
+def recorded_version(extra: Mapping[str, Any]) -> int | None:
+    rec = extra.get("features")
+    return rec.get("version") if isinstance(rec, dict) else None
+
+
+def _probe(model, names: list[str], input_size: int) -> dict[str, tuple[int, ...]]:
+    """Output shapes of the modules ``names`` for one image at ``input_size``."""
+    torch = require("torch", "torch")
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda _m, _a, out, n=n: shapes.__setitem__(n, tuple(out.shape))) for n in names]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, input_size, input_size))
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+def _last_of_runs(names: list[str], shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """The last module of each run of modules with the same output shape (one per stage)."""
+    return [n for i, n in enumerate(names) if i + 1 == len(names) or shapes[names[i + 1]] != shapes[n]]
+
+
+def stage_names(model, card: BackboneCard) -> list[str]:
+    """The modules whose outputs are a card's stages, shallow to deep (see the module docstring)."""
+    if card.family == "timm":
+        if hasattr(model, "blocks") and hasattr(model, "conv_head"):  # timm EfficientNet / MobileNetV3
+            return [f"blocks.{i}" for i in range(len(model.blocks))]
+        info = getattr(model, "feature_info", None)
+        if info:
+            return [d["module"] for d in info]
+    arch = card.arch
+    if arch.startswith(("resnet", "resnext", "wide_resnet")):
+        return ["layer1", "layer2", "layer3", "layer4"]
+    if arch.startswith(("efficientnet", "mobilenet", "convnext")):
+        n = len(model.features)
+        # features.0 is the stem; EfficientNet's and MobileNet's last one is the head conv, whose
+        # average is the last-layer embedding already
+        names = [f"features.{i}" for i in range(1, n if arch.startswith("convnext") else n - 1)]
+        return _last_of_runs(names, _probe(model, names, card.preprocess.input_size))
+    raise ExportError(f"features='multi' has no recipe for {card.name!r} (arch {arch}); it knows timm "
+                      "models, torchvision resnet*, efficientnet*, mobilenet*, convnext*")
+
+
+def make_recipe(model, card: BackboneCard) -> FeatureRecipe:
+    """The ``multi`` recipe of ``model`` (a headless ``zoo.build`` backbone) for ``card``."""
+    stages = stage_names(model, card)
+    if len(stages) < GRID_STAGES:
+        raise ExportError(f"{card.name}: features='multi' needs at least {GRID_STAGES} stages, found {stages}")
+    shapes = _probe(model, stages, card.preprocess.input_size)
+    bad = {n: s for n, s in shapes.items() if len(s) != 4 or s[2] != s[3]}
+    if bad:
+        raise ExportError(f"{card.name}: features='multi' pools square NCHW feature maps; these stages "
+                          f"give {bad} (transformer tokens are not supported)")
+    segs: list[Segment] = []
+    start = 0
+    for grid, names in ((1, stages), (GRID, stages[-GRID_STAGES:])):
+        for n in names:
+            segs.append(Segment(n, shapes[n][1], grid, start))
+            start = segs[-1].stop
+    segs.append(Segment(LAST, card.dim, 1, start))
+    return FeatureRecipe("multi", tuple(stages), tuple(shapes[n][2] for n in stages), tuple(segs))
+
+
+class _Tap:
+    """Forward hook keeping a stage's output for the forward pass in progress.
+
+    A hook object, not a closure over the wrapper: ``copy.deepcopy`` (static
+    padding, float16 copies) then copies the taps and the hooks that point at
+    them together, so a copy reads its own stages.
+    """
+
+    def __init__(self) -> None:
+        self.out = None
+
+    def __call__(self, _module, _args, output) -> None:
+        self.out = output
+
+
+def _cells(size: int, grid: int) -> list[tuple[int, int]]:
+    """The windows of adaptive average pooling: [floor(i*size/grid), ceil((i+1)*size/grid))."""
+    return [(i * size // grid, -(-(i + 1) * size // grid)) for i in range(grid)]
+
+
+def multi_features(backbone, card: BackboneCard):
+    """(module, recipe): ``module`` maps float NCHW to the (N, recipe.dim) ``multi`` embedding.
+
+    ``backbone`` is the module's from then on: its stages carry forward hooks.
+
+    The 2x2 averages are static slices (the export has one input size):
+    ``adaptive_avg_pool2d`` does the same but does not export to ONNX when the
+    map's side (7 at 224 px) is not a multiple of 2.
+    """
+    torch = require("torch", "torch")
+    recipe = make_recipe(backbone, card)
+
+    class MultiFeatures(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = backbone
+            self.taps = [_Tap() for _ in recipe.stages]
+            for name, tap in zip(recipe.stages, self.taps, strict=True):
+                backbone.get_submodule(name).register_forward_hook(tap)
+            self.grid = [_cells(s, GRID) for s in recipe.sizes[-GRID_STAGES:]]
+
+        def forward(self, x):
+            last = self.backbone(x)
+            maps = [t.out for t in self.taps]
+            for t in self.taps:
+                t.out = None  # hold no activations between calls
+            parts = [m.mean((2, 3)) for m in maps]
+            for m, cells in zip(maps[-GRID_STAGES:], self.grid, strict=True):
+                grid = [m[:, :, h0:h1, w0:w1].mean((2, 3)) for h0, h1 in cells for w0, w1 in cells]
+                parts.append(torch.stack(grid, 2).flatten(1))  # channel-major, as adaptive_avg_pool2d
+            parts.append(last)
+            return torch.cat(parts, 1)
+
+    return MultiFeatures().eval(), recipe
