@@ -233,7 +233,10 @@ def _load_registry() -> dict[str, BackboneCard]:
     cards = {}
     for entry in resources.files(__name__).iterdir():
         if entry.name.endswith(".toml"):
-            card = BackboneCard.from_dict(tomllib.loads(entry.read_text()))
+            try:
+                card = BackboneCard.from_dict(tomllib.loads(entry.read_text()))
+            except (FeatXError, TypeError, KeyError, tomllib.TOMLDecodeError) as e:
+                raise FeatXError(f"backbone card {entry.name}: {e}") from None
             cards[card.name] = card
     return dict(sorted(cards.items()))
 
