@@ -80,15 +80,15 @@ def test_fit_head_writes_head_and_report(flow, head):
     assert h.meta["train"]["embeddings"] == str(flow["table"].resolve())
 
 
-def test_fit_head_defaults_to_last_extract(flow, tmp_path, monkeypatch):
+def test_fit_head_defaults_to_the_table_in_this_folder(flow, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    r = run("extract", str(flow["train"]), "--out", str(tmp_path / "t.parquet"), "-q")
+    r = run("extract", str(flow["train"]), "--out", str(tmp_path / "t.featx.parquet"), "-q")
     assert "30 from cache" in r.output  # fitting and re-extracting never re-run the backbone
     r = run("fit-head", "--C", "1", "--json")
     s = json.loads(r.output)
-    assert s["embeddings"] == str((tmp_path / "t.parquet").resolve())
+    assert s["embeddings"] == str((tmp_path / "t.featx.parquet").resolve())
     assert Path(s["head_file"]) == Path("head.joblib") and (tmp_path / "head.joblib").is_file()
-    r = run("fit-head", "--embeddings", str(tmp_path / "t.parquet"), "--C", "-1", ok=False)
+    r = run("fit-head", "--embeddings", str(tmp_path / "t.featx.parquet"), "--C", "-1", ok=False)
     assert r.exit_code == 2 and "C must be > 0" in r.output
 
 

@@ -24,7 +24,6 @@ from featx.embed.scan import ScanResult, scan
 from featx.embed.store import EmbeddingStore
 from featx.embed.table import EmbeddingTable, write_table
 from featx.errors import FeatXError
-from featx.paths import home
 from featx.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
@@ -154,22 +153,4 @@ def finish(job: ExtractJob, run: EngineRun, t0: float, out: str | os.PathLike | 
                   "failures": [{"path": p, "reason": r} for p, r in stats.failures],
                   "skipped": [{"path": p, "reason": r} for p, r in found.skipped]}
         report_path.write_text(json.dumps(report, indent=2))  # type: ignore[union-attr]
-        remember_last(out_path, bb)  # type: ignore[arg-type]
     return result
-
-
-def remember_last(out: Path, bb: Backbone) -> None:
-    """Let `featx fit-head` default to the table of the last extract."""
-    try:
-        (home() / "last_extract.json").write_text(json.dumps(
-            {"out": str(out.resolve()), "backbone": str(bb.onnx_path.parent), "fingerprint": bb.fingerprint}))
-    except OSError as e:
-        log.warning("could not record the last extract: %s", e)
-
-
-def last_extract() -> dict | None:
-    p = home() / "last_extract.json"
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None

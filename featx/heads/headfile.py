@@ -110,7 +110,8 @@ def head_path(path: str | os.PathLike) -> Path:
 
 # ---- writing -----------------------------------------------------------------------------------
 
-def _plain(o):
+def json_default(o):
+    """``json.dumps(default=...)``: numpy values, paths and sets as plain JSON."""
     if hasattr(o, "tolist"):  # numpy scalars and arrays
         return o.tolist()
     if isinstance(o, (Path, os.PathLike)):
@@ -165,7 +166,7 @@ def head_bytes(pipeline, classes: list[str], backbone: Backbone, train_summary: 
     }
     # numpy scalars/arrays in a caller's summary become plain JSON; the checksum is then
     # taken over exactly what load_head parses back
-    header = json.loads(json.dumps(header, default=_plain))
+    header = json.loads(json.dumps(header, default=json_default))
     header["content_sha256"] = _content_sha(header, payload)
     hb = json.dumps(header).encode()
     return MAGIC + f"{len(hb)}\n".encode() + hb + payload
@@ -214,6 +215,14 @@ def _split(p: Path) -> tuple[dict, bytes]:
         raise HeadFileError(f"{p}: damaged featx head file (unreadable header); "
                             "fit the head again with `featx fit-head`") from None
     return header, rest[nl + 1 + n:]
+
+
+def peek_header(path: str | os.PathLike) -> dict | None:
+    """The JSON header of a featx head file, unverified; None when the file is not one."""
+    try:
+        return _split(Path(path))[0]
+    except HeadFileError:
+        return None
 
 
 def read_header(path: str | os.PathLike, trust: bool = False) -> tuple[dict, bytes, Path]:
@@ -359,7 +368,7 @@ def _upgrade(p: Path, header: dict, pipeline) -> None:
                     "created": header.get("created"),
                     "payload_sha256": hashlib.sha256(payload).hexdigest(),
                     "payload_bytes": len(payload)})
-        new = json.loads(json.dumps(new, default=_plain))
+        new = json.loads(json.dumps(new, default=json_default))
         new["content_sha256"] = _content_sha(new, payload)
         hb = json.dumps(new).encode()
         write_bytes(p, MAGIC + f"{len(hb)}\n".encode() + hb + payload)
