@@ -151,10 +151,13 @@ def table_of(path: Path, X: np.ndarray, labels, bb) -> Path:
               "backbone_path": str(bb.onnx_path.parent)}))
 
 
-def test_ctrl_c_stops_fit_head_with_its_own_message(fm_embeddings, lite0, tmp_path):
+@pytest.mark.parametrize("head", ["logreg", "svm-rbf"])
+def test_ctrl_c_stops_fit_head_with_its_own_message(fm_embeddings, lite0, tmp_path, head):
+    """lbfgs returns to Python often; libsvm does not, and is run where Ctrl-C can reach."""
     X, y = fm_embeddings
     table_of(tmp_path / "fm.featx.parquet", X, y, lite0)
-    proc = subprocess.Popen([sys.executable, "-m", "featx.cli", "-v", "fit-head", "--C", "auto"],
+    proc = subprocess.Popen([sys.executable, "-m", "featx.cli", "-v", "fit-head", "--C", "auto",
+                             "--head", head],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     # the first grid point's log line: the search has started and has more to go

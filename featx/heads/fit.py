@@ -11,6 +11,7 @@ head file, so column ``j`` of ``predict_proba`` is class ``classes[j]``.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import warnings
 from collections import Counter
@@ -155,7 +156,7 @@ def choose_C(X: np.ndarray, codes: np.ndarray, head: str, class_weight, cv: int,
                               calibrated=False)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", ConvergenceWarning)
-                model.fit(Xs[train], ys[train])
+                interruptible(model.fit, Xs[train], ys[train])
             converged &= not any(issubclass(w.category, ConvergenceWarning) for w in caught)
             s.append(metric(ys[test], model.predict(Xs[test])))
             done += 1
@@ -183,6 +184,31 @@ def fit_head(X: np.ndarray, y: Sequence, head: str = "logreg", C: float | str = 
     # threads on the machine: 100x slower on a shared 2-core box, never faster here.
     with one_blas_thread():
         return _fit_head(X, y, head, C, class_weight, cv, seed, progress)
+
+
+def interruptible(fn, *args):
+    """``fn(*args)`` in a worker thread, so that Ctrl-C is heard within a fraction of a second.
+
+    liblinear and libsvm release the GIL but never return to Python during a fit, so a
+    signal would wait for the whole fit (minutes on a large table). Here the calling
+    thread waits in short slices and raises KeyboardInterrupt at once; the abandoned
+    fit finishes in the background (a daemon thread: a CLI process just exits).
+    """
+    out: dict = {}
+
+    def work() -> None:
+        try:
+            out["value"] = fn(*args)
+        except BaseException as e:  # handed to the caller's thread below
+            out["error"] = e
+
+    t = threading.Thread(target=work, name="featx-fit", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.1)
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def one_blas_thread():
@@ -221,7 +247,7 @@ def _fit_head(X, y, head, C, class_weight, cv, seed, progress) -> tuple[Pipeline
     progress("fit", 0, 1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        pipe.fit(X, codes)
+        interruptible(pipe.fit, X, codes)
     progress("fit", 1, 1)
     report["converged"] = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
     report["train_accuracy"] = float((pipe.predict(X) == codes).mean())
