@@ -299,3 +299,17 @@ def test_predict_works_where_no_key_can_be_made(fitted, lite0, tmp_path, monkeyp
     assert r.exit_code == 1 and "no head key found" in r.output and r.exception is not None
     assert isinstance(r.exception, SystemExit)
     assert not marker.exists()
+
+
+def test_empty_key_in_the_cache_folder_signs_nothing(lite0, tmp_path, monkeypatch):
+    """Old featx accepted an empty $FEATX_HOME/head.key as an empty key: anyone could sign."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("FEATX_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("FEATX_HEAD_KEY", raising=False)
+    (tmp_path / "cache").mkdir(mode=0o700)
+    write_key(tmp_path / "cache", "")
+    marker = tmp_path / "pwned"
+    (tmp_path / "evil.joblib").write_bytes(legacy_bytes(pickle.dumps(Evil(marker)), lite0, b""))
+    with pytest.raises(HeadKeyError, match="it is empty"):
+        load_head(tmp_path / "evil.joblib")
+    assert not marker.exists()
