@@ -1,8 +1,10 @@
-"""``featx evaluate``: a head on a labelled folder -> metrics JSON, confusion matrix, reliability diagram.
+"""``featx evaluate``: a head on a labelled folder -> metrics, plots and an error-analysis page.
 
 Besides accuracy and per-class scores, the metrics hold the head's calibration: the
 expected calibration error (ECE) of its top-label confidence over equal-width bins,
 and the bins themselves, drawn as a reliability diagram beside the confusion matrix.
+The output folder also gets the per-image outcomes, the top losses and an HTML page
+(``featx.error_analysis``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 
 from featx.atomic import atomic_path, write_text
 from featx.backbones.artifact import Backbone
+from featx.error_analysis import confused_pairs, write_error_analysis
 from featx.errors import FeatXError
 from featx.heads.headfile import Head, load_head
 from featx.predict import PredictResult, predict
@@ -132,13 +135,15 @@ def plot_reliability(cal: dict, path: Path, title: str) -> Path:
         ax.bar([b["lo"] for b in bins], [b["accuracy"] for b in bins], width=width, align="edge",
                edgecolor="black", color="tab:blue", label="accuracy")
         ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
-        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="tab:red",
-                markersize=3, label="mean confidence")
+        ax.bar([b["lo"] for b in bins], [b["confidence"] - b["accuracy"] for b in bins], width=width,
+               bottom=[b["accuracy"] for b in bins], align="edge", color="tab:red", alpha=0.3,
+               hatch="//", edgecolor="tab:red", label="gap to mean confidence")
         ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=f"{title}: ECE {cal['ece']:.3f}")
         ax.legend(loc="upper left", fontsize=8)
         hist.bar([b["lo"] for b in bins], [b["count"] for b in bins], width=width, align="edge",
                  edgecolor="black", color="tab:gray")
         hist.set(xlabel="confidence (top-class probability)", ylabel="images")
+        hist.yaxis.get_major_locator().set_params(integer=True)
         fig.tight_layout()
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png")
@@ -172,8 +177,9 @@ def evaluate(head: Head | str | os.PathLike, root: str | os.PathLike, *,
              progress: ProgressFn = no_progress) -> EvalResult:
     """Evaluate ``head`` on the labelled ImageFolder ``root``.
 
-    Writes ``metrics.json``, ``confusion_matrix.png`` and ``reliability.png`` into
-    ``out_dir`` (when given); an ``out_dir`` holding the evaluation of another head or
+    Writes ``metrics.json``, ``confusion_matrix.png``, ``reliability.png``,
+    ``predictions.csv``, ``top_losses.png`` and ``report.html`` into ``out_dir`` (when
+    given); an ``out_dir`` holding the evaluation of another head or
     folder is refused unless ``force``. Images whose class folder the head does not
     know count as errors and are listed under ``unknown_classes``.
     """
@@ -212,5 +218,9 @@ def _write(m: dict, res: PredictResult, out: Path, root: Path) -> EvalResult:
                          f"{root.name}: accuracy {m['accuracy']:.1%} (n={m['n']})")
     rel = plot_reliability(m["calibration"], out / RELIABILITY_PNG, root.name)
     m["confusion_matrix_png"], m["reliability_png"] = str(png), str(rel)
+    m["most_confused"] = confused_pairs(np.asarray(m["confusion_matrix"]), m["labels"])
+    truth = [str(t) for t in res.true_labels]
+    extra = write_error_analysis(m, res.files, truth, [str(p) for p in res.labels], res.proba,
+                                 res.classes, out, [png, rel])
     json_path = write_text(out / METRICS_FILE, json.dumps(m, indent=2))
-    return EvalResult(m, res, json_path, png, rel, [json_path, png, rel])
+    return EvalResult(m, res, json_path, png, rel, [json_path, png, rel, *extra])

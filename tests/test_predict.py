@@ -275,3 +275,41 @@ def test_evaluate_leaks_no_sklearn_warnings(flow, head, tmp_path):
         r = evaluate(head, folder)
     assert r.metrics["unknown_classes"] == ["coat"]
     assert not [w for w in caught if "sklearn" in w.filename], [str(w.message) for w in caught]
+
+
+def test_evaluate_error_analysis(flow, head, tmp_path):
+    """predictions.csv (worst first), the top-losses grid and an HTML page whose matrix
+    cells link to their images; a hostile file name stays text."""
+    import html as htmlmod
+    import re
+
+    folder = tmp_path / "test"
+    shutil.copytree(flow["test"], folder)
+    evil = "x'><img src=x onerror=alert(1)>.png"
+    shutil.copy(next((folder / "bag").glob("*.png")), folder / "bag" / evil)
+    out = tmp_path / "ev"
+    run("evaluate", str(head), str(folder), "--out-dir", str(out))
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    m = json.loads((out / "metrics.json").read_text())
+    assert len(rows) == m["n"] == 16
+    losses = [float(r["loss"]) for r in rows]
+    assert losses == sorted(losses, reverse=True)
+    for r in rows:
+        assert r["true"] == Path(r["path"]).parent.name
+        assert float(r["loss"]) == pytest.approx(-np.log(max(float(r["true_probability"]), 1e-15)),
+                                                 abs=1e-5)
+        assert (r["correct"] == "True") == (r["true"] == r["predicted"])
+    assert (out / "top_losses.png").read_bytes()[:4] == b"\x89PNG"
+    page = (out / "report.html").read_text()
+    assert "<img src=x onerror" not in page and htmlmod.escape("<img src=x onerror") in page
+    cm = np.array(m["confusion_matrix"])
+    links = set(re.findall(r"href=\"#(cell-\d+-\d+)\"", page))
+    targets = set(re.findall(r"id='(cell-\d+-\d+)'", page))
+    assert links == targets == {f"cell-{i}-{j}" for i, j in zip(*np.nonzero(cm), strict=True)}
+    from urllib.parse import unquote
+
+    srcs = re.findall(r"<img src='([^']+)' loading=lazy>", page)
+    assert len(srcs) == 16 and all((out / unquote(s)).resolve().is_file() for s in srcs)
+    norm = cm / cm.sum(1, keepdims=True)
+    assert f"{norm[0, 0]:.2f}" in page and "Most confused pairs" in page
+    assert m["most_confused"] == sorted(m["most_confused"], key=lambda p: -p["count"])

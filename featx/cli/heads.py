@@ -180,8 +180,8 @@ def predict_cmd(head, inputs, out, top_k, min_proba, backbone, store, batch_size
 @head_argument
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where metrics.json, confusion_matrix.png and reliability.png go. "
-                   "Default: ./<ROOT name>.eval/")
+              help="Where metrics.json, the plots, predictions.csv and report.html (error "
+                   "analysis) go. Default: ./<ROOT name>.eval/")
 @click.option("--force", is_flag=True,
               help="Replace --out-dir even if it holds the evaluation of another head or folder.")
 @recorded_backbone_option("head file")
@@ -193,7 +193,7 @@ def predict_cmd(head, inputs, out, top_k, min_proba, backbone, store, batch_size
 def evaluate_cmd(head, root, out_dir, force, backbone, store, batch_size, workers, device, quiet,
                  as_json):
     """Evaluate HEAD on the labelled folder ROOT: accuracy, per-class scores, confusion matrix,
-    calibration (ECE and a reliability diagram)."""
+    calibration (ECE, reliability diagram), per-image losses and an error-analysis page."""
     from featx.evaluate import evaluate
 
     out_dir = out_dir or Path(f"{root.resolve().name}.eval")
