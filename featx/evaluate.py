@@ -1,47 +1,69 @@
-"""``featx evaluate``: a head on a labelled folder -> metrics JSON + confusion-matrix PNG."""
+"""``featx evaluate``: a head on a labelled folder -> metrics, plots and an error-analysis page.
+
+Besides accuracy and per-class scores, the metrics hold the head's calibration: the
+expected calibration error (ECE) of its top-label confidence over equal-width bins,
+and the bins themselves, drawn as a reliability diagram beside the confusion matrix.
+The output folder also gets the per-image outcomes, the top losses and an HTML page
+(``featx.error_analysis``).
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from featx.atomic import atomic_path, write_text
 from featx.backbones.artifact import Backbone
+from featx.error_analysis import confused_pairs, write_error_analysis
 from featx.errors import FeatXError
 from featx.heads.headfile import Head, load_head
 from featx.predict import PredictResult, predict
 from featx.progress import ProgressFn, no_progress
 
+__all__ = ["EvalResult", "calibration", "compute_metrics", "evaluate"]
+
+METRICS_FILE = "metrics.json"
+CONFUSION_PNG = "confusion_matrix.png"
+RELIABILITY_PNG = "reliability.png"
+ECE_BINS = 15
+
 
 @dataclass
 class EvalResult:
+    """What ``evaluate`` measured and wrote (``files`` lists every file written)."""
+
     metrics: dict
     prediction: PredictResult
     json_path: Path | None
     png_path: Path | None
+    reliability_path: Path | None = None
+    files: list[Path] = field(default_factory=list)
 
 
 def compute_metrics(y_true: list[str], y_pred: list[str], classes: list[str]) -> dict:
     """Accuracy, balanced accuracy, per-class precision/recall/F1/support, confusion matrix."""
-    from sklearn.metrics import (
-        accuracy_score,
-        balanced_accuracy_score,
-        confusion_matrix,
-        precision_recall_fscore_support,
-    )
+    from sklearn.metrics import balanced_accuracy_score, classification_report, confusion_matrix
 
     labels = list(classes) + sorted(set(y_true) - set(classes))
-    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
-    per_class = {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-                     "support": int(s[i])} for i, c in enumerate(labels)}
+    with warnings.catch_warnings():
+        # a class of the head missing from this folder is expected, not news: sklearn's
+        # "y_pred contains classes not in y_true" would only leak into the CLI's output
+        warnings.simplefilter("ignore", UserWarning)
+        rep = classification_report(y_true, y_pred, labels=labels, output_dict=True, zero_division=0)
+        balanced = float(balanced_accuracy_score(y_true, y_pred))
+    per_class = {c: {"precision": float(rep[c]["precision"]), "recall": float(rep[c]["recall"]),
+                     "f1": float(rep[c]["f1-score"]), "support": int(rep[c]["support"])}
+                 for c in labels}
     return {
         "n": len(y_true),
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
-        "macro_f1": float(np.mean([v["f1"] for c, v in per_class.items() if v["support"]])),
+        "accuracy": float(np.mean(np.asarray(y_true) == np.asarray(y_pred))) if y_true else 0.0,
+        "balanced_accuracy": balanced,
+        "macro_f1": float(np.mean([v["f1"] for v in per_class.values() if v["support"]])),
         "per_class": per_class,
         "labels": labels,
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
@@ -49,14 +71,44 @@ def compute_metrics(y_true: list[str], y_pred: list[str], classes: list[str]) ->
     }
 
 
-def plot_confusion(cm: np.ndarray, labels: list[str], path: Path, title: str) -> Path:
-    """Write a confusion matrix (counts, rows = true class) as a PNG."""
+def calibration(confidence: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> dict:
+    """Top-label calibration: ECE over ``n_bins`` equal-width confidence bins, and the bins.
+
+    ECE = sum over bins of (bin's share of images) x |accuracy - mean confidence|: 0 for
+    a head whose "90% sure" is right 90% of the time.
+    """
+    confidence = np.asarray(confidence, np.float64)
+    correct = np.asarray(correct, bool)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # bin i holds (edges[i], edges[i+1]]; a confidence of exactly 0 goes to the first bin
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    bins, ece = [], 0.0
+    for i in range(n_bins):
+        m = which == i
+        if not m.any():
+            continue
+        conf, acc = float(confidence[m].mean()), float(correct[m].mean())
+        ece += m.sum() / len(confidence) * abs(acc - conf)
+        bins.append({"lo": float(edges[i]), "hi": float(edges[i + 1]), "count": int(m.sum()),
+                     "confidence": conf, "accuracy": acc})
+    return {"ece": float(ece), "n_bins": n_bins, "kind": "top-label", "bins": bins,
+            "mean_confidence": float(confidence.mean()) if len(confidence) else 0.0}
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed, and never pop up a window
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(cm: np.ndarray, labels: list[str], path: Path, title: str) -> Path:
+    """Write a confusion matrix (counts, rows = true class) as a PNG."""
     from sklearn.metrics import ConfusionMatrixDisplay
 
+    plt = _pyplot()
     n = len(labels)
     fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * n + 2), max(3.5, 0.6 * n + 1.5)), dpi=100)
     try:
@@ -65,25 +117,76 @@ def plot_confusion(cm: np.ndarray, labels: list[str], path: Path, title: str) ->
             values_format="d")
         ax.set_title(title)
         fig.tight_layout()
-        fig.savefig(path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
     return path
+
+
+def plot_reliability(cal: dict, path: Path, title: str) -> Path:
+    """Write a reliability diagram: accuracy per confidence bin against the diagonal."""
+    plt = _pyplot()
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(4.5, 5.5), dpi=100, sharex=True,
+                                   gridspec_kw={"height_ratios": [3, 1]})
+    try:
+        width = 1.0 / cal["n_bins"]
+        bins = cal["bins"]
+        ax.bar([b["lo"] for b in bins], [b["accuracy"] for b in bins], width=width, align="edge",
+               edgecolor="black", color="tab:blue", label="accuracy")
+        ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+        ax.bar([b["lo"] for b in bins], [b["confidence"] - b["accuracy"] for b in bins], width=width,
+               bottom=[b["accuracy"] for b in bins], align="edge", color="tab:red", alpha=0.3,
+               hatch="//", edgecolor="tab:red", label="gap to mean confidence")
+        ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=f"{title}: ECE {cal['ece']:.3f}")
+        ax.legend(loc="upper left", fontsize=8)
+        hist.bar([b["lo"] for b in bins], [b["count"] for b in bins], width=width, align="edge",
+                 edgecolor="black", color="tab:gray")
+        hist.set(xlabel="confidence (top-class probability)", ylabel="images")
+        hist.yaxis.get_major_locator().set_params(integer=True)
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def check_out_dir(out: Path, head: Head, root: Path, force: bool) -> None:
+    """Refuse to overwrite another head's or folder's evaluation unless ``force``."""
+    prev = out / METRICS_FILE
+    if force or not prev.is_file():
+        return
+    try:
+        old = json.loads(prev.read_text())
+        same = (old.get("head") == (str(head.path.resolve()) if head.path else None)
+                and old.get("root") == str(root.resolve()))
+    except (OSError, ValueError, AttributeError):
+        old, same = {}, False
+    if not same:
+        raise FeatXError(f"{out} already holds the evaluation of {old.get('head') or 'another head'} "
+                         f"on {old.get('root') or 'another folder'}; pass --force to replace it, "
+                         "or --out-dir to write elsewhere")
 
 
 def evaluate(head: Head | str | os.PathLike, root: str | os.PathLike, *,
              out_dir: str | os.PathLike | None = None,
              backbone: str | os.PathLike | Backbone | None = None, device: str = "auto",
              store: str | os.PathLike | None = None, batch_size: int = 32,
-             workers: int | None = None, progress: ProgressFn = no_progress) -> EvalResult:
+             workers: int | None = None, force: bool = False,
+             progress: ProgressFn = no_progress) -> EvalResult:
     """Evaluate ``head`` on the labelled ImageFolder ``root``.
 
-    Writes ``metrics.json`` and ``confusion_matrix.png`` into ``out_dir`` (when
-    given); images whose class folder the head does not know count as errors and
-    are listed under ``unknown_classes``.
+    Writes ``metrics.json``, ``confusion_matrix.png``, ``reliability.png``,
+    ``predictions.csv``, ``top_losses.png`` and ``report.html`` into ``out_dir`` (when
+    given); an ``out_dir`` holding the evaluation of another head or
+    folder is refused unless ``force``. Images whose class folder the head does not
+    know count as errors and are listed under ``unknown_classes``.
     """
     h = head if isinstance(head, Head) else load_head(head)
     root = Path(root)
+    if out_dir is not None:
+        check_out_dir(Path(out_dir), h, root, force)
     res = predict(h, [root], backbone=backbone, device=device, store=store,
                   batch_size=batch_size, workers=workers, progress=progress)
     if any(t is None for t in res.true_labels) or not res.files:
@@ -93,19 +196,31 @@ def evaluate(head: Head | str | os.PathLike, root: str | os.PathLike, *,
     if not set(truth) & set(h.classes):
         raise FeatXError(f"{root}: none of its class folders ({', '.join(sorted(set(truth))[:5])}) "
                          f"is a class of the head ({', '.join(h.classes[:5])}); wrong folder?")
-    m = compute_metrics(truth, res.labels, res.classes)
-    m.update({"head": str(h.path) if h.path else None, "root": str(root.resolve()),
+    pred = [str(p) for p in res.labels]
+    m = compute_metrics(truth, pred, res.classes)
+    m["calibration"] = calibration(res.proba.max(axis=1), np.asarray(truth) == np.asarray(pred))
+    m.update({"head": str(h.path.resolve()) if h.path else None, "root": str(root.resolve()),
+              "head_sha256": h.meta.get("content_sha256") or h.meta.get("payload_sha256"),
               "failed": len(res.failures),
               "failures": [{"path": p, "reason": r} for p, r in res.failures],
               "backbone": h.backbone_name, "fingerprint": h.fingerprint})
-    json_path = png_path = None
-    if out_dir is not None:
-        out = Path(out_dir)
+    if out_dir is None:
+        return EvalResult(m, res, None, None)
+    return _write(m, res, Path(out_dir), root)
+
+
+def _write(m: dict, res: PredictResult, out: Path, root: Path) -> EvalResult:
+    try:
         out.mkdir(parents=True, exist_ok=True)
-        png_path = plot_confusion(np.asarray(m["confusion_matrix"]), m["labels"],
-                                  out / "confusion_matrix.png",
-                                  f"{root.name}: accuracy {m['accuracy']:.1%} (n={m['n']})")
-        m["confusion_matrix_png"] = str(png_path)
-        json_path = out / "metrics.json"
-        json_path.write_text(json.dumps(m, indent=2))
-    return EvalResult(m, res, json_path, png_path)
+    except OSError as e:
+        raise FeatXError(f"cannot create {out}: {e.strerror or e}") from None
+    png = plot_confusion(np.asarray(m["confusion_matrix"]), m["labels"], out / CONFUSION_PNG,
+                         f"{root.name}: accuracy {m['accuracy']:.1%} (n={m['n']})")
+    rel = plot_reliability(m["calibration"], out / RELIABILITY_PNG, root.name)
+    m["confusion_matrix_png"], m["reliability_png"] = str(png), str(rel)
+    m["most_confused"] = confused_pairs(np.asarray(m["confusion_matrix"]), m["labels"])
+    truth = [str(t) for t in res.true_labels]
+    extra = write_error_analysis(m, res.files, truth, [str(p) for p in res.labels], res.proba,
+                                 res.classes, out, [png, rel])
+    json_path = write_text(out / METRICS_FILE, json.dumps(m, indent=2))
+    return EvalResult(m, res, json_path, png, rel, [json_path, png, rel, *extra])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import threading
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featx.atomic import write_text
 from featx.backbones.artifact import Backbone
 from featx.embed.images import IMAGE_EXTENSIONS, array_to_pil, resize_crop
 from featx.embed.runtime import Encoder
@@ -138,15 +140,24 @@ def embed_arrays(images, bb: Backbone, *, device: str = "auto",
 
 @dataclass
 class PredictResult:
-    """Per-image predictions; ``files[i]`` has ``labels[i]`` and ``proba[i]`` (over ``classes``)."""
+    """Per-image predictions; ``files[i]`` has ``labels[i]`` and ``proba[i]`` (over ``classes``).
+
+    ``labels[i]`` is None when the head abstained: its top probability was below
+    ``min_proba``.
+    """
 
     files: list[str]
-    labels: list[str]
+    labels: list[str | None]
     proba: np.ndarray
     classes: list[str]
     failures: list[tuple[str, str]] = field(default_factory=list)
     true_labels: list[str | None] = field(default_factory=list)
     provider: str = ""
+    min_proba: float | None = None
+
+    @property
+    def abstained(self) -> int:
+        return sum(lab is None for lab in self.labels)
 
     def top_k(self, i: int, k: int) -> list[tuple[str, float]]:
         order = np.argsort(-self.proba[i], kind="stable")[:k]
@@ -154,6 +165,7 @@ class PredictResult:
 
     def rows(self, k: int = 3) -> list[dict]:
         return [{"path": f, "label": lab, "probability": float(self.proba[i].max()),
+                 "abstained": lab is None,
                  "top": [{"class": c, "probability": p} for c, p in self.top_k(i, k)]}
                 for i, (f, lab) in enumerate(zip(self.files, self.labels, strict=True))]
 
@@ -161,12 +173,16 @@ class PredictResult:
 def predict(head: Head | str | os.PathLike, inputs: list[str | os.PathLike], *,
             backbone: str | os.PathLike | Backbone | None = None, device: str = "auto",
             store: str | os.PathLike | None = None, batch_size: int = 32,
-            workers: int | None = None, progress: ProgressFn = no_progress) -> PredictResult:
+            workers: int | None = None, min_proba: float | None = None,
+            progress: ProgressFn = no_progress) -> PredictResult:
     """Predict every image in ``inputs`` (files and/or folders) with ``head``.
 
-    The label is the class with the highest probability. Unreadable files are
-    listed in ``failures`` with their reason and do not stop the run.
+    The label is the class with the highest probability, or None (abstain) when that
+    probability is below ``min_proba``. Unreadable files are listed in ``failures``
+    with their reason and do not stop the run.
     """
+    if min_proba is not None and not 0.0 <= min_proba <= 1.0:
+        raise FeatXError(f"min_proba must be between 0 and 1, got {min_proba}")
     h = head if isinstance(head, Head) else load_head(head)
     bb = head_backbone(h, backbone)
     files, truth, skipped = collect_files(list(inputs))
@@ -177,38 +193,47 @@ def predict(head: Head | str | os.PathLike, inputs: list[str | os.PathLike], *,
                                   workers=workers, data_root=single_dir, progress=progress)
     proba = head_proba(h, X)
     classes = head_class_columns(h)
-    labels = [classes[j] for j in proba.argmax(axis=1)] if len(proba) else []
+    labels: list[str | None] = [classes[j] for j in proba.argmax(axis=1)] if len(proba) else []
+    if min_proba is not None and len(proba):
+        labels = [lab if p >= min_proba else None for lab, p in zip(labels, proba.max(axis=1),
+                                                                     strict=True)]
     enc, _ = runtime(bb, device, store)
     return PredictResult([files[i] for i in ok], labels, proba, classes, skipped + failures,
-                         [truth[i] for i in ok], enc.provider)
+                         [truth[i] for i in ok], enc.provider, min_proba)
 
 
 def write_predictions(result: PredictResult, out: str | os.PathLike, top_k: int = 3) -> Path:
-    """CSV (path, label, probability, top-k class/probability columns) or JSON, by suffix."""
+    """CSV/TSV (path, label, probability, top-k class/probability columns, error) or JSON, by suffix.
+
+    An abstention (top probability below ``min_proba``) has an empty label in CSV and
+    ``null`` in JSON; its top-k columns still hold the probabilities. Written atomically.
+    """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    suffix = out.suffix.lower()
+    if suffix not in (".csv", ".tsv", ".json"):
+        raise FeatXError(f"{out}: output must end in .csv, .tsv or .json")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FeatXError(f"cannot create {out.parent}: {e.strerror or e}") from None
     k = max(1, min(top_k, len(result.classes)))
-    if out.suffix.lower() == ".json":
-        doc = {"classes": result.classes,
+    if suffix == ".json":
+        doc = {"classes": result.classes, "min_proba": result.min_proba,
                "predictions": [{**r, "path": display_path(r["path"])} for r in result.rows(k)],
                "failures": [{"path": display_path(p), "reason": r} for p, r in result.failures]}
-        out.write_text(json.dumps(doc, indent=2))
-        return out
-    if out.suffix.lower() not in (".csv", ".tsv"):
-        raise FeatXError(f"{out}: output must end in .csv, .tsv or .json")
-    with open(out, "w", newline="") as f:
-        w = csv.writer(f, delimiter="\t" if out.suffix.lower() == ".tsv" else ",")
-        head = ["path", "label", "probability"]
-        for j in range(1, k + 1):
-            head += [f"top{j}_class", f"top{j}_probability"]
-        w.writerow([*head, "error"])
-        for i, (path, lab) in enumerate(zip(result.files, result.labels, strict=True)):
-            row = [display_path(path), lab, f"{result.proba[i].max():.6f}"]
-            for c, p in result.top_k(i, k):
-                row += [c, f"{p:.6f}"]
-            row += ["", ""] * (k - len(result.top_k(i, k)))
-            w.writerow([*row, ""])
-        for path, why in result.failures:
-            w.writerow([display_path(path), "", ""] + [""] * (2 * k) + [why])
-    return out
-
+        return write_text(out, json.dumps(doc, indent=2))
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf, delimiter="\t" if suffix == ".tsv" else ",")
+    head = ["path", "label", "probability"]
+    for j in range(1, k + 1):
+        head += [f"top{j}_class", f"top{j}_probability"]
+    w.writerow([*head, "error"])
+    for i, (path, lab) in enumerate(zip(result.files, result.labels, strict=True)):
+        row = [display_path(path), lab or "", f"{result.proba[i].max():.6f}"]
+        for c, p in result.top_k(i, k):
+            row += [c, f"{p:.6f}"]
+        row += ["", ""] * (k - len(result.top_k(i, k)))
+        w.writerow([*row, ""])
+    for path, why in result.failures:
+        w.writerow([display_path(path), "", ""] + [""] * (2 * k) + [why])
+    return write_text(out, buf.getvalue())

@@ -80,15 +80,15 @@ def test_fit_head_writes_head_and_report(flow, head):
     assert h.meta["train"]["embeddings"] == str(flow["table"].resolve())
 
 
-def test_fit_head_defaults_to_last_extract(flow, tmp_path, monkeypatch):
+def test_fit_head_defaults_to_the_table_in_this_folder(flow, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    r = run("extract", str(flow["train"]), "--out", str(tmp_path / "t.parquet"), "-q")
+    r = run("extract", str(flow["train"]), "--out", str(tmp_path / "t.featx.parquet"), "-q")
     assert "30 from cache" in r.output  # fitting and re-extracting never re-run the backbone
     r = run("fit-head", "--C", "1", "--json")
     s = json.loads(r.output)
-    assert s["embeddings"] == str((tmp_path / "t.parquet").resolve())
+    assert s["embeddings"] == str((tmp_path / "t.featx.parquet").resolve())
     assert Path(s["head_file"]) == Path("head.joblib") and (tmp_path / "head.joblib").is_file()
-    r = run("fit-head", "--embeddings", str(tmp_path / "t.parquet"), "--C", "-1", ok=False)
+    r = run("fit-head", "--embeddings", str(tmp_path / "t.featx.parquet"), "--C", "-1", ok=False)
     assert r.exit_code == 2 and "C must be > 0" in r.output
 
 
@@ -203,3 +203,113 @@ def test_quickstart_example_runs_the_whole_flow():
     assert acc >= 70  # 20 images a class, 10 classes; chance is 10%
     png = Path(re.search(r"confusion matrix: (\S+)", proc.stdout.splitlines()[-1]).group(1))
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_min_proba_abstains_below_the_threshold(flow, head, tmp_path):
+    r = run("predict", str(head), str(flow["test"]), "--json")
+    probs = sorted(p["probability"] for p in json.loads(r.output)["predictions"])
+    cut = (probs[4] + probs[5]) / 2  # five images below it
+    out = tmp_path / "p.csv"
+    r = run("predict", str(head), str(flow["test"]), "--min-proba", f"{cut}", "--out", str(out))
+    assert f"5 below --min-proba {cut:g} (label left empty)" in r.output
+    rows = [row for row in csv.DictReader(out.open()) if not row["error"]]
+    low = [row for row in rows if float(row["probability"]) < cut]
+    assert len(low) == 5 and all(row["label"] == "" and row["top1_class"] for row in low)
+    assert all(row["label"] == row["top1_class"] for row in rows if row not in low)
+    r = run("predict", str(head), str(flow["test"]), "--min-proba", f"{cut}", "--json")
+    preds = json.loads(r.output)["predictions"]
+    assert sum(p["label"] is None and p["abstained"] for p in preds) == 5
+    r = run("predict", str(head), str(flow["test"]), "--min-proba", "1.5", ok=False)
+    assert r.exit_code == 2
+
+
+def test_evaluate_reports_calibration(flow, head, tmp_path):
+    from featx.evaluate import calibration
+    from featx.predict import predict
+
+    run("evaluate", str(head), str(flow["test"]), "--out-dir", str(tmp_path / "ev"))
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    cal = m["calibration"]
+    assert sum(b["count"] for b in cal["bins"]) == m["n"] and 0 <= cal["ece"] <= 1
+    res = predict(head, [flow["test"]])
+    truth = np.array([Path(f).parent.name for f in res.files])
+    conf = res.proba.max(1)
+    assert cal["ece"] == pytest.approx(calibration(conf, truth == np.array(res.labels))["ece"])
+    # by hand: the weighted gap between confidence and accuracy over 15 equal bins
+    bins = np.minimum((conf * 15).astype(int) - (conf * 15 == np.floor(conf * 15)), 14).clip(0)
+    gap = sum(abs((truth == np.array(res.labels))[bins == b].mean() - conf[bins == b].mean())
+              * (bins == b).sum() for b in set(bins.tolist())) / len(conf)
+    assert cal["ece"] == pytest.approx(gap)
+    png = tmp_path / "ev" / "reliability.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and m["reliability_png"] == str(png)
+
+
+def test_evaluate_does_not_overwrite_another_heads_results(flow, head, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    other = tmp_path / "other.joblib"
+    run("fit-head", "--embeddings", str(flow["table"]), "--C", "0.01", "--out", str(other))
+    r = run("evaluate", str(head), str(flow["test"]))
+    out = Path(f"{flow['test'].name}.eval")
+    assert f"wrote {out / 'metrics.json'}" in r.output and f"wrote {out / 'reliability.png'}" in r.output
+    first = (out / "metrics.json").read_text()
+    r = run("evaluate", str(other), str(flow["test"]), ok=False)
+    assert r.exit_code == 1 and "already holds the evaluation of" in r.output and "--force" in r.output
+    assert (out / "metrics.json").read_text() == first
+    run("evaluate", str(head), str(flow["test"]))  # the same head on the same folder: a refresh
+    run("evaluate", str(other), str(flow["test"]), "--force")
+    assert json.loads((out / "metrics.json").read_text())["head"] == str(other.resolve())
+
+
+def test_evaluate_leaks_no_sklearn_warnings(flow, head, tmp_path):
+    """A folder with a class the head does not know: sklearn warns, evaluate must not."""
+    import warnings
+
+    from featx.evaluate import evaluate
+
+    folder = tmp_path / "mixed"
+    shutil.copytree(flow["test"] / "bag", folder / "bag")
+    fm_folder(tmp_path / "coats", "test", 5)
+    shutil.copytree(tmp_path / "coats" / "t-shirt", folder / "coat")  # a class the head lacks
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = evaluate(head, folder)
+    assert r.metrics["unknown_classes"] == ["coat"]
+    assert not [w for w in caught if "sklearn" in w.filename], [str(w.message) for w in caught]
+
+
+def test_evaluate_error_analysis(flow, head, tmp_path):
+    """predictions.csv (worst first), the top-losses grid and an HTML page whose matrix
+    cells link to their images; a hostile file name stays text."""
+    import html as htmlmod
+    import re
+
+    folder = tmp_path / "test"
+    shutil.copytree(flow["test"], folder)
+    evil = "x'><img src=x onerror=alert(1)>.png"
+    shutil.copy(next((folder / "bag").glob("*.png")), folder / "bag" / evil)
+    out = tmp_path / "ev"
+    run("evaluate", str(head), str(folder), "--out-dir", str(out))
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    m = json.loads((out / "metrics.json").read_text())
+    assert len(rows) == m["n"] == 16
+    losses = [float(r["loss"]) for r in rows]
+    assert losses == sorted(losses, reverse=True)
+    for r in rows:
+        assert r["true"] == Path(r["path"]).parent.name
+        assert float(r["loss"]) == pytest.approx(-np.log(max(float(r["true_probability"]), 1e-15)),
+                                                 abs=1e-5)
+        assert (r["correct"] == "True") == (r["true"] == r["predicted"])
+    assert (out / "top_losses.png").read_bytes()[:4] == b"\x89PNG"
+    page = (out / "report.html").read_text()
+    assert "<img src=x onerror" not in page and htmlmod.escape("<img src=x onerror") in page
+    cm = np.array(m["confusion_matrix"])
+    links = set(re.findall(r"href=\"#(cell-\d+-\d+)\"", page))
+    targets = set(re.findall(r"id='(cell-\d+-\d+)'", page))
+    assert links == targets == {f"cell-{i}-{j}" for i, j in zip(*np.nonzero(cm), strict=True)}
+    from urllib.parse import unquote
+
+    srcs = re.findall(r"<img src='([^']+)' loading=lazy>", page)
+    assert len(srcs) == 16 and all((out / unquote(s)).resolve().is_file() for s in srcs)
+    norm = cm / cm.sum(1, keepdims=True)
+    assert f"{norm[0, 0]:.2f}" in page and "Most confused pairs" in page
+    assert m["most_confused"] == sorted(m["most_confused"], key=lambda p: -p["count"])

@@ -29,9 +29,20 @@ class FeatXGroup(click.Group):
             click.echo(f"error: {e}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
-            click.echo("\ninterrupted: everything embedded so far is saved; run the same command "
-                       "again to resume.", err=True)
+            said = INTERRUPTED.get(ctx.invoked_subcommand or "", "nothing was written.")
+            click.echo(f"\ninterrupted: {said}", err=True)
             ctx.exit(130)
+
+
+# what Ctrl-C leaves behind, per command (finetune says it itself: which run, which epoch)
+_CACHED = "the embeddings computed so far are cached; the same command again starts from them."
+INTERRUPTED = {
+    "extract": "everything embedded so far is saved; run the same command again to resume.",
+    "predict": _CACHED,
+    "evaluate": _CACHED,
+    "compare": _CACHED,
+    "fit-head": "no head was written (an existing head file is unchanged).",
+}
 
 
 @click.group(cls=FeatXGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -87,7 +87,7 @@ class Progress:
             self.close()
             self.stage = stage
             if total:
-                unit = {"epoch": "batch"}.get(stage, "img")
+                unit = {"epoch": "batch", "choose C": "fit", "fit": "fit"}.get(stage, "img")
                 self.bar = tqdm(total=total, desc=stage, unit=unit, dynamic_ncols=True, file=sys.stderr)
         if self.bar is not None:
             self.bar.total = total

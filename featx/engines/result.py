@@ -25,7 +25,6 @@ from featx.embed.scan import ScanResult, display_path, is_table_file, scan, scan
 from featx.embed.store import EmbeddingStore
 from featx.embed.table import EmbeddingTable, write_table
 from featx.errors import FeatXError
-from featx.paths import home
 from featx.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
@@ -163,7 +162,6 @@ def finish(job: ExtractJob, run: EngineRun, t0: float, out: str | os.PathLike | 
                            time.perf_counter() - t0, found.skipped)
     if write:
         write_report(report_path, result, engine, found)  # type: ignore[arg-type]
-        remember_last(out_path, bb)  # type: ignore[arg-type]
     return result
 
 
@@ -182,20 +180,3 @@ def write_report(path: Path, result: ExtractResult, engine: str, found: ScanResu
         write_text(path, json.dumps(report, indent=2))
     except OSError as e:
         raise FeatXError(f"cannot write the report {path}: {e.strerror or e}") from None
-
-
-def remember_last(out: Path, bb: Backbone) -> None:
-    """Let `featx fit-head` default to the table of the last extract."""
-    try:
-        (home() / "last_extract.json").write_text(json.dumps(
-            {"out": str(out.resolve()), "backbone": str(bb.onnx_path.parent), "fingerprint": bb.fingerprint}))
-    except OSError as e:
-        log.warning("could not record the last extract: %s", e)
-
-
-def last_extract() -> dict | None:
-    p = home() / "last_extract.json"
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None

@@ -2,7 +2,8 @@
 
 ``fit`` (scaler + logistic regression / SVM, C by cross-validation), ``streaming``
 (SGD over a table larger than memory), ``headfile`` (save/load, with the backbone
-fingerprint it belongs to), ``onnx_classifier`` (backbone + head as one ONNX file).
+fingerprint it belongs to), ``codec`` (a fitted head as arrays + JSON: head files hold
+no pickle), ``onnx_classifier`` (backbone + head as one ONNX file).
 """
 
 from __future__ import annotations

@@ -1,20 +1,27 @@
-"""Head files: a fitted sklearn pipeline + class names + the backbone it belongs to.
+"""Head files: a fitted head as data (arrays + JSON), the class names and the backbone it belongs to.
 
-Layout (one file, conventionally ``*.joblib``)::
+Layout (one file, conventionally ``*.joblib`` for continuity; it holds no pickle)::
 
     FEATX-HEAD\\n                 magic line
     <header length>\\n            decimal byte count of the JSON header
-    <JSON header>                 format, classes, fingerprint, preprocessing,
-                                  training summary, versions, payload sha256 [, hmac]
-    <payload>                     joblib pickle of the sklearn pipeline
+    <JSON header>                 format 2, classes, backbone fingerprint, preprocessing,
+                                  training summary, versions, the model description
+                                  (estimator kinds + scalars), sha256 checksums
+    <payload>                     an uncompressed .npz of numeric arrays (coefficients,
+                                  scaler statistics, support vectors, calibration)
 
-Everything is checked before the payload is unpickled: the magic line, the
-header, the payload's sha256, and an HMAC-SHA256 signature. featx signs every
-head it writes with ``FEATX_HEAD_KEY`` when set (a team secret), else with a
-random key kept in ``$FEATX_HOME/head.key`` (this user on this machine). A head
-signed with another key, or not signed, is refused unless the caller opts in
-(``trust=True``, or ``FEATX_TRUST_HEADS=1`` for the CLI): a pickle can run code
-when loaded, so only the user decides to trust a stranger's file.
+Loading reads JSON and numeric arrays only (``numpy.load(allow_pickle=False)``) and
+rebuilds scikit-learn estimators of a fixed list of kinds (``featx.heads.codec``), so a
+head file cannot run code: a forged or damaged one can at worst predict wrongly. No key
+is involved, so a head written on one machine loads on any other. The checksums
+(``payload_sha256`` over the arrays, ``content_sha256`` over header and arrays) catch
+damage and accidental edits; they are not a signature.
+
+Heads written by featx before this format (format 1: an HMAC-signed pickle) are still
+read, with that format's check: the HMAC must verify with ``FEATX_HEAD_KEY`` or with this
+user's key file (see ``legacy_key``), else the user opts in (``trust=True`` or
+``FEATX_TRUST_HEADS=1``). Once read, such a head is rewritten in place in the data
+format, so its pickle is read once.
 """
 
 from __future__ import annotations
@@ -23,29 +30,43 @@ import hashlib
 import hmac
 import io
 import json
+import logging
 import os
 import platform
+import stat
 import time
-import uuid
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from featx import __version__
+from featx.atomic import write_bytes
 from featx.backbones.artifact import Backbone, load_export, with_decoder
 from featx.backbones.cards import Preprocess
 from featx.backbones.resolve import resolve_backbone
 from featx.errors import FeatXError, MismatchError
+from featx.heads.codec import CodecError, decode, encode
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"FEATX-HEAD\n"
-FORMAT = 1
+FORMAT = 2
+LEGACY_FORMAT = 1
 HEAD_FILE = "head.joblib"
 KEY_ENV = "FEATX_HEAD_KEY"
 TRUST_ENV = "FEATX_TRUST_HEADS"
 MAX_HEADER = 16 * 1024 * 1024
+MAX_ARRAYS = 256
 
 
 class HeadFileError(FeatXError):
     """A head file that is not featx's, is damaged, or fails its integrity check."""
+
+
+class HeadKeyError(HeadFileError):
+    """The key that checks legacy (pickle) heads is missing or unsafe to trust."""
 
 
 @dataclass
@@ -87,39 +108,10 @@ def head_path(path: str | os.PathLike) -> Path:
     return p
 
 
-def _key() -> bytes:
-    """The signing key: FEATX_HEAD_KEY, else this user's own random key (made on first use)."""
-    k = os.environ.get(KEY_ENV)
-    if k:
-        return k.encode()
-    from featx.paths import home
+# ---- writing -----------------------------------------------------------------------------------
 
-    path = home() / "head.key"
-    try:
-        return bytes.fromhex(path.read_text().strip())
-    except (OSError, ValueError):
-        pass
-    key = os.urandom(32)
-    tmp = path.with_name(f".head.key.{uuid.uuid4().hex[:8]}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key.hex())
-    try:
-        os.link(tmp, path)  # first writer wins; a concurrent one reads the winner's key
-    except FileExistsError:
-        key = bytes.fromhex(path.read_text().strip())
-    finally:
-        tmp.unlink(missing_ok=True)
-    return key
-
-
-def _mac(key: bytes, header_wo_mac: dict, payload: bytes) -> str:
-    h = hmac.new(key, json.dumps(header_wo_mac, sort_keys=True).encode(), hashlib.sha256)
-    h.update(payload)
-    return h.hexdigest()
-
-
-def _plain(o):
+def json_default(o):
+    """``json.dumps(default=...)``: numpy values, paths and sets as plain JSON."""
     if hasattr(o, "tolist"):  # numpy scalars and arrays
         return o.tolist()
     if isinstance(o, (Path, os.PathLike)):
@@ -129,27 +121,33 @@ def _plain(o):
     return str(o)
 
 
-def save_head(path: str | os.PathLike, pipeline, classes: list[str], backbone: Backbone,
-              train_summary: dict) -> Path:
-    """Write a head file (atomically); a directory gets ``head.joblib`` inside it.
+def _npz(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, allow_pickle=False, **arrays)  # stored, not deflated: sizes are what they say
+    return buf.getvalue()
 
-    Signs it with HMAC-SHA256 (FEATX_HEAD_KEY, else this user's key in FEATX_HOME).
-    """
-    import joblib
+
+def _content_sha(header_wo_sha: dict, payload: bytes) -> str:
+    h = hashlib.sha256(json.dumps(header_wo_sha, sort_keys=True).encode())
+    h.update(payload)
+    return h.hexdigest()
+
+
+def head_bytes(pipeline, classes: list[str], backbone: Backbone, train_summary: dict,
+               where: Path | None = None) -> bytes:
+    """The bytes of a head file (see the module docstring); ``where`` is the folder it goes to."""
     import sklearn
 
     if not hasattr(pipeline, "predict_proba"):
         raise FeatXError(f"the head pipeline {type(pipeline).__name__} has no predict_proba")
-    p = Path(path)
-    if p.is_dir():
-        p = p / HEAD_FILE
-    p.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    joblib.dump(pipeline, buf)
-    payload = buf.getvalue()
+    try:
+        spec, arrays = encode(pipeline)
+    except CodecError as e:
+        raise FeatXError(str(e)) from None
+    payload = _npz(arrays)
     bdir = Path(backbone.onnx_path).parent.resolve()
     try:  # a head saved inside a run directory finds its backbone even if the run moves
-        rel = os.path.relpath(bdir, p.parent.resolve())
+        rel = os.path.relpath(bdir, where.resolve()) if where is not None else None
     except ValueError:  # different drives on Windows
         rel = None
     header = {
@@ -158,33 +156,46 @@ def save_head(path: str | os.PathLike, pipeline, classes: list[str], backbone: B
         "backbone": {"name": backbone.name, "fingerprint": backbone.fingerprint, "dim": backbone.dim,
                      "dir": str(bdir), "dir_relative": rel, "card": backbone.meta.get("card")},
         "preprocess": backbone.preprocess.to_dict(),
+        "model": spec,
         "train": train_summary,
-        "versions": {"featx": __version__, "sklearn": sklearn.__version__,
-                     "joblib": joblib.__version__, "python": platform.python_version()},
+        "versions": {"featx": __version__, "sklearn": sklearn.__version__, "numpy": np.__version__,
+                     "python": platform.python_version()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "payload_sha256": hashlib.sha256(payload).hexdigest(),
         "payload_bytes": len(payload),
     }
-    # numpy scalars/arrays in a caller's summary become plain JSON; the MAC is then taken
-    # over exactly what load_head will parse back
-    header = json.loads(json.dumps(header, default=_plain))
-    header["hmac_sha256"] = _mac(_key(), header, payload)
+    # numpy scalars/arrays in a caller's summary become plain JSON; the checksum is then
+    # taken over exactly what load_head parses back
+    header = json.loads(json.dumps(header, default=json_default))
+    header["content_sha256"] = _content_sha(header, payload)
     hb = json.dumps(header).encode()
-    tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(MAGIC + f"{len(hb)}\n".encode() + hb + payload)
-    os.replace(tmp, p)
-    return p
+    return MAGIC + f"{len(hb)}\n".encode() + hb + payload
 
 
-def read_header(path: str | os.PathLike, trust: bool = False) -> tuple[dict, bytes, Path]:
-    """Parse and verify a head file without unpickling anything; returns (header, payload, path).
+def save_head(path: str | os.PathLike, pipeline, classes: list[str], backbone: Backbone,
+              train_summary: dict) -> Path:
+    """Write a head file (atomically); a directory gets ``head.joblib`` inside it.
 
-    ``trust=True`` (or FEATX_TRUST_HEADS=1) accepts a head signed with another key
-    or not signed; the sha256 integrity check still applies.
+    The pipeline must be one featx builds (see ``featx.heads.codec.KINDS``); it is
+    stored as arrays, never pickled.
     """
-    p = head_path(path)
-    data = p.read_bytes()
+    p = Path(path)
+    if p.is_dir():
+        p = p / HEAD_FILE
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return write_bytes(p, head_bytes(pipeline, classes, backbone, train_summary, p.parent))
+    except OSError as e:
+        raise FeatXError(f"cannot write the head file {p}: {e.strerror or e}") from None
+
+
+# ---- reading -----------------------------------------------------------------------------------
+
+def _split(p: Path) -> tuple[dict, bytes]:
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise HeadFileError(f"{p}: cannot read the head file ({e.strerror or e})") from None
     if not data.startswith(MAGIC):
         raise HeadFileError(
             f"{p}: not a featx head file (no FEATX-HEAD marker). featx only loads heads written "
@@ -192,50 +203,143 @@ def read_header(path: str | os.PathLike, trust: bool = False) -> tuple[dict, byt
     rest = data[len(MAGIC):]
     nl = rest.find(b"\n", 0, 20)
     try:
+        if nl < 1:
+            raise ValueError("no header length")
         n = int(rest[:nl])
-        if not 0 < n <= MAX_HEADER:
+        if not 0 < n <= MAX_HEADER or len(rest) < nl + 1 + n:
             raise ValueError(n)
         header = json.loads(rest[nl + 1:nl + 1 + n])
-        payload = rest[nl + 1 + n:]
         if not isinstance(header, dict):
             raise ValueError(header)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise HeadFileError(f"{p}: damaged featx head file (unreadable header); "
                             "fit the head again with `featx fit-head`") from None
-    if header.get("format") != FORMAT:
-        raise HeadFileError(f"{p}: head file format {header.get('format')!r}; this featx reads "
-                            f"format {FORMAT}. Fit the head again with this featx.")
+    return header, rest[nl + 1 + n:]
+
+
+def peek_header(path: str | os.PathLike) -> dict | None:
+    """The JSON header of a featx head file, unverified; None when the file is not one."""
+    try:
+        return _split(Path(path))[0]
+    except HeadFileError:
+        return None
+
+
+def read_header(path: str | os.PathLike, trust: bool = False) -> tuple[dict, bytes, Path]:
+    """Parse and verify a head file without building or unpickling anything.
+
+    Returns (header, payload, path). For a data head (format 2) the checksums are
+    verified. For a legacy pickle head (format 1) the sha256 and the HMAC are, unless
+    ``trust`` (or FEATX_TRUST_HEADS=1) accepts one signed elsewhere or not signed.
+    """
+    p = head_path(path)
+    header, payload = _split(p)
+    fmt = header.get("format")
+    if fmt not in (FORMAT, LEGACY_FORMAT):
+        raise HeadFileError(f"{p}: head file format {fmt!r}; this featx reads formats "
+                            f"{LEGACY_FORMAT} and {FORMAT}. Fit the head again with this featx.")
     if hashlib.sha256(payload).hexdigest() != header.get("payload_sha256"):
         raise HeadFileError(
             f"{p}: integrity check failed (the payload's sha256 does not match its header); the "
             "file was modified or truncated. Refusing to load it; fit the head again.")
-    trust = trust or os.environ.get(TRUST_ENV, "") not in ("", "0")
-    if not trust:
-        opt_in = (f"A head file contains a pickle, which can run code when loaded. If you trust "
-                  f"whoever wrote it, load it anyway with {TRUST_ENV}=1 (or load_head(path, "
-                  f"trust=True)); to share heads in a team, set the same {KEY_ENV} everywhere.")
-        mac = header.get("hmac_sha256")
-        if mac is None:
-            raise HeadFileError(f"{p}: unsigned head file, not written by this featx. {opt_in}")
-        rest_header = {k: v for k, v in header.items() if k != "hmac_sha256"}
-        if not hmac.compare_digest(str(mac), _mac(_key(), rest_header, payload)):
-            where = KEY_ENV if os.environ.get(KEY_ENV) else "this user's key ($FEATX_HOME/head.key)"
-            raise HeadFileError(f"{p}: signature check failed: not signed with {where}, so it was "
-                                f"written elsewhere or modified. {opt_in}")
+    if fmt == FORMAT:
+        rest = {k: v for k, v in header.items() if k != "content_sha256"}
+        if header.get("content_sha256") != _content_sha(rest, payload):
+            raise HeadFileError(f"{p}: integrity check failed (the header was modified after "
+                                "writing); refusing to load it; fit the head again.")
+    else:
+        _check_legacy_signature(p, header, payload, trust)
     for k in ("classes", "backbone", "preprocess"):
         if k not in header:
             raise HeadFileError(f"{p}: damaged featx head file (header has no {k!r})")
+    if not isinstance(header["backbone"], dict) or not isinstance(header["classes"], list):
+        raise HeadFileError(f"{p}: damaged featx head file (malformed backbone or classes)")
     return header, payload, p
 
 
-def load_head(path: str | os.PathLike, trust: bool = False) -> Head:
-    """Load a head file (or a directory containing ``head.joblib``), verified before unpickling.
+def _arrays(p: Path, payload: bytes) -> dict[str, np.ndarray]:
+    """The payload's arrays; numeric only, stored uncompressed, nothing unpickled."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(payload)) as z:
+            infos = z.infolist()
+        if len(infos) > MAX_ARRAYS or any(i.compress_type != zipfile.ZIP_STORED for i in infos):
+            raise ValueError("unexpected archive layout")
+        with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise HeadFileError(f"{p}: damaged featx head file (its arrays cannot be read: {e})") from None
 
-    Heads signed by another user or machine are refused unless ``trust`` (see read_header).
+
+def _build(p: Path, header: dict, payload: bytes):
+    dim = header["backbone"].get("dim")
+    if not isinstance(dim, int) or not 0 < dim <= 1 << 20:
+        raise HeadFileError(f"{p}: damaged featx head file (embedding dim {dim!r})")
+    try:
+        pipeline = decode(header.get("model"), _arrays(p, payload), dim)
+        check = np.asarray(pipeline.predict_proba(np.zeros((2, dim))))
+    except CodecError as e:
+        raise HeadFileError(f"{p}: damaged featx head file ({e})") from None
+    except (ValueError, TypeError, IndexError, AttributeError) as e:
+        raise HeadFileError(f"{p}: the stored head does not work ({type(e).__name__}: {e})") from None
+    if check.shape != (2, len(header["classes"])) or not np.isfinite(check).all():
+        raise HeadFileError(f"{p}: the stored head gives {check.shape[-1]} probabilities for "
+                            f"{len(header['classes'])} classes; the file is damaged")
+    return pipeline
+
+
+def load_head(path: str | os.PathLike, trust: bool = False) -> Head:
+    """Load a head file (or a directory containing ``head.joblib``).
+
+    A data head (format 2) loads anywhere, no key needed. A legacy pickle head is
+    checked as before (``trust`` as in ``read_header``), unpickled once and rewritten
+    in place in the data format.
     """
+    header, payload, p = read_header(path, trust=trust)
+    if header["format"] == FORMAT:
+        pipeline = _build(p, header, payload)
+    else:
+        pipeline = _load_legacy(p, header, payload)
+    bb = header["backbone"]
+    bdir = bb.get("dir", "")
+    rel = bb.get("dir_relative")
+    if isinstance(rel, str) and (p.parent / rel / "model.json").is_file():
+        bdir = str((p.parent / rel).resolve())
+    try:
+        pre = Preprocess.from_dict(header["preprocess"], stored=True)
+    except Exception as e:  # a damaged spec: whatever Preprocess raises on it
+        raise HeadFileError(f"{p}: damaged featx head file (preprocessing: {e})") from None
+    return Head(pipeline=pipeline, classes=[str(c) for c in header["classes"]],
+                fingerprint=str(bb.get("fingerprint", "")), backbone_dir=str(bdir or ""),
+                preprocess=pre, meta=header, path=p)
+
+
+# ---- legacy pickle heads (format 1) ------------------------------------------------------------
+
+def _mac(key: bytes, header_wo_mac: dict, payload: bytes) -> str:
+    h = hmac.new(key, json.dumps(header_wo_mac, sort_keys=True).encode(), hashlib.sha256)
+    h.update(payload)
+    return h.hexdigest()
+
+
+def _check_legacy_signature(p: Path, header: dict, payload: bytes, trust: bool) -> None:
+    if trust or os.environ.get(TRUST_ENV, "") not in ("", "0"):
+        return
+    opt_in = (f"This is a head in featx's old format, a pickle, which can run code when loaded. "
+              f"If you trust whoever wrote it, load it once with {TRUST_ENV}=1 (or load_head(path, "
+              f"trust=True)): featx then rewrites it as data, which needs no trust.")
+    mac = header.get("hmac_sha256")
+    if mac is None:
+        raise HeadFileError(f"{p}: unsigned head file, not written by this featx. {opt_in}")
+    key, where = legacy_key()
+    rest = {k: v for k, v in header.items() if k != "hmac_sha256"}
+    if not hmac.compare_digest(str(mac), _mac(key, rest, payload)):
+        raise HeadFileError(f"{p}: signature check failed: not signed with {where}, so it was "
+                            f"written elsewhere or modified. {opt_in}")
+
+
+def _load_legacy(p: Path, header: dict, payload: bytes):
     import joblib
 
-    header, payload, p = read_header(path, trust=trust)
     try:
         pipeline = joblib.load(io.BytesIO(payload))
     except Exception as e:
@@ -244,15 +348,111 @@ def load_head(path: str | os.PathLike, trust: bool = False) -> Head:
                             "Install that version or fit the head again.") from None
     if not hasattr(pipeline, "predict_proba"):
         raise HeadFileError(f"{p}: the stored pipeline has no predict_proba")
-    bb = header["backbone"]
-    bdir = bb.get("dir", "")
-    rel = bb.get("dir_relative")
-    if rel is not None and (p.parent / rel / "model.json").is_file():
-        bdir = str((p.parent / rel).resolve())
-    return Head(pipeline=pipeline, classes=list(header["classes"]), fingerprint=bb["fingerprint"],
-                backbone_dir=bdir, preprocess=Preprocess.from_dict(header["preprocess"], stored=True),
-                meta=header, path=p)
+    _upgrade(p, header, pipeline)
+    return pipeline
 
+
+def _upgrade(p: Path, header: dict, pipeline) -> None:
+    """Rewrite a legacy head in the data format, so its pickle is never read again."""
+    drop = {"format", "hmac_sha256", "payload_sha256", "payload_bytes", "versions", "created", "model",
+            "content_sha256"}
+    try:
+        spec, arrays = encode(pipeline)
+        payload = _npz(arrays)
+        new = {k: v for k, v in header.items() if k not in drop}
+        import sklearn
+
+        new.update({"format": FORMAT, "model": spec, "upgraded_from": LEGACY_FORMAT,
+                    "versions": {"featx": __version__, "sklearn": sklearn.__version__,
+                                 "numpy": np.__version__, "python": platform.python_version()},
+                    "created": header.get("created"),
+                    "payload_sha256": hashlib.sha256(payload).hexdigest(),
+                    "payload_bytes": len(payload)})
+        new = json.loads(json.dumps(new, default=json_default))
+        new["content_sha256"] = _content_sha(new, payload)
+        hb = json.dumps(new).encode()
+        write_bytes(p, MAGIC + f"{len(hb)}\n".encode() + hb + payload)
+        log.warning("%s: rewrote this legacy pickle head in featx's data format (no key needed "
+                    "from now on)", p)
+    except (CodecError, OSError) as e:
+        log.warning("%s: a legacy pickle head; could not rewrite it as data (%s). Fit it again "
+                    "with `featx fit-head` to stop relying on its key.", p, e)
+
+
+def key_paths() -> list[Path]:
+    """Where a legacy head key may be: the config folder, then the cache folder old featx used."""
+    cfg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    paths = [Path(cfg) / "featx" / "head.key"]
+    cache = os.environ.get("FEATX_HOME") or str(
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "featx")
+    paths.append(Path(cache) / "head.key")
+    return paths
+
+
+def legacy_key() -> tuple[bytes, str]:
+    """The key that checks legacy heads, and where it came from.
+
+    ``FEATX_HEAD_KEY`` when set and not blank, else the first key file of ``key_paths``
+    that exists, which must be safe to trust (see ``read_key_file``). featx writes no
+    new keys: heads are data now.
+    """
+    k = os.environ.get(KEY_ENV, "")
+    if k.strip():
+        return k.encode(), KEY_ENV
+    for path in key_paths():
+        if os.path.lexists(path):
+            return read_key_file(path), f"this user's key ({path})"
+    raise HeadKeyError(f"no head key found (looked for {KEY_ENV} and {', '.join(map(str, key_paths()))}), "
+                       "so this legacy head cannot be checked")
+
+
+def read_key_file(path: Path) -> bytes:
+    """A legacy key file's 32 bytes, refused (HeadKeyError) unless only this user controls it.
+
+    Refused: a symlink or non-regular file; empty, not 64 hex digits; not owned by this
+    user; readable or writable by group or others; in a folder that others can write
+    to or that another user owns.
+    """
+    def bad(why: str) -> HeadKeyError:
+        return HeadKeyError(f"{path}: refusing this head key: {why}. Legacy heads are checked "
+                            "with it; fix it, or fit the heads again (new heads need no key).")
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        raise bad("it is a symlink" if os.path.islink(path) else f"cannot open it ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise bad("not a regular file")
+        if hasattr(os, "geteuid"):
+            _check_owner(path, st, bad)
+        text = f.read(200).strip()
+    if not text:
+        raise bad("it is empty")
+    if len(text) != 64:
+        raise bad(f"expected 64 hex digits (32 bytes), found {len(text)} characters")
+    try:
+        return bytes.fromhex(text.decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        raise bad("it is not hexadecimal") from None
+
+
+def _check_owner(path: Path, st: os.stat_result, bad) -> None:
+    me = os.geteuid()
+    if st.st_uid != me:
+        raise bad(f"owned by uid {st.st_uid}, not by you (uid {me})")
+    if st.st_mode & 0o077:
+        raise bad(f"group or others may read or write it (mode {stat.S_IMODE(st.st_mode):04o}); "
+                  f"chmod 600 {path}")
+    d = os.stat(path.parent)
+    if d.st_uid not in (me, 0):
+        raise bad(f"its folder {path.parent} is owned by uid {d.st_uid}")
+    if d.st_mode & 0o022:
+        raise bad(f"others may write to its folder {path.parent} (mode {stat.S_IMODE(d.st_mode):04o})")
+
+
+# ---- which backbone ----------------------------------------------------------------------------
 
 def head_backbone(head: Head, override: str | os.PathLike | Backbone | None = None) -> Backbone:
     """The backbone a head runs on: ``override`` if given (and it must match), else the

@@ -103,15 +103,22 @@ def _check_schemas(files: list[Path]) -> dict:
 
 
 def _chunks(files: list[Path], rows: int) -> Iterator[pa.RecordBatch]:
-    for f in files:
-        yield from pq.ParquetFile(f).iter_batches(batch_size=rows, columns=["label", "embedding"])
+    """The label and embedding columns of ``files``, in order, ``rows`` at a time at most."""
+    import pyarrow.dataset as ds
+
+    dataset = ds.dataset([str(f) for f in files], format="parquet")
+    for batch in dataset.to_batches(columns=["label", "embedding"], batch_size=rows,
+                                    batch_readahead=0, fragment_readahead=0):
+        if batch.num_rows:
+            yield batch
 
 
 def _embeddings(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     dim = col.type.list_size
-    return col.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+    # flatten() honours a sliced batch's offset; .values would return the whole buffer
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
 
 
 def fit_streaming_head(path: str | os.PathLike, *, epochs: int = 10,

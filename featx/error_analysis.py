@@ -1,0 +1,198 @@
+"""Error analysis for ``featx evaluate``: per-image outcomes, the worst mistakes, an HTML page.
+
+``write_error_analysis`` writes, beside the metrics:
+
+* ``predictions.csv``: path, true, predicted, probability (of the prediction),
+  true_probability, loss (cross-entropy of the true class; empty for a class the head
+  does not know), correct: one row per image, the worst first;
+* ``top_losses.png``: a grid of the highest-loss images, titled true / predicted / p;
+* ``report.html``: the confusion matrix (counts, and normalised by true class) whose
+  cells link to their images, and the most confused pairs.
+
+It takes plain lists and arrays, so it sits below the jobs that produce them.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+
+from featx.atomic import atomic_path, write_text
+
+__all__ = ["image_outcomes", "write_error_analysis"]
+
+PREDICTIONS_CSV = "predictions.csv"
+TOP_LOSSES_PNG = "top_losses.png"
+REPORT_HTML = "report.html"
+TOP_LOSSES = 16
+IMAGES_PER_CELL = 60
+
+
+def image_outcomes(files: Sequence[str], truth: Sequence[str], pred: Sequence[str],
+                   proba: np.ndarray, classes: Sequence[str]) -> list[dict]:
+    """One dict per image (keys as the CSV's columns), highest loss first.
+
+    Images of a class the head does not know have no true probability and no loss;
+    they come after every image that has one.
+    """
+    col = {c: j for j, c in enumerate(classes)}
+    rows = []
+    for i, (f, t, p) in enumerate(zip(files, truth, pred, strict=True)):
+        pt = float(proba[i, col[t]]) if t in col else None
+        rows.append({"path": f, "true": t, "predicted": p, "probability": float(proba[i].max()),
+                     "true_probability": pt,
+                     "loss": float(-np.log(max(pt, 1e-15))) if pt is not None else None,
+                     "correct": t == p})
+    rows.sort(key=lambda r: (r["loss"] is None, -(r["loss"] or 0.0)))
+    return rows
+
+
+def write_predictions_csv(rows: list[dict], path: Path) -> Path:
+    buf = io.StringIO(newline="")
+    cols = ["path", "true", "predicted", "probability", "true_probability", "loss", "correct"]
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow({**r, **{k: "" if r[k] is None else f"{r[k]:.6f}"
+                            for k in ("probability", "true_probability", "loss")}})
+    return write_text(path, buf.getvalue())
+
+
+def _thumbnail(path: str, size: int):
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im).convert("RGB")
+            im.thumbnail((size, size))
+            return np.asarray(im)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None  # unreadable now: left blank, the CSV still lists it
+
+
+def plot_top_losses(rows: list[dict], path: Path, k: int = TOP_LOSSES) -> Path | None:
+    """A grid of the ``k`` highest-loss images (None when no image has a loss)."""
+    worst = [r for r in rows if r["loss"] is not None][:k]
+    if not worst:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(4, len(worst))
+    nrows = -(-len(worst) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(2.6 * cols, 2.9 * nrows), dpi=100, squeeze=False)
+    try:
+        for ax, r in zip(axes.flat, worst + [None] * (nrows * cols - len(worst)), strict=True):
+            ax.axis("off")
+            if r is None:
+                continue
+            img = _thumbnail(r["path"], 192)
+            if img is not None:
+                ax.imshow(img)
+            ax.set_title(f"{r['true']} / {r['predicted']}\np={r['probability']:.2f} loss={r['loss']:.2f}",
+                         fontsize=8, color="black" if r["correct"] else "tab:red")
+        fig.suptitle("top losses: true / predicted", fontsize=10)
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _href(path: str, out_dir: Path) -> str:
+    try:
+        rel = os.path.relpath(path, out_dir)
+    except ValueError:  # another drive on Windows
+        rel = os.path.abspath(path)
+    return quote(rel.replace(os.sep, "/"), safe="/")
+
+
+def confused_pairs(cm: np.ndarray, labels: Sequence[str], n: int = 10) -> list[dict]:
+    """The ``n`` largest off-diagonal cells: (true, predicted, count), most first."""
+    pairs = [{"true": labels[i], "predicted": labels[j], "count": int(cm[i, j])}
+             for i in range(len(labels)) for j in range(len(labels)) if i != j and cm[i, j]]
+    return sorted(pairs, key=lambda p: -p["count"])[:n]
+
+
+def _matrix_html(cm: np.ndarray, labels: Sequence[str], normalised: bool) -> str:
+    e = html.escape
+    rows_sum = cm.sum(axis=1, keepdims=True)
+    shown = np.divide(cm, rows_sum, out=np.zeros(cm.shape), where=rows_sum > 0) if normalised else cm
+    head = "".join(f"<th>{e(c)}</th>" for c in labels)
+    body = []
+    for i, t in enumerate(labels):
+        cells = []
+        for j in range(len(labels)):
+            v = f"{shown[i, j]:.2f}" if normalised else str(int(cm[i, j]))
+            shade = shown[i, j] if normalised else (cm[i, j] / rows_sum[i, 0] if rows_sum[i, 0] else 0)
+            style = f' style="background: rgba(31,119,180,{0.8 * float(shade):.2f})"'
+            link = f'<a href="#cell-{i}-{j}">{v}</a>' if cm[i, j] else v
+            cells.append(f"<td{style}>{link}</td>")
+        body.append(f"<tr><th>{e(t)}</th>{''.join(cells)}</tr>")
+    caption = "normalised by true class (recall on the diagonal)" if normalised else "counts"
+    return (f"<table class=cm><caption>{caption}; rows: true, columns: predicted</caption>"
+            f"<tr><th></th>{head}</tr>{''.join(body)}</table>")
+
+
+def write_report_html(metrics: dict, rows: list[dict], out_dir: Path, pngs: Sequence[Path]) -> Path:
+    """The error-analysis page (see the module docstring)."""
+    e = html.escape
+    labels = list(metrics["labels"])
+    cm = np.asarray(metrics["confusion_matrix"])
+    index = {c: i for i, c in enumerate(labels)}
+    cells: dict[tuple[int, int], list[dict]] = {}
+    for r in rows:  # rows are worst first, so each cell lists its worst images first
+        if r["true"] in index and r["predicted"] in index:
+            cells.setdefault((index[r["true"]], index[r["predicted"]]), []).append(r)
+    parts = [f"<h1>{e(str(metrics.get('root', '')))}</h1>",
+             f"<p>head {e(str(metrics.get('head', '')))}: accuracy {metrics['accuracy']:.4f}, "
+             f"balanced accuracy {metrics['balanced_accuracy']:.4f}, n = {metrics['n']}, "
+             f"ECE {metrics.get('calibration', {}).get('ece', float('nan')):.4f}. "
+             f"Every image: <a href='{PREDICTIONS_CSV}'>{PREDICTIONS_CSV}</a>.</p>",
+             "".join(f"<img src='{quote(p.name)}' alt='{e(p.name)}'> " for p in pngs),
+             "<h2>Confusion matrix</h2><div class=row>",
+             _matrix_html(cm, labels, False), _matrix_html(cm, labels, True), "</div>",
+             "<h2>Most confused pairs</h2><table><tr><th>true</th><th>predicted</th><th>images</th></tr>"]
+    for p in confused_pairs(cm, labels):
+        i, j = index[p["true"]], index[p["predicted"]]
+        parts.append(f"<tr><td>{e(p['true'])}</td><td>{e(p['predicted'])}</td>"
+                     f"<td><a href='#cell-{i}-{j}'>{p['count']}</a></td></tr>")
+    parts.append("</table><h2>Images by cell (worst first)</h2>")
+    for (i, j), members in sorted(cells.items()):
+        more = len(members) - IMAGES_PER_CELL
+        parts.append(f"<h3 id='cell-{i}-{j}'>true {e(labels[i])}, predicted {e(labels[j])}: "
+                     f"{len(members)}</h3><div class=grid>")
+        for r in members[:IMAGES_PER_CELL]:
+            href = _href(r["path"], out_dir)
+            tip = f"{r['path']} p={r['probability']:.3f}"
+            parts.append(f"<a href='{href}' title='{e(tip)}'><img src='{href}' loading=lazy></a>")
+        parts.append("</div>" + (f"<p>... {more} more in {PREDICTIONS_CSV}</p>" if more > 0 else ""))
+    style = ("body{font-family:sans-serif;margin:2em} table.cm td{text-align:center;min-width:3em}"
+             " table{border-collapse:collapse;margin:0 2em 1em 0} td,th{border:1px solid #ccc;"
+             "padding:2px 6px} .row{display:flex;flex-wrap:wrap} .grid img{height:96px;margin:2px}")
+    page = (f"<!doctype html><html><head><meta charset=utf-8><title>featx evaluate</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    return write_text(out_dir / REPORT_HTML, page)
+
+
+def write_error_analysis(metrics: dict, files: Sequence[str], truth: Sequence[str],
+                         pred: Sequence[str], proba: np.ndarray, classes: Sequence[str],
+                         out_dir: Path, pngs: Sequence[Path] = ()) -> list[Path]:
+    """Write predictions.csv, top_losses.png and report.html into ``out_dir``; returns them."""
+    rows = image_outcomes(files, truth, pred, proba, classes)
+    written = [write_predictions_csv(rows, out_dir / PREDICTIONS_CSV)]
+    top = plot_top_losses(rows, out_dir / TOP_LOSSES_PNG)
+    if top is not None:
+        written.append(top)
+    written.append(write_report_html(metrics, rows, out_dir, [*pngs, *written[1:]]))
+    return written
