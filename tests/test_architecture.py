@@ -97,3 +97,30 @@ def test_cards_ship_inside_the_featx_package():
     assert {c.name for c in list_cards()} >= {"efficientnet_lite0", "resnet50"}
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("featx_models")
+
+
+def _long_functions(root) -> list[str]:
+    """Functions whose body (without the docstring) is over 60 lines and whose docstring
+    does not say why ("Long because ...")."""
+    import ast
+    from pathlib import Path
+
+    out = []
+    for p in sorted(Path(root).rglob("*.py")):
+        for n in ast.walk(ast.parse(p.read_text())):
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(n) or ""
+                if n.end_lineno - n.lineno + 1 - len(doc.splitlines()) > 60 and "Long because" not in doc:
+                    out.append(f"{p}:{n.lineno} {n.name}")
+    return out
+
+
+def test_no_function_over_60_lines_without_a_reason(tmp_path):
+    from pathlib import Path
+
+    import featx
+
+    assert _long_functions(Path(featx.__file__).parent) == []
+    # the check itself finds one
+    (tmp_path / "m.py").write_text("def f():\n" + "    x = 1\n" * 70)
+    assert _long_functions(tmp_path) == [f"{tmp_path / 'm.py'}:1 f"]

@@ -121,48 +121,42 @@ def _embeddings(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
 
 
-def fit_streaming_head(path: str | os.PathLike, *, epochs: int = 10,
-                       alphas: Sequence[float] = ALPHAS, shard_rows: int = 4096,
-                       validation_fraction: float = 0.1, seed: int = 0,
-                       workdir: str | os.PathLike | None = None,
-                       progress: ProgressFn = no_progress):
-    """Fit scaler + SGD logistic regression on a table too large for memory.
-
-    ``path``: a table written by ``featx extract`` or a directory of them (one
-    backbone). ``shard_rows`` bounds the rows in memory at once; ``workdir`` holds
-    the shuffled copy (one more copy of the table on disk, deleted at the end).
-    Returns ``(pipeline, report)``.
-    """
-    from sklearn.linear_model import SGDClassifier
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
-
+def _check_args(epochs: int, shard_rows: int, validation_fraction: float,
+                alphas: Sequence[float]) -> list[float]:
     if epochs < 1:
         raise FeatXError(f"epochs must be >= 1, got {epochs}")
     if shard_rows < 1:
         raise FeatXError(f"shard_rows must be >= 1, got {shard_rows}")
     if not 0 < validation_fraction < 0.5:
         raise FeatXError(f"validation_fraction must be in (0, 0.5), got {validation_fraction}")
-    alphas = [float(a) for a in alphas]
-    if not alphas or any(not a > 0 for a in alphas):
-        raise FeatXError(f"alphas must be positive numbers, got {alphas}")
-    t0 = time.perf_counter()
-    files = table_files(path)
-    meta = _check_schemas(files)
-    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    if total == 0:
-        raise FeatXError(f"{path}: the table has no rows")
-    n_buckets = max(1, math.ceil(total / shard_rows))
-    rng = np.random.default_rng(seed)
-    scratch = Path(tempfile.mkdtemp(prefix="featx-sgd-", dir=workdir))
+    out = [float(a) for a in alphas]
+    if not out or any(not a > 0 for a in out):
+        raise FeatXError(f"alphas must be positive numbers, got {out}")
+    return out
+
+
+@dataclass
+class _Shuffled:
+    """Pass 1's result: scaler statistics, class names, rows per bucket (the last is held out)."""
+
+    scaler: object
+    classes: list[str]
+    counts: np.ndarray
+    max_rows: int
+
+
+def _shuffle_pass(path, files: list[Path], total: int, shard_rows: int, n_buckets: int,
+                  validation_fraction: float, rng: np.random.Generator, scratch: Path,
+                  progress: ProgressFn) -> _Shuffled:
+    """Scaler statistics, class names, and the external shuffle into bucket files."""
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler()
+    labels: set[str] = set()
+    writers: dict[int, pq.ParquetWriter] = {}
+    counts = np.zeros(n_buckets + 1, np.int64)  # bucket n_buckets is the held-out split
+    max_rows = seen = 0
     try:
-        scaler = StandardScaler()
-        labels: set[str] = set()
-        writers: dict[int, pq.ParquetWriter] = {}
-        counts = np.zeros(n_buckets + 1, np.int64)  # bucket n_buckets is the held-out split
-        max_rows = 0
-        seen = 0
-        # pass 1: scaler statistics, class names, and the external shuffle
         for batch in _chunks(files, shard_rows):
             lab = batch.column("label")
             if lab.null_count:
@@ -183,49 +177,89 @@ def fit_streaming_head(path: str | os.PathLike, *, epochs: int = 10,
                 counts[b] += len(part)
             seen += len(X)
             progress("shuffle", seen, total)
+    finally:
         for w in writers.values():
             w.close()
-        classes = sorted(labels)
-        if len(classes) < 2:
-            raise FeatXError(f"{path}: only one class ({classes}); a classifier needs at least two")
-        code = {c: i for i, c in enumerate(classes)}
-        codes = np.arange(len(classes))
+    classes = sorted(labels)
+    if len(classes) < 2:
+        raise FeatXError(f"{path}: only one class ({classes}); a classifier needs at least two")
+    return _Shuffled(scaler, classes, counts, max_rows)
 
-        def read_bucket(b: int) -> tuple[np.ndarray, np.ndarray]:
-            t = pq.read_table(scratch / f"bucket-{b}.parquet")
-            y = np.array([code[v] for v in t.column("label").to_pylist()], np.int64)
-            return scaler.transform(_embeddings(t.column("embedding"))).astype(np.float32), y
 
-        models = {a: SGDClassifier(loss="log_loss", alpha=a, average=True, random_state=seed)
-                  for a in alphas}
-        curve: dict[str, list[float]] = {repr(a): [] for a in alphas}
-        train_buckets = [b for b in range(n_buckets) if counts[b]]
-        # passes 2..: SGD epochs, one bucket in memory at a time
-        for epoch in range(epochs):
-            for j, b in enumerate(rng.permutation(train_buckets)):
-                X, y = read_bucket(int(b))
-                max_rows = max(max_rows, len(X))
-                order = rng.permutation(len(X))
-                X, y = X[order], y[order]
-                for m in models.values():
-                    m.partial_fit(X, y, classes=codes)
-                progress("epoch", epoch * len(train_buckets) + j + 1, epochs * len(train_buckets))
-            if counts[n_buckets]:
-                X, y = read_bucket(n_buckets)
-                for a, m in models.items():
-                    curve[repr(a)].append(float((m.predict(X) == y).mean()))
-        if counts[n_buckets]:
-            best = max(alphas, key=lambda a: curve[repr(a)][-1])
-            val_acc: float | None = curve[repr(best)][-1]
-        else:  # a table too small to hold rows out: take the middle of the grid
-            best, val_acc = sorted(alphas)[len(alphas) // 2], None
+def _sgd_epochs(sh: _Shuffled, alphas: list[float], epochs: int, seed: int, scratch: Path,
+                rng: np.random.Generator, progress: ProgressFn):
+    """SGD epochs over the buckets, one in memory at a time; returns (models, curve, max_rows)."""
+    from sklearn.linear_model import SGDClassifier
+
+    n_buckets = len(sh.counts) - 1
+    code = {c: i for i, c in enumerate(sh.classes)}
+    codes = np.arange(len(sh.classes))
+
+    def read_bucket(b: int) -> tuple[np.ndarray, np.ndarray]:
+        t = pq.read_table(scratch / f"bucket-{b}.parquet")
+        y = np.array([code[v] for v in t.column("label").to_pylist()], np.int64)
+        return sh.scaler.transform(_embeddings(t.column("embedding"))).astype(np.float32), y
+
+    models = {a: SGDClassifier(loss="log_loss", alpha=a, average=True, random_state=seed) for a in alphas}
+    curve: dict[str, list[float]] = {repr(a): [] for a in alphas}
+    train_buckets = [b for b in range(n_buckets) if sh.counts[b]]
+    max_rows = sh.max_rows
+    for epoch in range(epochs):
+        for j, b in enumerate(rng.permutation(train_buckets)):
+            X, y = read_bucket(int(b))
+            max_rows = max(max_rows, len(X))
+            order = rng.permutation(len(X))
+            X, y = X[order], y[order]
+            for m in models.values():
+                m.partial_fit(X, y, classes=codes)
+            progress("epoch", epoch * len(train_buckets) + j + 1, epochs * len(train_buckets))
+        if sh.counts[n_buckets]:
+            X, y = read_bucket(n_buckets)
+            for a, m in models.items():
+                curve[repr(a)].append(float((m.predict(X) == y).mean()))
+    return models, curve, max_rows
+
+
+def fit_streaming_head(path: str | os.PathLike, *, epochs: int = 10,
+                       alphas: Sequence[float] = ALPHAS, shard_rows: int = 4096,
+                       validation_fraction: float = 0.1, seed: int = 0,
+                       workdir: str | os.PathLike | None = None,
+                       progress: ProgressFn = no_progress):
+    """Fit scaler + SGD logistic regression on a table too large for memory.
+
+    ``path``: a table written by ``featx extract`` or a directory of them (one
+    backbone). ``shard_rows`` bounds the rows in memory at once; ``workdir`` holds
+    the shuffled copy (one more copy of the table on disk, deleted at the end).
+    Returns ``(pipeline, report)``.
+    """
+    from sklearn.pipeline import Pipeline
+
+    alphas = _check_args(epochs, shard_rows, validation_fraction, alphas)
+    t0 = time.perf_counter()
+    files = table_files(path)
+    meta = _check_schemas(files)
+    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    if total == 0:
+        raise FeatXError(f"{path}: the table has no rows")
+    n_buckets = max(1, math.ceil(total / shard_rows))
+    rng = np.random.default_rng(seed)
+    scratch = Path(tempfile.mkdtemp(prefix="featx-sgd-", dir=workdir))
+    try:
+        sh = _shuffle_pass(path, files, total, shard_rows, n_buckets, validation_fraction, rng,
+                           scratch, progress)
+        models, curve, max_rows = _sgd_epochs(sh, alphas, epochs, seed, scratch, rng, progress)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    pipe = Pipeline([("scaler", scaler), ("clf", models[best])])
+    if sh.counts[n_buckets]:
+        best = max(alphas, key=lambda a: curve[repr(a)][-1])
+        val_acc: float | None = curve[repr(best)][-1]
+    else:  # a table too small to hold rows out: take the middle of the grid
+        best, val_acc = sorted(alphas)[len(alphas) // 2], None
+    pipe = Pipeline([("scaler", sh.scaler), ("clf", models[best])])
     report = StreamHeadReport(
-        classes=classes, rows=total, train_rows=int(counts[:n_buckets].sum()),
-        val_rows=int(counts[n_buckets]), dim=int(scaler.n_features_in_), epochs=epochs, alpha=best,
-        val_accuracy=val_acc, curve=curve, buckets=n_buckets, max_rows_in_memory=max_rows,
+        classes=sh.classes, rows=total, train_rows=int(sh.counts[:n_buckets].sum()),
+        val_rows=int(sh.counts[n_buckets]), dim=int(sh.scaler.n_features_in_), epochs=epochs,
+        alpha=best, val_accuracy=val_acc, curve=curve, buckets=n_buckets, max_rows_in_memory=max_rows,
         seconds=time.perf_counter() - t0, fingerprint=meta.get("fingerprint", ""),
         backbone=meta.get("backbone", ""), files=[str(f) for f in files])
     log.info("streaming head: alpha %g, held-out accuracy %s, %d rows in %d buckets",
