@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["TMP_SUFFIX", "atomic_path", "clean_stale_temporaries", "write_bytes", "write_text"]
+__all__ = ["TMP_SUFFIX", "atomic_path", "clean_stale_temporaries", "save_figure", "write_bytes", "write_text"]
 
 TMP_SUFFIX = ".featx-tmp"
 
@@ -77,3 +77,16 @@ def _read_umask() -> int:
 
 # mkstemp creates 0600; the final file gets the mode a plain open() would give it
 _UMASK = _read_umask()
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Lay out a matplotlib figure, write it as PNG atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+    return Path(path)

@@ -24,6 +24,7 @@ import numpy as np
 
 from featx.atomic import atomic_path, write_text
 from featx.backbones.cards import DEFAULT_BACKBONE
+from featx.compare_features import time_embedding
 from featx.errors import FeatXError
 from featx.finetune.data import LabelledFiles, labelled_files
 from featx.finetune.runlog import plural, write_json
@@ -148,7 +149,7 @@ def _embed_frozen(card, files: LabelledFiles, testf: LabelledFiles, largest: int
     # seconds per image when actually computed (a cached rerun would otherwise report ~0)
     per_image = (stats_tr.seconds_embed / stats_tr.embedded) if stats_tr.embedded else None
     if per_image is None:  # all cached: time a small batch to price what an uncached run costs
-        per_image = _time_embedding(used.paths[:32], enc)
+        per_image = time_embedding(used.paths[:32], enc)
     ok_te = [i for i, k in enumerate(keys_te) if k is not None]
     return _Frozen(bb, st, dict(zip(used.paths, keys_tr, strict=True)), st.get([keys_te[i] for i in ok_te]),
                    testf.labels[ok_te], ok_te, per_image, seconds, stats_tr.failures + stats_te.failures)
@@ -281,20 +282,6 @@ def _config(cfg, card, frozen: _Frozen, classes: list[str], test_source: str, de
             "test_images": len(frozen.y_test), "test_source": test_source,
             "embed_seconds_total": round(frozen.seconds, 2),
             "embed_seconds_per_image": round(frozen.per_image, 5) if frozen.per_image else None}
-
-
-def _time_embedding(paths: list[str], enc) -> float | None:
-    """Seconds per image to decode, preprocess and embed ``paths`` (one warm batch)."""
-    from featx.engines.local import decode_batch
-
-    items = [(i, p, "") for i, p in enumerate(paths)]
-    enc(decode_batch(items[:2], enc.backbone.preprocess)[2])  # warm-up
-    t = time.perf_counter()
-    _, _, pixels, _ = decode_batch(items, enc.backbone.preprocess)
-    if not len(pixels):
-        return None
-    enc(pixels)
-    return (time.perf_counter() - t) / len(pixels)
 
 
 def _report(rows: list[dict], config: dict, notes: list[str]) -> dict:

@@ -129,11 +129,11 @@ def _embeddings(files, enc, st, batch_size: int, workers: int | None, progress: 
     if not ok:
         raise FeatXError(f"none of the {len(files)} images could be embedded: {stats.failures[:3]}")
     # seconds per image when computed; all cached: price a small batch, as an uncached run would cost
-    per_image = stats.seconds_embed / stats.embedded if stats.embedded else _time_embedding(files.paths[:32], enc)
+    per_image = stats.seconds_embed / stats.embedded if stats.embedded else time_embedding(files.paths[:32], enc)
     return st.get([keys[i] for i in ok]), files.labels[ok], per_image, stats.embedded
 
 
-def _time_embedding(paths: list[str], enc) -> float | None:
+def time_embedding(paths: list[str], enc) -> float | None:
     """Seconds per image to decode, preprocess and embed ``paths`` (one warm batch)."""
     from featx.engines.local import decode_batch
 

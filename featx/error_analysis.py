@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from featx.atomic import atomic_path, write_text
+from featx.atomic import save_figure, write_text
 
 __all__ = ["image_outcomes", "write_error_analysis"]
 
@@ -101,12 +101,10 @@ def plot_top_losses(rows: list[dict], path: Path, k: int = TOP_LOSSES) -> Path |
             ax.set_title(f"{r['true']} / {r['predicted']}\np={r['probability']:.2f} loss={r['loss']:.2f}",
                          fontsize=8, color="black" if r["correct"] else "tab:red")
         fig.suptitle("top losses: true / predicted", fontsize=10)
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
+    except BaseException:
         plt.close(fig)
-    return path
+        raise
+    return save_figure(fig, path)
 
 
 def _href(path: str, out_dir: Path) -> str:

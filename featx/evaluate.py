@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featx.atomic import atomic_path, write_text
+from featx.atomic import save_figure, write_text
 from featx.backbones.artifact import Backbone
 from featx.error_analysis import confused_pairs, write_error_analysis
 from featx.errors import FeatXError
@@ -116,12 +116,10 @@ def plot_confusion(cm: np.ndarray, labels: list[str], path: Path, title: str) ->
             ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45 if n > 4 else "horizontal",
             values_format="d")
         ax.set_title(title)
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
+    except BaseException:
         plt.close(fig)
-    return path
+        raise
+    return save_figure(fig, path)
 
 
 def plot_reliability(cal: dict, path: Path, title: str) -> Path:
@@ -144,12 +142,10 @@ def plot_reliability(cal: dict, path: Path, title: str) -> Path:
                  edgecolor="black", color="tab:gray")
         hist.set(xlabel="confidence (top-class probability)", ylabel="images")
         hist.yaxis.get_major_locator().set_params(integer=True)
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
+    except BaseException:
         plt.close(fig)
-    return path
+        raise
+    return save_figure(fig, path)
 
 
 def check_out_dir(out: Path, head: Head, root: Path, force: bool) -> None:
