@@ -1,4 +1,4 @@
-"""The JPEG decoder as a preprocessing setting: simplejpeg (default) vs Pillow.
+"""The JPEG decoder as a preprocessing setting: Pillow (default) vs simplejpeg.
 
 What must hold: the two decoders give the same verdict on every hostile file and the
 same picture on real photos (ImageNet top-1 unchanged, embeddings cosine >= 0.99), the
@@ -25,7 +25,7 @@ from featx.extract import extract
 from .helpers import make_image_folder, photos
 from .test_bad_inputs import build_corpus
 
-SPEC = Preprocess(input_size=224, resize_size=256, interpolation="bicubic")
+SPEC = Preprocess(input_size=224, resize_size=256, interpolation="bicubic", decoder="simplejpeg")
 PILLOW = SPEC.with_decoder("pillow")
 
 
@@ -77,10 +77,10 @@ def calls(monkeypatch):
     return n
 
 
-def test_default_is_simplejpeg_and_pillow_stays_selectable():
-    assert Preprocess().decoder == "simplejpeg"
-    assert Preprocess.from_dict({"input_size": 224}).decoder == "simplejpeg"
-    assert Preprocess(decoder="pillow").decoder == "pillow"
+def test_default_is_pillow_and_simplejpeg_is_selectable():
+    assert Preprocess().decoder == "pillow"
+    assert Preprocess.from_dict({"input_size": 224}).decoder == "pillow"
+    assert Preprocess(decoder="simplejpeg").decoder == "simplejpeg"
     with pytest.raises(FeatXError, match="decoder 'turbo' is not one of simplejpeg, pillow"):
         Preprocess(decoder="turbo")
 
@@ -241,25 +241,25 @@ def test_two_decoders_never_share_store_entries(tmp_path, lite0):
     assert a.backbone.fingerprint != b.backbone.fingerprint
     assert {p.name for p in (tmp_path / "store").iterdir() if p.is_dir()} >= {
         a.backbone.fingerprint, b.backbone.fingerprint}
-    again = extract(data, lite0, **kw)  # the backbone's own decoder: simplejpeg's entries
-    assert again.stats.cached == 8 and again.backbone.fingerprint == a.backbone.fingerprint
+    again = extract(data, lite0, **kw)  # the backbone's own decoder: Pillow's entries
+    assert again.stats.cached == 8 and again.backbone.fingerprint == b.backbone.fingerprint
 
 
 def test_head_keeps_the_decoder_it_was_fitted_with(tmp_path, lite0):
-    """A head fitted on Pillow embeddings runs its backbone through Pillow, even when the
-    backbone is given by name (whose own decoder is simplejpeg)."""
+    """A head fitted on simplejpeg embeddings runs its backbone through simplejpeg, even when
+    the backbone is given by name (whose own decoder is Pillow)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
     from featx.heads.headfile import head_backbone, load_head, save_head
 
     data = make_image_folder(tmp_path / "data")
-    r = extract(data, lite0, decoder="pillow", store=tmp_path / "s", device="cpu", write=False)
+    r = extract(data, lite0, decoder="simplejpeg", store=tmp_path / "s", device="cpu", write=False)
     pipe = make_pipeline(LogisticRegression(max_iter=200)).fit(r.table.X, r.table.labels)
     path = save_head(tmp_path / "head.joblib", pipe, sorted(set(r.table.labels)), r.backbone, {})
     head = load_head(path)
     for bb in (head_backbone(head), head_backbone(head, override=lite0)):
-        assert bb.preprocess.decoder == "pillow" and bb.fingerprint == r.backbone.fingerprint
+        assert bb.preprocess.decoder == "simplejpeg" and bb.fingerprint == r.backbone.fingerprint
 
 
 def test_cli_decoder_option(tmp_path, lite0):
@@ -269,7 +269,7 @@ def test_cli_decoder_option(tmp_path, lite0):
 
     data = make_image_folder(tmp_path / "data", per_class=2)
     args = ["extract", str(data), "--store", str(tmp_path / "s"), "--device", "cpu", "--json", "-q"]
-    first = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a.parquet"), "--decoder", "pillow"])
+    first = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a.parquet"), "--decoder", "simplejpeg"])
     assert first.exit_code == 0, first.output
     second = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "b.parquet")])
     assert second.exit_code == 0, second.output

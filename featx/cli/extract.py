@@ -174,8 +174,8 @@ def _guard_lines(directory: Path, g) -> list[str]:
               help="Rows per store shard; a killed run loses at most one shard (or 10 s) of work.")
 @click.option("--no-draft", is_flag=True, help="Decode JPEGs at full size (slower; for comparison).")
 @click.option("--decoder", type=click.Choice(DECODERS), default=None,
-              help="JPEG decoder (default: the backbone's, simplejpeg for new exports). pillow is "
-                   "the path before featx 0.2: its store entries from then are still valid.")
+              help="JPEG decoder (default: the backbone's, pillow). simplejpeg decodes with "
+                   "libjpeg-turbo through simplejpeg; each decoder has its own store entries.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: threads on this machine; ray: Ray Data on a cluster (pip install 'featx[ray]').")
 @click.option("--address", default=None, metavar="ADDR",

@@ -22,7 +22,9 @@ from featx.errors import FeatXError, UnknownBackboneError
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 DECODERS = ("simplejpeg", "pillow")
-DEFAULT_DECODER = "simplejpeg"
+# Pillow stays the default: measured, simplejpeg decodes no faster here (both are
+# libjpeg-turbo; docs/performance.md), and a new default would re-embed every store.
+DEFAULT_DECODER = "pillow"
 # What every spec written before the decoder was a choice (no "decoder" key) was decoded with.
 LEGACY_DECODER = "pillow"
 CROPS = ("center", "none")
@@ -34,9 +36,8 @@ class Preprocess:
 
     ``mean``/``std`` are on the 0-255 scale and applied inside the ONNX graph,
     which therefore takes uint8 NHWC pixels. ``decoder`` says what turns JPEG
-    bytes into pixels (``featx.embed.images.decode``): ``"simplejpeg"``
-    (libjpeg-turbo through simplejpeg, the default) or ``"pillow"`` (the path
-    before featx had a choice). Other formats always go through Pillow. The
+    bytes into pixels (``featx.embed.images.decode``): ``"pillow"`` (the default)
+    or ``"simplejpeg"`` (libjpeg-turbo through simplejpeg). Other formats always go through Pillow. The
     decoder is part of the fingerprint, so embeddings of two decoders never share
     a store namespace or a head. ``crop="none"`` resizes the whole image to
     ``input_size`` square instead (nothing cut off; the aspect ratio is not kept).
