@@ -25,6 +25,7 @@ from urllib.parse import quote
 import numpy as np
 
 from featx.atomic import save_figure, write_text
+from featx.embed.scan import display_path
 
 __all__ = ["image_outcomes", "write_error_analysis"]
 
@@ -58,6 +59,7 @@ def write_predictions_csv(rows: list[dict], path: Path) -> Path:
     buf = io.StringIO(newline="")
     cols = ["path", "true", "predicted", "probability", "true_probability", "loss", "correct"]
     w = csv.DictWriter(buf, fieldnames=cols)
+    rows = [{**r, "path": display_path(r["path"])} for r in rows]  # non-UTF-8 names as \\xNN
     w.writeheader()
     for r in rows:
         w.writerow({**r, **{k: "" if r[k] is None else f"{r[k]:.6f}"
@@ -171,8 +173,8 @@ def write_report_html(metrics: dict, rows: list[dict], out_dir: Path, pngs: Sequ
         parts.append(f"<h3 id='cell-{i}-{j}'>true {e(labels[i])}, predicted {e(labels[j])}: "
                      f"{len(members)}</h3><div class=grid>")
         for r in members[:IMAGES_PER_CELL]:
-            href = _href(r["path"], out_dir)
-            tip = f"{r['path']} p={r['probability']:.3f}"
+            href = _href(display_path(r["path"]), out_dir)
+            tip = f"{display_path(r['path'])} p={r['probability']:.3f}"
             parts.append(f"<a href='{href}' title='{e(tip)}'><img src='{href}' loading=lazy></a>")
         parts.append("</div>" + (f"<p>... {more} more in {PREDICTIONS_CSV}</p>" if more > 0 else ""))
     style = ("body{font-family:sans-serif;margin:2em} table.cm td{text-align:center;min-width:3em}"

@@ -155,8 +155,12 @@ def check_out_dir(out: Path, head: Head, root: Path, force: bool) -> None:
         return
     try:
         old = json.loads(prev.read_text())
-        same = (old.get("head") == (str(head.path.resolve()) if head.path else None)
-                and old.get("root") == str(root.resolve()))
+        if isinstance(old, dict) and "head" not in old:
+            return  # written by a featx that did not record whose evaluation it was
+        # older featx recorded the paths as given: compare them resolved
+        same = (head.path is not None and isinstance(old.get("head"), str)
+                and Path(old["head"]).resolve() == head.path.resolve()
+                and isinstance(old.get("root"), str) and Path(old["root"]).resolve() == root.resolve())
     except (OSError, ValueError, AttributeError):
         old, same = {}, False
     if not same:

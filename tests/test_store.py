@@ -179,7 +179,8 @@ def cached(image_folder, lite0, tmp_path):
 
     store = tmp_path / "s"
     extract(image_folder, lite0, store=store, device="cpu", write=False, batch_size=4, shard_size=4)
-    other = dataclasses.replace(lite0, name="other_net", fingerprint="0123456789abcdef", dim=8)
+    side = dataclasses.replace(lite0.sidecar, name="other_net", fingerprint="0123456789abcdef", dim=8)
+    other = dataclasses.replace(lite0, sidecar=side)
     with ShardWriter(EmbeddingStore(other, store)) as w:
         w.add(*_random(3, 8))
     return store, other

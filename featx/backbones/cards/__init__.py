@@ -73,6 +73,8 @@ class Preprocess:
         d = dataclasses.asdict(self)
         if d["crop"] == "center":  # the default is left out: specs, card digests and fingerprints
             del d["crop"]          # made before crop existed stay the same
+        if d["decoder"] == LEGACY_DECODER:  # likewise the Pillow decoder (the default)
+            del d["decoder"]
         return d
 
     @classmethod
@@ -98,10 +100,7 @@ class Preprocess:
         did before the decoder was a choice: stores and heads made then stay valid
         under ``decoder="pillow"``. Any other decoder is in, so it never shares them.
         """
-        d = self.to_dict()
-        if self.decoder == LEGACY_DECODER:
-            del d["decoder"]
-        return json.dumps(d, sort_keys=True, separators=(",", ":"))
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
 
 WEIGHT_SOURCES = {"pypi": "PyPI package", "torchvision": "torchvision hub", "timm": "timm hub"}
