@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -168,6 +169,49 @@ def test_in_place_edit_keeping_size_and_mtime_is_re_embedded(image_folder, lite0
     assert again.table.keys[i] == content_key(new) != first.table.keys[i]
     fresh = extract(image_folder, lite0, store=tmp_path / "fresh", device="cpu", write=False)
     np.testing.assert_allclose(again.table.X, fresh.table.X, rtol=1e-5, atol=1e-6)
+
+
+def test_each_file_is_hashed_once_on_a_first_extract(image_folder, lite0, tmp_path, monkeypatch):
+    """The readers used to hash every file twice (once to look it up, once after decoding)."""
+    import featx.embed.images as images_mod
+    import featx.engines.local as local
+
+    hashed: list[int] = []
+
+    def counting(data: bytes) -> str:  # the real hash, counted
+        hashed.append(len(data))
+        return images_mod.content_key(data)
+
+    monkeypatch.setattr(local, "content_key", counting)
+    r = extract(image_folder, lite0, store=tmp_path / "s", device="cpu", write=False)
+    assert r.stats.embedded == len(r.table) == 8
+    assert len(hashed) == 8
+    fresh = extract(image_folder, lite0, store=tmp_path / "s2", device="cpu", write=False)
+    assert r.table.keys == fresh.table.keys
+
+
+def test_a_file_changed_after_hashing_gets_the_key_of_the_bytes_decoded(image_folder, lite0):
+    """The hashed key stands only while the file's stat is the one it was hashed with."""
+    import io
+
+    from PIL import Image
+
+    from featx.embed.images import content_key
+    from featx.embed.statcache import stat_of
+    from featx.engines.local import decode_batch
+
+    path = str(image_folder / "cat" / "cat_0.jpg")
+    old_key, old_stat = content_key(Path(path).read_bytes()), stat_of(path)
+    pre = lite0.preprocess
+    assert decode_batch([(0, path, old_key, old_stat)], pre)[1] == [old_key]
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (20, 200, 40)).save(buf, "JPEG")
+    with open(path, "wb") as f:
+        f.write(buf.getvalue())
+    ok, keys, _, fails = decode_batch([(0, path, old_key, old_stat)], pre)
+    assert ok == [0] and not fails
+    assert keys == [content_key(buf.getvalue())] != [old_key]
+    assert decode_batch([(0, path, old_key)], pre)[1] == [content_key(buf.getvalue())]  # no stat: hash
 
 
 # ---------------------------------------------------------------- featx cache
