@@ -75,3 +75,21 @@ def unprivileged(cmd: list[str]) -> list[str]:
     if probe.returncode != 0:
         pytest.skip(f"running as root and cannot drop CAP_DAC_OVERRIDE here: {probe.stderr.decode().strip()}")
     return [*_DROP_DAC, *cmd]
+
+
+FM_KEEP = [0, 1, 8]  # t-shirt, trouser, bag: three Fashion-MNIST classes a small probe separates
+
+
+def fashion_mnist_folder(root: Path, split: str, per_class: int, keep=FM_KEEP) -> Path:
+    """An ImageFolder of ``per_class`` Fashion-MNIST PNGs of each class in ``keep`` (seed 3)."""
+    from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist, write_image_folder
+    from featx.sampling import per_class_subset
+
+    x, y = fashion_mnist(split)
+    idx = per_class_subset(y, per_class, seed=3)
+    idx = idx[np.isin(y[idx], keep)]
+    write_image_folder(root, x[idx], y[idx], FASHION_MNIST_CLASSES)
+    for d in root.iterdir():  # write_image_folder makes every class folder; keep ours
+        if not any(d.iterdir()):
+            d.rmdir()
+    return root

@@ -14,29 +14,15 @@ import pytest
 from click.testing import CliRunner
 
 from featx.cli import main
-from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist, write_image_folder
+from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist
 from featx.embed.table import EmbeddingTable, write_table
 from featx.heads.fit import C_GRIDS, fit_head
 from featx.predict import embed_arrays
 from featx.sampling import per_class_subset
 
-from .helpers import needs_fashion_mnist
+from .helpers import fashion_mnist_folder, needs_fashion_mnist
 
 pytestmark = needs_fashion_mnist
-
-KEEP = [0, 1, 8]  # t-shirt, trouser, bag
-
-
-def fm_folder(root: Path, split: str, per_class: int) -> Path:
-    x, y = fashion_mnist(split)
-    idx = per_class_subset(y, per_class, seed=3)
-    idx = idx[np.isin(y[idx], KEEP)]
-    write_image_folder(root, x[idx], y[idx], FASHION_MNIST_CLASSES)
-    for d in root.iterdir():
-        if not any(d.iterdir()):
-            d.rmdir()
-    return root
-
 
 def run(*args: str, ok: bool = True):
     r = CliRunner().invoke(main, list(args))
@@ -48,8 +34,8 @@ def run(*args: str, ok: bool = True):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("fit-cli")
-    return {"train": fm_folder(d / "data" / "train", "train", 10),
-            "test": fm_folder(d / "data" / "test", "test", 5), "data": d / "data"}
+    return {"train": fashion_mnist_folder(d / "data" / "train", "train", 10),
+            "test": fashion_mnist_folder(d / "data" / "test", "test", 5), "data": d / "data"}
 
 
 @pytest.fixture(scope="module")

@@ -16,39 +16,19 @@ from click.testing import CliRunner
 from featx.backbones.artifact import fingerprint_of, load_export
 from featx.backbones.cards import Preprocess
 from featx.cli import main
-from featx.datasets import (
-    FASHION_MNIST_CLASSES,
-    fashion_mnist,
-    write_image_folder,
-)
 from featx.embed.store import EmbeddingStore
 from featx.heads.headfile import load_head, save_head
-from featx.sampling import per_class_subset
 
-from .helpers import needs_fashion_mnist
+from .helpers import fashion_mnist_folder, needs_fashion_mnist
 
 pytestmark = needs_fashion_mnist
-
-KEEP = [0, 1, 8]  # t-shirt, trouser, bag
-
-
-def fm_folder(root: Path, split: str, per_class: int) -> Path:
-    x, y = fashion_mnist(split)
-    idx = per_class_subset(y, per_class, seed=3)
-    idx = idx[np.isin(y[idx], KEEP)]
-    write_image_folder(root, x[idx], y[idx], FASHION_MNIST_CLASSES)
-    for d in root.iterdir():  # write_image_folder makes every class folder; keep ours
-        if not any(d.iterdir()):
-            d.rmdir()
-    return root
-
 
 @pytest.fixture(scope="module")
 def flow(tmp_path_factory):
     """extract + fit-head once for the module; returns the paths."""
     d = tmp_path_factory.mktemp("flow")
-    train = fm_folder(d / "train", "train", 10)
-    test = fm_folder(d / "test", "test", 5)
+    train = fashion_mnist_folder(d / "train", "train", 10)
+    test = fashion_mnist_folder(d / "test", "test", 5)
     (test / "bag" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     r = CliRunner().invoke(main, ["extract", str(train), "--out", str(d / "train.parquet"), "-q"])
     assert r.exit_code == 0, r.output
@@ -269,7 +249,7 @@ def test_evaluate_leaks_no_sklearn_warnings(flow, head, tmp_path):
 
     folder = tmp_path / "mixed"
     shutil.copytree(flow["test"] / "bag", folder / "bag")
-    fm_folder(tmp_path / "coats", "test", 5)
+    fashion_mnist_folder(tmp_path / "coats", "test", 5)
     shutil.copytree(tmp_path / "coats" / "t-shirt", folder / "coat")  # a class the head lacks
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ log = logging.getLogger(__name__)
 
 def base_backbone(card: BackboneCard, module, weights_sha: str, weights: str | None):
     """The frozen starting backbone as an export (cached), for the LP head's embeddings."""
-    from featx.backbones.artifact import load_export
+    from featx.backbones.artifact import cached_sidecar, load_export
     from featx.backbones.export import export_dir_for, write_export
     from featx.backbones.resolve import resolve_backbone
 
@@ -27,10 +26,9 @@ def base_backbone(card: BackboneCard, module, weights_sha: str, weights: str | N
     if card.preprocess == stock.preprocess:
         return resolve_backbone(card.name, weights=weights)
     dest = export_dir_for(card, weights_sha)
-    if (dest / "model.json").is_file():
-        meta = json.loads((dest / "model.json").read_text())
-        if meta.get("card_digest") == card.digest():
-            return load_export(dest)
+    side = cached_sidecar(dest)  # a damaged or half-written export is made again
+    if side is not None and side.card_digest == card.digest():
+        return load_export(dest)
     torch = require("torch", "torch")
     meta = {"name": f"{card.name}@{card.preprocess.input_size}px", "card": card.to_dict(),
             "card_digest": card.digest(), "weights": weights or card.weights,
