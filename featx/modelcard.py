@@ -46,7 +46,9 @@ RUN_CARD = "README.md"
 HEAD_CARD_SUFFIX = ".README.md"
 TEST_BEGIN = "<!-- featx:test-metrics -->"
 TEST_END = "<!-- /featx:test-metrics -->"
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|#!~])")
+_MD_SPECIAL = re.compile(r"([\\`*\[\]<>|~])")
+# an underscore starts or ends emphasis only at a word boundary; inside a word (resnet_50) it is text
+_MD_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
 
 
 # ---- small renderers ---------------------------------------------------------------------------
@@ -56,8 +58,8 @@ def md_escape(text: Any) -> str:
 
     Safe in a table cell (``|`` becomes ``\\|``) and in running text.
     """
-    s = " ".join(str(text).splitlines())
-    return _MD_SPECIAL.sub(r"\\\1", s)
+    s = _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).splitlines()))
+    return _MD_UNDERSCORE.sub(r"\\_", s)
 
 
 def command_line(argv: Sequence[str]) -> str:
@@ -283,8 +285,8 @@ def render_head_card(backbone: Backbone, report: Mapping[str, Any], *, head_file
     name = Path(head_file).name
     lines = [f"# {md_escape(name)}", "",
              f"A {md_escape(report.get('head', '?'))} head on {md_escape(backbone.name)} embeddings, "
-             f"{len(report.get('classes') or [])} classes. Load it with `featx predict {md_escape(name)} "
-             "IMAGES` or `featx.load_head`; it runs only on the backbone with the fingerprint below.", "",
+             f"{len(report.get('classes') or [])} classes. Use it with `featx predict` / `featx evaluate` "
+             "or `featx.load_head`; it runs only on the backbone with the fingerprint below.", "",
              *_backbone_section(backbone), *_data_section(report, Path(table) if table else None,
                                                           table_meta or {}),
              "## Head", "", *_table(_head_rows(report)),
@@ -339,7 +341,7 @@ def record_evaluation(head_file: str | os.PathLike, metrics: Mapping[str, Any],
 # ---- fine-tuning run cards -------------------------------------------------------------------------
 
 def _config_rows(config: Mapping[str, Any]) -> list[tuple[str, str]]:
-    return [(md_escape(k), md_escape("none" if v is None else v)) for k, v in config.items()]
+    return [(md_escape(k), md_escape("default" if v is None else v)) for k, v in config.items()]
 
 
 def _run_metric_rows(summary: Mapping[str, Any] | None, history: Sequence[Mapping[str, Any]]
@@ -393,7 +395,7 @@ def render_run_card(run_dir: str | os.PathLike, card: BackboneCard, config: Mapp
     lines += ["## Data", "", *_table(data_rows), *_class_table(counts, ("train", "validation")),
               "## Training", "", *_table(_config_rows(config), ("option", "value")),
               "## Metrics", "", *_table(_run_metric_rows(summary, history), ("metric", "value")),
-              *_made(command, "Started")]
+              *_test_section(None), *_made(command, "Started")]
     for c in resumed_with:
         lines += ["Resumed by:", "", *_code_block(c)]
     return "\n".join(lines)
