@@ -100,7 +100,7 @@ def _made(command: str | None, what: str) -> list[str]:
             where = ""
         lines += [f"{what} by this command{where}:", "", *_code_block(command)]
     else:
-        lines += [f"{what} through the Python API (no command line recorded).", ""]
+        lines += [f"{what} through the Python API, or by a featx that did not record the command.", ""]
     return [*lines, f"featx {md_escape(_version())}, {_now()}.", ""]
 
 
