@@ -176,3 +176,20 @@ def test_a_finetuning_run_has_a_card_with_its_final_metrics(tmp_path):
     ev = evaluate(out, data, out_dir=tmp_path / "ev")  # the run's head: its card is the run's README
     text = (out / "README.md").read_text(encoding="utf-8")
     assert table_rows(text, "Test metrics")["accuracy"] == [f"{ev.metrics['accuracy']:.4f}"]
+
+
+def test_a_resumed_runs_card_keeps_the_command_that_started_it(tmp_path):
+    pytest.importorskip("torch")
+    from featx.finetune import finetune
+
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "ft"
+    opts = {"input_size": 64, "batch_size": 4, "unfreeze": 1, "lp_C": 1.0, "val_fraction": 0.5}
+    finetune(data, out=out, device="cpu", epochs=1, command="featx finetune data --epochs 1", **opts)
+    assert json.loads((out / "config.json").read_text())["command"] == "featx finetune data --epochs 1"
+    finetune(resume=out, device="cpu", epochs=2, command=f"featx finetune --resume {out} --epochs 2")
+    text = (out / "README.md").read_text(encoding="utf-8")
+    made = "\n".join(section(text, "How it was made"))
+    assert made.index("featx finetune data --epochs 1") < made.index("Resumed by:") < \
+        made.index(f"featx finetune --resume {out} --epochs 2")
+    assert table_rows(text, "Metrics")["epochs trained"] == ["2 of 2"]
