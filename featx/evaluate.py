@@ -9,6 +9,7 @@ The output folder also gets the per-image outcomes, the top losses and an HTML p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -22,6 +23,7 @@ from featx.backbones.artifact import Backbone
 from featx.error_analysis import confused_pairs, write_error_analysis
 from featx.errors import FeatXError
 from featx.heads.headfile import Head, load_head
+from featx.modelcard import record_evaluation
 from featx.predict import PredictResult, predict
 from featx.progress import ProgressFn, no_progress
 
@@ -179,7 +181,7 @@ def evaluate(head: Head | str | os.PathLike, root: str | os.PathLike, *,
 
     Writes ``metrics.json``, ``confusion_matrix.png``, ``reliability.png``,
     ``predictions.csv``, ``top_losses.png`` and ``report.html`` into ``out_dir`` (when
-    given); an ``out_dir`` holding the evaluation of another head or
+    given), and then records the metrics in the head's model card (``featx.modelcard``); an ``out_dir`` holding the evaluation of another head or
     folder is refused unless ``force``. Images whose class folder the head does not
     know count as errors and are listed under ``unknown_classes``.
     """
@@ -206,7 +208,9 @@ def evaluate(head: Head | str | os.PathLike, root: str | os.PathLike, *,
               "backbone": h.backbone_name, "fingerprint": h.fingerprint})
     if out_dir is None:
         return EvalResult(m, res, None, None)
-    return _write(m, res, Path(out_dir), root)
+    r = _write(m, res, Path(out_dir), root)
+    card = record_evaluation(h.path, m, r.json_path) if h.path else None  # the head's model card
+    return dataclasses.replace(r, files=[*r.files, card]) if card else r
 
 
 def _write(m: dict, res: PredictResult, out: Path, root: Path) -> EvalResult:

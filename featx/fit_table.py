@@ -41,6 +41,7 @@ class FitTableResult:
     report: dict
     replaced: bool = False  # an older head of the same table was overwritten
     warnings: list[str] = field(default_factory=list)
+    card_file: Path | None = None  # the model card beside the head (featx.modelcard)
 
 
 def find_table(folder: str | os.PathLike | None = None) -> Path:
@@ -114,13 +115,14 @@ def fit_table(table: str | os.PathLike | None = None, *, head: str = "logreg",
               C: float | str = "auto", class_weight: str | None = None, cv: int = 5,
               seed: int = 0, out: str | os.PathLike | None = None,
               backbone: str | os.PathLike | Backbone | None = None, force: bool = False,
-              progress: ProgressFn = no_progress) -> FitTableResult:
+              command: str | None = None, progress: ProgressFn = no_progress) -> FitTableResult:
     """Fit a head on an embeddings table; write ``out`` (default ./head.joblib) and its report.
 
     ``table`` defaults to ``find_table()``. ``head="sgd-logreg"`` streams the table
     (memory for one shard; ``C`` is ignored, alpha is chosen on a held-out split).
     An existing ``out`` is replaced only if it is a head of the same table, or with
-    ``force``.
+    ``force``. A model card (``head.README.md``, see ``featx.modelcard``) is written
+    beside the head; ``command`` is the command line it records (None from Python).
     """
     if head not in HEAD_KINDS:
         raise FeatXError(f"unknown head {head!r}; expected one of {', '.join(HEAD_KINDS)}")
@@ -141,7 +143,21 @@ def fit_table(table: str | os.PathLike | None = None, *, head: str = "logreg",
     head_file = save_head(out_path, pipe, rep["classes"], bb, rep)
     report_file = write_text(head_file.with_name(head_file.name + ".report.json"),
                              _json(rep))
-    return FitTableResult(path, head_file, report_file, rep, replaced, warnings)
+    card_file = _write_card(head_file, bb, rep, path, meta, command, warnings)
+    return FitTableResult(path, head_file, report_file, rep, replaced, warnings, card_file)
+
+
+def _write_card(head_file: Path, bb: Backbone, rep: dict, table: Path, meta: dict,
+                command: str | None, warnings: list[str]) -> Path | None:
+    """The head's model card; a card that cannot be written is a warning, never a lost head."""
+    from featx.modelcard import write_head_card
+
+    try:
+        return write_head_card(head_file, bb, rep, table=table.resolve(), table_meta=meta, command=command)
+    except OSError as e:
+        warnings.append(f"the head is written, but not its model card: {e.strerror or e}")
+        log.warning(warnings[-1])
+        return None
 
 
 def _json(d: dict) -> str:

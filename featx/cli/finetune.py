@@ -146,6 +146,7 @@ def finetune_cmd(train, val, out, resume, backbone, weights, unfreeze, epochs, l
     """
     from featx.finetune import FinetuneInterrupted, finetune
     from featx.finetune.runlog import plural
+    from featx.modelcard import command_line
 
     if resume is None and train is None:
         raise click.UsageError("give TRAIN (a folder of class folders), or --resume RUN_DIR")
@@ -172,7 +173,8 @@ def finetune_cmd(train, val, out, resume, backbone, weights, unfreeze, epochs, l
     p = EpochProgress(quiet)
     try:
         r = finetune(train, val=val, out=out, resume=resume, root=root, device=device,
-                     loader_workers=loader_workers, store=store, progress=p, on_epoch=p.epoch_done, **options)
+                     loader_workers=loader_workers, store=store, progress=p, on_epoch=p.epoch_done,
+                     command=command_line(sys.argv[1:]), **options)
     except FinetuneInterrupted as e:
         p.close()
         click.echo(f"\ninterrupted: {e.run_dir} holds {plural(e.epoch, 'completed epoch')}; continue with: "

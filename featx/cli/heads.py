@@ -6,6 +6,7 @@ calls one library function and renders its result.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -88,6 +89,7 @@ def fit_head_cmd(embeddings, head_kind, C, class_weight, cv, seed, out, force, b
                  as_json):
     """Fit a classifier head on cached embeddings; writes the head file and a report."""
     from featx.fit_table import find_table, fit_table
+    from featx.modelcard import command_line
 
     table = embeddings or find_table()
     if not as_json:
@@ -95,17 +97,18 @@ def fit_head_cmd(embeddings, head_kind, C, class_weight, cv, seed, out, force, b
     with progress_bar(quiet) as p:
         r = fit_table(table, head=head_kind, C=C, class_weight=None if class_weight == "none"
                       else class_weight, cv=cv, seed=seed, out=out, backbone=backbone, force=force,
-                      progress=p)
+                      command=command_line(sys.argv[1:]), progress=p)
     for w in r.warnings:
         click.echo(f"warning: {w}", err=True)
     rep = r.report
     summary = {**{k: v for k, v in rep.items() if k not in ("cv_grid", "curve")},
                "head_file": str(r.head_file), "report": str(r.report_file), "replaced": r.replaced,
-               "warnings": r.warnings}
+               "card": str(r.card_file) if r.card_file else None, "warnings": r.warnings}
     lines = _streaming_lines(rep) if head_kind == "sgd-logreg" else _fit_lines(rep)
     lines += [f"wrote head: {r.head_file}" + (" (replaced this table's previous head)"
                                               if r.replaced else ""),
               f"wrote report: {r.report_file}"]
+    lines += [f"wrote model card: {r.card_file}"] if r.card_file else []
     emit(summary, as_json, lines)
 
 

@@ -172,6 +172,7 @@ class TrainJob:
     checkpoint: dict | None = None  # last.pt of a resumed run
     resumed: bool = False
     extended: bool = False  # a resumed run given more epochs
+    command: str | None = None  # the command line, for the run's model card
 
 
 def _skip_summary(skipped: list[Skipped], what: str) -> str:
@@ -245,7 +246,7 @@ def finetune(data=None, *, val=None, out: str | os.PathLike | None = None,
              root: str | os.PathLike | None = None, device: str = "auto", loader_workers: int | None = None,
              workers: int | None = None, store: str | os.PathLike | None = None, export: bool = True,
              progress: ProgressFn = no_progress, on_epoch: Callable[[dict], None] | None = None,
-             **options) -> FinetuneResult:
+             command: str | None = None, **options) -> FinetuneResult:
     """Fine-tune a backbone card on labelled images; returns the run (and writes its directory).
 
     Parameters
@@ -274,6 +275,9 @@ def finetune(data=None, *, val=None, out: str | os.PathLike | None = None,
         ``progress(stage, done, total)`` reports stages ``check`` (decoding the
         images once), ``verify`` (hashing them again on resume), ``embed``, ``lp-init``, ``epoch`` (batches), ``validate`` and
         ``export``; ``on_epoch(row)`` gets each epoch's metrics.
+    command
+        The command line, recorded in the run's model card (``RUN_DIR/README.md``,
+        written when training starts and again with the final metrics at the end).
 
     Ctrl-C raises ``FinetuneInterrupted`` (a KeyboardInterrupt) after the run
     directory is left consistent.
@@ -296,7 +300,8 @@ def finetune(data=None, *, val=None, out: str | os.PathLike | None = None,
         cfg, card, run_data, run_dir = _new_job(data, val, out, config, options, progress)
         ckpt, extended = None, False
     job = TrainJob(cfg, card, tl.resolve_unfreeze(card, cfg.unfreeze), run_data, run_dir, dev, device,
-                   loader_workers, store, export, progress, on_epoch, t_start, ckpt, resume is not None, extended)
+                   loader_workers, store, export, progress, on_epoch, t_start, ckpt, resume is not None, extended,
+                   command)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_run(run_dir)
     try:
@@ -374,7 +379,39 @@ def _write_manifest(job: TrainJob) -> None:
         "skipped": [{"path": p, "reason": r} for p, r in d.skipped]})
     write_json(job.run_dir / "config.json", {"featx_finetune": FINETUNE_FORMAT,
                                              "config": dataclasses.asdict(job.cfg),
-                                             "classes": d.train.classes, "card": job.card.to_dict()})
+                                             "classes": d.train.classes, "card": job.card.to_dict(),
+                                             "command": job.command})
+    _write_card(job)
+
+
+def _counts(files: LabelledFiles | None) -> dict[str, int] | None:
+    if files is None:
+        return None
+    n = np.bincount(np.asarray(files.labels, dtype=np.int64), minlength=len(files.classes))
+    return {c: int(k) for c, k in zip(files.classes, n, strict=True)}
+
+
+def _write_card(job: TrainJob, result: FinetuneResult | None = None) -> None:
+    """RUN_DIR/README.md: the run's model card (featx.modelcard), final once ``result`` is given.
+
+    A card that cannot be written is a warning: the run's own files are what matter.
+    """
+    from featx.modelcard import write_run_card
+
+    d = job.data
+    command, resumed_with = job.command, []
+    if job.resumed:  # the card keeps the command that started the run, then this one
+        saved = read_json(job.run_dir / "config.json", "the run's config")
+        command, resumed_with = saved.get("command"), [job.command] if job.command else []
+    try:
+        write_run_card(job.run_dir, job.card, dataclasses.asdict(job.cfg), train_counts=_counts(d.train),
+                       val_counts=_counts(d.val), data={"train_root": d.train.root, "val_source": d.val_source,
+                                                        "skipped": len(d.skipped)},
+                       summary=result.summary.to_dict() if result and result.summary else None,
+                       history=result.history if result else (), backbone=result.backbone if result else None,
+                       command=command, resumed_with=resumed_with)
+    except OSError as e:
+        log.warning("%s: the run's model card could not be written (%s)", job.run_dir, e.strerror or e)
 
 
 def _build_model(job: TrainJob) -> _Model:
@@ -531,6 +568,7 @@ def _finish(job: TrainJob, model: _Model, state: _State) -> FinetuneResult:
     result.seconds = time.perf_counter() - job.t_start
     result.summary = _summary(job, model, result)
     write_json(run_dir / "summary.json", result.summary.to_dict())
+    _write_card(job, result)
     _status(job, "done", len(state.history))
     return result
 

@@ -163,6 +163,49 @@ class WeightsSource:
 
 
 @dataclass(frozen=True)
+class Published:
+    """What the card's weights are published as: the full model (with its ImageNet-1k
+    classifier), its parameter count and its ImageNet-1k top-1 accuracy, and where the
+    figures come from.
+
+    ``params`` counts the trainable parameters of the model as published (torchvision's
+    ``num_params``, timm's ``param_count``), classifier included; the network featx
+    exports has no classifier, so it is smaller by it (``dim * 1000 + 1000`` for a
+    plain linear classifier). ``imagenet_top1`` is in percent, as the source gives it.
+    None of this goes into the card's digest or any fingerprint: it describes the
+    weights, it does not change them.
+    """
+
+    params: int
+    imagenet_top1: float | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.params, bool) or not isinstance(self.params, int) or self.params <= 0:
+            raise FeatXError(f"published params must be a positive integer, got {self.params!r}")
+        top1 = self.imagenet_top1
+        if top1 is not None:
+            if isinstance(top1, bool) or not isinstance(top1, (int, float)) or not 0 < top1 <= 100:
+                raise FeatXError(f"published imagenet_top1 must be a percentage in (0, 100], got {top1!r}")
+            object.__setattr__(self, "imagenet_top1", float(top1))
+        if top1 is not None and not self.source:
+            raise FeatXError("published imagenet_top1 needs a source (where the figure comes from)")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Published:
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict) or set(d) - known:
+            got = sorted(set(d) - known) if isinstance(d, dict) else d
+            raise FeatXError(f"unknown [published] keys {got!r}; expected {sorted(known)}")
+        return cls(**d)
+
+    @property
+    def params_label(self) -> str:
+        """The parameter count in millions, as papers and model zoos write it (``4.7M``)."""
+        return f"{self.params / 1e6:.1f}M"
+
+
+@dataclass(frozen=True)
 class BackboneCard:
     """A registered backbone: builder, weights source, preprocessing, dim, unfreezable blocks."""
 
@@ -177,6 +220,7 @@ class BackboneCard:
     blocks: tuple[tuple[str, ...], ...] = field(default_factory=tuple)
     license: str = ""
     description: str = ""
+    published: Published | None = None  # params and ImageNet top-1 of the published model
 
     def __post_init__(self) -> None:
         self.weights_source  # noqa: B018  (parse now: a bad source fails when the card loads)
@@ -199,6 +243,10 @@ class BackboneCard:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["preprocess"] = self.preprocess.to_dict()
         d["blocks"] = [list(b) for b in self.blocks]
+        if self.published is None:  # cards (and sidecars) without it keep their old layout
+            del d["published"]
+        else:
+            d["published"] = dataclasses.asdict(self.published)
         return d
 
     @classmethod
@@ -208,10 +256,17 @@ class BackboneCard:
         blocks = d.pop("blocks", None)
         if blocks is None:
             blocks = d.pop("finetune", {}).get("blocks", [])
-        return cls(preprocess=pre, blocks=tuple(tuple(b) for b in blocks), **d)
+        published = d.pop("published", None)
+        return cls(preprocess=pre, blocks=tuple(tuple(b) for b in blocks),
+                   published=None if published is None else Published.from_dict(published), **d)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        """Hash of what makes the export: ``published`` is left out (it describes the
+        weights, it does not change them), so adding or correcting those figures keeps
+        every cached export, head and run valid."""
+        d = self.to_dict()
+        d.pop("published", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
 def _torch_hub_file(enum_name: str) -> str | None:
