@@ -114,10 +114,40 @@ def test_progress_reports_every_fold_of_every_head(fm_embeddings, head):
     calls = []
     _, rep = fit_head(X[::2], y[::2], head=head, C="auto", cv=3,
                          progress=lambda *a: calls.append(a))
-    total = len(C_GRIDS[head]) * 3
-    assert calls[:total + 1] == [("choose C", i, total) for i in range(total + 1)]
-    assert calls[total + 1:] == [("fit", 0, 1), ("fit", 1, 1)]
-    assert [g["C"] for g in rep["cv_grid"]] == list(C_GRIDS[head])
+    total, done = len(C_GRIDS[head]) * 3, len(rep["cv_grid"]) * 3
+    assert calls[:done + 1] == [("choose C", i, total) for i in range(done + 1)]
+    stopped = [("choose C", done, done)] if done < total else []  # the bar ends where the walk stopped
+    assert calls[done + 1:] == [*stopped, ("fit", 0, 1), ("fit", 1, 1)]
+    assert [g["C"] for g in rep["cv_grid"]] + rep["cv_skipped"] == list(C_GRIDS[head])
+
+
+def test_C_search_stops_after_two_values_below_the_best(fm_embeddings):
+    """The largest C are the slowest fits; the walk up the grid ends past the peak."""
+    X, y = fm_embeddings
+    _, rep = fit_head(X, y, head="logreg", C="auto", cv=3)
+    means = [g["mean"] for g in rep["cv_grid"]]
+    assert rep["cv_skipped"], rep["cv_grid"]  # this probe peaks well inside the grid
+    assert rep["cv_skipped"] == list(C_GRIDS["logreg"])[len(means):]
+    peak = max(means[:-2])
+    assert all(m < peak for m in means[-2:]) and rep["cv_score_mean"] == peak
+
+
+def test_final_logreg_fit_starts_from_the_folds_solution(fm_embeddings):
+    """A warm start from the CV folds needs fewer lbfgs passes and lands on the same head."""
+    X, y = fm_embeddings
+    warm, rep = fit_head(X, y, head="logreg", C="auto", cv=3)
+    cold, _ = fit_head(X, y, head="logreg", C=rep["C"])
+    assert warm[-1].n_iter_[0] < cold[-1].n_iter_[0]
+    assert warm[-1].get_params()["warm_start"] is False
+    agree = (warm.predict(X) == cold.predict(X)).mean()
+    assert agree >= 0.99
+    np.testing.assert_allclose(warm.predict_proba(X), cold.predict_proba(X), atol=0.02)
+
+
+def test_C_search_is_reproducible_with_parallel_folds(fm_embeddings):
+    X, y = fm_embeddings
+    runs = [fit_head(X, y, head=h, C="auto", cv=3)[1] for h in ("logreg", "logreg", "linear-svm", "linear-svm")]
+    assert runs[0]["cv_grid"] == runs[1]["cv_grid"] and runs[2]["cv_grid"] == runs[3]["cv_grid"]
 
 
 def test_linear_svm_grid_converges(fm_embeddings):
