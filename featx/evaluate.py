@@ -177,7 +177,8 @@ def evaluate(head: Head | str | os.PathLike, root: str | os.PathLike, *,
              store: str | os.PathLike | None = None, batch_size: int = 32,
              workers: int | None = None, force: bool = False,
              progress: ProgressFn = no_progress) -> EvalResult:
-    """Evaluate ``head`` on the labelled ImageFolder ``root``.
+    """Evaluate ``head`` on ``root``: a labelled ImageFolder, or a CSV/TSV/Parquet listing
+    with ``path`` and ``label`` columns (``featx.embed.scan.scan_table``).
 
     Writes ``metrics.json``, ``confusion_matrix.png``, ``reliability.png``,
     ``predictions.csv``, ``top_losses.png`` and ``report.html`` into ``out_dir`` (when
@@ -192,8 +193,9 @@ def evaluate(head: Head | str | os.PathLike, root: str | os.PathLike, *,
     res = predict(h, [root], backbone=backbone, device=device, store=store,
                   batch_size=batch_size, workers=workers, progress=progress)
     if any(t is None for t in res.true_labels) or not res.files:
-        raise FeatXError(f"{root}: evaluate needs a labelled ImageFolder tree (root/<class>/<image>) "
-                         "with readable images; for unlabelled images use `featx predict`")
+        raise FeatXError(f"{root}: evaluate needs labelled images: an ImageFolder tree "
+                         "(root/<class>/<image>) or a listing with a label column for every row; "
+                         "for unlabelled images use `featx predict`")
     truth = [str(t) for t in res.true_labels]
     if not set(truth) & set(h.classes):
         raise FeatXError(f"{root}: none of its class folders ({', '.join(sorted(set(truth))[:5])}) "

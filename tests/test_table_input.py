@@ -120,3 +120,42 @@ def test_ray_engine_reads_the_same_listing(loose, lite0, tmp_path):
     assert rr.stats.embedded == len(rows) and rr.table.paths == loc.table.paths == paths
     assert rr.table.labels == loc.table.labels
     np.testing.assert_allclose(rr.table.X, loc.table.X, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_reads_a_labelled_listing(loose, lite0, tmp_path):
+    """evaluate takes the same CSV as extract: same metrics as on the folder, thumbnails found."""
+    from featx.evaluate import evaluate
+    from featx.extract import extract as extract_folder
+    from featx.heads.fit import fit_head
+    from featx.heads.headfile import save_head
+
+    folder, base, rows = loose
+    pd.DataFrame(rows).to_csv(base / "list.csv", index=False)
+    t = extract_folder(folder, lite0, device="cpu", write=False).table
+    pipe, rep = fit_head(t.X, t.labels, C=1.0)
+    head = save_head(tmp_path / "head.joblib", pipe, rep["classes"], lite0, rep)
+    on_folder = evaluate(head, folder, out_dir=tmp_path / "a", device="cpu")
+    on_table = evaluate(head, base / "list.csv", out_dir=tmp_path / "b", device="cpu")
+    assert on_table.metrics["accuracy"] == on_folder.metrics["accuracy"]
+    assert on_table.metrics["n"] == on_folder.metrics["n"] == len(rows)
+    preds = pd.read_csv(tmp_path / "b" / "predictions.csv")
+    assert sorted(preds["path"]) == sorted(str((base / r["path"]).resolve()) for r in rows)
+    assert "<img" in (tmp_path / "b" / "report.html").read_text()
+
+
+def test_evaluate_cli_takes_a_listing_and_refuses_one_without_labels(loose, lite0, tmp_path, monkeypatch):
+    from featx.heads.fit import fit_head
+    from featx.heads.headfile import save_head
+
+    folder, base, rows = loose
+    pd.DataFrame(rows).to_csv(base / "list.csv", index=False)
+    pd.DataFrame({"path": [r["path"] for r in rows]}).to_csv(base / "nolabels.csv", index=False)
+    t = extract(folder, lite0, device="cpu", write=False).table
+    pipe, rep = fit_head(t.X, t.labels, C=1.0)
+    head = save_head(tmp_path / "head.joblib", pipe, rep["classes"], lite0, rep)
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["evaluate", str(head), str(base / "list.csv"), "--device", "cpu", "-q"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "list.eval" / "metrics.json").read_text())["n"] == len(rows)
+    r = CliRunner().invoke(main, ["evaluate", str(head), str(base / "nolabels.csv"), "--device", "cpu", "-q"])
+    assert r.exit_code == 1 and "needs labelled images" in r.output and "nolabels.csv" in r.output

@@ -181,7 +181,7 @@ def predict_cmd(head, inputs, out, top_k, min_proba, backbone, store, batch_size
 
 @click.command("evaluate")
 @head_argument
-@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("root", type=click.Path(exists=True, path_type=Path))
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where metrics.json, the plots, predictions.csv and report.html (error "
                    "analysis) go. Default: ./<ROOT name>.eval/")
@@ -195,11 +195,12 @@ def predict_cmd(head, inputs, out, top_k, min_proba, backbone, store, batch_size
 @json_option
 def evaluate_cmd(head, root, out_dir, force, backbone, store, batch_size, workers, device, quiet,
                  as_json):
-    """Evaluate HEAD on the labelled folder ROOT: accuracy, per-class scores, confusion matrix,
+    """Evaluate HEAD on ROOT, a labelled folder (root/<class>/<image>) or a CSV/TSV/Parquet
+    listing with path and label columns: accuracy, per-class scores, confusion matrix,
     calibration (ECE, reliability diagram), per-image losses and an error-analysis page."""
     from featx.evaluate import evaluate
 
-    out_dir = out_dir or Path(f"{root.resolve().name}.eval")
+    out_dir = out_dir or Path(f"{root.resolve().name if root.is_dir() else root.stem}.eval")
     with progress_bar(quiet) as p:
         r = evaluate(head, root, out_dir=out_dir, backbone=backbone, device=device, store=store,
                      batch_size=batch_size, workers=workers, force=force, progress=p)
