@@ -321,7 +321,7 @@ def _draw_png(coords: np.ndarray, drawn: list[str], classes: list[str], title: s
     import matplotlib.pyplot as plt
 
     colors = class_colors(len(classes))
-    size = float(np.clip(4000 / max(len(drawn), 1), 2, 40))
+    size = float(np.clip(20000 / max(len(drawn), 1), 3, 40))  # marker area in pt²: smaller as maps fill
     lab = np.asarray(drawn, dtype=object)
     fig, ax = plt.subplots(figsize=(PNG_SIZE[0] / 100, PNG_SIZE[1] / 100), dpi=100)
     try:
