@@ -43,7 +43,7 @@ from featx.embed.table import EmbeddingTable, read_table
 from featx.error_analysis import _thumbnail
 from featx.errors import FeatXError, require
 from featx.progress import ProgressFn, no_progress
-from featx.sampling import stratified_split
+from featx.sampling import spread_over_classes, stratified_split
 
 __all__ = ["METHODS", "PlotResult", "embed_2d", "plot_embeddings", "subsample"]
 
@@ -100,7 +100,8 @@ def plot_embeddings(table: str | os.PathLike | EmbeddingTable, out_dir: str | os
     method : ``auto`` (UMAP if umap-learn is installed, else t-SNE), ``umap``, ``tsne`` or ``pca``.
     max_points : at most this many points, subsampled per class when the table is larger.
     seed : seeds the subsample, PCA, t-SNE and UMAP: same seed, same map.
-    max_thumbnails : the first this many points (in drawing order) get a thumbnail in the HTML.
+    max_thumbnails : this many points get a thumbnail in the HTML, taken round-robin over the
+        classes (seeded), so a big map shows images of every class.
     thumb_px : longest side of a thumbnail, in pixels.
     progress : ``progress(stage, done, total)`` for "project" and "thumbnails".
 
@@ -132,7 +133,7 @@ def plot_embeddings(table: str | os.PathLike | EmbeddingTable, out_dir: str | os
     classes = _class_order(t, drawn)
     paths = [t.paths[i] for i in keep]
     files = _image_files(t, name, paths)
-    thumbs = _thumbnails(files[:max_thumbnails], thumb_px, progress)
+    thumbs = _thumbnails(files, spread_over_classes(drawn, max_thumbnails, seed), thumb_px, progress)
     stem = f"{_stem(name)}.{chosen}"  # the method in the name: maps by two methods sit side by side
     title = f"{name.name}: {_METHOD_TITLES[chosen]}, {len(keep)} of {len(t)} images"
     png = _draw_png(coords, drawn, classes, title, out / f"{stem}.png")
@@ -281,8 +282,8 @@ def _image_files(t: EmbeddingTable, name: Path, paths: list[str]) -> list[str | 
     return [None if "://" in p else p if os.path.isabs(p) else str(base / p) for p in paths]
 
 
-def _thumbnails(files: list[str | None], px: int, progress: ProgressFn) -> list[str]:
-    """A ``data:`` URI (JPEG) per file, "" where the file is gone or unreadable."""
+def _thumbnails(files: list[str | None], chosen: list[int], px: int, progress: ProgressFn) -> list[str]:
+    """A ``data:`` URI (JPEG) per file: for the ``chosen`` ones that can be read, "" for the others."""
     def one(f: str | None) -> str:
         arr = _thumbnail(f, px) if f else None
         if arr is None:
@@ -293,13 +294,13 @@ def _thumbnails(files: list[str | None], px: int, progress: ProgressFn) -> list[
         Image.fromarray(arr).save(buf, format="JPEG", quality=80)
         return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
-    out: list[str] = []
-    progress("thumbnails", 0, len(files))
+    out = [""] * len(files)
+    progress("thumbnails", 0, len(chosen))
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
-        for uri in pool.map(one, files):
-            out.append(uri)
-            if len(out) % 64 == 0 or len(out) == len(files):
-                progress("thumbnails", len(out), len(files))
+        for done, (i, uri) in enumerate(zip(chosen, pool.map(one, [files[i] for i in chosen]), strict=True), 1):
+            out[i] = uri
+            if done % 64 == 0 or done == len(chosen):
+                progress("thumbnails", done, len(chosen))
     return out
 
 
@@ -350,7 +351,7 @@ def _write_html(coords: np.ndarray, drawn: list[str], classes: list[str], paths:
     data = {"classes": classes, "colors": class_colors(len(classes)),
             "x": [round(float(v), 5) for v in xy[:, 0]], "y": [round(float(v), 5) for v in xy[:, 1]],
             "c": [index[g] for g in drawn], "path": [display_path(p) for p in paths],
-            "thumb": thumbs + [""] * (len(paths) - len(thumbs))}
+            "thumb": thumbs}
     # "<" escaped, so no path or label can close the <script> element; still valid JSON
     blob = json.dumps(data, ensure_ascii=False).replace("<", "\\u003c")
     e = html.escape

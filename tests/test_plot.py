@@ -139,6 +139,9 @@ def test_large_table_is_subsampled_per_class(photos_table, tmp_path):
     data = page_data(r.html)
     assert len(data["path"]) == 6 and set(data["path"]) == set(r.paths)
     assert "6 of 20 rows drawn" in r.html.read_text(encoding="utf-8")
+    few = plot_embeddings(photos_table, tmp_path, method="pca", max_thumbnails=4)
+    with_thumb = [lbl for lbl, u in zip(few.labels, page_data(few.html)["thumb"], strict=True) if u]
+    assert few.thumbnails == 4 and sorted(with_thumb) == ["cat", "cat", "thing", "thing"]
 
 
 def test_unlabelled_table_is_one_colour_and_missing_images_have_no_thumbnail(lite0, tmp_path):
