@@ -14,6 +14,7 @@ from featx.cli.cache import cache
 from featx.cli.extract import export, extract, models
 from featx.cli.finetune import compare_cmd, finetune_cmd
 from featx.cli.heads import evaluate_cmd, export_classifier_cmd, fit_head_cmd, predict_cmd
+from featx.cli.plot import plot_cmd
 from featx.errors import FeatXError
 
 log = logging.getLogger("featx")
@@ -82,5 +83,5 @@ def _fixed_mmap_threshold() -> None:
 
 
 for _cmd in (models, export, extract, fit_head_cmd, predict_cmd, evaluate_cmd, export_classifier_cmd,
-             finetune_cmd, compare_cmd, cache):
+             finetune_cmd, compare_cmd, cache, plot_cmd):
     main.add_command(_cmd)
