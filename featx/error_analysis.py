@@ -27,7 +27,7 @@ import numpy as np
 from featx.atomic import save_figure, write_text
 from featx.embed.scan import display_path
 
-__all__ = ["image_outcomes", "write_error_analysis"]
+__all__ = ["image_outcomes", "thumbnail", "write_error_analysis"]
 
 PREDICTIONS_CSV = "predictions.csv"
 TOP_LOSSES_PNG = "top_losses.png"
@@ -67,7 +67,9 @@ def write_predictions_csv(rows: list[dict], path: Path) -> Path:
     return write_text(path, buf.getvalue())
 
 
-def _thumbnail(path: str, size: int):
+def thumbnail(path: str, size: int) -> np.ndarray | None:
+    """An RGB thumbnail of the image at ``path`` (EXIF-rotated, longest side ``size``), or None
+    if it cannot be read now (reports leave it blank)."""
     from PIL import Image, ImageOps
 
     try:
@@ -97,7 +99,7 @@ def plot_top_losses(rows: list[dict], path: Path, k: int = TOP_LOSSES) -> Path |
             ax.axis("off")
             if r is None:
                 continue
-            img = _thumbnail(r["path"], 192)
+            img = thumbnail(r["path"], 192)
             if img is not None:
                 ax.imshow(img)
             ax.set_title(f"{r['true']} / {r['predicted']}\np={r['probability']:.2f} loss={r['loss']:.2f}",

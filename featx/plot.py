@@ -40,7 +40,7 @@ import numpy as np
 from featx.atomic import save_figure, write_text
 from featx.embed.scan import display_path, is_table_file
 from featx.embed.table import EmbeddingTable, read_table
-from featx.error_analysis import _thumbnail
+from featx.error_analysis import thumbnail
 from featx.errors import FeatXError, require
 from featx.progress import ProgressFn, no_progress
 from featx.sampling import spread_over_classes, stratified_split
@@ -285,7 +285,7 @@ def _image_files(t: EmbeddingTable, name: Path, paths: list[str]) -> list[str | 
 def _thumbnails(files: list[str | None], chosen: list[int], px: int, progress: ProgressFn) -> list[str]:
     """A ``data:`` URI (JPEG) per file: for the ``chosen`` ones that can be read, "" for the others."""
     def one(f: str | None) -> str:
-        arr = _thumbnail(f, px) if f else None
+        arr = thumbnail(f, px) if f else None
         if arr is None:
             return ""
         from PIL import Image
