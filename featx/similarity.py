@@ -271,6 +271,11 @@ def embed_query(query, t: EmbeddingTable, t_name: str, *, backbone, device: str,
                 batch_size: int, workers: int | None, progress: ProgressFn) -> Query:
     """Embeddings of ``query`` in the space of ``t``: read from a featx table, or files embedded
     with ``t``'s backbone (through the shared cache)."""
+    if isinstance(query, (list, tuple)) and len(query) == 1:
+        query = query[0]
+    if isinstance(query, (list, tuple)) and any(isinstance(x, EmbeddingTable) or is_embeddings_table(x)
+                                                for x in query):
+        raise FeatXError("a featx table is searched on its own: give one table, or image files and folders")
     if isinstance(query, EmbeddingTable) or (isinstance(query, (str, os.PathLike))
                                              and is_embeddings_table(query)):
         q, q_name = load_table(query)
@@ -604,12 +609,14 @@ def _leakage(a: np.ndarray, b: np.ndarray, labels: list[str | None],
 
 
 def write_duplicates(result: DuplicatesResult, out: str | os.PathLike) -> Path:
-    """CSV/TSV (one row per pair) or JSON (summary, pairs, clusters), by suffix; atomic."""
+    """CSV/TSV (one row per pair) or JSON (summary, ``duplicates``: the pairs, ``groups``: the
+    clusters' members), by suffix; atomic."""
     out, suffix = _out_path(out)
     rows = _printable(result.rows(), ("path_a", "path_b", "label_a", "label_b"))
     if suffix == ".json":
         groups = [_printable(c, ("path", "label")) for c in result.cluster_rows()]
-        doc = {**result.summary(), "pairs": rows, "clusters": groups}
+        # the summary's "pairs" and "clusters" are counts; the lists are "duplicates" and "groups"
+        doc = {**result.summary(), "duplicates": rows, "groups": groups}
         return write_text(out, json.dumps(doc, indent=2))
     cols = ("path_a", "label_a", "path_b", "label_b", "similarity", "identical", "cluster")
     return write_text(out, _csv(rows, cols, suffix == ".tsv"))
