@@ -15,6 +15,7 @@ from featx.cli.extract import export, extract, models
 from featx.cli.finetune import compare_cmd, finetune_cmd
 from featx.cli.heads import evaluate_cmd, export_classifier_cmd, fit_head_cmd, predict_cmd
 from featx.cli.plot import plot_cmd
+from featx.cli.similarity import duplicates_cmd, neighbors_cmd
 from featx.errors import FeatXError
 
 log = logging.getLogger("featx")
@@ -43,6 +44,7 @@ INTERRUPTED = {
     "evaluate": _CACHED,
     "compare": _CACHED,
     "fit-head": "no head was written (an existing head file is unchanged).",
+    "neighbors": _CACHED,
 }
 
 
@@ -83,5 +85,5 @@ def _fixed_mmap_threshold() -> None:
 
 
 for _cmd in (models, export, extract, fit_head_cmd, predict_cmd, evaluate_cmd, export_classifier_cmd,
-             finetune_cmd, compare_cmd, cache, plot_cmd):
+             finetune_cmd, compare_cmd, cache, neighbors_cmd, duplicates_cmd, plot_cmd):
     main.add_command(_cmd)
