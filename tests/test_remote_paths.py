@@ -116,6 +116,23 @@ def test_a_store_that_fails_to_answer_is_a_failed_row_not_a_crashed_run(data, li
     assert r.stats.failures == [("unreachable://bucket/a.jpg", "cannot read: RuntimeError: 503 Slow Down")]
 
 
+def test_url_objects_keep_the_file_size_limits(memfs):
+    """Refused from the object's metadata, before a byte of it is downloaded."""
+    from featx.embed.remote import read_url
+    from featx.errors import ImageError
+
+    fs, base = memfs
+    fs.pipe(f"{base}/big.jpg", b"x" * 11)
+    fs.pipe(f"{base}/empty.jpg", b"")
+    with pytest.raises(ImageError, match=r"big\.jpg: file too large \(11 bytes > 10\)"):
+        read_url(f"memory://{base}/big.jpg", max_bytes=10)
+    with pytest.raises(ImageError, match=r"empty\.jpg: empty file"):
+        read_url(f"memory://{base}/empty.jpg", max_bytes=10)
+    with pytest.raises(ImageError, match="is a directory"):
+        read_url(f"memory://{base}", max_bytes=10)
+    assert read_url(f"memory://{base}/big.jpg", max_bytes=11) == b"x" * 11
+
+
 def test_an_unknown_protocol_is_a_skipped_row_naming_it(data, tmp_path):
     folder, emb, _ = data
     rel = next(iter(emb))
