@@ -25,7 +25,10 @@ from urllib.parse import quote
 import numpy as np
 
 from featx.atomic import save_figure, write_text
+from featx.embed.images import read_bytes
+from featx.embed.remote import is_url
 from featx.embed.scan import display_path
+from featx.errors import ImageError
 
 __all__ = ["image_outcomes", "thumbnail", "write_error_analysis"]
 
@@ -69,15 +72,15 @@ def write_predictions_csv(rows: list[dict], path: Path) -> Path:
 
 def thumbnail(path: str, size: int) -> np.ndarray | None:
     """An RGB thumbnail of the image at ``path`` (EXIF-rotated, longest side ``size``), or None
-    if it cannot be read now (reports leave it blank)."""
+    if it cannot be read now (reports leave it blank). A URL is read through fsspec."""
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(read_bytes(path)) if is_url(path) else path) as im:
             im = ImageOps.exif_transpose(im).convert("RGB")
             im.thumbnail((size, size))
             return np.asarray(im)
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except (OSError, ValueError, Image.DecompressionBombError, ImageError):
         return None  # unreadable now: left blank, the CSV still lists it
 
 
@@ -112,6 +115,8 @@ def plot_top_losses(rows: list[dict], path: Path, k: int = TOP_LOSSES) -> Path |
 
 
 def _href(path: str, out_dir: Path) -> str:
+    if is_url(path):  # as listed (a browser opens http(s):// and file://), escaped for the attribute
+        return html.escape(path, quote=True)
     try:
         rel = os.path.relpath(path, out_dir)
     except ValueError:  # another drive on Windows

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from featx.atomic import save_figure, write_text
-from featx.embed.scan import display_path, is_table_file
+from featx.embed.scan import display_path, is_table_file, resolve_item_path
 from featx.embed.table import EmbeddingTable, read_table
 from featx.error_analysis import thumbnail
 from featx.errors import FeatXError, require
@@ -279,7 +279,7 @@ def _image_files(t: EmbeddingTable, name: Path, paths: list[str]) -> list[str | 
     base = Path(root) if root else name.parent
     if is_table_file(base):  # extracted from a CSV/Parquet listing: paths start at its folder
         base = base.parent
-    return [None if "://" in p else p if os.path.isabs(p) else str(base / p) for p in paths]
+    return [resolve_item_path(base, p) for p in paths]
 
 
 def _thumbnails(files: list[str | None], chosen: list[int], px: int, progress: ProgressFn) -> list[str]:

@@ -23,7 +23,14 @@ from featx.atomic import write_text
 from featx.backbones.artifact import Backbone
 from featx.embed.images import IMAGE_EXTENSIONS, array_to_pil, resize_crop
 from featx.embed.runtime import Encoder
-from featx.embed.scan import display_path, image_by_content, is_table_file, scan, scan_table
+from featx.embed.scan import (
+    display_path,
+    image_by_content,
+    is_table_file,
+    resolve_item_path,
+    scan,
+    scan_table,
+)
 from featx.embed.statcache import StatCache
 from featx.embed.store import EmbeddingStore, ShardWriter
 from featx.engines.local import embed_files
@@ -65,9 +72,9 @@ def collect_files(inputs: list[str | os.PathLike]) -> tuple[list[str], list[str 
         p = Path(inp)
         if p.is_dir() or is_table_file(p):
             found = scan(p) if p.is_dir() else scan_table(p)
-            files.extend(str(found.root / it.path) for it in found.items)
+            files.extend(resolve_item_path(found.root, it.path) for it in found.items)
             labels.extend(it.label for it in found.items)
-            skipped.extend((str(found.root / s), why) for s, why in found.skipped)
+            skipped.extend((resolve_item_path(found.root, s), why) for s, why in found.skipped)
         elif p.is_file():
             if p.suffix.lower() not in IMAGE_EXTENSIONS and not image_by_content(p):
                 skipped.append((str(p), f"not an image (extension {p.suffix or 'none'}, no image signature)"))

@@ -63,14 +63,14 @@ def test_rows_that_cannot_be_read_are_listed_with_their_row(loose, lite0, tmp_pa
     _, base, rows = loose
     (base / "pics" / "sub").mkdir()
     listing = [{"path": rows[0]["path"], "label": "cat"}, {"path": "pics/missing.jpg", "label": "cat"},
-               {"path": "", "label": "cat"}, {"path": "https://example.org/x.jpg", "label": "cat"},
+               {"path": "", "label": "cat"}, {"path": "foo://x.jpg", "label": "cat"},
                {"path": "pics/sub", "label": "cat"}, {"path": rows[1]["path"], "label": "thing"}]
     pd.DataFrame(listing).to_csv(base / "l.tsv", sep="\t", index=False)
     found = scan_table(base / "l.tsv")
     assert [i.path for i in found.items] == [rows[0]["path"], rows[1]["path"]]
     assert found.skipped == [("pics/missing.jpg", "row 2: no such file"), ("l.tsv row 3", "row 3: empty path"),
-                             ("https://example.org/x.jpg", "row 4: a URL; featx reads local files "
-                              "(download the images and list their paths)"),
+                             ("foo://x.jpg", "row 4: unknown URL protocol 'foo' (fsspec has no "
+                              "filesystem for foo://)"),
                              ("pics/sub", "row 5: not a file")]
     r = extract(base / "l.tsv", lite0, out=tmp_path / "t.parquet", device="cpu")
     assert len(r.table) == 2
@@ -107,8 +107,9 @@ def test_a_featx_table_lists_its_images_again(image_folder, lite0, tmp_path):
 def test_ray_engine_reads_the_same_listing(loose, lite0, tmp_path):
     ray = pytest.importorskip("ray")
     _, base, rows = loose
-    # relative and absolute paths mixed: both engines join them to the same root
-    paths = [r["path"] if n % 2 else str(base / r["path"]) for n, r in enumerate(rows)]
+    # relative and absolute paths and file:// URLs mixed: both engines open them alike
+    paths = [[r["path"], str(base / r["path"]), "file://" + str(base / r["path"])][n % 3]
+             for n, r in enumerate(rows)]
     pd.DataFrame({"path": paths, "label": [r["label"] for r in rows]}).to_parquet(base / "l.parquet")
     loc = extract(base / "l.parquet", lite0, out=tmp_path / "loc.parquet", store=tmp_path / "s1", device="cpu")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

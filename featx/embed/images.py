@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from featx.backbones.cards import DEFAULT_DECODER, Preprocess
+from featx.embed.remote import is_url, read_url
 from featx.errors import ImageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
@@ -46,8 +47,14 @@ def content_key(data: bytes) -> str:
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
-    """Read a file for decoding, refusing empty and absurdly large files with an ImageError."""
+    """Read a file for decoding, refusing empty and absurdly large files with an ImageError.
+
+    A URL (``s3://``, ``file://``...: ``featx.embed.remote``) is read through fsspec,
+    with the same limits; a network error is an ImageError too.
+    """
     p = str(path)
+    if is_url(p):
+        return read_url(p, MAX_FILE_BYTES)
     try:
         size = os.path.getsize(p)
         if size == 0:

@@ -16,8 +16,10 @@ What is found, and what is not
   extension (``.jfif``, none at all), by its first bytes (JPEG, PNG, GIF, WebP, TIFF,
   BMP signatures); those are listed in ``ScanResult.by_content``.
 - ``scan_table`` is the other way in: a CSV/TSV/Parquet table with a ``path``
-  column (relative to the table's folder, or absolute) and an optional ``label``
-  column lists the images, so data that is not an ImageFolder needs no copying.
+  column (relative to the table's folder, absolute, or a URL that fsspec reads:
+  ``featx.embed.remote``) and an optional ``label`` column lists the images, so data
+  that is not an ImageFolder needs no copying. ``resolve_item_path`` turns a listed
+  path into what is opened: joined to the root, except a URL, which stays as it is.
 - Names that are not valid UTF-8 are kept losslessly: ``ImageItem.path`` holds them
   as ``os.fsdecode`` gives them (undecodable bytes as surrogate escapes), so the file
   opens; ``display_path`` is the printable form (``\\xff`` escapes) used in labels,
@@ -34,12 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from featx.embed.images import IMAGE_EXTENSIONS
-from featx.errors import FeatXError
+from featx.embed.remote import check_protocol, is_url, protocol_of
+from featx.errors import FeatXError, MissingDependencyError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["TABLE_SUFFIXES", "ImageItem", "ScanResult", "display_path", "image_by_content", "is_table_file",
-           "is_utf8", "scan", "scan_table", "sniff_image"]
+           "is_utf8", "resolve_item_path", "scan", "scan_table", "sniff_image"]
 
 try:
     PATH_MAX = os.pathconf("/", "PC_PATH_MAX")
@@ -71,6 +74,15 @@ class ScanResult:
     @property
     def labelled(self) -> bool:
         return bool(self.classes)
+
+
+def resolve_item_path(root: str | os.PathLike, path: str) -> str:
+    """What to open for an ``ImageItem.path`` found under ``root``: the one place paths are joined.
+
+    A relative path is joined to ``root``, an absolute one stays; so does a URL
+    (``s3://bucket/a.jpg``), which pathlib would otherwise collapse to ``s3:/bucket/a.jpg``.
+    """
+    return path if is_url(path) else str(Path(root) / path)
 
 
 def display_path(path: str) -> str:
@@ -304,24 +316,36 @@ def scan_table(table: str | os.PathLike) -> ScanResult:
 
     A CSV (``.csv``), TSV (``.tsv``) or Parquet (``.parquet``, ``.pq``) file with a
     ``path`` column, relative to the table's folder or absolute, and an optional
-    ``label`` column (empty or null: unlabelled). Rows keep the table's order;
-    rows whose file does not exist, empty paths and URLs are listed in ``skipped``
-    with their row number. A featx embeddings table is read with the paths
+    ``label`` column (empty or null: unlabelled). A path may also be a URL that
+    fsspec reads (``s3://``, ``gs://``, ``https://``, ``file://``, ``memory://``...):
+    it is kept as it is, not joined to the folder, and not looked up here (that is a
+    round trip per row); a missing object fails when it is read, with its reason.
+    Rows keep the table's order; rows whose local file does not exist, empty paths
+    and URLs of a protocol fsspec does not know are listed in ``skipped`` with their
+    row number. A featx embeddings table is read with the paths
     relative to the data root it records, so its images can be extracted again
     with another backbone.
 
     Returns
     -------
     ScanResult
-        ``root`` is the folder the relative paths start from; absolute paths are
-        kept absolute in ``items``.
+        ``root`` is the folder the relative paths start from; absolute paths and
+        URLs are kept as they are in ``items`` (``resolve_item_path`` opens them).
+
+    Raises
+    ------
+    FeatXError
+        When the table lists URLs and fsspec, or the package of a URL's protocol
+        (``s3fs``, ``gcsfs``...), is not installed: no row of that protocol could be read.
     """
     table = Path(table)
     paths, labels, base = _read_listing(table)
     items: list[ImageItem] = []
     skipped: list[tuple[str, str]] = []
+    protocols: dict[str, str | None] = {}  # protocol -> why it cannot be read; asked once each
     for row, (path, label) in enumerate(zip(paths, labels, strict=True), start=1):
-        why = _unusable(base, path)
+        # a URL is kept as it is and not looked up (a round trip per row): it fails when read
+        why = _url_unusable(table, row, path, protocols) if path and is_url(path) else _unusable(base, path)
         if why:
             skipped.append((path or f"{table.name} row {row}", f"row {row}: {why}"))
             continue
@@ -340,12 +364,25 @@ def _unusable(base: Path, path: str | None) -> str | None:
     """Why a listed path cannot be read as a local image file, or None."""
     if not path:
         return "empty path"
-    if "://" in path:
-        return "a URL; featx reads local files (download the images and list their paths)"
     full = base / path
     if not full.is_file():
         return "no such file" if not full.exists() else "not a file"
     return None
+
+
+def _url_unusable(table: Path, row: int, url: str, protocols: dict[str, str | None]) -> str | None:
+    """Why ``url`` cannot be read (an unknown protocol), or None; each protocol is checked once.
+
+    A missing package (fsspec, s3fs...) stops the scan before any work: every row of
+    that protocol would fail, and the fix is an install, not the data.
+    """
+    proto = protocol_of(url)
+    if proto not in protocols:
+        try:
+            protocols[proto] = check_protocol(url)
+        except MissingDependencyError as e:
+            raise MissingDependencyError(f"{table}: row {row} is a URL ({url}): {e}") from None
+    return protocols[proto]
 
 
 def _read_listing(table: Path) -> tuple[list[str | None], list, Path]:

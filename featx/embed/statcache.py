@@ -6,7 +6,8 @@ catches an in-place edit that keeps size and mtime (``dd conv=notrunc`` then ``t
 any write, ``utime`` or ``chmod`` sets it to now, and no user call can set it back. The
 price is a re-hash after a ``chmod``/``chown`` or a copy that does not keep ctime (it is
 only a shortcut). Records written by earlier featx (without ctime and device) are ignored:
-their files are hashed once more.
+their files are hashed once more. A URL (``featx.embed.remote``) has no stat here: it is
+read and hashed on every run.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from featx.atomic import atomic_path, clean_stale_temporaries
+from featx.embed.remote import is_url
 from featx.embed.scan import is_utf8
 
 __all__ = ["Stat", "StatCache", "stat_of"]
@@ -30,7 +32,12 @@ _TYPES = (pa.int64(), pa.int64(), pa.int64(), pa.uint64(), pa.uint64())
 
 
 def stat_of(path: str) -> Stat | None:
-    """The stat fields a record must match, or None if the file cannot be stat'ed."""
+    """The stat fields a record must match, or None if the file cannot be stat'ed.
+
+    None for a URL, whatever a local file of that name holds: a URL is always hashed.
+    """
+    if is_url(path):
+        return None
     try:
         st = os.stat(path)
     except OSError:

@@ -32,6 +32,7 @@ from featx.backbones.artifact import Backbone, fingerprint_of
 from featx.backbones.cards import Preprocess
 from featx.devices import check_device_name, choose_device
 from featx.embed.runtime import Encoder
+from featx.embed.scan import resolve_item_path
 from featx.embed.store import ShardWriter
 from featx.engines.local import FileOutcomes, decode_batch, hash_file, to_embed
 from featx.engines.result import EmbedStats, EngineRun, ExtractJob
@@ -51,7 +52,7 @@ def hash_rows(batch: dict[str, np.ndarray], root: str) -> dict[str, np.ndarray]:
     """Ray task: content key (or failure reason) of each file in the batch."""
     keys, reasons = [], []
     for rel in batch["path"]:
-        key, why, _ = hash_file(os.path.join(root, str(rel)))
+        key, why, _ = hash_file(resolve_item_path(root, str(rel)))
         keys.append(key or "")
         reasons.append(why or "")
     return {"i": batch["i"], "key": np.array(keys, dtype=object), "reason": np.array(reasons, dtype=object)}
@@ -60,7 +61,7 @@ def hash_rows(batch: dict[str, np.ndarray], root: str) -> dict[str, np.ndarray]:
 def decode_rows(batch: dict[str, np.ndarray], root: str, pre: Preprocess,
                 draft: bool) -> dict[str, np.ndarray]:
     """Ray task: featx's decode_batch on a batch of paths; failed rows keep zero pixels + a reason."""
-    items = [(j, os.path.join(root, str(p)), str(k)) for j, (p, k) in enumerate(zip(batch["path"], batch["key"], strict=True))]
+    items = [(j, resolve_item_path(root, str(p)), str(k)) for j, (p, k) in enumerate(zip(batch["path"], batch["key"], strict=True))]
     ok, keys, pixels, failures = decode_batch(items, pre, draft)
     n, s = len(items), pre.input_size
     out_px = np.zeros((n, s, s, 3), np.uint8)
