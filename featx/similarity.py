@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from featx.atomic import write_text
-from featx.embed.scan import display_path, is_table_file
+from featx.embed.scan import display_path, is_table_file, resolve_item_path
 from featx.embed.table import EmbeddingTable, read_table
 from featx.errors import FeatXError, MismatchError, require
 from featx.fit_table import table_backbone
@@ -240,7 +240,7 @@ def is_embeddings_table(path: str | os.PathLike) -> bool:
 def full_path(t: EmbeddingTable, p: str) -> str:
     """A table row's file: its path under the table's recorded data root."""
     root = t.meta.get("root")
-    return p if not root or os.path.isabs(p) else str(Path(root) / p)
+    return p if not root else resolve_item_path(root, p)
 
 
 def check_same_backbone(a: EmbeddingTable, a_name: str, b: EmbeddingTable, b_name: str) -> None:
