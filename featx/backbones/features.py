@@ -21,6 +21,10 @@ of equal-shaped ``features`` (the stem and, for EfficientNet / MobileNet, the
 head conv, whose average is the last layer, left out). The recipe, with every
 segment's place in the vector, is recorded in the sidecar (``features``); the
 fingerprint covers it because the pooling is part of the ONNX graph.
+
+A user's own ONNX file (``layer_recipe``): the layers are tensors of its graph,
+named by the user or picked as the last 4-D map at each spatial size, and the
+same pooling is added to the graph by featx.backbones.onnx_import.
 """
 
 from __future__ import annotations
@@ -145,14 +149,35 @@ def make_recipe(model, card: BackboneCard) -> FeatureRecipe:
     if bad:
         raise ExportError(f"{card.name}: features='multi' pools square NCHW feature maps; these stages "
                           f"give {bad} (transformer tokens are not supported)")
+    segs = _segments(stages, stages[-GRID_STAGES:], {n: s[1] for n, s in shapes.items()}, card.dim)
+    return FeatureRecipe("multi", tuple(stages), tuple(shapes[n][2] for n in stages), segs)
+
+
+def _segments(stages: list[str], gridded: list[str], channels: dict[str, int],
+              last_dim: int) -> tuple[Segment, ...]:
+    """Global averages of ``stages``, then GRID x GRID averages of ``gridded``, then the last layer."""
     segs: list[Segment] = []
     start = 0
-    for grid, names in ((1, stages), (GRID, stages[-GRID_STAGES:])):
+    for grid, names in ((1, stages), (GRID, gridded)):
         for n in names:
-            segs.append(Segment(n, shapes[n][1], grid, start))
+            segs.append(Segment(n, channels[n], grid, start))
             start = segs[-1].stop
-    segs.append(Segment(LAST, card.dim, 1, start))
-    return FeatureRecipe("multi", tuple(stages), tuple(shapes[n][2] for n in stages), tuple(segs))
+    segs.append(Segment(LAST, last_dim, 1, start))
+    return tuple(segs)
+
+
+def layer_recipe(layers: Mapping[str, tuple[int, int]], last_dim: int) -> FeatureRecipe:
+    """The ``multi`` recipe over named layers of a user's ONNX graph (featx.backbones.onnx_import).
+
+    ``layers`` maps each tensor name, shallow to deep, to its (channels, side) at the
+    input size; ``last_dim`` is the width of the model's own pooled output. The same
+    recipe as a card's: the global average of every layer, a GRID x GRID average of the
+    last GRID_STAGES (those whose maps are at least GRID x GRID), the model's output last.
+    """
+    names = list(layers)
+    gridded = [n for n in names[-GRID_STAGES:] if layers[n][1] >= GRID]
+    segs = _segments(names, gridded, {n: c for n, (c, _) in layers.items()}, last_dim)
+    return FeatureRecipe("multi", tuple(names), tuple(side for _, side in layers.values()), segs)
 
 
 class _Tap:
@@ -173,6 +198,12 @@ class _Tap:
 def _cells(size: int, grid: int) -> list[tuple[int, int]]:
     """The windows of adaptive average pooling: [floor(i*size/grid), ceil((i+1)*size/grid))."""
     return [(i * size // grid, -(-(i + 1) * size // grid)) for i in range(grid)]
+
+
+def grid_cells(size: int) -> list[tuple[int, int]]:
+    """The [start, stop) windows of a GRID x GRID average along one side of ``size`` (as
+    ``adaptive_avg_pool2d``): what the ONNX import slices, the same as the card exports."""
+    return _cells(size, GRID)
 
 
 def multi_features(backbone, card: BackboneCard):
