@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from featx.backbones.artifact import SIDECAR, Backbone, load_export
@@ -21,23 +22,25 @@ from featx.errors import FeatXError, UnknownBackboneError
 def resolve_backbone(spec: str | os.PathLike | Backbone | None = None,
                      weights: str | os.PathLike | None = None,
                      preprocess: Preprocess | None = None, features: str | None = None,
-                     crop: str | None = None) -> Backbone:
+                     crop: str | None = None, layers: Sequence[str] | None = None) -> Backbone:
     """Resolve a backbone given by card name, ``timm:NAME``, export/run directory, or ONNX file.
 
     ``weights`` (a local checkpoint) applies to card and timm names; ``preprocess``
     to an ONNX file without a JSON spec beside it. ``features`` (``last``, ``multi``:
     featx.backbones.features) and ``crop`` (``center``, ``none``: Preprocess.crop)
-    choose the export of a card name; for anything else they must match what the
+    choose the export of a card name; ``features`` (and ``layers``, the tensors its
+    ``multi`` pools) that of an ONNX file; for anything else they must match what the
     export recorded (None: whatever that is).
     """
     if isinstance(spec, Backbone):
         return _check_variant(spec, features, crop, spec.name)
-    return export_backbone(spec, weights, preprocess, features=features, crop=crop)
+    return export_backbone(spec, weights, preprocess, features=features, crop=crop, layers=layers)
 
 
 def export_backbone(spec: str | os.PathLike | None = None, weights: str | os.PathLike | None = None,
                     preprocess: Preprocess | None = None, force: bool = False,
-                    precision: str = "fp32", features: str | None = None, crop: str | None = None) -> Backbone:
+                    precision: str = "fp32", features: str | None = None, crop: str | None = None,
+                    layers: Sequence[str] | None = None) -> Backbone:
     """``featx export``: the Backbone for ``spec``, exported (or imported) first if needed.
 
     ``force`` re-exports a card even when cached; ``precision="fp16"`` writes a
@@ -48,6 +51,9 @@ def export_backbone(spec: str | os.PathLike | None = None, weights: str | os.Pat
     """
     spec = os.fspath(spec) if spec is not None else DEFAULT_BACKBONE
     p = Path(spec)
+    if layers is not None and p.suffix.lower() != ".onnx":
+        raise FeatXError(f"{spec}: layers= names tensors of your own ONNX file; a card's multi features "
+                         "have their own layers")
     if p.is_dir():
         for sub in (p, p / "backbone"):
             if (sub / SIDECAR).is_file():
@@ -58,7 +64,8 @@ def export_backbone(spec: str | os.PathLike | None = None, weights: str | os.Pat
             raise FeatXError(f"{p}: no such ONNX file")
         if precision != "fp32":
             raise FeatXError(f"{p}: --precision applies to backbone cards; your ONNX file is used as it is")
-        return _check_variant(load_export(import_onnx(p, preprocess)), features, crop, str(p))
+        bb = load_export(import_onnx(p, preprocess, features=features or "last", layers=layers))
+        return _check_variant(bb, features, crop, str(p))
     if os.sep in spec or "/" in spec:
         raise UnknownBackboneError(f"{spec}: no such file or directory")
     card = get_card(spec)
@@ -72,7 +79,8 @@ def _check_variant(bb: Backbone, features: str | None, crop: str | None, where: 
     have = recorded_features(bb.sidecar.extra)
     if features is not None and check_features(features) != have:
         raise FeatXError(f"{where} gives {have!r} features, not {features!r}: features= applies to "
-                         "backbone cards (e.g. `featx export efficientnet_lite0 --features multi`)")
+                         "backbone cards and ONNX files (e.g. `featx export efficientnet_lite0 --features "
+                         "multi`, `featx export mine.onnx --features multi`)")
     if crop is not None and crop != bb.preprocess.crop:
         raise FeatXError(f"{where} was made with crop {bb.preprocess.crop!r}, not {crop!r}: crop= applies to "
                          "backbone cards (e.g. `featx export efficientnet_lite0 --crop none`); for your "

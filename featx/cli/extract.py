@@ -91,6 +91,9 @@ def _list_timm(pattern: str, as_json: bool) -> None:
               help="JSON preprocessing spec, for your own ONNX file.")
 @click.option("--force", is_flag=True, help="Export again even if a cached export exists.")
 @features_option
+@click.option("--layers", default=None, metavar="NAME,NAME,...",
+              help="With your own FILE.onnx and --features multi: the tensors (4-D NCHW node outputs, "
+                   "shallow to deep) to pool. Default: the last feature map at each spatial size.")
 @crop_option
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="fp16: a float16 graph for GPUs (uint8 in, float32 embedding out), in its own directory.")
@@ -108,7 +111,8 @@ def _list_timm(pattern: str, as_json: bool) -> None:
 @click.option("--force-quantize", is_flag=True, help="Keep the int8 model even if the guard refuses it.")
 @json_option
 def export(name: str, weights: str | None, preprocess: str | None, force: bool, features: str | None,
-           crop: str | None, precision: str, quantize: str | None, calibrate: Path | None, calib_images: int,
+           layers: str | None, crop: str | None, precision: str, quantize: str | None, calibrate: Path | None,
+           calib_images: int,
            guard_images: int, calibration_method: str, max_loss: float, force_quantize: bool,
            as_json: bool) -> None:
     """Export a backbone to ONNX (uint8 NHWC in, embedding out), parity-checked against torch.
@@ -128,7 +132,9 @@ def export(name: str, weights: str | None, preprocess: str | None, force: bool, 
     if name.lower().endswith(".onnx") and precision != "fp32":
         raise click.UsageError("--precision applies to backbone cards; your ONNX file is used as it is")
     pre = Preprocess.from_dict(_read_spec(preprocess)) if preprocess else None
-    bb = export_backbone(name, weights, pre, force=force, precision=precision, features=features, crop=crop)
+    names = [n.strip() for n in layers.split(",") if n.strip()] if layers is not None else None
+    bb = export_backbone(name, weights, pre, force=force, precision=precision, features=features, crop=crop,
+                         layers=names)
     side = bb.sidecar
     summary = {"name": bb.name, "onnx": str(bb.onnx_path), "dim": bb.dim, "fingerprint": bb.fingerprint,
                "parity": asdict(side.parity) if side.parity else {}, "preprocess": bb.preprocess.to_dict(),
@@ -137,6 +143,10 @@ def export(name: str, weights: str | None, preprocess: str | None, force: bool, 
     lines = [f"{bb.name}: {bb.onnx_path}" + ("  (use it as --backbone)" if variant else ""),
              f"  dim {bb.dim}, input {bb.preprocess.input_size}px uint8 NHWC, {side.precision}, "
              f"fingerprint {bb.fingerprint}"]
+    rec = side.extra.get("features")
+    if isinstance(rec, dict) and "layers" in rec:  # an ONNX file's multi: which of its tensors
+        summary["layers"] = rec["layers"]
+        lines.append(f"  multi over {', '.join(rec['layers'])} ({rec.get('layers_chosen')})")
     if side.parity:
         par = side.parity
         lines.append(f"  parity vs torch on {par.images} photos: max abs diff {par.max_abs_diff:.2e} "
