@@ -316,8 +316,9 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
     C : float or "auto", default="auto"
         Inverse regularisation; ``"auto"`` chooses it by stratified CV over a log grid.
     class_weight : None, "balanced" or dict, default=None
-    cv : int, default=5
-        Folds for ``C="auto"`` (fewer when the smallest class is smaller).
+    cv : int or None, default=None
+        Folds for ``C="auto"``: None is 5, or 3 from 6,000 CV rows on (fewer when the
+        smallest class is smaller).
     random_state : int, RandomState instance or None, default=0
         Seeds the CV splits, the solvers and fine-tuning. An int is used as given
         (the same as ``featx fit-head --seed``); None draws a fresh seed per fit.
@@ -368,7 +369,7 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
     """
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, head: str = "logreg",
-                 C: float | str = "auto", *, class_weight: str | dict | None = None, cv: int = 5,
+                 C: float | str = "auto", *, class_weight: str | dict | None = None, cv: int | None = None,
                  random_state=0, features: str | None = None, crop: str | None = None,
                  device: str = "auto", store: str | None = None,
                  batch_size: int = 32, n_jobs: int | None = None, finetune: bool = False,

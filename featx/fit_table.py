@@ -112,7 +112,7 @@ def check_overwrite(out: Path, table: Path, force: bool) -> bool:
 
 
 def fit_table(table: str | os.PathLike | None = None, *, head: str = "logreg",
-              C: float | str = "auto", class_weight: str | None = None, cv: int = 5,
+              C: float | str = "auto", class_weight: str | None = None, cv: int | None = None,
               seed: int = 0, out: str | os.PathLike | None = None,
               backbone: str | os.PathLike | Backbone | None = None, force: bool = False,
               command: str | None = None, progress: ProgressFn = no_progress) -> FitTableResult:
@@ -164,7 +164,7 @@ def _json(d: dict) -> str:
     return json.dumps(d, indent=2, default=json_default)
 
 
-def _fit_in_memory(path: Path, head: str, C, class_weight, cv: int, seed: int,
+def _fit_in_memory(path: Path, head: str, C, class_weight, cv: int | None, seed: int,
                    progress: ProgressFn) -> tuple[object, dict, dict]:
     from featx.embed.table import read_table
     from featx.heads.fit import fit_head

@@ -75,8 +75,8 @@ def _failure_lines(failures: list[tuple[str, str]], report: str | None = None) -
               help="Inverse regularisation; auto picks it by stratified CV over the head's log grid.")
 @click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none",
               show_default=True, help="balanced reweights classes by inverse frequency.")
-@click.option("--cv", type=click.IntRange(2, 20), default=5, show_default=True,
-              help="Cross-validation folds for --C auto.")
+@click.option("--cv", type=click.IntRange(2, 20), default=None,
+              help="Cross-validation folds for --C auto. Default: 5, or 3 from 6,000 CV rows on.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "-o", type=click.Path(dir_okay=True, path_type=Path), default=None,
               help="Head file to write (or a directory for DIR/head.joblib). Default: ./head.joblib")
