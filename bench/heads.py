@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python bench/heads.py [--per-class 1000] [--train T.parquet --test T.parquet]
      .venv/bin/python bench/heads.py --per-class 0 --train bench/out/features/train-all-seed0-efficientnet_lite0-none-multi.featx.parquet \
-         --test bench/out/features/test-1000-seed0-efficientnet_lite0-none-multi.featx.parquet \
+         --test bench/out/features/test-all-seed0-efficientnet_lite0-none-multi.featx.parquet \
          --skip-lrcv --skip-grid --baseline-ref 58ec898    # 60k x 4880 multi: today's C search vs the old one
 
 Uses the Fashion-MNIST embedding tables written by examples/fashion_mnist.py
