@@ -1,6 +1,8 @@
 """Neighbours and duplicates on Fashion-MNIST: train/test leakage, search time at 60k rows, recall.
 
 Run: PYTHONPATH=$PWD .venv/bin/python bench/similarity.py [--features embedded pixels] [--k 10]
+     .venv/bin/python bench/similarity.py --features table --tables TRAIN.parquet TEST.parquet \
+         --columns 3600:4880    # featx tables already extracted (here: the `last` segment of multi)
 
 All 60,000 training and 10,000 test images of Fashion-MNIST (Debian's
 dataset-fashion-mnist), searched two ways in one run:
@@ -60,6 +62,21 @@ def tables(kind: str, train_rows: int | None = None):
             meta = {"fingerprint": bb.fingerprint, "backbone": bb.name}
         out.append(EmbeddingTable([f"{split}/{i:05d}" for i in range(len(x))],
                                   [FASHION_MNIST_CLASSES[v] for v in y], [array_key(a) for a in x], X, meta))
+    return out
+
+
+def from_tables(paths: list[Path], columns: str | None):
+    """(train, test) from featx tables, optionally a slice of their embedding columns."""
+    from dataclasses import replace
+
+    from featx.embed.table import read_table
+
+    if not paths:
+        raise SystemExit("--features table needs --tables TRAIN TEST")
+    out = [read_table(p) for p in paths]
+    if columns:
+        start, stop = (int(v) for v in columns.split(":"))
+        out = [replace(t, X=np.ascontiguousarray(t.X[:, start:stop])) for t in out]
     return out
 
 
@@ -141,7 +158,12 @@ def timings(train, test, k: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--features", nargs="+", choices=["embedded", "pixels"], default=["embedded", "pixels"])
+    ap.add_argument("--features", nargs="+", choices=["embedded", "pixels", "table"],
+                    default=["embedded", "pixels"])
+    ap.add_argument("--tables", nargs=2, type=Path, metavar=("TRAIN", "TEST"),
+                    help="table: two featx tables (e.g. bench/features.py's 60k multi tables)")
+    ap.add_argument("--columns", default=None, metavar="START:STOP",
+                    help="table: only these embedding columns (multi's last segment: 3600:4880)")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--train-rows", type=int, default=0,
                     help="embedded: only the first N training images (0: all 60,000)")
@@ -154,7 +176,10 @@ def main() -> None:
         raise SystemExit("needs Debian's dataset-fashion-mnist")
     results = {}
     for kind in a.features:
-        train, test = tables(kind, a.train_rows if kind == "embedded" else None)
+        if kind == "table":
+            train, test = from_tables(a.tables, a.columns)
+        else:
+            train, test = tables(kind, a.train_rows if kind == "embedded" else None)
         results[kind] = {"leakage": leakage(train, test, a.k), "search": timings(train, test, a.k)}
         print(f"\n== {kind} ({train.X.shape[1]}-d): test images with a near copy in train")
         print(f"{'cosine >=':>10} {'pairs':>7} {'test imgs':>9} {'other label':>11} {'pixel-identical':>15}")
