@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--test", type=Path, default=EX / "test.featx.parquet")
     ap.add_argument("--per-class", type=int, default=1000, help="training rows per class (0: all)")
     ap.add_argument("--skip-lrcv", action="store_true", help="skip LogisticRegressionCV (slow on 60k)")
+    ap.add_argument("--columns", default=None, metavar="START:STOP",
+                    help="only these embedding columns (multi's last segment: 3600:4880)")
     ap.add_argument("--skip-grid", action="store_true", help="skip the exhaustive test-oracle grid")
     ap.add_argument("--baseline-ref", default=None, metavar="REF",
                     help="also time fit_head as it was at this git ref, same rows")
@@ -67,6 +69,9 @@ def main() -> None:
 
     warnings.simplefilter("ignore", ConvergenceWarning)
     tr, te = read_table(a.train), read_table(a.test)
+    if a.columns:  # e.g. the `last` segment of a multi table: 3600:4880
+        start, stop = (int(v) for v in a.columns.split(":"))
+        tr.X, te.X = np.ascontiguousarray(tr.X[:, start:stop]), np.ascontiguousarray(te.X[:, start:stop])
     classes = sorted(set(tr.labels))
     ytr = np.array([classes.index(v) for v in tr.labels])
     yte = np.array([classes.index(v) for v in te.labels])
