@@ -175,7 +175,9 @@ def test_ctrl_c_stops_fit_head_with_its_own_message(fm_embeddings, lite0, tmp_pa
     proc = subprocess.Popen([sys.executable, "-m", "featx.cli", "-v", "fit-head", "--C", "auto",
                              "--head", head],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            # a shell's background job ignores SIGINT, and so would Python started from it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # the first grid point's log line: the search has started and has more to go
     for line in proc.stderr:
         if "CV score" in line:
