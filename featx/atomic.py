@@ -16,7 +16,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["TMP_SUFFIX", "atomic_path", "clean_stale_temporaries", "save_figure", "write_bytes", "write_text"]
+from featx.errors import FeatXError
+
+__all__ = ["TMP_SUFFIX", "atomic_path", "clean_stale_temporaries", "result_file", "save_figure", "write_bytes",
+           "write_text"]
 
 TMP_SUFFIX = ".featx-tmp"
 
@@ -90,3 +93,17 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     finally:
         plt.close(fig)
     return Path(path)
+
+
+def result_file(out: str | os.PathLike) -> tuple[Path, str]:
+    """``out`` checked as a results file (.csv, .tsv or .json) with its folder made:
+    (path, lower-case suffix). A clear FeatXError otherwise, before any work is written."""
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if suffix not in (".csv", ".tsv", ".json"):
+        raise FeatXError(f"{out}: output must end in .csv, .tsv or .json")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FeatXError(f"cannot create {out.parent}: {e.strerror or e}") from None
+    return out, suffix

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featx.atomic import write_text
+from featx.atomic import result_file, write_text
 from featx.backbones.artifact import Backbone
 from featx.embed.images import IMAGE_EXTENSIONS, array_to_pil, resize_crop
 from featx.embed.runtime import Encoder
@@ -215,14 +215,7 @@ def write_predictions(result: PredictResult, out: str | os.PathLike, top_k: int 
     An abstention (top probability below ``min_proba``) has an empty label in CSV and
     ``null`` in JSON; its top-k columns still hold the probabilities. Written atomically.
     """
-    out = Path(out)
-    suffix = out.suffix.lower()
-    if suffix not in (".csv", ".tsv", ".json"):
-        raise FeatXError(f"{out}: output must end in .csv, .tsv or .json")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FeatXError(f"cannot create {out.parent}: {e.strerror or e}") from None
+    out, suffix = result_file(out)
     k = max(1, min(top_k, len(result.classes)))
     if suffix == ".json":
         doc = {"classes": result.classes, "min_proba": result.min_proba,

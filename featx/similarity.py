@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featx.atomic import write_text
+from featx.atomic import result_file, write_text
 from featx.embed.scan import display_path, is_table_file, resolve_item_path
 from featx.embed.table import EmbeddingTable, read_table
 from featx.errors import FeatXError, MismatchError, require
@@ -371,18 +371,6 @@ def neighbors(query, table: str | os.PathLike | EmbeddingTable, k: int = 10, *,
                            res, q.failures, t_name)
 
 
-def _out_path(out: str | os.PathLike) -> tuple[Path, str]:
-    out = Path(out)
-    suffix = out.suffix.lower()
-    if suffix not in (".csv", ".tsv", ".json"):
-        raise FeatXError(f"{out}: output must end in .csv, .tsv or .json")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FeatXError(f"cannot create {out.parent}: {e.strerror or e}") from None
-    return out, suffix
-
-
 def _csv(rows: list[dict], columns: Sequence[str], tsv: bool) -> str:
     buf = io.StringIO(newline="")
     w = csv.writer(buf, delimiter="\t" if tsv else ",")
@@ -399,7 +387,7 @@ def _printable(rows: list[dict], keys: Sequence[str]) -> list[dict]:
 
 def write_neighbors(result: NeighborsResult, out: str | os.PathLike) -> Path:
     """CSV/TSV (one row per query and rank) or JSON (summary, rows, failures), by suffix; atomic."""
-    out, suffix = _out_path(out)
+    out, suffix = result_file(out)
     rows = _printable(result.rows(), ("query", "path", "query_label", "label"))
     if suffix == ".json":
         doc = {**result.summary(), "neighbors": rows,
@@ -611,7 +599,7 @@ def _leakage(a: np.ndarray, b: np.ndarray, labels: list[str | None],
 def write_duplicates(result: DuplicatesResult, out: str | os.PathLike) -> Path:
     """CSV/TSV (one row per pair) or JSON (summary, ``duplicates``: the pairs, ``groups``: the
     clusters' members), by suffix; atomic."""
-    out, suffix = _out_path(out)
+    out, suffix = result_file(out)
     rows = _printable(result.rows(), ("path_a", "path_b", "label_a", "label_b"))
     if suffix == ".json":
         groups = [_printable(c, ("path", "label")) for c in result.cluster_rows()]
