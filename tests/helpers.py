@@ -93,3 +93,15 @@ def fashion_mnist_folder(root: Path, split: str, per_class: int, keep=FM_KEEP) -
         if not any(d.iterdir()):
             d.rmdir()
     return root
+
+
+def run_cli(*args: str, ok: bool = True):
+    """``featx ARGS`` in this process (click's CliRunner); asserts exit code 0 unless ``ok=False``."""
+    from click.testing import CliRunner
+
+    from featx.cli import main
+
+    r = CliRunner().invoke(main, list(args))
+    if ok:
+        assert r.exit_code == 0, (r.output, r.exception)
+    return r

@@ -11,9 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from featx.cli import main
 from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist
 from featx.embed.table import EmbeddingTable, write_table
 from featx.heads.fit import C_GRIDS, fit_head
@@ -21,15 +19,9 @@ from featx.predict import embed_arrays
 from featx.sampling import per_class_subset
 
 from .helpers import fashion_mnist_folder, needs_fashion_mnist
+from .helpers import run_cli as run
 
 pytestmark = needs_fashion_mnist
-
-def run(*args: str, ok: bool = True):
-    r = CliRunner().invoke(main, list(args))
-    if ok:
-        assert r.exit_code == 0, (r.output, r.exception)
-    return r
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

@@ -20,6 +20,7 @@ from featx.embed.store import EmbeddingStore
 from featx.heads.headfile import load_head, save_head
 
 from .helpers import fashion_mnist_folder, needs_fashion_mnist
+from .helpers import run_cli as run
 
 pytestmark = needs_fashion_mnist
 
@@ -33,13 +34,6 @@ def flow(tmp_path_factory):
     r = CliRunner().invoke(main, ["extract", str(train), "--out", str(d / "train.parquet"), "-q"])
     assert r.exit_code == 0, r.output
     return {"dir": d, "train": train, "test": test, "table": d / "train.parquet"}
-
-
-def run(*args: str, ok: bool = True):
-    r = CliRunner().invoke(main, list(args))
-    if ok:
-        assert r.exit_code == 0, (r.output, r.exception)
-    return r
 
 
 @pytest.fixture(scope="module")
