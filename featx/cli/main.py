@@ -65,12 +65,18 @@ def main(ctx: click.Context, verbose: int) -> None:
 TRAINING_COMMANDS = {"finetune", "compare"}
 
 
+# 1 MiB, not less: each image's decode and resize buffers (100 KiB-1 MiB) are then reused
+# from the heap; at 128 KiB each was a fresh mmap, 2x the page faults and ~4% of the
+# CPU of an extract, for the same flat peak memory (docs/performance.md, bench/memory.py)
+MMAP_THRESHOLD = 1 << 20
+
+
 def _fixed_mmap_threshold() -> None:
     """Keep peak memory flat on long runs (glibc only; a process-wide choice, so the CLI's).
 
     Reader threads allocate whole image files (MBs each); glibc's adaptive mmap
     threshold then serves them from per-thread heaps that fragment and grow
-    with the number of files. A fixed 128 KiB threshold returns them to the OS.
+    with the number of files. A fixed threshold returns them to the OS.
     """
     import ctypes
     import ctypes.util
@@ -79,7 +85,7 @@ def _fixed_mmap_threshold() -> None:
         return
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
 

@@ -182,8 +182,8 @@ def decode(data: bytes, name: str = "<bytes>", draft_size: int | None = None,
             if request is not None:
                 img.draft("RGB", request)
             img.seek(0)
-            exif_img = ImageOps.exif_transpose(img)
-            img = exif_img if exif_img is not None else img
+            # in place: without an orientation to undo, a copy would cost a pass over the pixels
+            ImageOps.exif_transpose(img, in_place=True)
             img.load()
             return _to_rgb(img)
     except ImageError:

@@ -1,9 +1,17 @@
-"""ONNX Runtime sessions: loud device choice, tuned CPU options, batched embedding."""
+"""ONNX Runtime sessions: loud device choice, tuned CPU options, batched embedding.
+
+Threads. On a CPU the extraction engine runs the model on its reader threads
+(``Encoder.for_readers``): each reader decodes a few images and embeds them in a
+single-threaded call, so there are as many busy threads as cores and every thread
+does whole images. Used on its own (predict on arrays, parity checks), an Encoder
+spreads each call over all cores with ORT's intra-op threads.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 
 import numpy as np
 
@@ -14,6 +22,11 @@ from featx.errors import DeviceError, FeatXError
 log = logging.getLogger(__name__)
 
 CPU_MODEL_BATCH = 4
+# A single-threaded call is fastest image by image here (bench/extract.py: 12.9 ms at
+# 1, 13.5 at 4, 14.2 at 32): its activations stay in one core's cache.
+READER_MODEL_BATCH = 1
+# Images a reader decodes, then embeds, per task when readers run the model.
+READER_TASK = 8
 
 
 def available_providers() -> list[str]:
@@ -98,13 +111,38 @@ class Encoder:
         self._planned = providers_for(device)
         self._session = None
         self._provider: str | None = None
+        self._open = threading.Lock()  # readers may ask for the session at the same time
+        self._twin: Encoder | None = None
 
     @property
     def session(self):
         if self._session is None:
-            self._session, self._provider = make_session(self.backbone.onnx_path, self.device,
-                                                         self.threads, self.spin)
+            with self._open:
+                if self._session is None:
+                    self._session, self._provider = make_session(self.backbone.onnx_path, self.device,
+                                                                 self.threads, self.spin)
         return self._session
+
+    def for_readers(self, readers: int) -> Encoder | None:
+        """A single-threaded twin for ``readers`` threads that each embed what they decoded.
+
+        On a CPU, N readers beside an all-cores session are 2N threads on N cores: the
+        model's parallel regions wait for their slowest thread, and a two-thread call
+        costs ~1.3x the CPU of a one-thread call (docs/performance.md). N readers that
+        decode and then embed in one-thread calls keep N cores busy on whole images.
+        The twin's one session serves every reader (ONNX Runtime runs concurrent calls).
+        None where the model is better on its own thread: on a GPU (it wants whole
+        batches), with fewer readers than cores, or where the caller fixed the threads.
+        """
+        if (self.threads is not None or self.provider != "CPUExecutionProvider"
+                or readers < physical_cores()):
+            return None
+        with self._open:
+            if self._twin is None:
+                self._twin = Encoder(self.backbone, device=self.device, threads=1,
+                                     model_batch=self.model_batch or READER_MODEL_BATCH,
+                                     io_binding=self.io_binding)
+        return self._twin
 
     @property
     def provider(self) -> str:

@@ -1,10 +1,12 @@
 """Reader / encoder / writer: the stages of embedding a list of files.
 
-Readers (a thread pool: PIL and hashlib release the GIL) hash and decode
-files; the encoder runs batches through ONNX Runtime on the calling thread;
-a ``ShardWriter`` publishes shards to the store. At most ``window`` batches are in
-flight, so memory is flat however many files there are, and decoding of the
-next batches overlaps with inference of the current one.
+Readers (a thread pool: PIL, hashlib and ONNX Runtime release the GIL) hash and
+decode files. On a CPU each reader then embeds the images it decoded with a
+single-threaded ONNX Runtime call (``Encoder.for_readers``); on a GPU, or with
+fewer readers than cores, the encoder runs whole batches on the calling thread
+while the readers decode the next ones. A ``ShardWriter`` publishes shards to the
+store. At most ``window`` tasks are in flight, so memory is flat however many
+files there are.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 
 from featx.backbones.cards import Preprocess
 from featx.embed.images import content_key, load_image, read_bytes
-from featx.embed.runtime import Encoder
+from featx.embed.runtime import READER_TASK, Encoder
 from featx.embed.scan import resolve_item_path
 from featx.embed.statcache import Stat, StatCache, stat_of
 from featx.embed.store import EmbeddingStore, ShardWriter
@@ -166,22 +168,46 @@ def _hash_all(files: list[str], pool: Executor, workers: int, stat_cache: StatCa
     return out, stats_of
 
 
+def _timed(encoder: Encoder, pixels: np.ndarray) -> tuple[np.ndarray, float]:
+    t = time.perf_counter()
+    emb = encoder(pixels)
+    return emb, time.perf_counter() - t
+
+
+def embedded_batches(todo: Sequence[tuple], encoder: Encoder, pool: Executor, workers: int,
+                     batch_size: int, draft: bool = True) -> Iterator[tuple]:
+    """(ok indices, keys, embeddings, model seconds, failures) for each batch of ``todo``, in order.
+
+    The schedule is ``Encoder.for_readers``': on a CPU the readers embed tasks of
+    ``READER_TASK`` images themselves (small, so the last tasks of a run leave no core
+    idle for long); otherwise this thread embeds whole batches as the readers decode them.
+    """
+    pre = encoder.backbone.preprocess
+    twin = encoder.for_readers(workers)
+    if twin is not None:
+        def task(batch: Sequence[tuple]) -> tuple:
+            idx, keys, pixels, fails = decode_batch(batch, pre, draft)
+            return (idx, keys, *_timed(twin, pixels), fails)
+
+        yield from bounded_map(task, chunks(todo, min(batch_size, READER_TASK)), pool, window=2 * workers)
+        return
+    decoded = bounded_map(lambda b: decode_batch(b, pre, draft), chunks(todo, batch_size), pool,
+                          window=workers + 2)
+    for idx, keys, pixels, fails in decoded:
+        yield (idx, keys, *_timed(encoder, pixels), fails)
+
+
 def _embed_todo(todo: list[tuple[int, str, str, Stat | None]], out: FileOutcomes, encoder: Encoder,
                 writer: ShardWriter, pool: Executor, workers: int, batch_size: int, draft: bool,
                 stats: EmbedStats, progress: ProgressFn) -> None:
-    """Decode (reader threads) and embed (this thread) the files in ``todo`` into ``writer``."""
-    pre = encoder.backbone.preprocess
+    """Decode and embed the files in ``todo`` into ``writer`` (``embedded_batches``)."""
     progress("embed", 0, len(todo))
     done = 0
-    batches = chunks(todo, batch_size)
-    for idx, bkeys, pixels, fails in bounded_map(lambda b: decode_batch(b, pre, draft), batches,
-                                                 pool, window=workers + 2):
+    for idx, bkeys, emb, seconds, fails in embedded_batches(todo, encoder, pool, workers, batch_size, draft):
         for i, why in fails:
             out.fail(i, why)
-        if len(pixels):
-            tm = time.perf_counter()
-            emb = encoder(pixels)
-            stats.seconds_model += time.perf_counter() - tm
+        stats.seconds_model += seconds  # summed over the threads that ran the model
+        if len(idx):
             stats.embedded += out.store(writer, idx, bkeys, emb)
         done += len(idx) + len(fails)
         progress("embed", done, len(todo))
