@@ -4,8 +4,6 @@ docs/performance.md (issue 14) measures why; these tests pin down which schedule
 when, that it gives the same embeddings and failures, and that its session opens once.
 """
 
-import subprocess
-import sys
 import threading
 
 import numpy as np
@@ -88,19 +86,3 @@ def test_twin_opens_one_session_for_all_readers(lite0):
         t.join()
     assert len(sessions) == 8 and len({id(s) for s in sessions}) == 1
 
-
-def test_a_store_write_does_not_import_pandas(lite0, tmp_path):
-    """pyarrow's pa.array imports pandas where it is installed (~0.45 s): a first extract paid
-    it when its first shard was written, in the middle of the run."""
-    pytest.importorskip("pandas")
-    code = (
-        "import sys, numpy as np\n"
-        "from featx.backbones.resolve import resolve_backbone\n"
-        "from featx.embed.store import EmbeddingStore\n"
-        f"st = EmbeddingStore(resolve_backbone('efficientnet_lite0'), {str(tmp_path / 's')!r})\n"
-        "st.write(['a' * 32, 'b' * 32], np.ones((2, st.dim), np.float32))\n"
-        "print('pandas' in sys.modules)\n"
-        "np.testing.assert_array_equal(st.get(['b' * 32]), np.ones((1, st.dim), np.float32))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"

@@ -3,7 +3,8 @@
 ``images`` (scan, decode, resize, crop: the one preprocessing), ``runtime``
 (``Encoder``: an ONNX Runtime session), ``store`` (``EmbeddingStore``: shards
 keyed by content hash under the backbone fingerprint), ``statcache`` (skip
-re-hashing unchanged files), ``table`` (the Parquet table users read).
+re-hashing unchanged files), ``table`` (the Parquet table users read), ``arrow``
+(the Arrow columns those three write).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from featx.atomic import atomic_path, clean_stale_temporaries
+from featx.embed import arrow
 from featx.embed.remote import is_url
 from featx.embed.scan import is_utf8
 
@@ -77,8 +78,8 @@ class StatCache:
             if not paths:
                 return
             cols = list(zip(*(records[p][0] for p in paths), strict=True))
-            t = pa.table({"path": paths,
-                          **{c: pa.array(v, ty) for c, v, ty in zip(_COLUMNS, cols, _TYPES, strict=True)},
-                          "key": [records[p][1] for p in paths]})
+            t = arrow.table({"path": arrow.strings(paths),
+                             **{c: arrow.numbers(v, ty) for c, v, ty in zip(_COLUMNS, cols, _TYPES, strict=True)},
+                             "key": arrow.strings([records[p][1] for p in paths])})
             with atomic_path(self.path) as tmp:
                 pq.write_table(t, tmp)

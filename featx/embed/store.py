@@ -64,6 +64,7 @@ from filelock import FileLock
 
 from featx.atomic import atomic_path, clean_stale_temporaries, write_text
 from featx.backbones.artifact import Backbone
+from featx.embed import arrow
 from featx.errors import FeatXError, MismatchError, StoreError
 from featx.paths import default_store
 
@@ -484,11 +485,11 @@ class EmbeddingStore:
         bad = ~np.isfinite(emb).all(axis=1)
         if bad.any():
             raise NonFiniteEmbeddingError([k for k, b in zip(keys, bad, strict=True) if b])
-        key_col = string_array(keys)
+        key_col = arrow.strings(keys)
         footer = {"version": SHARD_META_VERSION, "rows": len(keys), "dim": self.dim,
                   "sha256_key": _key_digest(key_col), "sha256_embedding": _embedding_digest(emb)}
-        table = pa.Table.from_arrays([key_col, embedding_column(emb)], names=["key", "embedding"])
-        table = table.replace_schema_metadata({SHARD_META_KEY: json.dumps(footer).encode()})
+        table = arrow.table({"key": key_col, "embedding": embedding_column(emb)},
+                            {SHARD_META_KEY: json.dumps(footer).encode()})
         name = f"shard-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
         final = self.dir / name
         try:
@@ -583,21 +584,9 @@ class ShardWriter:
         self.close()
 
 
-# Arrays are built from their buffers, not with pa.array: that imports pandas where it is
-# installed (0.4-0.5 s), and a first extract would pay it in the middle of the run.
-
 def embedding_column(emb: np.ndarray) -> pa.FixedSizeListArray:
-    emb = np.ascontiguousarray(emb, dtype=np.float32)
-    flat = pa.Array.from_buffers(pa.float32(), emb.size, [None, pa.py_buffer(emb)])
-    return pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])
-
-
-def string_array(values: Sequence[str]) -> pa.StringArray:
-    """Non-null UTF-8 strings as an Arrow array."""
-    data = [v.encode("utf-8") for v in values]
-    offsets = np.zeros(len(data) + 1, np.int32)
-    np.cumsum([len(b) for b in data], out=offsets[1:])
-    return pa.Array.from_buffers(pa.string(), len(data), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(data))])
+    """float32 (N, dim) rows as the ``embedding`` column of a shard or table."""
+    return arrow.embeddings(emb)
 
 
 def _embeddings(table: pa.Table, dim: int, where: str | os.PathLike = "table") -> np.ndarray:
@@ -607,7 +596,7 @@ def _embeddings(table: pa.Table, dim: int, where: str | os.PathLike = "table") -
     flat = col.flatten()
     if col.null_count or flat.null_count or len(flat) != len(col) * dim:
         raise DamagedShardError(where, "missing values (nulls) in the embeddings")
-    return flat.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+    return arrow.float32_values(flat).reshape(-1, dim)
 
 
 def embeddings_of(table: pa.Table) -> np.ndarray:

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from featx.atomic import atomic_path
+from featx.embed import arrow
 from featx.embed.scan import display_path, is_utf8
 from featx.embed.store import embedding_column, embeddings_of
 from featx.errors import FeatXError
@@ -94,12 +95,12 @@ def _rows(t: EmbeddingTable, raw: list[bytes | None], start: int, end: int, emb:
           schema: pa.Schema) -> pa.Table:
     """Rows ``start:end`` of ``t`` with their embeddings ``emb``, as an Arrow table of ``schema``."""
     dim = schema.field("embedding").type.list_size
-    cols = [pa.array([display_path(p) for p in t.paths[start:end]], pa.string()),
-            pa.array([None if lbl is None else display_path(lbl) for lbl in t.labels[start:end]], pa.string()),
-            pa.array(t.keys[start:end], pa.string()),
-            embedding_column(emb) if len(emb) else pa.array([], pa.list_(pa.float32(), dim))]
+    cols = [arrow.strings([display_path(p) for p in t.paths[start:end]]),
+            arrow.strings([None if lbl is None else display_path(lbl) for lbl in t.labels[start:end]]),
+            arrow.strings(t.keys[start:end]),
+            embedding_column(np.asarray(emb, np.float32).reshape(-1, dim))]
     if "path_bytes" in schema.names:
-        cols.append(pa.array(raw[start:end], pa.binary()))
+        cols.append(arrow.strings(raw[start:end], binary=True))
     return pa.Table.from_arrays(cols, schema=schema)
 
 
