@@ -54,3 +54,13 @@ def test_an_extract_does_not_import_pandas(tmp_path, featx_home):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "FEATX_HOME": str(featx_home)})
     assert out.stdout.split() == ["4", "False"]
+
+
+def test_embeddings_of_any_numeric_table_and_a_refusal(tmp_path):
+    from featx.embed.store import DamagedShardError, embeddings_of
+
+    for ty in (pa.float64(), pa.int64(), pa.float16()):
+        t = pa.table({"embedding": pa.array([[1, 2], [3, 4]], pa.list_(ty, 2))})
+        np.testing.assert_array_equal(embeddings_of(t), np.array([[1, 2], [3, 4]], np.float32))
+    with pytest.raises(DamagedShardError, match="expected numbers"):
+        embeddings_of(pa.table({"embedding": pa.array([["a", "b"]], pa.list_(pa.string(), 2))}))

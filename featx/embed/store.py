@@ -124,12 +124,9 @@ def _key_digest(col: pa.Array) -> str:
     """sha256 of the keys: each key's UTF-8 length (int64 LE) then all key bytes."""
     if len(col) == 0:
         return hashlib.sha256(b"").hexdigest()
-    col = col.cast(pa.large_string())
-    _, offsets, data = col.buffers()
-    o = np.frombuffer(offsets, np.int64, count=len(col) + 1, offset=col.offset * 8)
+    o, data = arrow.offsets_and_data(col)
     h = hashlib.sha256(np.diff(o).astype("<i8").tobytes())
-    if data is not None:
-        h.update(memoryview(data)[o[0]:o[-1]])
+    h.update(data)
     return h.hexdigest()
 
 
@@ -494,7 +491,9 @@ class EmbeddingStore:
         final = self.dir / name
         try:
             with atomic_path(final) as tmp:
-                pq.write_table(table, tmp, write_page_checksum=True)
+                # no dictionary: unique keys and float embeddings gain nothing from one, and
+                # trying cost 4x the write time (and a larger file)
+                pq.write_table(table, tmp, write_page_checksum=True, use_dictionary=False)
         except OSError as e:
             raise _store_error(self.dir, e) from None
         self._shard_keys[name] = list(keys)
@@ -596,6 +595,8 @@ def _embeddings(table: pa.Table, dim: int, where: str | os.PathLike = "table") -
     flat = col.flatten()
     if col.null_count or flat.null_count or len(flat) != len(col) * dim:
         raise DamagedShardError(where, "missing values (nulls) in the embeddings")
+    if not (pa.types.is_floating(flat.type) or pa.types.is_integer(flat.type)):
+        raise DamagedShardError(where, f"embedding values are {flat.type}, expected numbers")
     return arrow.float32_values(flat).reshape(-1, dim)
 
 

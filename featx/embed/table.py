@@ -79,7 +79,8 @@ def write_table(path: str | os.PathLike, t: EmbeddingTable,
         fields.append(("path_bytes", pa.binary()))
     schema = pa.schema(fields, metadata={META_KEY: json.dumps(t.meta).encode()})
     try:
-        with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as w:
+        # a dictionary for the labels only: paths, keys and embeddings are unique values
+        with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, use_dictionary=["label"]) as w:
             start = 0
             for emb in chunks:
                 end = start + len(emb)
