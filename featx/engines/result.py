@@ -40,7 +40,7 @@ class EmbedStats:
     failures: list[tuple[str, str]] = field(default_factory=list)
     seconds_hash: float = 0.0
     seconds_embed: float = 0.0
-    seconds_model: float = 0.0
+    seconds_model: float = 0.0  # summed over the threads or actors that ran the model
 
 
 @dataclass
