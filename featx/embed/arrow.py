@@ -37,7 +37,7 @@ _NUMPY = {pa.int8(): np.int8, pa.int16(): np.int16, pa.int32(): np.int32, pa.int
 
 
 def numbers(values: Sequence[int] | np.ndarray, type: pa.DataType) -> pa.Array:
-    """Non-null numbers as an Arrow array of ``type`` (int32/64, uint64, float16/32/64)."""
+    """Non-null numbers as an Arrow array of ``type`` (any integer or float width)."""
     arr = np.ascontiguousarray(np.asarray(values, dtype=_NUMPY[type]))
     return pa.Array.from_buffers(type, len(arr), [None, pa.py_buffer(arr)])
 
@@ -69,5 +69,6 @@ def offsets_and_data(arr: pa.Array) -> tuple[np.ndarray, memoryview]:
 
 
 def table(columns: dict[str, pa.Array], metadata: dict[bytes, bytes] | None = None) -> pa.Table:
+    """A table of ``columns`` (name -> array), with schema ``metadata``."""
     t = pa.Table.from_arrays(list(columns.values()), names=list(columns))
     return t.replace_schema_metadata(metadata) if metadata else t

@@ -69,7 +69,7 @@ from featx.errors import FeatXError, MismatchError, StoreError
 from featx.paths import default_store
 
 __all__ = ["DamagedShardError", "EmbeddingStore", "NonFiniteEmbeddingError", "ShardWriter",
-           "embedding_column", "embeddings_of", "read_namespace_meta", "read_shard"]
+           "embeddings_of", "read_namespace_meta", "read_shard"]
 
 log = logging.getLogger(__name__)
 
@@ -485,7 +485,7 @@ class EmbeddingStore:
         key_col = arrow.strings(keys)
         footer = {"version": SHARD_META_VERSION, "rows": len(keys), "dim": self.dim,
                   "sha256_key": _key_digest(key_col), "sha256_embedding": _embedding_digest(emb)}
-        table = arrow.table({"key": key_col, "embedding": embedding_column(emb)},
+        table = arrow.table({"key": key_col, "embedding": arrow.embeddings(emb)},
                             {SHARD_META_KEY: json.dumps(footer).encode()})
         name = f"shard-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
         final = self.dir / name
@@ -581,11 +581,6 @@ class ShardWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def embedding_column(emb: np.ndarray) -> pa.FixedSizeListArray:
-    """float32 (N, dim) rows as the ``embedding`` column of a shard or table."""
-    return arrow.embeddings(emb)
 
 
 def _embeddings(table: pa.Table, dim: int, where: str | os.PathLike = "table") -> np.ndarray:

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from featx.atomic import atomic_path
 from featx.embed import arrow
 from featx.embed.scan import display_path, is_utf8
-from featx.embed.store import embedding_column, embeddings_of
+from featx.embed.store import embeddings_of
 from featx.errors import FeatXError
 
 META_KEY = b"featx"
@@ -99,7 +99,7 @@ def _rows(t: EmbeddingTable, raw: list[bytes | None], start: int, end: int, emb:
     cols = [arrow.strings([display_path(p) for p in t.paths[start:end]]),
             arrow.strings([None if lbl is None else display_path(lbl) for lbl in t.labels[start:end]]),
             arrow.strings(t.keys[start:end]),
-            embedding_column(np.asarray(emb, np.float32).reshape(-1, dim))]
+            arrow.embeddings(np.asarray(emb, np.float32).reshape(-1, dim))]
     if "path_bytes" in schema.names:
         cols.append(arrow.strings(raw[start:end], binary=True))
     return pa.Table.from_arrays(cols, schema=schema)
