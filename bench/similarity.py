@@ -7,7 +7,7 @@ Run: PYTHONPATH=$PWD .venv/bin/python bench/similarity.py [--features embedded p
 All 60,000 training and 10,000 test images of Fashion-MNIST (Debian's
 dataset-fashion-mnist), searched two ways in one run:
 - ``embedded``: the default backbone's embeddings (efficientnet_lite0, 1280-d), computed
-  through featx's cache (``featx.predict.embed_arrays``: the first run embeds 70k images,
+  through featx's cache (``featx.engines.files.embed_arrays``: the first run embeds 70k images,
   tens of minutes on 2 cores; later runs read them from the store);
 - ``pixels``: the raw 784 pixel values as float32 vectors (no backbone).
 
@@ -42,7 +42,7 @@ def tables(kind: str, train_rows: int | None = None):
     """
     from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist
     from featx.embed.table import EmbeddingTable
-    from featx.predict import array_key
+    from featx.engines.files import array_key
 
     out = []
     bb = None
@@ -81,7 +81,7 @@ def from_tables(paths: list[Path], columns: str | None):
 
 
 def embed(x: np.ndarray, bb, split: str) -> np.ndarray:
-    from featx.predict import embed_arrays
+    from featx.engines.files import embed_arrays
 
     parts = []
     t = time.perf_counter()

@@ -129,9 +129,7 @@ def _embed_frozen(card, files: LabelledFiles, testf: LabelledFiles, largest: int
                   device: str, store, progress: ProgressFn) -> _Frozen:
     from featx.backbones.export import make_wrapper
     from featx.backbones.zoo import build
-    from featx.embed.runtime import Encoder
-    from featx.embed.store import EmbeddingStore
-    from featx.engines.local import embed_files
+    from featx.engines.files import FileEmbedder
     from featx.finetune import base_backbone
     from featx.finetune.loop import torch_device
 
@@ -139,20 +137,19 @@ def _embed_frozen(card, files: LabelledFiles, testf: LabelledFiles, largest: int
     module, _, wsha = build(card)
     bb = base_backbone(card, make_wrapper(module, card.preprocess), wsha, None)
     del module
-    enc = Encoder(bb, device="cpu" if torch_device(device).type == "cpu" else "auto")
-    st = EmbeddingStore(bb, store)
+    emb = FileEmbedder.open(bb, "cpu" if torch_device(device).type == "cpu" else "auto", store)
     used = files.subset(per_class_subset(files.labels, largest, seed))
     t0 = time.perf_counter()
-    keys_tr, stats_tr = embed_files(used.paths, enc, st, progress=progress)
-    keys_te, stats_te = embed_files(testf.paths, enc, st, progress=progress)
+    tr = emb.files(used.paths, progress=progress)
+    te = emb.files(testf.paths, progress=progress)
     seconds = time.perf_counter() - t0
     # seconds per image when actually computed (a cached rerun would otherwise report ~0)
-    per_image = (stats_tr.seconds_embed / stats_tr.embedded) if stats_tr.embedded else None
+    per_image = (tr.stats.seconds_embed / tr.stats.embedded) if tr.stats.embedded else None
     if per_image is None:  # all cached: time a small batch to price what an uncached run costs
-        per_image = time_embedding(used.paths[:32], enc)
-    ok_te = [i for i, k in enumerate(keys_te) if k is not None]
-    return _Frozen(bb, st, dict(zip(used.paths, keys_tr, strict=True)), st.get([keys_te[i] for i in ok_te]),
-                   testf.labels[ok_te], ok_te, per_image, seconds, stats_tr.failures + stats_te.failures)
+        per_image = time_embedding(used.paths[:32], emb.encoder)
+    ok_te = te.ok
+    return _Frozen(bb, emb.store, dict(zip(used.paths, tr.keys, strict=True)), te.rows(),
+                   testf.labels[ok_te], ok_te, per_image, seconds, tr.failures + te.failures)
 
 
 def _frozen_row(frozen: _Frozen, sub: LabelledFiles, seed: int) -> tuple[float, float, dict]:

@@ -94,15 +94,14 @@ def score_probe(name: str, features: str, crop: str, files, testf, *, cv: int, s
                 store, batch_size: int, workers: int | None, progress: ProgressFn) -> dict:
     """One row: CV accuracy of the frozen probe, extraction time, test accuracy when there is a test set."""
     from featx.backbones.resolve import resolve_backbone
-    from featx.embed.runtime import Encoder
-    from featx.embed.store import EmbeddingStore
+    from featx.engines.files import FileEmbedder
     from featx.heads.fit import fit_head
 
     label = f"{name} {features} crop={crop}"
     progress(f"backbone {label}", 0, 0)
     bb = resolve_backbone(name, features=features, crop=crop)
-    enc, st = Encoder(bb, device=device), EmbeddingStore(bb, store)
-    X, y, per_image, fresh = _embeddings(files, enc, st, batch_size, workers, progress)
+    emb = FileEmbedder.open(bb, device, store)
+    X, y, per_image, fresh = _embeddings(files, emb, batch_size, workers, progress)
     t = time.perf_counter()
     pipe, rep = fit_head(X, [files.classes[c] for c in y], head="logreg", C="auto", cv=cv, seed=seed)
     row = {"backbone": name, "features": features, "crop": crop, "dim": bb.dim, "fingerprint": bb.fingerprint,
@@ -112,7 +111,7 @@ def score_probe(name: str, features: str, crop: str, files, testf, *, cv: int, s
            "extract_ms_per_image": round(1000 * per_image, 3) if per_image else None,
            "embedded_now": fresh, "test_accuracy": None}
     if testf is not None:
-        X_te, y_te, _, fresh = _embeddings(testf, enc, st, batch_size, workers, progress)
+        X_te, y_te, _, fresh = _embeddings(testf, emb, batch_size, workers, progress)
         row["embedded_now"] += fresh
         pred = np.asarray(rep["classes"])[pipe.predict(X_te)]
         row["test_accuracy"] = float((pred == np.asarray([testf.classes[c] for c in y_te])).mean())
@@ -120,17 +119,16 @@ def score_probe(name: str, features: str, crop: str, files, testf, *, cv: int, s
     return row
 
 
-def _embeddings(files, enc, st, batch_size: int, workers: int | None, progress: ProgressFn):
+def _embeddings(files, emb, batch_size: int, workers: int | None, progress: ProgressFn):
     """(X, labels, seconds per image, how many were embedded now) of the readable files, via the store."""
-    from featx.engines.local import embed_files
-
-    keys, stats = embed_files(files.paths, enc, st, batch_size=batch_size, workers=workers, progress=progress)
-    ok = [i for i, k in enumerate(keys) if k is not None]
+    done = emb.files(files.paths, batch_size=batch_size, workers=workers, progress=progress)
+    stats, ok = done.stats, done.ok
     if not ok:
         raise FeatXError(f"none of the {len(files)} images could be embedded: {stats.failures[:3]}")
     # seconds per image when computed; all cached: price a small batch, as an uncached run would cost
-    per_image = stats.seconds_embed / stats.embedded if stats.embedded else time_embedding(files.paths[:32], enc)
-    return st.get([keys[i] for i in ok]), files.labels[ok], per_image, stats.embedded
+    per_image = stats.seconds_embed / stats.embedded if stats.embedded else time_embedding(files.paths[:32],
+                                                                                            emb.encoder)
+    return done.rows(), files.labels[ok], per_image, stats.embedded
 
 
 def time_embedding(paths: list[str], enc) -> float | None:

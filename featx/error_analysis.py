@@ -25,10 +25,9 @@ from urllib.parse import quote
 import numpy as np
 
 from featx.atomic import save_figure, write_text
-from featx.embed.images import read_bytes
+from featx.embed.images import thumbnail
 from featx.embed.remote import is_url
 from featx.embed.scan import display_path
-from featx.errors import ImageError
 
 __all__ = ["image_outcomes", "thumbnail", "write_error_analysis"]
 
@@ -68,20 +67,6 @@ def write_predictions_csv(rows: list[dict], path: Path) -> Path:
         w.writerow({**r, **{k: "" if r[k] is None else f"{r[k]:.6f}"
                             for k in ("probability", "true_probability", "loss")}})
     return write_text(path, buf.getvalue())
-
-
-def thumbnail(path: str, size: int) -> np.ndarray | None:
-    """An RGB thumbnail of the image at ``path`` (EXIF-rotated, longest side ``size``), or None
-    if it cannot be read now (reports leave it blank). A URL is read through fsspec."""
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(io.BytesIO(read_bytes(path)) if is_url(path) else path) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
-            im.thumbnail((size, size))
-            return np.asarray(im)
-    except (OSError, ValueError, Image.DecompressionBombError, ImageError):
-        return None  # unreadable now: left blank, the CSV still lists it
 
 
 def plot_top_losses(rows: list[dict], path: Path, k: int = TOP_LOSSES) -> Path | None:

@@ -177,7 +177,7 @@ def embed_images(X, backbone, *, device: str = "auto", store=None, batch_size: i
         must return one row per input.
     """
     from featx.backbones.resolve import resolve_backbone
-    from featx.predict import embed_arrays, embed_paths
+    from featx.engines.files import embed_arrays, embed_paths
 
     kind, items = _as_images(X, who)
     bb = resolve_backbone(backbone, features=features, crop=crop)

@@ -9,7 +9,7 @@ from pathlib import Path
 from featx.backbones.artifact import Backbone, with_decoder
 from featx.backbones.resolve import resolve_backbone
 from featx.embed.store import EmbeddingStore
-from featx.engines.local import LocalEngine
+from featx.engines.files import LocalEngine
 from featx.engines.result import Engine, ExtractJob, ExtractResult, default_out, finish, scan_images
 from featx.errors import FeatXError
 from featx.progress import ProgressFn, no_progress

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from featx.atomic import write_text
 from featx.backbones.artifact import Backbone
-from featx.backbones.resolve import resolve_backbone
-from featx.errors import FeatXError, MismatchError
+from featx.backbones.resolve import table_backbone
+from featx.errors import FeatXError
 from featx.heads.headfile import HEAD_FILE, json_default, peek_header, save_head
 from featx.progress import ProgressFn, no_progress
 
@@ -72,25 +72,6 @@ def split_name_warning(classes: list[str], meta: dict, table: Path) -> str | Non
     return (f"the classes of {table} are {', '.join(sorted(map(str, classes)))}: split names, not "
             f"classes. It looks like the folder above the splits was extracted; extract {folder} "
             f"instead (`featx extract {folder}`) and fit on that table.")
-
-
-def table_backbone(meta: dict, table: Path, override: str | os.PathLike | Backbone | None) -> Backbone:
-    """The backbone that made a table: ``override``, or the export its metadata names."""
-    spec = override or meta.get("backbone_path") or meta.get("backbone")
-    if not spec:
-        raise FeatXError(f"{table}: no backbone recorded; pass --backbone")
-    try:
-        bb = resolve_backbone(spec)
-    except FeatXError:
-        if override or not meta.get("backbone"):
-            raise
-        bb = resolve_backbone(meta["backbone"])  # export dir gone: re-export the card
-    fp = meta.get("fingerprint", "")
-    if fp and bb.fingerprint != fp:
-        raise MismatchError(f"{table} was extracted with backbone fingerprint {fp}, but {spec} has "
-                            f"{bb.fingerprint}; pass the backbone that made it with --backbone, "
-                            "or extract again")
-    return bb
 
 
 def check_overwrite(out: Path, table: Path, force: bool) -> bool:

@@ -38,9 +38,9 @@ from pathlib import Path
 import numpy as np
 
 from featx.atomic import save_figure, write_text
+from featx.embed.images import thumbnail
 from featx.embed.scan import display_path, is_table_file, resolve_item_path
 from featx.embed.table import EmbeddingTable, read_table
-from featx.error_analysis import thumbnail
 from featx.errors import FeatXError, require
 from featx.progress import ProgressFn, no_progress
 from featx.sampling import spread_over_classes, stratified_split

@@ -1,19 +1,15 @@
 """Predict with a head: images -> embeddings (through the shared cache) -> probabilities.
 
-Files go through ``featx.engines.local.embed_files`` into the same embedding store
-as ``featx extract``, so an image embedded once is never run again. In-memory
-uint8 arrays (the sklearn API) are keyed by a hash of their pixels and shape
-and cached in the same store.
+Files go through the engines' front door (``featx.engines.files``) into the same
+embedding store as ``featx extract``, so an image embedded once is never run again.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,128 +17,16 @@ import numpy as np
 
 from featx.atomic import result_file, write_text
 from featx.backbones.artifact import Backbone
-from featx.embed.images import IMAGE_EXTENSIONS, array_to_pil, resize_crop
-from featx.embed.runtime import Encoder
-from featx.embed.scan import (
-    display_path,
-    image_by_content,
-    is_table_file,
-    resolve_item_path,
-    scan,
-    scan_table,
-)
-from featx.embed.statcache import StatCache
-from featx.embed.store import EmbeddingStore, ShardWriter
-from featx.engines.local import embed_files
+from featx.embed.scan import display_path
+from featx.engines.files import array_key, collect_files, embed_arrays, embed_paths, runtime
 from featx.errors import FeatXError
 from featx.heads.headfile import Head, head_backbone, load_head
 from featx.heads.proba import head_class_columns, head_proba
 from featx.progress import ProgressFn, no_progress
 
-_RUNTIMES: dict[tuple, tuple[Encoder, EmbeddingStore]] = {}
-_LOCK = threading.Lock()
-
-
-def runtime(bb: Backbone, device: str = "auto",
-            store: str | os.PathLike | None = None) -> tuple[Encoder, EmbeddingStore]:
-    """One encoder and store per (backbone, device, store) in this process.
-
-    Opening an ORT session costs ~0.5 s; GridSearchCV clones an estimator per fold
-    and candidate, so they all share this one.
-    """
-    key = (bb.fingerprint, str(bb.onnx_path), device, str(store) if store is not None else None,
-           os.environ.get("FEATX_HOME"))
-    with _LOCK:
-        if key not in _RUNTIMES:
-            _RUNTIMES[key] = (Encoder(bb, device=device), EmbeddingStore(bb, store))
-        return _RUNTIMES[key]
-
-
-def collect_files(inputs: list[str | os.PathLike]) -> tuple[list[str], list[str | None], list[tuple[str, str]]]:
-    """Files from image files, folders (recursively) and CSV/TSV/Parquet tables of paths;
-    returns (files, labels, skipped).
-
-    Labels come from an ImageFolder layout (root/<class>/...) or a table's label
-    column, and are None otherwise.
-    """
-    files: list[str] = []
-    labels: list[str | None] = []
-    skipped: list[tuple[str, str]] = []
-    for inp in inputs:
-        p = Path(inp)
-        if p.is_dir() or is_table_file(p):
-            found = scan(p) if p.is_dir() else scan_table(p)
-            files.extend(resolve_item_path(found.root, it.path) for it in found.items)
-            labels.extend(it.label for it in found.items)
-            skipped.extend((resolve_item_path(found.root, s), why) for s, why in found.skipped)
-        elif p.is_file():
-            if p.suffix.lower() not in IMAGE_EXTENSIONS and not image_by_content(p):
-                skipped.append((str(p), f"not an image (extension {p.suffix or 'none'}, no image signature)"))
-                continue
-            files.append(str(p))
-            labels.append(None)
-        else:
-            raise FeatXError(f"{p}: no such file or directory")
-    return files, labels, skipped
-
-
-def embed_paths(files: list[str], bb: Backbone, *, device: str = "auto",
-                store: str | os.PathLike | None = None, batch_size: int = 32,
-                workers: int | None = None, data_root: str | os.PathLike | None = None,
-                progress: ProgressFn = no_progress) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
-    """Embeddings of the readable ``files``: (X, indices of those files, failures).
-
-    With ``data_root`` (the one folder the files come from), the stat record that
-    ``featx extract`` keeps for that folder is used, so unchanged files are not re-read.
-    """
-    encoder, st = runtime(bb, device, store)
-    cache = StatCache(st.root, data_root) if data_root is not None else None
-    keys, stats = embed_files(files, encoder, st, batch_size=batch_size, workers=workers,
-                              stat_cache=cache, progress=progress)
-    ok = [i for i, k in enumerate(keys) if k is not None]
-    X = st.get([keys[i] for i in ok]) if ok else np.zeros((0, bb.dim), np.float32)
-    return X, ok, list(stats.failures)
-
-
-def array_key(a: np.ndarray) -> str:
-    """Cache key of an in-memory image: its pixels and shape (distinct from file-byte keys)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"array:{a.dtype}:{a.shape}:".encode())
-    h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
-
-
-def embed_arrays(images, bb: Backbone, *, device: str = "auto",
-                 store: str | os.PathLike | None = None, batch_size: int = 32,
-                 shard_size: int = 2048) -> np.ndarray:
-    """Embeddings of uint8 images (an (N,H,W) / (N,H,W,3) array or a list of (H,W[,3]) arrays).
-
-    Cached in the store under a hash of each image's pixels. An image for which the
-    backbone gives NaN or inf is not stored, and a FeatXError names it (after the
-    others are stored).
-    """
-    encoder, st = runtime(bb, device, store)
-    keys = [array_key(a) for a in images]
-    stored = st.stored(keys)
-    todo: dict[str, int] = {}
-    for i, k in enumerate(keys):
-        if k not in stored and k not in todo:
-            todo[k] = i
-    items = list(todo.items())
-    refused: list[int] = []
-    # the writer flushes when the block ends, even by an error or Ctrl-C: keep what is embedded
-    with ShardWriter(st, shard_size) as writer:
-        for start in range(0, len(items), batch_size):
-            batch = items[start:start + batch_size]
-            pixels = np.stack([resize_crop(array_to_pil(np.asarray(images[i]), f"image {i}"),
-                                           bb.preprocess) for _, i in batch])
-            bad = writer.add([k for k, _ in batch], encoder(pixels))
-            refused.extend(batch[j][1] for j in bad)
-    if refused:
-        which = ", ".join(map(str, refused[:10])) + (" ..." if len(refused) > 10 else "")
-        raise FeatXError(f"image{'s' if len(refused) > 1 else ''} {which}: the backbone gave NaN or inf "
-                         "embeddings; they were not stored (the other images were)")
-    return st.get(keys) if keys else np.zeros((0, bb.dim), np.float32)
+# the front door's names (featx.engines.files) stay importable from here for older callers
+__all__ = ["PredictResult", "array_key", "collect_files", "embed_arrays", "embed_paths", "predict",
+           "runtime", "write_predictions"]
 
 
 @dataclass

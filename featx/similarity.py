@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from featx.atomic import result_file, write_text
+from featx.backbones.resolve import table_backbone
 from featx.embed.scan import display_path, is_table_file, resolve_item_path
 from featx.embed.table import EmbeddingTable, read_table
+from featx.engines.files import collect_files, embed_paths
 from featx.errors import FeatXError, MismatchError, require
-from featx.fit_table import table_backbone
-from featx.predict import collect_files, embed_paths
 from featx.progress import ProgressFn, no_progress
 
 __all__ = ["DEFAULT_THRESHOLD", "DuplicatesResult", "NeighborsResult", "SearchResult",

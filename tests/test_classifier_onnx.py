@@ -14,9 +14,10 @@ from featx.cli import main
 from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist
 from featx.embed.images import load_image
 from featx.embed.runtime import make_session
+from featx.engines.files import embed_arrays
 from featx.heads.fit import fit_head
 from featx.heads.headfile import save_head
-from featx.predict import embed_arrays, predict
+from featx.predict import predict
 from featx.sampling import per_class_subset
 
 from .helpers import needs_fashion_mnist

@@ -223,8 +223,8 @@ def test_bad_input_is_refused_clearly(tmp_path):
 @needs_fashion_mnist
 def test_arrays_embedded_before_an_error_are_kept(lite0):
     from featx.embed.store import EmbeddingStore
+    from featx.engines.files import array_key, embed_arrays
     from featx.errors import ImageError
-    from featx.predict import array_key, embed_arrays
 
     x, _ = fashion_mnist("test")
     imgs = [*list(x[-40:]), np.zeros(5, np.uint8)]  # the 41st is not an image

@@ -14,8 +14,8 @@ import pytest
 
 from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist
 from featx.embed.table import EmbeddingTable, write_table
+from featx.engines.files import embed_arrays
 from featx.heads.fit import C_GRIDS, fit_head
-from featx.predict import embed_arrays
 from featx.sampling import per_class_subset
 
 from .helpers import fashion_mnist_folder, needs_fashion_mnist

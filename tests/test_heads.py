@@ -17,11 +17,11 @@ from sklearn.preprocessing import StandardScaler
 
 from featx.backbones.resolve import resolve_backbone
 from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist
+from featx.engines.files import embed_arrays
 from featx.errors import FeatXError
 from featx.heads.fit import C_GRID, fit_head
 from featx.heads.headfile import HeadFileError, load_head, read_header, save_head
 from featx.heads.proba import head_proba
-from featx.predict import embed_arrays
 from featx.sampling import per_class_subset
 
 from .helpers import needs_fashion_mnist

@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from featx.cli import main
+from featx.engines.files import embed_arrays
 from featx.heads.fit import fit_head
 from featx.heads.headfile import (
     MAGIC,
@@ -30,7 +31,6 @@ from featx.heads.headfile import (
     read_header,
     save_head,
 )
-from featx.predict import embed_arrays
 
 from .helpers import make_image_folder, photos
 

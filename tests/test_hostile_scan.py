@@ -22,8 +22,9 @@ from PIL import Image
 from featx.cli import main
 from featx.embed.scan import PATH_MAX, display_path, scan, sniff_image
 from featx.embed.table import read_table
+from featx.engines.files import collect_files
 from featx.extract import extract
-from featx.predict import collect_files, predict, write_predictions
+from featx.predict import predict, write_predictions
 
 from .helpers import make_image_folder, unprivileged
 

@@ -130,8 +130,8 @@ def test_non_finite_values_in_shard(two_shards, image_folder, lite0, caplog):
 
 
 def test_damaged_shard_found_by_predict_path(two_shards, image_folder, lite0, caplog):
-    """The same check guards featx.predict.embed_paths (a process-wide store): no stale rows."""
-    from featx.predict import embed_paths
+    """The same check guards featx.engines.files.embed_paths (a process-wide store): no stale rows."""
+    from featx.engines.files import embed_paths
 
     store, ref, victim = two_shards
     victim.write_bytes(b"PAR1 not really")
@@ -221,7 +221,7 @@ def test_non_finite_embeddings_are_refused_and_the_file_named(image_folder, tmp_
 
 
 def test_non_finite_arrays_are_refused_naming_the_image(tmp_path):
-    from featx.predict import embed_arrays
+    from featx.engines.files import embed_arrays
 
     bb = _nan_backbone(tmp_path)
     imgs = [np.full((40, 40, 3), 200, np.uint8), np.zeros((40, 40, 3), np.uint8)]

@@ -218,7 +218,7 @@ def test_predict_and_evaluate_write_the_urls(data, lite0, tmp_path, memfs):
     assert sorted(pd.read_csv(tmp_path / "ev" / "predictions.csv")["path"]) == sorted(urls)
     page = (tmp_path / "ev" / "report.html").read_text()
     assert all(f"href='{u}'" in page for u in urls)  # linked as listed, not relative to the page
-    from featx.error_analysis import thumbnail
+    from featx.embed.images import thumbnail
 
     assert thumbnail(urls[0], 32).shape[2] == 3  # the top-losses grid reads URLs too
 

@@ -91,7 +91,7 @@ def test_embed_arrays_through_the_store_are_the_encoder_output_bit_for_bit(lite0
 
     from featx.embed.images import array_to_pil, resize_crop
     from featx.embed.runtime import Encoder
-    from featx.predict import embed_arrays
+    from featx.engines.files import embed_arrays
 
     imgs = [sd.chelsea(), sd.coffee(), sd.astronaut(), sd.rocket(), sd.camera()]  # camera: grey
     got = embed_arrays(imgs, lite0, device="cpu", store=tmp_path / "s", batch_size=2, shard_size=2)

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from featx.cli import main
 from featx.embed.scan import scan_table
 from featx.embed.table import read_table
+from featx.engines.files import collect_files
 from featx.errors import FeatXError
 from featx.extract import extract
-from featx.predict import collect_files
 
 from .helpers import make_image_folder
 

@@ -16,7 +16,7 @@ from featx.backbones.cards import DEFAULT_BACKBONE, Preprocess, get_card
 from featx.backbones.export import export_card
 from featx.backbones.features import check_features, recorded_features
 from featx.backbones.onnx_import import import_onnx
-from featx.errors import FeatXError, UnknownBackboneError
+from featx.errors import FeatXError, MismatchError, UnknownBackboneError
 
 
 def resolve_backbone(spec: str | os.PathLike | Backbone | None = None,
@@ -72,6 +72,25 @@ def export_backbone(spec: str | os.PathLike | None = None, weights: str | os.Pat
     if crop is not None:
         card = dataclasses.replace(card, preprocess=dataclasses.replace(card.preprocess, crop=crop))
     return load_export(export_card(card, weights, force=force, precision=precision, features=features or "last"))
+
+
+def table_backbone(meta: dict, table: Path, override: str | os.PathLike | Backbone | None) -> Backbone:
+    """The backbone that made a table: ``override``, or the export its metadata names."""
+    spec = override or meta.get("backbone_path") or meta.get("backbone")
+    if not spec:
+        raise FeatXError(f"{table}: no backbone recorded; pass --backbone")
+    try:
+        bb = resolve_backbone(spec)
+    except FeatXError:
+        if override or not meta.get("backbone"):
+            raise
+        bb = resolve_backbone(meta["backbone"])  # export dir gone: re-export the card
+    fp = meta.get("fingerprint", "")
+    if fp and bb.fingerprint != fp:
+        raise MismatchError(f"{table} was extracted with backbone fingerprint {fp}, but {spec} has "
+                            f"{bb.fingerprint}; pass the backbone that made it with --backbone, "
+                            "or extract again")
+    return bb
 
 
 def _check_variant(bb: Backbone, features: str | None, crop: str | None, where: str) -> Backbone:

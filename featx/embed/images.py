@@ -1,5 +1,7 @@
 """Images: key files by content, decode + resize + crop (finding them is ``embed.scan``).
 
+``thumbnail`` is the small picture reports and maps show (not a model input).
+
 ``load_image`` is the one preprocessing function: extraction, prediction,
 fine-tuning and the Ray engine all call it, so pixels reach every model the
 same way.
@@ -17,6 +19,7 @@ resampling (``resize_crop``).
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import warnings
 
@@ -260,3 +263,14 @@ def array_to_pil(a: np.ndarray, name: str = "<array>") -> Image.Image:
         return _to_rgb(Image.fromarray(np.ascontiguousarray(a), "RGB" if a.shape[2] == 3 else "RGBA"))
     raise ImageError(name, f"array shape must be (H, W), (H, W, 3) or (H, W, 4), got {a.shape}")
 
+
+def thumbnail(path: str, size: int) -> np.ndarray | None:
+    """An RGB thumbnail of the image at ``path`` (EXIF-rotated, longest side ``size``), or None
+    if it cannot be read now (reports leave it blank). A URL is read through fsspec."""
+    try:
+        with Image.open(io.BytesIO(read_bytes(path)) if is_url(path) else path) as im:
+            im = ImageOps.exif_transpose(im).convert("RGB")
+            im.thumbnail((size, size))
+            return np.asarray(im)
+    except (OSError, ValueError, Image.DecompressionBombError, ImageError):
+        return None  # unreadable now: left blank, the CSV still lists it

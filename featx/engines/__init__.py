@@ -1,8 +1,10 @@
-"""Execution engines for ``featx extract``: the same job on this machine or on a Ray cluster.
+"""Execution engines: embedding images through the store, on this machine or on a Ray cluster.
 
-``result`` holds what they share (``ExtractJob`` in, ``EngineRun`` out, ``finish``
-writing the table and report), ``local`` the threaded reader/encoder/writer
-pipeline, ``ray`` the Ray Data engine (featx[ray]).
+``files`` is the front door every job uses (``FileEmbedder``: files and arrays
+through the store; ``LocalEngine`` for ``featx extract``), ``local`` the threaded
+reader/encoder/writer stages, ``result`` what the engines share (``ExtractJob`` in,
+``EngineRun`` out, ``finish`` writing the table and report), ``ray`` the Ray Data
+engine (featx[ray]).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ _EXPORTS = {
     "EngineRun": "featx.engines.result",
     "ExtractResult": "featx.engines.result",
     "EmbedStats": "featx.engines.result",
-    "LocalEngine": "featx.engines.local",
+    "LocalEngine": "featx.engines.files",
+    "FileEmbedder": "featx.engines.files",
     "RayEngine": "featx.engines.ray",
 }
 __all__ = sorted(_EXPORTS)

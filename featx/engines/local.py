@@ -25,10 +25,9 @@ import numpy as np
 from featx.backbones.cards import Preprocess
 from featx.embed.images import content_key, load_image, read_bytes
 from featx.embed.runtime import READER_TASK, Encoder
-from featx.embed.scan import resolve_item_path
 from featx.embed.statcache import Stat, StatCache, stat_of
 from featx.embed.store import EmbeddingStore, ShardWriter
-from featx.engines.result import EmbedStats, EngineRun, ExtractJob
+from featx.engines.result import EmbedStats
 from featx.errors import ImageError
 from featx.progress import ProgressFn, no_progress
 
@@ -249,21 +248,3 @@ def embed_files(files: list[str], encoder: Encoder, store: EmbeddingStore, *,
         stat_cache.save({f: (st, k) for f, st, k in zip(files, stats_of, out.keys, strict=True)
                          if k is not None and st is not None})
     return out.keys, stats
-
-
-class LocalEngine:
-    """Threads on this machine: readers decode while ONNX Runtime runs the model."""
-
-    name = "local"
-
-    def run(self, job: ExtractJob) -> EngineRun:
-        """Embed ``job``'s files into its store; failures are paths relative to the root."""
-        encoder = Encoder(job.backbone, device=job.device)
-        files = [resolve_item_path(job.root, it.path) for it in job.found.items]
-        keys, stats = embed_files(files, encoder, job.store, batch_size=job.batch_size,
-                                  workers=job.workers, draft=job.draft, shard_size=job.shard_size,
-                                  progress=job.progress,
-                                  stat_cache=StatCache(job.store.root, job.root))
-        rel = dict(zip(files, (it.path for it in job.found.items), strict=True))
-        stats.failures = [(rel.get(p, p), why) for p, why in stats.failures]
-        return EngineRun(keys, stats, encoder.provider)

@@ -76,17 +76,13 @@ def lp_init(net, card: BackboneCard, module_for_export, weights_sha: str, cfg: F
     """Fit the LP head on cached embeddings of the training images and load it into ``net.head``."""
     import torch
 
-    from featx.embed.runtime import Encoder
-    from featx.embed.store import EmbeddingStore
-    from featx.engines.local import embed_files
+    from featx.engines.files import FileEmbedder
 
     progress("backbone", 0, 0)
     bb = base_backbone(card, module_for_export, weights_sha, cfg.weights)
-    encoder = Encoder(bb, device="cpu" if device == "cpu" else "auto")
-    st = EmbeddingStore(bb, store)
-    keys, stats = embed_files(train.paths, encoder, st, progress=progress)
-    ok = [i for i, k in enumerate(keys) if k is not None]
-    X = st.get([keys[i] for i in ok])
+    done = FileEmbedder.open(bb, "cpu" if device == "cpu" else "auto", store).files(train.paths, progress=progress)
+    stats, ok = done.stats, done.ok
+    X = done.rows()
     names = [train.classes[train.labels[i]] for i in ok]
     progress("lp-init", 0, 1)
     pipe, report = fit_lp_head(X, names, train.classes, cfg.lp_C,
