@@ -32,6 +32,7 @@ from featx.atomic import result_file, write_text
 from featx.backbones.resolve import table_backbone
 from featx.embed.scan import display_path, is_table_file, resolve_item_path
 from featx.embed.table import EmbeddingTable, read_table
+from featx.embed.table_checks import require_fingerprint, require_finite, require_same_backbone
 from featx.engines.files import collect_files, embed_paths
 from featx.errors import FeatXError, MismatchError, require
 from featx.progress import ProgressFn, no_progress
@@ -216,6 +217,7 @@ def load_table(table: str | os.PathLike | EmbeddingTable) -> tuple[EmbeddingTabl
         t, name = read_table(table), str(table)
     if t.X is None:
         raise FeatXError(f"{name}: the table holds no embeddings in memory; read it with read_table")
+    require_finite(t, name)
     return t, name
 
 
@@ -244,16 +246,8 @@ def full_path(t: EmbeddingTable, p: str) -> str:
 
 
 def check_same_backbone(a: EmbeddingTable, a_name: str, b: EmbeddingTable, b_name: str) -> None:
-    """Refuse to compare embeddings of two different backbones (fingerprints differ)."""
-    fa, fb = a.fingerprint, b.fingerprint
-    if fa and fb and fa != fb:
-        raise MismatchError(
-            f"{b_name} was embedded with backbone {b.meta.get('backbone', '?')!r} (fingerprint {fb}), "
-            f"{a_name} with {a.meta.get('backbone', '?')!r} (fingerprint {fa}): embeddings of different "
-            f"backbones are not comparable. Extract both with the same backbone (`featx extract ... "
-            f"--backbone {a.meta.get('backbone_path') or a.meta.get('backbone', 'NAME')}`).")
-    if a.X is not None and b.X is not None and a.X.shape[1] != b.X.shape[1]:
-        raise MismatchError(f"{b_name} has {b.X.shape[1]}-wide embeddings, {a_name} {a.X.shape[1]}-wide")
+    """Refuse to compare embeddings of two backbones (see ``featx.embed.table_checks``)."""
+    require_same_backbone(a, a_name, b, b_name)
 
 
 @dataclass
@@ -284,6 +278,7 @@ def embed_query(query, t: EmbeddingTable, t_name: str, *, backbone, device: str,
             table_backbone(t.meta, Path(t_name), backbone)
         return Query([full_path(q, p) for p in q.paths], list(q.labels), q.X, keys=list(q.keys))
     inputs = list(query) if isinstance(query, (list, tuple)) else [query]
+    require_fingerprint(t, t_name)  # files are embedded with its backbone: it must be known
     bb = table_backbone(t.meta, Path(t_name), backbone)
     files, truth, skipped = collect_files(inputs)
     if not files:

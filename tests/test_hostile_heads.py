@@ -313,3 +313,64 @@ def test_empty_key_in_the_cache_folder_signs_nothing(lite0, tmp_path, monkeypatc
     with pytest.raises(HeadKeyError, match="it is empty"):
         load_head(tmp_path / "evil.joblib")
     assert not marker.exists()
+
+
+# ---- round three (issue 23) --------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["false", "no", "off", "False", "maybe", " 0 "])
+def test_trust_variable_opts_in_only_with_a_yes_word(lite0, tmp_path, config_home, monkeypatch, value):
+    """FEATX_TRUST_HEADS=false (or off, or a typo) once ran a forged legacy head's pickle."""
+    marker = tmp_path / "pwned"
+    (tmp_path / "unsigned.joblib").write_bytes(legacy_bytes(pickle.dumps(Evil(marker)), lite0, None))
+    monkeypatch.setenv("FEATX_TRUST_HEADS", value)
+    words = value.strip().lower()
+    match = "unsigned head file" if words in ("false", "no", "0") else r"FEATX_TRUST_HEADS='.*' is not understood.*1, true or yes"
+    with pytest.raises(HeadFileError, match=match):
+        load_head(tmp_path / "unsigned.joblib")
+    r = CliRunner().invoke(main, ["predict", str(tmp_path / "unsigned.joblib"), str(tmp_path)])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit) and "Traceback" not in r.output
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("value", ["1", "true", "YES"])
+def test_trust_variable_yes_words_load_a_legacy_head(fitted, lite0, tmp_path, config_home, monkeypatch,
+                                                     value):
+    import joblib
+
+    pipe, rep, X = fitted
+    buf = io.BytesIO()
+    joblib.dump(pipe, buf)
+    path = tmp_path / "old.joblib"
+    path.write_bytes(legacy_bytes(buf.getvalue(), lite0, None, rep["classes"]))
+    monkeypatch.setenv("FEATX_TRUST_HEADS", value)
+    np.testing.assert_array_equal(load_head(path).pipeline.predict_proba(X), pipe.predict_proba(X))
+
+
+def test_legacy_head_with_no_key_anywhere_says_how_to_opt_in(lite0, tmp_path, config_home, monkeypatch):
+    monkeypatch.setenv("FEATX_HOME", str(tmp_path / "cache"))
+    marker = tmp_path / "pwned"
+    (tmp_path / "signed.joblib").write_bytes(legacy_bytes(pickle.dumps(Evil(marker)), lite0, b"k"))
+    with pytest.raises(HeadKeyError, match=r"no head key found.*FEATX_TRUST_HEADS=1"):
+        load_head(tmp_path / "signed.joblib")
+    assert not marker.exists()
+
+
+def test_huge_declared_array_shape_is_damage_not_memory_error(fitted, lite0, tmp_path):
+    """An array header claiming 2**40 elements: refused before numpy tries to allocate it."""
+    pipe, rep, _ = fitted
+    good = save_head(tmp_path / "h.joblib", pipe, rep["classes"], lite0, rep)
+    header, payload, _ = read_header(good)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(payload)) as z, zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as out:
+        for info in z.infolist():
+            data = z.read(info)
+            if info.filename == z.infolist()[0].filename:
+                npy = io.BytesIO()
+                np.lib.format.write_array_header_1_0(
+                    npy, {"descr": "<f8", "fortran_order": False, "shape": (2**40,)})
+                data = npy.getvalue() + b"\0" * 64
+            out.writestr(info.filename, data)
+    forged = tmp_path / "forged.joblib"
+    forged.write_bytes(data_bytes(header, buf.getvalue()))
+    with pytest.raises(HeadFileError, match=r"declares shape \(1099511627776,\)"):
+        load_head(forged)

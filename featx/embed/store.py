@@ -51,6 +51,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -62,7 +63,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from filelock import FileLock
 
-from featx.atomic import atomic_path, clean_stale_temporaries, write_text
+from featx.atomic import TMP_SUFFIX, atomic_path, clean_stale_temporaries, write_text
 from featx.backbones.artifact import Backbone
 from featx.embed import arrow
 from featx.errors import FeatXError, MismatchError, StoreError
@@ -108,14 +109,19 @@ def embedding_type(dim: int) -> pa.DataType:
 
 
 def _store_error(path: Path, e: OSError) -> StoreError:
+    todo = "free space or pass --store DIR"
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         why = "the disk is full (or a size limit was hit)"
     elif e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-        why = "it is not writable"
+        why, todo = "it is not writable", "pass --store DIR"
+    elif e.errno == errno.ENOENT:  # the namespace folder went away under us
+        why = ("a folder of the store was removed while this run wrote to it (`featx cache prune` "
+               "or another clean-up at the same time?)")
+        todo = "run the same command again, and it resumes"
     else:
         why = e.strerror or str(e)
     return StoreError(f"cannot write to the embedding store at {path}: {why}. "
-                      "Nothing stored so far was lost; free space or pass --store DIR.")
+                      f"Nothing stored so far was lost; {todo}.")
 
 
 # ---------------------------------------------------------------- checksums and shard checks
@@ -277,9 +283,47 @@ def read_namespace_meta(directory: str | os.PathLike) -> dict:
     return meta
 
 
+#: a shard temporary ``.shard-<ns>-<pid>-<hex>.parquet.<random>.featx-tmp`` (see ``_publish``)
+_SHARD_TMP = re.compile(r"^\.shard-\d+-(\d+)-[0-9a-f]+\.parquet\..*" + re.escape(TMP_SUFFIX) + "$")
+#: a shard temporary of a writer that is gone is removed once untouched this long: a live
+#: writer touches it every moment, and a writer on another machine (a shared store) has a
+#: pid that means nothing here, so its age is what tells
+DEAD_WRITER_GRACE_S = 60.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def _dead_writers_temporaries(folder: Path, now: float) -> int:
+    """Remove shard temporaries whose writer process is gone (the pid is in the name)."""
+    n = 0
+    with contextlib.suppress(OSError):
+        for p in folder.glob(f".shard-*{TMP_SUFFIX}"):
+            m = _SHARD_TMP.match(p.name)
+            if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+                continue
+            with contextlib.suppress(OSError):
+                if now - p.stat().st_mtime > DEAD_WRITER_GRACE_S:
+                    p.unlink()
+                    n += 1
+    return n
+
+
 def clean_temporaries(folder: Path) -> int:
-    """Remove temporaries of killed writers (older than a day) in ``folder``; returns how many."""
+    """Remove temporaries of killed writers in ``folder``; returns how many.
+
+    Any temporary older than a day; a shard temporary as soon as its writer process is
+    gone and it has been untouched for ``DEAD_WRITER_GRACE_S``.
+    """
     n = clean_stale_temporaries(folder, STALE_AFTER_S)
+    n += _dead_writers_temporaries(folder, time.time())
     now = time.time()
     for pattern in LEGACY_TEMPORARIES:
         for p in folder.glob(pattern):

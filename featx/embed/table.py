@@ -105,6 +105,33 @@ def _rows(t: EmbeddingTable, raw: list[bytes | None], start: int, end: int, emb:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
+#: metadata fields that are text when present (others are left to their readers)
+TEXT_FIELDS = ("fingerprint", "backbone", "backbone_path", "root")
+
+
+def parse_meta(raw: bytes | None, where: str | os.PathLike) -> dict:
+    """A table's featx metadata (the schema's ``featx`` entry) as a dict; {} when absent.
+
+    Metadata that is not a JSON object, or whose backbone/root fields are not text, is
+    refused with one line naming ``where``: it was damaged or edited by hand, and none of
+    it can be trusted to say which backbone made the embeddings.
+    """
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise FeatXError(f"{where}: the table's featx metadata is damaged (not a JSON object); "
+                         "extract the images again to rebuild it")
+    bad = [k for k in TEXT_FIELDS if meta.get(k) is not None and not isinstance(meta[k], str)]
+    if bad:
+        raise FeatXError(f"{where}: the table's featx metadata is damaged ({', '.join(bad)} not text); "
+                         "extract the images again to rebuild it")
+    return meta
+
+
 def read_table(path: str | os.PathLike) -> EmbeddingTable:
     """Read a table written by ``featx extract`` (a file, or a directory of such files)."""
     path = Path(path)
@@ -122,7 +149,7 @@ def read_table(path: str | os.PathLike) -> EmbeddingTable:
     if raw is None and path.is_dir():
         files = sorted(path.glob("*.parquet"))
         raw = (pq.read_schema(files[0]).metadata or {}).get(META_KEY) if files else None
-    meta = json.loads(raw) if raw else {}
+    meta = parse_meta(raw, path)
     labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * len(table)
     paths = table.column("path").to_pylist()
     if "path_bytes" in table.column_names:  # names that are not UTF-8: their exact bytes

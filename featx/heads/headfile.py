@@ -20,7 +20,8 @@ damage and accidental edits; they are not a signature.
 Heads written by featx before this format (format 1: an HMAC-signed pickle) are still
 read, with that format's check: the HMAC must verify with ``FEATX_HEAD_KEY`` or with this
 user's key file (see ``legacy_key``), else the user opts in (``trust=True`` or
-``FEATX_TRUST_HEADS=1``). Once read, such a head is rewritten in place in the data
+``FEATX_TRUST_HEADS=1``, ``true`` or ``yes``; any other value but ``0``, ``false``,
+``no`` or empty is an error). Once read, such a head is rewritten in place in the data
 format, so its pickle is read once.
 """
 
@@ -262,12 +263,29 @@ def _arrays(p: Path, payload: bytes) -> dict[str, np.ndarray]:
     try:
         with zipfile.ZipFile(io.BytesIO(payload)) as z:
             infos = z.infolist()
-        if len(infos) > MAX_ARRAYS or any(i.compress_type != zipfile.ZIP_STORED for i in infos):
-            raise ValueError("unexpected archive layout")
+            if len(infos) > MAX_ARRAYS or any(i.compress_type != zipfile.ZIP_STORED for i in infos):
+                raise ValueError("unexpected archive layout")
+            for info in infos:
+                _check_declared_size(z, info)
         with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
         raise HeadFileError(f"{p}: damaged featx head file (its arrays cannot be read: {e})") from None
+
+
+def _check_declared_size(z: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
+    """Refuse an array whose header declares more data than its member holds, before numpy
+    allocates it (a forged shape of 2**40 would otherwise end in MemoryError)."""
+    with z.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in readers:
+            raise ValueError(f"array {info.filename!r}: .npy format {version}")
+        shape, _, dtype = readers[version](f)
+        declared = dtype.itemsize * int(np.prod(shape, dtype=object))
+        if dtype.hasobject or declared > info.file_size:
+            raise ValueError(f"array {info.filename!r} declares shape {shape} of {dtype} "
+                             f"({declared} bytes) but holds {info.file_size} bytes")
 
 
 def _build(p: Path, header: dict, payload: bytes):
@@ -321,8 +339,27 @@ def _mac(key: bytes, header_wo_mac: dict, payload: bytes) -> str:
     return h.hexdigest()
 
 
+TRUE_WORDS = ("1", "true", "yes")
+FALSE_WORDS = ("", "0", "false", "no")
+
+
+def trust_from_env() -> bool:
+    """``FEATX_TRUST_HEADS`` read strictly: yes-words opt in, no-words (or unset) do not.
+
+    Anything else is refused: a typo must never open the door to a pickle.
+    """
+    raw = os.environ.get(TRUST_ENV, "")
+    v = raw.strip().lower()
+    if v in TRUE_WORDS:
+        return True
+    if v in FALSE_WORDS:
+        return False
+    raise HeadFileError(f"{TRUST_ENV}={raw!r} is not understood: set it to 1, true or yes to trust "
+                        "legacy pickle heads, or 0, false, no (or leave it unset) not to")
+
+
 def _check_legacy_signature(p: Path, header: dict, payload: bytes, trust: bool) -> None:
-    if trust or os.environ.get(TRUST_ENV, "") not in ("", "0"):
+    if trust or trust_from_env():
         return
     opt_in = (f"This is a head in featx's old format, a pickle, which can run code when loaded. "
               f"If you trust whoever wrote it, load it once with {TRUST_ENV}=1 (or load_head(path, "
@@ -330,7 +367,10 @@ def _check_legacy_signature(p: Path, header: dict, payload: bytes, trust: bool) 
     mac = header.get("hmac_sha256")
     if mac is None:
         raise HeadFileError(f"{p}: unsigned head file, not written by this featx. {opt_in}")
-    key, where = legacy_key()
+    try:
+        key, where = legacy_key()
+    except HeadKeyError as e:
+        raise HeadKeyError(f"{p}: {str(e).rstrip('.')}. {opt_in}") from None
     rest = {k: v for k, v in header.items() if k != "hmac_sha256"}
     if not hmac.compare_digest(str(mac), _mac(key, rest, payload)):
         raise HeadFileError(f"{p}: signature check failed: not signed with {where}, so it was "

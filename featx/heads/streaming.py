@@ -16,7 +16,6 @@ report.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -31,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from featx.embed.table import META_KEY
+from featx.embed.table import META_KEY, parse_meta
 from featx.errors import FeatXError, MismatchError
 from featx.progress import ProgressFn, no_progress
 
@@ -94,7 +93,7 @@ def _check_schemas(files: list[Path]) -> dict:
             raise FeatXError(f"{f}: not a labelled featx embeddings table (missing {sorted(missing)}); "
                              "extract an ImageFolder (root/<class>/<image>) to get labels")
         raw = (schema.metadata or {}).get(META_KEY)
-        m = json.loads(raw) if raw else {}
+        m = parse_meta(raw, f)
         if meta and m.get("fingerprint") != meta.get("fingerprint"):
             raise MismatchError(f"{f}: embeddings of backbone {m.get('fingerprint')}, but {files[0]} has "
                                 f"{meta.get('fingerprint')}; a head is trained on one backbone's embeddings")
