@@ -127,13 +127,15 @@ def fit_power_law(n: np.ndarray, err: np.ndarray, sigma: np.ndarray | None = Non
 
 
 def _needed(a: float, b: float, c: float, target: float) -> float | None:
-    """Smallest n with predicted recall >= target, or None when the floor forbids it."""
+    """Smallest n with predicted recall >= target, or None when the floor forbids it (or it
+    would take over a billion images)."""
     gap = (1.0 - target) - c
     if gap <= 0 or a <= 0:
         return None if a > 0 or c > 1.0 - target else 1.0
     if b <= 1e-6:
         return None
-    return float((a / gap) ** (1.0 / b))
+    log_n = math.log(a / gap) / b
+    return None if log_n > math.log(1e9) else max(1.0, math.exp(log_n))  # 1e9: never, in practice
 
 
 def default_sizes(max_per_class: int, points: int = 8, smallest: int = 2) -> list[int]:

@@ -50,7 +50,7 @@ from featx.heads.fit import fit_head, one_blas_thread
 from featx.predict import collect_files, runtime
 from featx.progress import ProgressFn, no_progress
 
-__all__ = ["STRATEGIES", "Pool", "SuggestResult", "check_destination", "load_pool", "select", "suggest",
+__all__ = ["STRATEGIES", "Pool", "SuggestResult", "check_destination", "load_pool", "rank", "select", "suggest",
            "write_suggestions"]
 
 log = logging.getLogger(__name__)
@@ -330,18 +330,9 @@ def suggest(pool: str | os.PathLike, labelled: str | os.PathLike, n: int, *, str
                          f"{len(cand)}")
     cand_idx = np.asarray(cand)
     t1 = time.perf_counter()
-    pipe, rep = fit_head(lab.X, lab.labels, C=C, seed=seed, progress=progress)
-    secs["fit"] = time.perf_counter() - t1
-    t2 = time.perf_counter()
-    progress("score", 0, len(cand_idx))
     Xc = pl.X[cand_idx]
-    with one_blas_thread():
-        proba = np.asarray(pipe.predict_proba(Xc), np.float64)
-    progress("score", len(cand_idx), len(cand_idx))
-    progress(strategy, 0, n)
-    picks, groups = select(proba, n, strategy, seed=seed, X=Xc, X_labelled=lab.X)
-    progress(strategy, n, n)
-    secs["choose"] = time.perf_counter() - t2
+    picks, groups, proba, rep = rank(lab.X, lab.labels, Xc, n, strategy, seed=seed, C=C, progress=progress)
+    secs["fit+choose"] = time.perf_counter() - t1
     classes = rep["classes"]
     mar, ent = margins(proba[picks]), entropies(proba[picks])
     rows = []
@@ -357,9 +348,27 @@ def suggest(pool: str | os.PathLike, labelled: str | os.PathLike, n: int, *, str
                      "runner_up_probability": float(proba[j, top[1]]) if len(top) > 1 else 0.0,
                      "cluster": int(g)})
     secs["total"] = time.perf_counter() - t0
-    head = {"C": rep.get("C"), "cv_accuracy": rep.get("cv_accuracy", rep.get("cv_score"))}
+    head = {"C": rep.get("C"), "cv_score": rep.get("cv_score_mean")}
     return SuggestResult(rows, strategy, seed, classes, len(pl.paths), already, repeats, len(lab),
                          head, {k: round(v, 3) for k, v in secs.items()}, pl.failures)
+
+
+def rank(X_labelled: np.ndarray, labels, X_pool: np.ndarray, n: int, strategy: str = "margin", *,
+         seed: int = 0, C: float | str = "auto",
+         progress: ProgressFn = no_progress) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """The core of ``suggest`` on arrays: fit the head on the labelled rows, score the pool rows
+    (all unlabelled), choose ``n``. Returns (picks best first, k-means group, pool
+    probabilities, the head's report with ``classes``)."""
+    pipe, rep = fit_head(X_labelled, labels, C=C, seed=seed, progress=progress)
+    progress("score", 0, len(X_pool))
+    with one_blas_thread():
+        proba = np.asarray(pipe.predict_proba(X_pool), np.float64)
+    progress("score", len(X_pool), len(X_pool))
+    progress(strategy, 0, n)
+    picks, groups = select(proba, n, strategy, seed=seed, X=X_pool, X_labelled=X_labelled)
+    progress(strategy, n, n)
+    rep["pipeline"] = pipe
+    return picks, groups, proba, rep
 
 
 def _reason(strategy: str, margin: float, entropy: float, group: int, first: str, second: str) -> str:

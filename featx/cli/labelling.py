@@ -61,7 +61,7 @@ def suggest_cmd(pool: Path, labelled: Path, n: int, out: Path, strategy: str, se
     lines = [f"{len(r.rows)} of {r.pool_size} pool images to label ({r.strategy}, seed {r.seed}); "
              f"{r.already_labelled} already labelled, {r.repeats} repeats skipped",
              f"  head on {r.labelled} labelled images (C={r.head['C']}); pool {s['pool']:.1f} s, "
-             f"fit {s['fit']:.1f} s, choose {s['choose']:.1f} s",
+             f"head + choice {s['fit+choose']:.1f} s",
              *[f"  {row['rank']:>3}. {row['path']}  {row['reason']}" for row in r.rows[:5]],
              *(["  ..."] if len(r.rows) > 5 else []),
              f"csv:      {r.csv}"]
