@@ -14,6 +14,7 @@ from featx.cli.cache import cache
 from featx.cli.extract import export, extract, models
 from featx.cli.finetune import compare_cmd, finetune_cmd
 from featx.cli.heads import evaluate_cmd, export_classifier_cmd, fit_head_cmd, predict_cmd
+from featx.cli.labelling import sufficiency_cmd, suggest_cmd
 from featx.cli.plot import plot_cmd
 from featx.cli.similarity import duplicates_cmd, neighbors_cmd
 from featx.errors import FeatXError
@@ -45,6 +46,8 @@ INTERRUPTED = {
     "compare": _CACHED,
     "fit-head": "no head was written (an existing head file is unchanged).",
     "neighbors": _CACHED,
+    "suggest": _CACHED + " No suggestions were written.",
+    "sufficiency": "nothing was written.",
 }
 
 
@@ -91,5 +94,6 @@ def _fixed_mmap_threshold() -> None:
 
 
 for _cmd in (models, export, extract, fit_head_cmd, predict_cmd, evaluate_cmd, export_classifier_cmd,
-             finetune_cmd, compare_cmd, cache, neighbors_cmd, duplicates_cmd, plot_cmd):
+             finetune_cmd, compare_cmd, cache, neighbors_cmd, duplicates_cmd, plot_cmd, suggest_cmd,
+             sufficiency_cmd):
     main.add_command(_cmd)

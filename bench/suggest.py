@@ -1,0 +1,113 @@
+"""Label efficiency of `featx suggest` on cached embeddings, and its speed on a big pool.
+
+    # curves: start 10 a class from the pool, rounds of 100, heads as suggest fits them
+    python bench/suggest.py curves POOL.featx.parquet TEST.featx.parquet \
+        --strategies margin,margin+diversity,random --seeds 0,1,2 --rounds 9 --out curves.json
+
+    # speed: suggest on a pool table of N rows (synthetic embeddings unless --pool is given)
+    python bench/suggest.py speed --rows 50000 --labelled LABELLED.featx.parquet
+
+The pool's labels play the oracle: each round the chosen images get their true label.
+Accuracy is on every image of TEST. Every round refits the head exactly as `featx
+suggest` does (featx.suggest.rank: logistic regression, C by cross-validation), and the
+same head is the one scored on TEST.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def curves(args) -> dict:
+    from featx.embed.table import read_table
+    from featx.heads.fit import one_blas_thread
+    from featx.sampling import per_class_subset
+    from featx.suggest import rank
+
+    pool, test = read_table(args.pool), read_table(args.test)
+    y = np.asarray(pool.labels)
+    yt = np.asarray(test.labels)
+    out: dict = {"pool": len(pool), "test": len(test), "start_per_class": args.start, "batch": args.batch,
+                 "rounds": args.rounds, "curves": {}}
+    for strategy in args.strategies.split(","):
+        per_seed = []
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            lab = list(per_class_subset(y, args.start, seed=seed))
+            sizes, accs = [], []
+            for r in range(args.rounds + 1):
+                mask = np.ones(len(y), bool)
+                mask[lab] = False
+                rest = np.flatnonzero(mask)
+                t0 = time.perf_counter()
+                n = args.batch if r < args.rounds else 1
+                picks, _, _, rep = rank(pool.X[lab], y[lab], pool.X[rest], n, strategy, seed=seed)
+                with one_blas_thread():
+                    pred = np.asarray(rep["classes"])[rep["pipeline"].predict(test.X)]
+                acc = float((pred == yt).mean())
+                sizes.append(len(lab))
+                accs.append(acc)
+                print(f"{strategy} seed {seed} labels {len(lab)}: {acc:.4f} (C={rep['C']}, "
+                      f"{time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+                if r < args.rounds:
+                    lab.extend(rest[picks].tolist())
+            per_seed.append(accs)
+        out["curves"][strategy] = {"labels": sizes, "accuracy_per_seed": per_seed,
+                                   "accuracy_mean": np.mean(per_seed, axis=0).round(4).tolist()}
+        Path(args.out).write_text(json.dumps(out, indent=2))
+    return out
+
+
+def speed(args) -> dict:
+    import tempfile
+
+    from featx.embed.table import EmbeddingTable, read_table, write_table
+    from featx.suggest import suggest
+
+    lab = read_table(args.labelled)
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as d:
+        # synthetic pool: labelled embeddings resampled with noise (same dim, same fingerprint)
+        idx = rng.integers(0, len(lab), args.rows)
+        X = (lab.X[idx] + rng.normal(0, lab.X.std() * 0.5, (args.rows, lab.X.shape[1]))).astype(np.float32)
+        keys = [f"synthetic{i:08d}" for i in range(args.rows)]
+        pool = write_table(Path(d) / "pool.featx.parquet",
+                           EmbeddingTable([f"img{i}.png" for i in range(args.rows)], [None] * args.rows, keys, X,
+                                          {**lab.meta, "root": d}))
+        res = {}
+        for strategy in args.strategies.split(","):
+            t0 = time.perf_counter()
+            r = suggest(pool, args.labelled, args.n, strategy=strategy)
+            res[strategy] = {"seconds": round(time.perf_counter() - t0, 2), "stages": r.seconds}
+            print(strategy, res[strategy], file=sys.stderr, flush=True)
+    return {"rows": args.rows, "labelled": len(lab), "n": args.n, "strategies": res}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    c = sub.add_parser("curves")
+    c.add_argument("pool")
+    c.add_argument("test")
+    c.add_argument("--strategies", default="margin,margin+diversity,random")
+    c.add_argument("--seeds", default="0,1,2")
+    c.add_argument("--start", type=int, default=10)
+    c.add_argument("--batch", type=int, default=100)
+    c.add_argument("--rounds", type=int, default=9)
+    c.add_argument("--out", default="suggest-curves.json")
+    s = sub.add_parser("speed")
+    s.add_argument("--labelled", required=True)
+    s.add_argument("--rows", type=int, default=50_000)
+    s.add_argument("-n", type=int, default=100)
+    s.add_argument("--strategies", default="margin,margin+diversity,margin+coreset,random")
+    args = ap.parse_args()
+    print(json.dumps(curves(args) if args.what == "curves" else speed(args)))
+
+
+if __name__ == "__main__":
+    main()
