@@ -8,7 +8,6 @@ and cached in the same store.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -21,6 +20,7 @@ import numpy as np
 
 from featx.atomic import result_file, write_text
 from featx.backbones.artifact import Backbone
+from featx.csvout import csv_writer
 from featx.embed.images import IMAGE_EXTENSIONS, array_to_pil, resize_crop
 from featx.embed.runtime import Encoder
 from featx.embed.scan import (
@@ -223,7 +223,7 @@ def write_predictions(result: PredictResult, out: str | os.PathLike, top_k: int 
                "failures": [{"path": display_path(p), "reason": r} for p, r in result.failures]}
         return write_text(out, json.dumps(doc, indent=2))
     buf = io.StringIO(newline="")
-    w = csv.writer(buf, delimiter="\t" if suffix == ".tsv" else ",")
+    w = csv_writer(buf, delimiter="\t" if suffix == ".tsv" else ",")
     head = ["path", "label", "probability"]
     for j in range(1, k + 1):
         head += [f"top{j}_class", f"top{j}_probability"]

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from featx.atomic import atomic_path
 from featx.embed import arrow
-from featx.embed.scan import display_path, is_utf8
+from featx.embed.scan import check_listing_types, display_path, is_utf8
 from featx.embed.store import embeddings_of
 from featx.errors import FeatXError
 
@@ -145,6 +145,7 @@ def read_table(path: str | os.PathLike) -> EmbeddingTable:
     missing = {"path", "key", "embedding"} - set(table.column_names)
     if missing:
         raise FeatXError(f"{path}: not a featx embeddings table (missing columns {sorted(missing)})")
+    check_listing_types(path, table.schema)
     raw = (table.schema.metadata or {}).get(META_KEY)
     if raw is None and path.is_dir():
         files = sorted(path.glob("*.parquet"))
