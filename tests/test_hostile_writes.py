@@ -212,3 +212,39 @@ def test_a_full_disk_during_export_is_one_line(tmp_path):
     r = run_with_file_limit(1 << 20, "export", "efficientnet_lite0", cwd=tmp_path, env=env)
     full_disk_line(r, str(tmp_path / "home" / "backbones"))
     assert not list((tmp_path / "home" / "backbones").iterdir())
+
+
+# ---- outputs that are not featx's, a FEATX_HOME that cannot be ---------------------------------
+
+def test_extract_out_never_replaces_a_file_that_is_not_a_table(image_folder, tmp_path):
+    from PIL import Image
+
+    from .helpers import photos, run_cli
+
+    victim = tmp_path / "victim.png"
+    Image.fromarray(photos()["chelsea"]).save(victim)
+    before = victim.read_bytes()
+    r = run_cli("extract", str(image_folder), "--out", str(victim), "-q", ok=False)
+    assert r.exit_code == 1 and "not a featx embeddings table" in r.output and "--force" in r.output
+    assert victim.read_bytes() == before
+    table = tmp_path / "t.featx.parquet"
+    run_cli("extract", str(image_folder), "--out", str(table), "-q")
+    run_cli("extract", str(image_folder), "--out", str(table), "-q")  # a table: replaced, as before
+    run_cli("extract", str(image_folder), "--out", str(victim), "-q", "--force")
+    assert victim.read_bytes() != before
+
+
+@pytest.mark.parametrize("kind", ["devnull", "file", "under-a-file", "read-only"])
+def test_an_unusable_featx_home_is_one_line(image_folder, tmp_path, kind):
+    from .helpers import unprivileged
+
+    home = {"devnull": "/dev/null", "file": str(tmp_path / "f"), "under-a-file": str(tmp_path / "f" / "home"),
+            "read-only": str(tmp_path / "ro")}[kind]
+    (tmp_path / "f").write_text("not a folder")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    cmd = unprivileged([sys.executable, "-m", "featx.cli", "extract", str(image_folder), "-q",
+                        "--out", str(tmp_path / "t.featx.parquet")])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                       env={**os.environ, "FEATX_HOME": home})
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"FEATX_HOME={home}: cannot use" in r.stderr and "set FEATX_HOME to a folder you can write" in r.stderr

@@ -105,6 +105,24 @@ def _rows(t: EmbeddingTable, raw: list[bytes | None], start: int, end: int, emb:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
+def check_table_overwrite(out: str | os.PathLike, force: bool = False) -> None:
+    """Refuse to replace ``out`` when it exists and is not a featx table, unless ``force``:
+    ``--out photo.png`` by mistake must not destroy the photo."""
+    out = Path(out)
+    if force or not out.exists():
+        return
+    if out.is_dir():
+        raise FeatXError(f"{out} is a folder; --out names the table file to write (e.g. train.featx.parquet)")
+    try:
+        schema = pq.read_schema(out)
+        ours = "embedding" in schema.names and META_KEY in (schema.metadata or {})
+    except Exception:  # not Parquet at all
+        ours = False
+    if not ours:
+        raise FeatXError(f"{out} already exists and is not a featx embeddings table; pass --force to "
+                         "replace it, or choose another --out")
+
+
 #: metadata fields that are text when present (others are left to their readers)
 TEXT_FIELDS = ("fingerprint", "backbone", "backbone_path", "root")
 
