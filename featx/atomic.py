@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from featx.errors import FeatXError
+from featx.errors import FeatXError, OutputError
 
 __all__ = ["TMP_SUFFIX", "atomic_path", "clean_stale_temporaries", "result_file", "save_figure", "write_bytes",
            "write_text"]
@@ -29,10 +29,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary path beside ``path``; on success it is fsynced and renamed to ``path``.
 
     The caller writes the temporary file by name (pyarrow, matplotlib, joblib...). On an
-    exception the temporary file is removed and ``path`` is left as it was.
+    exception the temporary file is removed and ``path`` is left as it was; a full disk
+    or an unwritable folder is an ``OutputError`` (a FeatXError and an OSError) naming ``path``.
     """
     dest = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=TMP_SUFFIX, dir=dest.parent or ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=TMP_SUFFIX, dir=dest.parent or ".")
+    except OSError as e:
+        if e.errno in OutputError.FULL + OutputError.DENIED:
+            raise OutputError(dest, e) from None
+        raise
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -41,6 +47,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, dest)
+    except OSError as e:
+        # a full disk while writing the temporary: one line naming the output, not a traceback
+        if isinstance(e, FeatXError) or e.errno not in OutputError.FULL:
+            raise
+        raise OutputError(dest, e) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()

@@ -14,7 +14,6 @@ It takes plain lists and arrays, so it sits below the jobs that produce them.
 
 from __future__ import annotations
 
-import csv
 import html
 import io
 import os
@@ -25,6 +24,7 @@ from urllib.parse import quote
 import numpy as np
 
 from featx.atomic import save_figure, write_text
+from featx.csvout import csv_writer
 from featx.embed.images import thumbnail
 from featx.embed.remote import is_url
 from featx.embed.scan import display_path
@@ -60,12 +60,12 @@ def image_outcomes(files: Sequence[str], truth: Sequence[str], pred: Sequence[st
 def write_predictions_csv(rows: list[dict], path: Path) -> Path:
     buf = io.StringIO(newline="")
     cols = ["path", "true", "predicted", "probability", "true_probability", "loss", "correct"]
-    w = csv.DictWriter(buf, fieldnames=cols)
+    w = csv_writer(buf)
     rows = [{**r, "path": display_path(r["path"])} for r in rows]  # non-UTF-8 names as \\xNN
-    w.writeheader()
+    w.writerow(cols)
     for r in rows:
-        w.writerow({**r, **{k: "" if r[k] is None else f"{r[k]:.6f}"
-                            for k in ("probability", "true_probability", "loss")}})
+        r = {**r, **{k: "" if r[k] is None else f"{r[k]:.6f}" for k in ("probability", "true_probability", "loss")}}
+        w.writerow(["" if r[c] is None else r[c] for c in cols])
     return write_text(path, buf.getvalue())
 
 

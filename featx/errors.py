@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class FeatXError(Exception):
     """Base class of every error featx raises on purpose."""
@@ -33,6 +36,29 @@ class ExportError(FeatXError):
 
 class StoreError(FeatXError):
     """The embedding store is unusable (wrong format version, unwritable, ...)."""
+
+
+class OutputError(FeatXError, OSError):
+    """An output file could not be written (disk full, folder not writable).
+
+    Also an ``OSError`` with the original ``errno`` and ``strerror``, so code that
+    handles write failures as OSError keeps working; its message is one line naming
+    the file, the reason and what to do.
+    """
+
+    FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    DENIED = (errno.EACCES, errno.EROFS, errno.EPERM)
+
+    def __init__(self, path: str | os.PathLike, err: OSError) -> None:
+        super().__init__(err.errno, err.strerror or str(err), os.fspath(path))
+
+    def __str__(self) -> str:
+        if self.errno in self.FULL:
+            return (f"cannot write {self.filename}: the disk is full (or a file size limit was hit: "
+                    f"{self.strerror}); free space or write elsewhere, and run the same command again")
+        if self.errno in self.DENIED:
+            return f"cannot write {self.filename}: its folder is not writable ({self.strerror})"
+        return f"cannot write {self.filename}: {self.strerror}"
 
 
 class MismatchError(FeatXError):

@@ -9,6 +9,7 @@ from pathlib import Path
 from featx.backbones.artifact import Backbone, with_decoder
 from featx.backbones.resolve import resolve_backbone
 from featx.embed.store import EmbeddingStore
+from featx.embed.table import check_table_overwrite
 from featx.engines.files import LocalEngine
 from featx.engines.result import Engine, ExtractJob, ExtractResult, default_out, finish, scan_images
 from featx.errors import FeatXError
@@ -41,7 +42,7 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
             write: bool = True,
             engine: str | Engine = "local", address: str | None = None,
             keep_embeddings: bool = True, follow_symlinks: bool = False,
-            features: str | None = None, crop: str | None = None) -> ExtractResult:
+            features: str | None = None, crop: str | None = None, force: bool = False) -> ExtractResult:
     """Embed every image under ``root`` (cached), write the table and a report.
 
     Parameters
@@ -74,12 +75,17 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
         their reason in the report (``<out>.report.json``) and ``result.stats.failures``,
         paths the scan left out (links not followed, folders that cannot be listed, ...)
         in the report and ``result.skipped``.
+    force : replace ``out`` even when it exists and is not a featx table (refused otherwise,
+        before any work).
     """
     runner = _engine(engine, address)
     if batch_size < 1:
         raise FeatXError(f"batch_size must be >= 1, got {batch_size}")
     t0 = time.perf_counter()
     root = Path(root)
+    out = out if out is not None else default_out(root)  # named after the folder or the table given
+    if write:
+        check_table_overwrite(out, force)
     progress("scan", 0, 0)
     found = scan_images(root, follow_symlinks)
     progress("backbone", 0, 0)
@@ -90,5 +96,4 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
                      batch_size=batch_size, workers=workers, device=device, draft=draft,
                      shard_size=shard_size, progress=progress)
     run = runner.run(job)
-    out = out if out is not None else default_out(root)  # named after the folder or the table given
     return finish(job, run, t0, out, write, engine=runner.name, keep_embeddings=keep_embeddings)

@@ -6,7 +6,6 @@ embedding store as ``featx extract``, so an image embedded once is never run aga
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
@@ -17,6 +16,7 @@ import numpy as np
 
 from featx.atomic import result_file, write_text
 from featx.backbones.artifact import Backbone
+from featx.csvout import csv_writer
 from featx.embed.scan import display_path
 from featx.engines.files import array_key, collect_files, embed_arrays, embed_paths, runtime
 from featx.errors import FeatXError
@@ -107,7 +107,7 @@ def write_predictions(result: PredictResult, out: str | os.PathLike, top_k: int 
                "failures": [{"path": display_path(p), "reason": r} for p, r in result.failures]}
         return write_text(out, json.dumps(doc, indent=2))
     buf = io.StringIO(newline="")
-    w = csv.writer(buf, delimiter="\t" if suffix == ".tsv" else ",")
+    w = csv_writer(buf, delimiter="\t" if suffix == ".tsv" else ",")
     head = ["path", "label", "probability"]
     for j in range(1, k + 1):
         head += [f"top{j}_class", f"top{j}_probability"]

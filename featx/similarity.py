@@ -16,7 +16,6 @@ against exact search on a sample of queries.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
@@ -30,6 +29,7 @@ import numpy as np
 
 from featx.atomic import result_file, write_text
 from featx.backbones.resolve import table_backbone
+from featx.csvout import csv_writer
 from featx.embed.scan import display_path, is_table_file, resolve_item_path
 from featx.embed.table import EmbeddingTable, read_table
 from featx.embed.table_checks import require_fingerprint, require_finite, require_same_backbone
@@ -368,7 +368,7 @@ def neighbors(query, table: str | os.PathLike | EmbeddingTable, k: int = 10, *,
 
 def _csv(rows: list[dict], columns: Sequence[str], tsv: bool) -> str:
     buf = io.StringIO(newline="")
-    w = csv.writer(buf, delimiter="\t" if tsv else ",")
+    w = csv_writer(buf, delimiter="\t" if tsv else ",")
     w.writerow(columns)
     for r in rows:
         w.writerow(["" if r[c] is None else f"{r[c]:.6f}" if isinstance(r[c], float) else r[c]

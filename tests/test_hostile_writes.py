@@ -69,3 +69,182 @@ def test_killed_writers_shard_temporary_goes_on_the_next_run(image_folder, lite0
     finally:
         live_writer.kill()
         live_writer.wait()
+
+
+# ---- two writers, one output -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_heads(lite0, tmp_path_factory):
+    """Two real heads on real photo embeddings whose one-file classifiers differ (class names)."""
+    from featx.heads.fit import fit_head
+    from featx.heads.headfile import save_head
+    from featx.predict import embed_arrays
+
+    from .helpers import photos
+
+    p = photos()
+    imgs = [p[n][i * 20:i * 20 + 300, i * 20:i * 20 + 300] for n in ("chelsea", "cat", "coffee", "rocket")
+            for i in range(3)]
+    X = embed_arrays([np.ascontiguousarray(a) for a in imgs], lite0, device="cpu")
+    root = tmp_path_factory.mktemp("heads")
+    heads = []
+    for names in (("cat", "thing"), ("animal", "object")):
+        y = [names[0]] * 6 + [names[1]] * 6
+        pipe, rep = fit_head(X, y, head="logreg", C=1.0)
+        heads.append(save_head(root / f"{names[0]}.joblib", pipe, rep["classes"], lite0, rep))
+    return heads
+
+
+class SlowDisk:
+    """Every writer's first open of a file in ``folder`` waits until both writers have opened
+    theirs: the two writes overlap, as on a slow disk. A real audit hook on the real ``open``."""
+
+    def __init__(self, folder, writers: int = 2) -> None:
+        import threading
+
+        self.folder, self.on = str(folder), False
+        self.barrier = threading.Barrier(writers, timeout=60)
+        self.seen = threading.local()
+        sys.addaudithook(self.hook)
+
+    def hook(self, event: str, args) -> None:
+        if not self.on or event != "open" or getattr(self.seen, "done", False):
+            return
+        path, mode, flags = args
+        writing = (mode and ("w" in mode or "+" in mode)) or (mode is None and flags & (os.O_WRONLY | os.O_RDWR))
+        if writing and os.path.dirname(os.fspath(path)) == self.folder:
+            self.seen.done = True
+            self.barrier.wait()
+
+
+def test_two_exports_to_one_out_leave_one_complete_classifier(two_heads, tmp_path):
+    """Issue 23 failure 3: the fixed temporary name let one writer rename the other's half-written
+    file (corrupt classifier.onnx, reported as a success) and the other die with FileNotFoundError."""
+    import json
+    import threading
+
+    import onnx
+
+    from featx.heads.onnx_classifier import export_classifier
+
+    out = tmp_path / "out" / "classifier.onnx"
+    out.parent.mkdir()
+    sizes = {}  # classes -> size of that head's classifier written alone (the bytes differ by a uuid)
+    for i, h in enumerate(two_heads):
+        info = export_classifier(h, tmp_path / f"alone{i}.onnx")
+        sizes[tuple(info["classes"])] = info["bytes"]
+    assert len(sizes) == 2
+    slow = SlowDisk(out.parent)
+    errors: list[BaseException] = []
+
+    def write(h) -> None:
+        try:
+            export_classifier(h, out)
+        except BaseException as e:  # reported below, with the other writer's outcome
+            errors.append(e)
+
+    slow.on = True
+    try:
+        threads = [threading.Thread(target=write, args=(h,)) for h in two_heads]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+    finally:
+        slow.on = False
+    assert not errors, errors
+    model = onnx.load(str(out))  # one writer's complete file, never a mix
+    onnx.checker.check_model(model)
+    classes = tuple(json.loads({p.key: p.value for p in model.metadata_props}["featx.classes"]))
+    assert out.stat().st_size == sizes[classes]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["classifier.onnx"]  # no temporaries left
+
+
+# ---- a full disk -------------------------------------------------------------------------------
+
+def run_with_file_limit(limit: int, *args: str, cwd, env=None) -> subprocess.CompletedProcess:
+    """``featx ARGS`` in a process that may not write files beyond ``limit`` bytes: the kernel
+    then fails its writes (EFBIG) exactly as a full disk does (ENOSPC), with no root needed."""
+    import resource
+    import signal
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write, do not kill the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run([sys.executable, "-m", "featx.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, preexec_fn=limited, env=env)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, two_heads):
+    """A labelled folder of photos, embedded once (so a later run only writes its outputs)."""
+    from .helpers import make_image_folder
+
+    root = tmp_path_factory.mktemp("full")
+    make_image_folder(root / "data", per_class=3)
+    r = subprocess.run([sys.executable, "-m", "featx.cli", "predict", str(two_heads[0]), "data", "-q",
+                        "--out", "warm.csv"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return root
+
+
+def full_disk_line(r: subprocess.CompletedProcess, what: str) -> None:
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert f"cannot write {what}" in r.stderr and "disk is full" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("command", ["predict", "export-classifier", "evaluate"])
+def test_a_full_disk_is_one_line_and_leaves_no_temporary(evaluated, two_heads, command):
+    head = str(two_heads[0])
+    args = {"predict": ["predict", head, "data", "--out", "out/p.csv"],
+            "export-classifier": ["export-classifier", head, "--out", "out/c.onnx"],
+            "evaluate": ["evaluate", head, "data", "--out-dir", "out", "--force"]}[command]
+    (evaluated / "out").mkdir(exist_ok=True)
+    r = run_with_file_limit(100, *args, "-q" if command != "export-classifier" else "--json", cwd=evaluated)
+    full_disk_line(r, "out/")
+    assert not [p.name for p in (evaluated / "out").iterdir()], "nothing half-written, no temporary"
+
+
+def test_a_full_disk_during_export_is_one_line(tmp_path):
+    env = {**os.environ, "FEATX_HOME": str(tmp_path / "home")}
+    r = run_with_file_limit(1 << 20, "export", "efficientnet_lite0", cwd=tmp_path, env=env)
+    full_disk_line(r, str(tmp_path / "home" / "backbones"))
+    assert not list((tmp_path / "home" / "backbones").iterdir())
+
+
+# ---- outputs that are not featx's, a FEATX_HOME that cannot be ---------------------------------
+
+def test_extract_out_never_replaces_a_file_that_is_not_a_table(image_folder, tmp_path):
+    from PIL import Image
+
+    from .helpers import photos, run_cli
+
+    victim = tmp_path / "victim.png"
+    Image.fromarray(photos()["chelsea"]).save(victim)
+    before = victim.read_bytes()
+    r = run_cli("extract", str(image_folder), "--out", str(victim), "-q", ok=False)
+    assert r.exit_code == 1 and "not a featx embeddings table" in r.output and "--force" in r.output
+    assert victim.read_bytes() == before
+    table = tmp_path / "t.featx.parquet"
+    run_cli("extract", str(image_folder), "--out", str(table), "-q")
+    run_cli("extract", str(image_folder), "--out", str(table), "-q")  # a table: replaced, as before
+    run_cli("extract", str(image_folder), "--out", str(victim), "-q", "--force")
+    assert victim.read_bytes() != before
+
+
+@pytest.mark.parametrize("kind", ["devnull", "file", "under-a-file", "read-only"])
+def test_an_unusable_featx_home_is_one_line(image_folder, tmp_path, kind):
+    from .helpers import unprivileged
+
+    home = {"devnull": "/dev/null", "file": str(tmp_path / "f"), "under-a-file": str(tmp_path / "f" / "home"),
+            "read-only": str(tmp_path / "ro")}[kind]
+    (tmp_path / "f").write_text("not a folder")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    cmd = unprivileged([sys.executable, "-m", "featx.cli", "extract", str(image_folder), "-q",
+                        "--out", str(tmp_path / "t.featx.parquet")])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                       env={**os.environ, "FEATX_HOME": home})
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"FEATX_HOME={home}: cannot use" in r.stderr and "set FEATX_HOME to a folder you can write" in r.stderr

@@ -28,7 +28,7 @@ from typing import Any
 
 from featx.atomic import TMP_SUFFIX, write_text
 from featx.backbones.cards import Preprocess
-from featx.errors import FeatXError, MismatchError
+from featx.errors import FeatXError, MismatchError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +325,10 @@ def building(dest: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         publish(tmp, dest)
+    except OSError as e:  # a full disk mid-export: one line naming the export, not a traceback
+        if isinstance(e, FeatXError) or e.errno not in OutputError.FULL:
+            raise
+        raise OutputError(dest, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

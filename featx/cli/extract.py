@@ -208,10 +208,11 @@ def _guard_lines(directory: Path, g) -> list[str]:
 @click.option("--follow-symlinks", is_flag=True,
               help="Follow links into other class folders and out of ROOT too (labels come from where the "
                    "link sits). By default those are skipped and listed in the report.")
+@click.option("--force", is_flag=True, help="Replace --out even if it is not a featx table.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @json_option
 def extract(root: Path, backbone, weights, features, crop, out, store, batch_size, workers, device,
-            shard_size, no_draft, decoder, engine, address, follow_symlinks, quiet, as_json) -> None:
+            shard_size, no_draft, decoder, engine, address, follow_symlinks, force, quiet, as_json) -> None:
     """Embed every image under ROOT (ImageFolder layout gives labels), reusing the cache.
 
     Instead of a folder, a CSV/TSV/Parquet TABLE with a `path` column (relative to the
@@ -225,7 +226,8 @@ def extract(root: Path, backbone, weights, features, crop, out, store, batch_siz
         r = run(root, backbone, out=out, store=store, weights=weights, batch_size=batch_size,
                 workers=workers, device=device, draft=not no_draft, decoder=decoder,
                 shard_size=shard_size, progress=p, engine=engine, address=address,
-                keep_embeddings=False, follow_symlinks=follow_symlinks, features=features, crop=crop)
+                keep_embeddings=False, follow_symlinks=follow_symlinks, features=features, crop=crop,
+                force=force)
     s = r.summary()
     rate = f", {s['images_per_second']} img/s" if s["images_per_second"] else ""
     lines = [

@@ -211,6 +211,9 @@ def resize_crop(img: Image.Image, spec: Preprocess, box: tuple[float, float, flo
     fine-tuning augmentation uses it, so training pixels come through the
     same resampling as inference pixels.
     """
+    if 0 in img.size:  # nothing to resize: a division by zero below
+        raise ImageError(getattr(img, "filename", "") or "<image>",
+                         f"empty image ({img.size[1]}x{img.size[0]} pixels)")
     resample = _RESAMPLE[spec.interpolation]
     s = spec.input_size
     if box is not None:
@@ -255,6 +258,8 @@ def array_to_pil(a: np.ndarray, name: str = "<array>") -> Image.Image:
     """A uint8 HxW or HxWx{1,3,4} array as an RGB PIL image."""
     if a.dtype != np.uint8:
         raise ImageError(name, f"array dtype must be uint8, got {a.dtype}")
+    if a.ndim in (2, 3) and 0 in a.shape[:2]:
+        raise ImageError(name, f"empty image ({a.shape[0]}x{a.shape[1]} pixels)")
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[:, :, 0]
     if a.ndim == 2:

@@ -409,12 +409,33 @@ def _read_listing(table: Path) -> tuple[list[str | None], list, Path]:
     if "path" not in t.column_names:
         raise FeatXError(f"{table}: no 'path' column (it has {', '.join(t.column_names) or 'no columns'}); "
                          "list the images in a column named path, labels (optional) in one named label")
+    check_listing_types(table, t.schema)
     paths = t.column("path").to_pylist()
     if "path_bytes" in t.column_names:  # a featx table: exact bytes of names that are not UTF-8
         paths = [p if b is None else os.fsdecode(b) for p, b in zip(paths, t.column("path_bytes").to_pylist(),
                                                                      strict=True)]
     labels = t.column("label").to_pylist() if "label" in t.column_names else [None] * len(paths)
     return paths, labels, _base_of(table, t.schema.metadata or {})
+
+
+def check_listing_types(table: Path, schema) -> None:
+    """Refuse listing columns of the wrong type (a Parquet file says its own types): one line,
+    not a TypeError from deep inside the scan."""
+    import pyarrow.types as pt
+
+    def refuse(col: str, want: str) -> FeatXError:
+        return FeatXError(f"{table}: the {col!r} column holds {schema.field(col).type} values, not {want}; "
+                          f"write {col} as {want}")
+
+    path_t = schema.field("path").type
+    if not (pt.is_string(path_t) or pt.is_large_string(path_t) or pt.is_null(path_t)):
+        raise refuse("path", "text (string)")
+    if "path_bytes" in schema.names:
+        b = schema.field("path_bytes").type
+        if not (pt.is_binary(b) or pt.is_large_binary(b) or pt.is_null(b)):
+            raise refuse("path_bytes", "bytes (binary)")
+    if "label" in schema.names and pt.is_nested(schema.field("label").type):
+        raise refuse("label", "text or numbers")
 
 
 def _base_of(table: Path, metadata: dict) -> Path:

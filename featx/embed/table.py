@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from featx.atomic import atomic_path
 from featx.embed import arrow
-from featx.embed.scan import display_path, is_utf8
+from featx.embed.scan import check_listing_types, display_path, is_utf8
 from featx.embed.store import embeddings_of
 from featx.errors import FeatXError
 
@@ -105,6 +105,24 @@ def _rows(t: EmbeddingTable, raw: list[bytes | None], start: int, end: int, emb:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
+def check_table_overwrite(out: str | os.PathLike, force: bool = False) -> None:
+    """Refuse to replace ``out`` when it exists and is not a featx table, unless ``force``:
+    ``--out photo.png`` by mistake must not destroy the photo."""
+    out = Path(out)
+    if force or not out.exists():
+        return
+    if out.is_dir():
+        raise FeatXError(f"{out} is a folder; --out names the table file to write (e.g. train.featx.parquet)")
+    try:
+        schema = pq.read_schema(out)
+        ours = "embedding" in schema.names and META_KEY in (schema.metadata or {})
+    except Exception:  # not Parquet at all
+        ours = False
+    if not ours:
+        raise FeatXError(f"{out} already exists and is not a featx embeddings table; pass --force to "
+                         "replace it, or choose another --out")
+
+
 #: metadata fields that are text when present (others are left to their readers)
 TEXT_FIELDS = ("fingerprint", "backbone", "backbone_path", "root")
 
@@ -145,6 +163,7 @@ def read_table(path: str | os.PathLike) -> EmbeddingTable:
     missing = {"path", "key", "embedding"} - set(table.column_names)
     if missing:
         raise FeatXError(f"{path}: not a featx embeddings table (missing columns {sorted(missing)})")
+    check_listing_types(path, table.schema)
     raw = (table.schema.metadata or {}).get(META_KEY)
     if raw is None and path.is_dir():
         files = sorted(path.glob("*.parquet"))

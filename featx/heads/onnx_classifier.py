@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from featx.atomic import write_bytes
 from featx.backbones.artifact import Backbone
 from featx.backbones.cards import Preprocess
-from featx.errors import ExportError
+from featx.errors import ExportError, OutputError
 from featx.heads.headfile import Head, head_backbone, load_head
 from featx.heads.proba import head_class_columns
 
@@ -143,8 +144,6 @@ def export_classifier(head: Head | str | os.PathLike, out: str | os.PathLike,
     backbone + sklearn head; a disagreement beyond ``check_tolerance`` (absolute,
     on probabilities) or in any label raises ExportError and nothing is written.
     """
-    import onnx
-
     from featx.backbones.export import parity_images
     from featx.embed.runtime import Encoder, make_session
     from featx.heads.proba import head_proba
@@ -168,10 +167,11 @@ def export_classifier(head: Head | str | os.PathLike, out: str | os.PathLike,
         raise ExportError(f"the merged classifier disagrees with backbone + head (max |dp| {diff:.2e}, "
                           f"labels {list(labels)} vs {ref_labels}); nothing written")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(out.parent, e) from None
+    write_bytes(out, data)  # a unique temporary, then a rename: concurrent exports cannot interleave
     return {"path": str(out), "bytes": out.stat().st_size, "input": sess.get_inputs()[0].name,
             "input_shape": ["batch", bb.preprocess.input_size, bb.preprocess.input_size, 3],
             "outputs": ["probabilities", "label"], "classes": classes,
