@@ -224,6 +224,11 @@ def _finetune_lines(s, device: str) -> list[str]:
            if best is not None and not math.isnan(best) else ""),
         f"validation: {plural(s['val_images'], 'image')} ({s['val_source']})",
     ]
+    if s["probe_val_acc"] is not None:
+        lines.append(f"linear probe (LP init, before any step): val accuracy {s['probe_val_acc']:.4f}")
+    if s["kept_probe"]:
+        lines.append("fine-tuning did not beat the linear probe on the validation split: the run "
+                     "exports the probe (best epoch 0) rather than a worse model")
     skipped = s["skipped"]
     if skipped:
         lines.append(f"skipped {plural(len(skipped), 'unreadable file')} (all listed in "

@@ -67,6 +67,8 @@ class RunSummary(Mapping):
     fingerprint: str | None
     head: str | None
     skipped: list[dict] = field(default_factory=list)  # {"path", "reason"} of files left out
+    probe_val_acc: float | None = None  # the LP probe (the network before any step) on the validation split
+    kept_probe: bool = False  # no epoch beat the probe on validation: the export is the probe
 
     def __getitem__(self, key: str) -> Any:
         if key not in self._names():
@@ -361,6 +363,7 @@ class _State:
     best_key: list | None = None
     bad: int = 0  # epochs since the best one
     stopped_early: bool = False
+    probe: dict | None = None  # {"val_acc", "val_loss"} of the LP probe, the "epoch 0" every epoch must beat
 
 
 def _status(job: TrainJob, state: str, epoch: int, **extra) -> None:
@@ -473,6 +476,9 @@ def _restore(job: TrainJob, net, trainer: _Trainer) -> _State:
     path = job.run_dir / "last.pt"
     tl.restore_checkpoint(ckpt, path, net, trainer.optimizer, trainer.scheduler)
     state = _State(ckpt["epoch"], ckpt["history"], ckpt["best_epoch"], ckpt["best_key"], ckpt["bad_epochs"])
+    probe = ckpt.get("probe")
+    if isinstance(probe, dict) and all(isinstance(probe.get(k), float) for k in ("val_acc", "val_loss")):
+        state.probe = {"val_acc": probe["val_acc"], "val_loss": probe["val_loss"]}
     sched = trainer.scheduler
     for g, base, lam in zip(trainer.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
         g["lr"] = base * lam(sched.last_epoch)  # the (possibly stretched) schedule at this step
@@ -519,11 +525,31 @@ def _record(job: TrainJob, model: _Model, trainer: _Trainer, state: _State, row:
     tl.atomic_save({"model": model.net.state_dict(), "optimizer": trainer.optimizer.state_dict(),
                     "scheduler": trainer.scheduler.state_dict(), "rng": tl.rng_state(), "epoch": epoch,
                     "history": state.history, "best_epoch": state.best_epoch, "best_key": state.best_key,
-                    "bad_epochs": state.bad}, job.run_dir / "last.pt")
+                    "bad_epochs": state.bad, "probe": state.probe}, job.run_dir / "last.pt")
     write_metrics(job.run_dir, state.history)
     _status(job, "training", epoch)
     if job.on_epoch is not None:
         job.on_epoch(dict(row, best_epoch=state.best_epoch))
+
+
+def _score_probe(job: TrainJob, model: _Model, trainer: _Trainer, state: _State) -> None:
+    """Validate the LP-initialised network (it is the probe, exactly) and make it the epoch to beat.
+
+    Fine-tuning that never beats the frozen probe on the validation split then
+    exports the probe (``best_epoch`` 0, ``kept_probe``) instead of a worse model.
+    """
+    from featx.finetune import loop as tl
+
+    if job.resumed or model.lp_report is None or trainer.val_loader is None:
+        return
+    row = tl.evaluate(model.net, trainer.val_loader, job.dev, trainer.val_loss_fn, job.progress)
+    state.probe = {"val_acc": float(row["val_acc"]), "val_loss": float(row["val_loss"])}
+    state.best_key, state.best_epoch = [row["val_acc"], -row["val_loss"]], 0
+    tl.atomic_save(model.net.state_dict(), job.run_dir / "best.pt")
+    model.lp_report["val_accuracy"] = state.probe["val_acc"]
+    write_json(job.run_dir / "lp_head.json", model.lp_report)
+    log.info("the LP probe scores %.4f on the validation split; fine-tuning must beat it",
+             state.probe["val_acc"])
 
 
 def _run_epochs(job: TrainJob, model: _Model, trainer: _Trainer, state: _State) -> None:
@@ -566,16 +592,21 @@ def _finish(job: TrainJob, model: _Model, state: _State) -> FinetuneResult:
                                                        state.best_epoch, card, cfg, model.weights_sha)
         job.progress("export", 1, 1)
     result.seconds = time.perf_counter() - job.t_start
-    result.summary = _summary(job, model, result)
+    result.summary = _summary(job, model, result, state.probe)
+    if result.summary.kept_probe:
+        log.warning("fine-tuning did not beat the linear probe on the validation split (probe %.4f, best "
+                    "epoch %.4f): the run exports the probe", state.probe["val_acc"],
+                    max(h["val_acc"] for h in state.history) if state.history else float("nan"))
     write_json(run_dir / "summary.json", result.summary.to_dict())
     _write_card(job, result)
     _status(job, "done", len(state.history))
     return result
 
 
-def _summary(job: TrainJob, model: _Model, result: FinetuneResult) -> RunSummary:
+def _summary(job: TrainJob, model: _Model, result: FinetuneResult, probe: dict | None) -> RunSummary:
     cfg, d = job.cfg, job.data
-    best = next((h for h in result.history if h["epoch"] == result.best_epoch), {})
+    kept = probe is not None and result.best_epoch == 0
+    best = probe if kept else next((h for h in result.history if h["epoch"] == result.best_epoch), {})
     return RunSummary(
         run_dir=str(job.run_dir), backbone=job.card.name, unfreeze=cfg.unfreeze,
         epochs_trained=len(result.history), epochs=cfg.epochs, best_epoch=result.best_epoch,
@@ -585,7 +616,8 @@ def _summary(job: TrainJob, model: _Model, result: FinetuneResult) -> RunSummary
         classes=d.train.classes, trainable_parameters=model.n_trainable, seconds=round(result.seconds, 2),
         fingerprint=result.backbone.fingerprint if result.backbone is not None else None,
         head=str(result.head_path) if result.head_path else None,
-        skipped=[{"path": p, "reason": r} for p, r in d.skipped])
+        skipped=[{"path": p, "reason": r} for p, r in d.skipped],
+        probe_val_acc=probe["val_acc"] if probe else None, kept_probe=kept)
 
 
 def _train(job: TrainJob) -> FinetuneResult:
@@ -600,5 +632,6 @@ def _train(job: TrainJob) -> FinetuneResult:
     log.info("training %d of %d parameters (unfreeze=%s) on %s", model.n_trainable,
              sum(p.numel() for p in model.net.parameters()), job.cfg.unfreeze, job.dev)
     _status(job, "training", state.start)
+    _score_probe(job, model, trainer, state)
     _run_epochs(job, model, trainer, state)
     return _finish(job, model, state)
