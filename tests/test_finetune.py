@@ -354,3 +354,18 @@ def test_a_fine_tune_that_loses_to_the_probe_exports_the_probe(data, tmp_path):
         want = torch.softmax(init.net.eval()(pix), 1).numpy()
     np.testing.assert_allclose(r.predict_proba(files.paths), want, atol=1e-4)
     assert json.loads((r.run_dir / "lp_head.json").read_text())["val_accuracy"] == r.summary.probe_val_acc
+
+
+def test_a_time_budget_chooses_the_epochs_from_the_first_steps(data, tmp_path):
+    plans = []
+    # 8 images at batch 1: the plan is made after the first steps of epoch 1; a one-second budget
+    # fits one epoch whatever the machine, so the run must stop there although epochs=5 was allowed
+    r = finetune(data, out=tmp_path / "b", device="cpu", on_plan=plans.append,
+                 **dict(TINY, batch_size=1, epochs=5, unfreeze=0, patience=None, time_budget=1.0))
+    assert len(plans) == 1 and plans[0]["epochs"] == 1 and plans[0]["epochs_cap"] == 5
+    assert plans[0]["images_per_second"] > 0 and plans[0]["seconds_per_epoch"] > 0
+    assert r.summary.plan == plans[0] and r.summary.epochs_trained == 1 and r.summary.epochs == 1
+    saved = json.loads((r.run_dir / "config.json").read_text())["config"]
+    assert saved["epochs"] == 1 and saved["time_budget"] == 1.0  # --resume continues the chosen run
+    with pytest.raises(FeatXError, match="time_budget must be > 0"):
+        finetune(data, out=tmp_path / "c", device="cpu", **dict(TINY, time_budget=0.0))

@@ -69,6 +69,7 @@ class RunSummary(Mapping):
     skipped: list[dict] = field(default_factory=list)  # {"path", "reason"} of files left out
     probe_val_acc: float | None = None  # the LP probe (the network before any step) on the validation split
     kept_probe: bool = False  # no epoch beat the probe on validation: the export is the probe
+    plan: dict | None = None  # how a time budget chose the epochs (``time_budget``)
 
     def __getitem__(self, key: str) -> Any:
         if key not in self._names():
@@ -175,6 +176,8 @@ class TrainJob:
     resumed: bool = False
     extended: bool = False  # a resumed run given more epochs
     command: str | None = None  # the command line, for the run's model card
+    plan: dict | None = None  # what a time budget chose, once the first steps are timed
+    on_plan: Callable[[dict], None] | None = None
 
 
 def _skip_summary(skipped: list[Skipped], what: str) -> str:
@@ -248,7 +251,8 @@ def finetune(data=None, *, val=None, out: str | os.PathLike | None = None,
              root: str | os.PathLike | None = None, device: str = "auto", loader_workers: int | None = None,
              workers: int | None = None, store: str | os.PathLike | None = None, export: bool = True,
              progress: ProgressFn = no_progress, on_epoch: Callable[[dict], None] | None = None,
-             command: str | None = None, **options) -> FinetuneResult:
+             on_plan: Callable[[dict], None] | None = None, command: str | None = None,
+             **options) -> FinetuneResult:
     """Fine-tune a backbone card on labelled images; returns the run (and writes its directory).
 
     Parameters
@@ -276,7 +280,9 @@ def finetune(data=None, *, val=None, out: str | os.PathLike | None = None,
     progress, on_epoch
         ``progress(stage, done, total)`` reports stages ``check`` (decoding the
         images once), ``verify`` (hashing them again on resume), ``embed``, ``lp-init``, ``epoch`` (batches), ``validate`` and
-        ``export``; ``on_epoch(row)`` gets each epoch's metrics.
+        ``export``; ``on_epoch(row)`` gets each epoch's metrics; with ``time_budget``
+        (seconds), ``on_plan(plan)`` gets the epochs chosen from the speed of the
+        first steps (also ``summary.plan``).
     command
         The command line, recorded in the run's model card (``RUN_DIR/README.md``,
         written when training starts and again with the final metrics at the end).
@@ -303,7 +309,7 @@ def finetune(data=None, *, val=None, out: str | os.PathLike | None = None,
         ckpt, extended = None, False
     job = TrainJob(cfg, card, tl.resolve_unfreeze(card, cfg.unfreeze), run_data, run_dir, dev, device,
                    loader_workers, store, export, progress, on_epoch, t_start, ckpt, resume is not None, extended,
-                   command)
+                   command, on_plan=on_plan)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_run(run_dir)
     try:
@@ -351,6 +357,7 @@ class _Trainer:
     workers: int
     pin: bool
     drop_last: bool
+    steps: int  # optimiser steps per epoch
 
 
 @dataclass
@@ -463,7 +470,7 @@ def _make_trainer(job: TrainJob, net) -> _Trainer:
         weight = torch.from_numpy(class_weights(train.labels, len(train.classes))).to(dev)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     return _Trainer(optimizer, scheduler, loss_fn, torch.nn.CrossEntropyLoss(), train_ds, val_loader,
-                    workers, pin, drop_last)
+                    workers, pin, drop_last, steps)
 
 
 def _restore(job: TrainJob, net, trainer: _Trainer) -> _State:
@@ -495,8 +502,11 @@ def _epoch(job: TrainJob, model: _Model, trainer: _Trainer, epoch: int) -> dict:
 
     cfg, t = job.cfg, trainer
     loader = make_loader(t.train_ds, cfg.batch_size, True, cfg.seed, epoch, t.workers, t.pin, t.drop_last)
+    on_steps = None
+    if cfg.time_budget is not None and job.plan is None and epoch == 1 and not job.resumed:
+        on_steps = (PLAN_STEPS, _planner(job, trainer, time.perf_counter() - job.t_start))
     row = {"epoch": epoch, **tl.run_epoch(model.net, loader, job.dev, t.loss_fn, t.optimizer, t.scheduler,
-                                          job.progress, model.bn_stats)}
+                                          job.progress, model.bn_stats, on_steps)}
     if row["images"] == 0:
         raise FeatXError(f"epoch {epoch}: none of the {len(job.data.train)} training images could be read "
                          f"(under {job.data.train.root}); did the data change during the run?")
@@ -507,6 +517,49 @@ def _epoch(job: TrainJob, model: _Model, trainer: _Trainer, epoch: int) -> dict:
     row["lr_head"] = lrs.get("head", lrs.get("head-nodecay"))
     row["lr_backbone"] = lrs.get("backbone", lrs.get("backbone-nodecay", 0.0))
     return row
+
+
+#: training steps timed (after the first) before a time budget chooses the number of epochs
+PLAN_STEPS = 10
+#: share of a time budget kept for the export at the end (ONNX export and parity checks)
+EXPORT_RESERVE = 0.05
+
+
+def _planner(job: TrainJob, trainer: _Trainer, spent: float) -> Callable[[int, int, float], None]:
+    """The ``on_steps`` callback that turns the speed of the first steps into a number of epochs.
+
+    ``spent`` is what the run used before its first epoch (image check, LP
+    init). An epoch costs its training images at the measured rate plus the
+    validation images at a third of it (a forward pass, no backward). The
+    epochs that fit what is left, less a reserve for the export, are at
+    least 1 and at most ``cfg.epochs``; the cosine schedule is rebuilt for
+    them (still inside the first epoch's warmup, so nothing jumps).
+    """
+    from featx.finetune import loop as tl
+
+    cfg = job.cfg
+
+    def plan(steps: int, images: int, seconds: float) -> None:
+        per_image = seconds / max(images, 1)
+        n_val = len(job.data.val) if job.data.val is not None else 0
+        epoch_s = per_image * (len(job.data.train) + n_val / 3)
+        left = cfg.time_budget * (1 - EXPORT_RESERVE) - spent
+        fits = int(left // epoch_s) if epoch_s > 0 else cfg.epochs
+        epochs = max(1, min(cfg.epochs, fits))
+        job.plan = {"time_budget_s": cfg.time_budget, "timed_steps": steps, "images_per_second": 1 / per_image,
+                    "seconds_per_epoch": round(epoch_s, 1), "seconds_before_training": round(spent, 1),
+                    "epochs_that_fit": fits, "epochs": epochs, "epochs_cap": cfg.epochs}
+        cfg.epochs = epochs
+        f = tl.warmup_cosine(epochs * trainer.steps, round(cfg.warmup_epochs * trainer.steps))
+        trainer.scheduler.lr_lambdas = [f] * len(trainer.optimizer.param_groups)
+        save_extended_config(job.run_dir, cfg)  # a --resume continues with the chosen epochs
+        log.info("time budget %.0f s: %.1f training images/s over %d steps, %.0f s an epoch, %.0f s "
+                 "spent before training: %d epoch%s", cfg.time_budget, 1 / per_image, steps, epoch_s, spent,
+                 epochs, "" if epochs == 1 else "s")
+        if job.on_plan is not None:
+            job.on_plan(dict(job.plan))
+
+    return plan
 
 
 def _record(job: TrainJob, model: _Model, trainer: _Trainer, state: _State, row: dict) -> None:
@@ -556,11 +609,13 @@ def _run_epochs(job: TrainJob, model: _Model, trainer: _Trainer, state: _State) 
     """Epochs ``start+1 .. epochs``, stopping after ``patience`` epochs without improvement (0: never)."""
     patience = job.cfg.patience
     try:
-        for epoch in range(state.start + 1, job.cfg.epochs + 1):
+        epoch = state.start + 1
+        while epoch <= job.cfg.epochs:  # not a range: a time budget sets the epochs during the first
             if patience and state.bad >= patience:
                 state.stopped_early = True
                 break
             _record(job, model, trainer, state, _epoch(job, model, trainer, epoch))
+            epoch += 1
     except KeyboardInterrupt:
         done = state.history[-1]["epoch"] if state.history else state.start
         _status(job, "interrupted", done)
@@ -617,7 +672,7 @@ def _summary(job: TrainJob, model: _Model, result: FinetuneResult, probe: dict |
         fingerprint=result.backbone.fingerprint if result.backbone is not None else None,
         head=str(result.head_path) if result.head_path else None,
         skipped=[{"path": p, "reason": r} for p, r in d.skipped],
-        probe_val_acc=probe["val_acc"] if probe else None, kept_probe=kept)
+        probe_val_acc=probe["val_acc"] if probe else None, kept_probe=kept, plan=job.plan)
 
 
 def _train(job: TrainJob) -> FinetuneResult:
