@@ -153,8 +153,17 @@ def test_run_exports_backbone_head_and_classifier(run, data):
     assert head.classes == ["cat", "thing"] and head.fingerprint == bb.fingerprint
     import onnxruntime as ort
 
-    p_cls = ort.InferenceSession(str(d / "classifier.onnx")).run(None, {"pixels": pix})[0]
+    sess = ort.InferenceSession(str(d / "classifier.onnx"))
+    p_cls = sess.run(None, {"pixels": pix})[0]
     np.testing.assert_allclose(p_cls, p_net, atol=1e-3)
+    # the same kind of file as export-classifier's: a label output and featx.* metadata (issue 27 item 5)
+    probs, labels = sess.run(["probabilities", "label"], {"pixels": pix})
+    assert [str(v) for v in labels] == [head.classes[j] for j in probs.argmax(1)]
+    meta = sess.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["featx.classes"]) == ["cat", "thing"]
+    assert json.loads(meta["featx.preprocess"])["input_size"] == 64
+    assert meta["featx.fingerprint"] == bb.fingerprint and "64 x 64" in meta["featx.preprocess_recipe"]
+    assert meta["featx.head_sha256"] == head.meta["payload_sha256"]
 
 
 def test_interrupt_then_resume_matches_an_uninterrupted_run(data, tmp_path):
@@ -324,3 +333,39 @@ def test_config_takes_a_path_to_weights():
     cfg = FinetuneConfig(weights=Path("/ckpt/model.pth"))
     cfg.validate_types()  # the type check that guards config.json also accepts a Path given in Python
     assert cfg.weights == "/ckpt/model.pth"
+
+
+def test_a_fine_tune_that_loses_to_the_probe_exports_the_probe(data, tmp_path):
+    # heavy label smoothing pulls the layer towards uniform probabilities: no epoch can beat the LP
+    # probe's validation accuracy with a lower loss, so the run must export the probe (the network
+    # before any step), not a worse model, and say so
+    opts = dict(TINY, epochs=2, unfreeze=0, val_fraction=0.25, patience=None, lr=0.05, label_smoothing=0.95)
+    r = finetune(data, out=tmp_path / "r", device="cpu", **opts)
+    assert all(h["val_loss"] > 0.3 for h in r.history)  # the epochs really are worse than the probe
+    assert r.summary.kept_probe and r.best_epoch == 0
+    assert r.summary.probe_val_acc is not None and r.summary.best_val_acc == r.summary.probe_val_acc
+    from featx.finetune.data import LabelledFiles
+
+    train = LabelledFiles.from_dict(json.loads((r.run_dir / "split.json").read_text())["train"])
+    init = init_network(FinetuneConfig(input_size=64, lp_C=1.0), train, device="cpu")  # the run's probe
+    files = labelled_files(data)
+    pix = torch.from_numpy(np.stack([load_image(p, r.preprocess) for p in files.paths]))
+    with torch.no_grad():
+        want = torch.softmax(init.net.eval()(pix), 1).numpy()
+    np.testing.assert_allclose(r.predict_proba(files.paths), want, atol=1e-4)
+    assert json.loads((r.run_dir / "lp_head.json").read_text())["val_accuracy"] == r.summary.probe_val_acc
+
+
+def test_a_time_budget_chooses_the_epochs_from_the_first_steps(data, tmp_path):
+    plans = []
+    # 8 images at batch 1: the plan is made after the first steps of epoch 1; a one-second budget
+    # fits one epoch whatever the machine, so the run must stop there although epochs=5 was allowed
+    r = finetune(data, out=tmp_path / "b", device="cpu", on_plan=plans.append,
+                 **dict(TINY, batch_size=1, epochs=5, unfreeze=0, patience=None, time_budget=1.0))
+    assert len(plans) == 1 and plans[0]["epochs"] == 1 and plans[0]["epochs_cap"] == 5
+    assert plans[0]["images_per_second"] > 0 and plans[0]["seconds_per_epoch"] > 0
+    assert r.summary.plan == plans[0] and r.summary.epochs_trained == 1 and r.summary.epochs == 1
+    saved = json.loads((r.run_dir / "config.json").read_text())["config"]
+    assert saved["epochs"] == 1 and saved["time_budget"] == 1.0  # --resume continues the chosen run
+    with pytest.raises(FeatXError, match="time_budget must be > 0"):
+        finetune(data, out=tmp_path / "c", device="cpu", **dict(TINY, time_budget=0.0))

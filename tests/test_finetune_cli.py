@@ -145,3 +145,14 @@ def test_workers_is_a_deprecated_name_for_loader_workers(tmp_path):
     assert r.exit_code == 1 and "--workers is deprecated" not in r.stderr
     r = CliRunner().invoke(main, ["finetune", str(bad), "--root", str(bad)])
     assert r.exit_code == 2 and "--root finds the data of a run that moved" in r.output
+
+
+def test_time_budget_takes_durations_and_refuses_nonsense(data, tmp_path):
+    from featx.cli.finetune import DurationParam
+
+    d = DurationParam()
+    assert [d.convert(v, None, None) for v in ("600", "90s", "30m", "1.5h")] == [600, 90, 1800, 5400]
+    for bad in ("soon", "-5m", "0"):
+        r = CliRunner().invoke(main, ["finetune", str(data), "--time-budget", bad, "--out", str(tmp_path / "x")])
+        assert r.exit_code == 2 and "--time-budget" in r.output, r.output
+        assert not (tmp_path / "x").exists()

@@ -49,6 +49,32 @@ class UnfreezeParam(click.ParamType):
         return k
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+class DurationParam(click.ParamType):
+    """Seconds, written ``90``, ``90s``, ``30m``, ``1.5h``."""
+
+    name = "DURATION"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return float(value)
+        text = str(value).strip().lower()
+        unit = _DURATION_UNITS.get(text[-1:])
+        try:
+            secs = float(text[:-1] if unit else text) * (unit or 1)
+        except ValueError:
+            self.fail(f"{value!r} is not a duration (e.g. 600, 90s, 30m, 1.5h)", param, ctx)
+        if not secs > 0 or math.isinf(secs):
+            self.fail(f"must be a positive duration, got {value!r}", param, ctx)
+        return secs
+
+
+#: the most epochs --time-budget may choose when --epochs is not given
+BUDGET_MAX_EPOCHS = 100
+
+
 class EpochProgress(Progress):
     """The shared progress bar, plus one line per finished epoch (loss, accuracy, images/s)."""
 
@@ -63,6 +89,17 @@ class EpochProgress(Progress):
         line = (f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
                 f"{val}  {row['images_per_second']:.1f} img/s"
                 + ("  *best" if row.get("best_epoch") == row["epoch"] else ""))
+        self._say(line)
+
+    def plan_done(self, plan: dict) -> None:
+        if self.lines:
+            self._say(f"time budget {plan['time_budget_s']:.0f} s: {plan['images_per_second']:.1f} training "
+                      f"images/s over the first {plan['timed_steps']} steps, about {plan['seconds_per_epoch']:.0f} s "
+                      f"an epoch after {plan['seconds_before_training']:.0f} s of preparation: "
+                      f"{plan['epochs']} epochs" + (f" (capped by --epochs; {plan['epochs_that_fit']} would fit)"
+                                                    if plan["epochs_that_fit"] > plan["epochs"] else ""))
+
+    def _say(self, line: str) -> None:
         if self.bar is not None:
             self.bar.write(line, file=sys.stderr)
         else:
@@ -72,7 +109,8 @@ class EpochProgress(Progress):
 # the options saved in a run's config.json; with --resume only epochs may be given
 _RUN_OPTIONS = ("train", "val", "backbone", "weights", "unfreeze", "epochs", "lr", "backbone_lr", "batch_size",
                 "weight_decay", "warmup_epochs", "label_smoothing", "class_weight", "patience",
-                "val_fraction", "no_lp_init", "lp_C", "input_size", "crop_scale", "bn_stats", "seed")
+                "val_fraction", "no_lp_init", "lp_C", "input_size", "crop_scale", "bn_stats", "seed",
+                "time_budget")
 
 
 def _quiet(f):
@@ -93,7 +131,12 @@ def _quiet(f):
               help="Local checkpoint (.pth state dict) to start from instead of the card's weights.")
 @click.option("--unfreeze", type=UnfreezeParam(), default=2, show_default=True,
               help="Top blocks of the card to train with the head: 0 = linear probe, all = everything.")
-@click.option("--epochs", type=click.IntRange(1, 10000), default=10, show_default=True)
+@click.option("--epochs", type=click.IntRange(1, 10000), default=10, show_default=True,
+              help=f"Epochs to train; with --time-budget, the most it may choose (default then "
+                   f"{BUDGET_MAX_EPOCHS}).")
+@click.option("--time-budget", type=DurationParam(), default=None, metavar="DURATION",
+              help="Wall time for the whole run (e.g. 30m, 1h, 600s): the epochs are chosen from the "
+                   "measured speed of the first training steps, and the command says what it chose.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True,
               help="Peak learning rate of the new linear layer.")
 @click.option("--backbone-lr", type=click.FloatRange(0), default=None,
@@ -133,7 +176,7 @@ def _quiet(f):
 @store_option
 @_quiet
 @json_option
-def finetune_cmd(train, val, out, resume, backbone, weights, unfreeze, epochs, lr, backbone_lr,
+def finetune_cmd(train, val, out, resume, backbone, weights, unfreeze, epochs, time_budget, lr, backbone_lr,
                  batch_size, weight_decay, warmup_epochs, label_smoothing, class_weight, patience,
                  val_fraction, no_lp_init, lp_C, input_size, crop_scale, bn_stats, seed, loader_workers,
                  old_workers, root, device, store, quiet, as_json):
@@ -163,8 +206,11 @@ def finetune_cmd(train, val, out, resume, backbone, weights, unfreeze, epochs, l
     if resume is not None:
         options = _resume_options(click.get_current_context(), epochs)
     else:
+        if time_budget is not None and click.get_current_context().get_parameter_source("epochs") in (
+                None, ParameterSource.DEFAULT):
+            epochs = BUDGET_MAX_EPOCHS
         options = dict(
-            backbone=backbone, weights=weights, unfreeze=unfreeze, epochs=epochs,
+            backbone=backbone, weights=weights, unfreeze=unfreeze, epochs=epochs, time_budget=time_budget,
             lr=lr, backbone_lr=backbone_lr, batch_size=batch_size, weight_decay=weight_decay,
             warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
             class_weight=None if class_weight == "none" else class_weight,
@@ -174,6 +220,7 @@ def finetune_cmd(train, val, out, resume, backbone, weights, unfreeze, epochs, l
     try:
         r = finetune(train, val=val, out=out, resume=resume, root=root, device=device,
                      loader_workers=loader_workers, store=store, progress=p, on_epoch=p.epoch_done,
+                     on_plan=p.plan_done,
                      command=command_line(sys.argv[1:]), **options)
     except FinetuneInterrupted as e:
         p.close()
@@ -224,6 +271,14 @@ def _finetune_lines(s, device: str) -> list[str]:
            if best is not None and not math.isnan(best) else ""),
         f"validation: {plural(s['val_images'], 'image')} ({s['val_source']})",
     ]
+    if s["probe_val_acc"] is not None:
+        lines.append(f"linear probe (LP init, before any step): val accuracy {s['probe_val_acc']:.4f}")
+    if s["plan"]:
+        lines.append(f"time budget {s['plan']['time_budget_s']:.0f} s: chose {plural(s['plan']['epochs'], 'epoch')} "
+                     f"({s['plan']['seconds_per_epoch']:.0f} s each at the measured speed)")
+    if s["kept_probe"]:
+        lines.append("fine-tuning did not beat the linear probe on the validation split: the run "
+                     "exports the probe (best epoch 0) rather than a worse model")
     skipped = s["skipped"]
     if skipped:
         lines.append(f"skipped {plural(len(skipped), 'unreadable file')} (all listed in "

@@ -41,6 +41,8 @@ class FinetuneConfig:
     crop_scale: float = 0.08  # smallest area fraction of the random crop (RandomResizedCrop scale)
     bn_stats: bool | None = None  # update BatchNorm statistics of trained blocks; None: only from scratch
     seed: int = 0
+    # seconds for the whole run: epochs (at most ``epochs``) are chosen from the speed of the first steps
+    time_budget: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.weights, os.PathLike):  # a Path to a checkpoint is as good as its string
@@ -92,6 +94,8 @@ class FinetuneConfig:
             raise FeatXError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
         if self.input_size is not None and not 16 <= self.input_size <= 1024:
             raise FeatXError(f"input_size must be in 16..1024, got {self.input_size}")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise FeatXError(f"time_budget must be > 0 seconds, got {self.time_budget}")
         if self.lp_init and not self.pretrained:
             raise FeatXError("LP init needs pretrained weights; pass lp_init=False to train from scratch")
 

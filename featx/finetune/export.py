@@ -64,37 +64,55 @@ def export_run(net, run_dir: Path, classes: list[str], history: list[dict], best
     head_path = save_head(run_dir / "head.joblib", pipe, classes, backbone, {
         "head": "finetuned-linear", "source": "featx finetune", "n_train": None,
         "best_epoch": best_epoch, "val_acc": best.get("val_acc"), "unfreeze": cfg.unfreeze})
-    export_network_classifier(net, card.preprocess, classes, run_dir, backbone.fingerprint)
+    from featx.heads.headfile import load_head
+
+    export_network_classifier(net, backbone, classes, run_dir,
+                              load_head(head_path).meta.get("payload_sha256", ""))
     return backbone, head_path
 
 
-def export_network_classifier(net, pre: Preprocess, classes: list[str], run_dir: Path,
-                              fingerprint: str) -> Path:
+def export_network_classifier(net, backbone: Backbone, classes: list[str], run_dir: Path,
+                              head_sha256: str = "") -> Path:
     """A run's classifier.onnx: the fine-tuned torch network traced whole, parity-checked.
 
-    uint8 NHWC pixels -> class probabilities, with the classes in classifier.json.
-    (``featx.heads.onnx_classifier.export_classifier`` builds the same contract from a
-    backbone ONNX and a sklearn head; this one starts from the torch network.)
+    uint8 NHWC pixels -> ``probabilities`` and ``label``, with the same ``featx.*``
+    metadata (classes, preprocessing spec and recipe, fingerprint) as the file
+    ``featx export-classifier`` writes (``featx.heads.onnx_classifier``), so the
+    docs' "without featx" code runs on either. ``backbone`` is the run's exported
+    backbone: its preprocessing and fingerprint go into the metadata.
     """
+    import onnx
     import onnxruntime as ort
     import torch
 
     from featx.backbones.export import export_module, parity_images
+    from featx.heads.onnx_classifier import add_label_output, set_classifier_metadata
 
+    pre = backbone.preprocess
     model = torch.nn.Sequential(net, torch.nn.Softmax(dim=1)).eval()
     dest = run_dir / "classifier.onnx"
     with atomic_path(dest) as tmp:  # published only if the parity check passes
         export_module(model, pre, tmp, output_name="probabilities")
+        proto = onnx.load(str(tmp))
+        add_label_output(proto, "probabilities", classes)
+        set_classifier_metadata(proto, backbone, classes, head_sha256)
+        proto.graph.name = f"featx_classifier_{backbone.name}"
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
         x = parity_images(pre)
         with torch.no_grad():
             ref = model(torch.from_numpy(x)).numpy()
-        got = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"]).run(None, {"pixels": x})[0]
+        sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        got, labels = sess.run(["probabilities", "label"], {"pixels": x})
         diff = float(np.abs(got - ref).max())
         if diff > 1e-4:
             raise FeatXError(f"classifier.onnx disagrees with torch (max prob diff {diff:.3g})")
+        if [str(v) for v in labels] != [classes[j] for j in got.argmax(1)]:
+            raise FeatXError("classifier.onnx: its label output is not the argmax of its probabilities")
     write_json(run_dir / "classifier.json", {"classes": classes, "preprocess": pre.to_dict(),
                                               "input": {"name": "pixels", "dtype": "uint8", "layout": "NHWC"},
-                                              "output": "probabilities", "backbone_fingerprint": fingerprint,
+                                              "outputs": ["probabilities", "label"],
+                                              "backbone_fingerprint": backbone.fingerprint,
                                               "parity_max_abs_diff": diff})
     return dest
 

@@ -157,14 +157,21 @@ def autocast(dev: torch.device):
 
 
 def run_epoch(net: FineTuneNet, loader, dev: torch.device, loss_fn, optimizer, scheduler,
-              progress: Callable[[str, int, int], None], bn_stats: bool = False) -> dict:
-    """One training epoch; returns loss, accuracy, images and images/s."""
+              progress: Callable[[str, int, int], None], bn_stats: bool = False,
+              on_steps: tuple[int, Callable[[int, int, float], None]] | None = None) -> dict:
+    """One training epoch; returns loss, accuracy, images and images/s.
+
+    ``on_steps=(k, f)`` calls ``f(steps, images, seconds)`` once, after step ``k``
+    (or at the end of a shorter epoch), timed from the end of the first step so
+    that one-off warm-up costs do not count: what a time budget plans with.
+    """
     train_mode(net, bn_stats)
     total = len(loader)
     n = correct = 0
     loss_sum = 0.0
     t0 = time.perf_counter()
     progress("epoch", 0, total)
+    t_first = n_first = None
     for b, batch in enumerate(loader):
         if batch is None:
             continue
@@ -182,6 +189,12 @@ def run_epoch(net: FineTuneNet, loader, dev: torch.device, loss_fn, optimizer, s
         loss_sum += float(loss.detach()) * len(y)
         correct += int((logits.argmax(1) == y).sum())
         progress("epoch", b + 1, total)
+        if on_steps is not None:
+            if t_first is None:
+                t_first, n_first, b_first = time.perf_counter(), n, b
+            elif b - b_first >= on_steps[0] or b + 1 == total:
+                on_steps[1](b - b_first, n - n_first, time.perf_counter() - t_first)
+                on_steps = None
     secs = time.perf_counter() - t0
     return {"train_loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1), "images": n,
             "seconds": secs, "images_per_second": n / secs if secs > 0 else 0.0}

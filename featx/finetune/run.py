@@ -67,6 +67,9 @@ class RunSummary(Mapping):
     fingerprint: str | None
     head: str | None
     skipped: list[dict] = field(default_factory=list)  # {"path", "reason"} of files left out
+    probe_val_acc: float | None = None  # the LP probe (the network before any step) on the validation split
+    kept_probe: bool = False  # no epoch beat the probe on validation: the export is the probe
+    plan: dict | None = None  # how a time budget chose the epochs (``time_budget``)
 
     def __getitem__(self, key: str) -> Any:
         if key not in self._names():
@@ -173,6 +176,8 @@ class TrainJob:
     resumed: bool = False
     extended: bool = False  # a resumed run given more epochs
     command: str | None = None  # the command line, for the run's model card
+    plan: dict | None = None  # what a time budget chose, once the first steps are timed
+    on_plan: Callable[[dict], None] | None = None
 
 
 def _skip_summary(skipped: list[Skipped], what: str) -> str:
@@ -246,7 +251,8 @@ def finetune(data=None, *, val=None, out: str | os.PathLike | None = None,
              root: str | os.PathLike | None = None, device: str = "auto", loader_workers: int | None = None,
              workers: int | None = None, store: str | os.PathLike | None = None, export: bool = True,
              progress: ProgressFn = no_progress, on_epoch: Callable[[dict], None] | None = None,
-             command: str | None = None, **options) -> FinetuneResult:
+             on_plan: Callable[[dict], None] | None = None, command: str | None = None,
+             **options) -> FinetuneResult:
     """Fine-tune a backbone card on labelled images; returns the run (and writes its directory).
 
     Parameters
@@ -274,7 +280,9 @@ def finetune(data=None, *, val=None, out: str | os.PathLike | None = None,
     progress, on_epoch
         ``progress(stage, done, total)`` reports stages ``check`` (decoding the
         images once), ``verify`` (hashing them again on resume), ``embed``, ``lp-init``, ``epoch`` (batches), ``validate`` and
-        ``export``; ``on_epoch(row)`` gets each epoch's metrics.
+        ``export``; ``on_epoch(row)`` gets each epoch's metrics; with ``time_budget``
+        (seconds), ``on_plan(plan)`` gets the epochs chosen from the speed of the
+        first steps (also ``summary.plan``).
     command
         The command line, recorded in the run's model card (``RUN_DIR/README.md``,
         written when training starts and again with the final metrics at the end).
@@ -301,7 +309,7 @@ def finetune(data=None, *, val=None, out: str | os.PathLike | None = None,
         ckpt, extended = None, False
     job = TrainJob(cfg, card, tl.resolve_unfreeze(card, cfg.unfreeze), run_data, run_dir, dev, device,
                    loader_workers, store, export, progress, on_epoch, t_start, ckpt, resume is not None, extended,
-                   command)
+                   command, on_plan=on_plan)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_run(run_dir)
     try:
@@ -349,6 +357,7 @@ class _Trainer:
     workers: int
     pin: bool
     drop_last: bool
+    steps: int  # optimiser steps per epoch
 
 
 @dataclass
@@ -361,6 +370,7 @@ class _State:
     best_key: list | None = None
     bad: int = 0  # epochs since the best one
     stopped_early: bool = False
+    probe: dict | None = None  # {"val_acc", "val_loss"} of the LP probe, the "epoch 0" every epoch must beat
 
 
 def _status(job: TrainJob, state: str, epoch: int, **extra) -> None:
@@ -460,7 +470,7 @@ def _make_trainer(job: TrainJob, net) -> _Trainer:
         weight = torch.from_numpy(class_weights(train.labels, len(train.classes))).to(dev)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     return _Trainer(optimizer, scheduler, loss_fn, torch.nn.CrossEntropyLoss(), train_ds, val_loader,
-                    workers, pin, drop_last)
+                    workers, pin, drop_last, steps)
 
 
 def _restore(job: TrainJob, net, trainer: _Trainer) -> _State:
@@ -473,6 +483,9 @@ def _restore(job: TrainJob, net, trainer: _Trainer) -> _State:
     path = job.run_dir / "last.pt"
     tl.restore_checkpoint(ckpt, path, net, trainer.optimizer, trainer.scheduler)
     state = _State(ckpt["epoch"], ckpt["history"], ckpt["best_epoch"], ckpt["best_key"], ckpt["bad_epochs"])
+    probe = ckpt.get("probe")
+    if isinstance(probe, dict) and all(isinstance(probe.get(k), float) for k in ("val_acc", "val_loss")):
+        state.probe = {"val_acc": probe["val_acc"], "val_loss": probe["val_loss"]}
     sched = trainer.scheduler
     for g, base, lam in zip(trainer.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
         g["lr"] = base * lam(sched.last_epoch)  # the (possibly stretched) schedule at this step
@@ -489,8 +502,11 @@ def _epoch(job: TrainJob, model: _Model, trainer: _Trainer, epoch: int) -> dict:
 
     cfg, t = job.cfg, trainer
     loader = make_loader(t.train_ds, cfg.batch_size, True, cfg.seed, epoch, t.workers, t.pin, t.drop_last)
+    on_steps = None
+    if cfg.time_budget is not None and job.plan is None and epoch == 1 and not job.resumed:
+        on_steps = (PLAN_STEPS, _planner(job, trainer, time.perf_counter() - job.t_start))
     row = {"epoch": epoch, **tl.run_epoch(model.net, loader, job.dev, t.loss_fn, t.optimizer, t.scheduler,
-                                          job.progress, model.bn_stats)}
+                                          job.progress, model.bn_stats, on_steps)}
     if row["images"] == 0:
         raise FeatXError(f"epoch {epoch}: none of the {len(job.data.train)} training images could be read "
                          f"(under {job.data.train.root}); did the data change during the run?")
@@ -501,6 +517,49 @@ def _epoch(job: TrainJob, model: _Model, trainer: _Trainer, epoch: int) -> dict:
     row["lr_head"] = lrs.get("head", lrs.get("head-nodecay"))
     row["lr_backbone"] = lrs.get("backbone", lrs.get("backbone-nodecay", 0.0))
     return row
+
+
+#: training steps timed (after the first) before a time budget chooses the number of epochs
+PLAN_STEPS = 10
+#: share of a time budget kept for the export at the end (ONNX export and parity checks)
+EXPORT_RESERVE = 0.05
+
+
+def _planner(job: TrainJob, trainer: _Trainer, spent: float) -> Callable[[int, int, float], None]:
+    """The ``on_steps`` callback that turns the speed of the first steps into a number of epochs.
+
+    ``spent`` is what the run used before its first epoch (image check, LP
+    init). An epoch costs its training images at the measured rate plus the
+    validation images at a third of it (a forward pass, no backward). The
+    epochs that fit what is left, less a reserve for the export, are at
+    least 1 and at most ``cfg.epochs``; the cosine schedule is rebuilt for
+    them (still inside the first epoch's warmup, so nothing jumps).
+    """
+    from featx.finetune import loop as tl
+
+    cfg = job.cfg
+
+    def plan(steps: int, images: int, seconds: float) -> None:
+        per_image = seconds / max(images, 1)
+        n_val = len(job.data.val) if job.data.val is not None else 0
+        epoch_s = per_image * (len(job.data.train) + n_val / 3)
+        left = cfg.time_budget * (1 - EXPORT_RESERVE) - spent
+        fits = int(left // epoch_s) if epoch_s > 0 else cfg.epochs
+        epochs = max(1, min(cfg.epochs, fits))
+        job.plan = {"time_budget_s": cfg.time_budget, "timed_steps": steps, "images_per_second": 1 / per_image,
+                    "seconds_per_epoch": round(epoch_s, 1), "seconds_before_training": round(spent, 1),
+                    "epochs_that_fit": fits, "epochs": epochs, "epochs_cap": cfg.epochs}
+        cfg.epochs = epochs
+        f = tl.warmup_cosine(epochs * trainer.steps, round(cfg.warmup_epochs * trainer.steps))
+        trainer.scheduler.lr_lambdas = [f] * len(trainer.optimizer.param_groups)
+        save_extended_config(job.run_dir, cfg)  # a --resume continues with the chosen epochs
+        log.info("time budget %.0f s: %.1f training images/s over %d steps, %.0f s an epoch, %.0f s "
+                 "spent before training: %d epoch%s", cfg.time_budget, 1 / per_image, steps, epoch_s, spent,
+                 epochs, "" if epochs == 1 else "s")
+        if job.on_plan is not None:
+            job.on_plan(dict(job.plan))
+
+    return plan
 
 
 def _record(job: TrainJob, model: _Model, trainer: _Trainer, state: _State, row: dict) -> None:
@@ -519,22 +578,44 @@ def _record(job: TrainJob, model: _Model, trainer: _Trainer, state: _State, row:
     tl.atomic_save({"model": model.net.state_dict(), "optimizer": trainer.optimizer.state_dict(),
                     "scheduler": trainer.scheduler.state_dict(), "rng": tl.rng_state(), "epoch": epoch,
                     "history": state.history, "best_epoch": state.best_epoch, "best_key": state.best_key,
-                    "bad_epochs": state.bad}, job.run_dir / "last.pt")
+                    "bad_epochs": state.bad, "probe": state.probe}, job.run_dir / "last.pt")
     write_metrics(job.run_dir, state.history)
     _status(job, "training", epoch)
     if job.on_epoch is not None:
         job.on_epoch(dict(row, best_epoch=state.best_epoch))
 
 
+def _score_probe(job: TrainJob, model: _Model, trainer: _Trainer, state: _State) -> None:
+    """Validate the LP-initialised network (it is the probe, exactly) and make it the epoch to beat.
+
+    Fine-tuning that never beats the frozen probe on the validation split then
+    exports the probe (``best_epoch`` 0, ``kept_probe``) instead of a worse model.
+    """
+    from featx.finetune import loop as tl
+
+    if job.resumed or model.lp_report is None or trainer.val_loader is None:
+        return
+    row = tl.evaluate(model.net, trainer.val_loader, job.dev, trainer.val_loss_fn, job.progress)
+    state.probe = {"val_acc": float(row["val_acc"]), "val_loss": float(row["val_loss"])}
+    state.best_key, state.best_epoch = [row["val_acc"], -row["val_loss"]], 0
+    tl.atomic_save(model.net.state_dict(), job.run_dir / "best.pt")
+    model.lp_report["val_accuracy"] = state.probe["val_acc"]
+    write_json(job.run_dir / "lp_head.json", model.lp_report)
+    log.info("the LP probe scores %.4f on the validation split; fine-tuning must beat it",
+             state.probe["val_acc"])
+
+
 def _run_epochs(job: TrainJob, model: _Model, trainer: _Trainer, state: _State) -> None:
     """Epochs ``start+1 .. epochs``, stopping after ``patience`` epochs without improvement (0: never)."""
     patience = job.cfg.patience
     try:
-        for epoch in range(state.start + 1, job.cfg.epochs + 1):
+        epoch = state.start + 1
+        while epoch <= job.cfg.epochs:  # not a range: a time budget sets the epochs during the first
             if patience and state.bad >= patience:
                 state.stopped_early = True
                 break
             _record(job, model, trainer, state, _epoch(job, model, trainer, epoch))
+            epoch += 1
     except KeyboardInterrupt:
         done = state.history[-1]["epoch"] if state.history else state.start
         _status(job, "interrupted", done)
@@ -566,16 +647,21 @@ def _finish(job: TrainJob, model: _Model, state: _State) -> FinetuneResult:
                                                        state.best_epoch, card, cfg, model.weights_sha)
         job.progress("export", 1, 1)
     result.seconds = time.perf_counter() - job.t_start
-    result.summary = _summary(job, model, result)
+    result.summary = _summary(job, model, result, state.probe)
+    if result.summary.kept_probe:
+        log.warning("fine-tuning did not beat the linear probe on the validation split (probe %.4f, best "
+                    "epoch %.4f): the run exports the probe", state.probe["val_acc"],
+                    max(h["val_acc"] for h in state.history) if state.history else float("nan"))
     write_json(run_dir / "summary.json", result.summary.to_dict())
     _write_card(job, result)
     _status(job, "done", len(state.history))
     return result
 
 
-def _summary(job: TrainJob, model: _Model, result: FinetuneResult) -> RunSummary:
+def _summary(job: TrainJob, model: _Model, result: FinetuneResult, probe: dict | None) -> RunSummary:
     cfg, d = job.cfg, job.data
-    best = next((h for h in result.history if h["epoch"] == result.best_epoch), {})
+    kept = probe is not None and result.best_epoch == 0
+    best = probe if kept else next((h for h in result.history if h["epoch"] == result.best_epoch), {})
     return RunSummary(
         run_dir=str(job.run_dir), backbone=job.card.name, unfreeze=cfg.unfreeze,
         epochs_trained=len(result.history), epochs=cfg.epochs, best_epoch=result.best_epoch,
@@ -585,7 +671,8 @@ def _summary(job: TrainJob, model: _Model, result: FinetuneResult) -> RunSummary
         classes=d.train.classes, trainable_parameters=model.n_trainable, seconds=round(result.seconds, 2),
         fingerprint=result.backbone.fingerprint if result.backbone is not None else None,
         head=str(result.head_path) if result.head_path else None,
-        skipped=[{"path": p, "reason": r} for p, r in d.skipped])
+        skipped=[{"path": p, "reason": r} for p, r in d.skipped],
+        probe_val_acc=probe["val_acc"] if probe else None, kept_probe=kept, plan=job.plan)
 
 
 def _train(job: TrainJob) -> FinetuneResult:
@@ -600,5 +687,6 @@ def _train(job: TrainJob) -> FinetuneResult:
     log.info("training %d of %d parameters (unfreeze=%s) on %s", model.n_trainable,
              sum(p.numel() for p in model.net.parameters()), job.cfg.unfreeze, job.dev)
     _status(job, "training", state.start)
+    _score_probe(job, model, trainer, state)
     _run_epochs(job, model, trainer, state)
     return _finish(job, model, state)

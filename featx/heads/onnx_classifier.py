@@ -82,10 +82,56 @@ def _head_to_onnx(head: Head, dim: int, opset: int, input_name: str):
                           "featx's logreg, linear-svm and svm-rbf heads are supported") from None
 
 
+def add_label_output(model, proba_name: str, classes: list[str]) -> None:
+    """Make ``model``'s outputs ``probabilities`` (from ``proba_name``) and ``label`` (its argmax's class).
+
+    Shared by export-classifier and the classifier.onnx of a fine-tuning run, so both
+    files answer ``session.run(["probabilities", "label"], ...)`` the same way.
+    """
+    from onnx import TensorProto, helper
+
+    g = model.graph
+    g.initializer.append(helper.make_tensor("class_names", TensorProto.STRING, [len(classes)],
+                                            [c.encode() for c in classes]))
+    if proba_name != "probabilities":
+        g.node.append(helper.make_node("Identity", [proba_name], ["probabilities"]))
+    g.node.extend([
+        helper.make_node("ArgMax", ["probabilities"], ["label_index"], axis=1, keepdims=0),
+        helper.make_node("Gather", ["class_names", "label_index"], ["label"], axis=0),
+    ])
+    del g.output[:]
+    # probabilities first: `session.run(None, feed)[0]` is the same thing in both kinds of file
+    g.output.extend([
+        helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", len(classes)]),
+        helper.make_tensor_value_info("label", TensorProto.STRING, ["batch"]),
+    ])
+
+
+def classifier_metadata(bb: Backbone, classes: list[str], head_sha256: str = "") -> dict[str, str]:
+    """The ``featx.*`` metadata of a one-file classifier: classes, preprocessing spec and recipe, origin."""
+    import PIL
+
+    return {"featx.classes": json.dumps(classes), "featx.preprocess": bb.preprocess.canonical(),
+            "featx.preprocess_recipe": preprocess_recipe(bb.preprocess),
+            # Pillow's resampling is what the recipe names; say which one made the reference pixels
+            "featx.pillow_version": PIL.__version__,
+            "featx.fingerprint": bb.fingerprint, "featx.backbone": bb.name,
+            "featx.head_sha256": head_sha256}
+
+
+def set_classifier_metadata(model, bb: Backbone, classes: list[str], head_sha256: str = "") -> None:
+    """Replace ``model``'s metadata with ``classifier_metadata``."""
+    import onnx
+
+    del model.metadata_props[:]
+    for k, v in classifier_metadata(bb, classes, head_sha256).items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+
+
 def build_classifier(head: Head, bb: Backbone):
     """The merged ``onnx.ModelProto`` (not yet saved)."""
     import onnx
-    from onnx import TensorProto, compose, helper
+    from onnx import compose
 
     bbm = onnx.load(str(bb.onnx_path))
     opset = next(o.version for o in bbm.opset_import if o.domain in ("", "ai.onnx"))
@@ -103,34 +149,10 @@ def build_classifier(head: Head, bb: Backbone):
     proba_name = next(o.name for o in hm.graph.output if o.name.endswith("probabilities"))
     merged = compose.merge_models(bbm, hm, io_map=[(bb_out, "head/embedding_in")],
                                   outputs=[proba_name])
-    classes = head_class_columns(head)
-    g = merged.graph
-    g.initializer.append(helper.make_tensor("class_names", TensorProto.STRING, [len(classes)],
-                                            [c.encode() for c in classes]))
-    g.node.extend([
-        helper.make_node("Identity", [proba_name], ["probabilities"]),
-        helper.make_node("ArgMax", ["probabilities"], ["label_index"], axis=1, keepdims=0),
-        helper.make_node("Gather", ["class_names", "label_index"], ["label"], axis=0),
-    ])
-    del g.output[:]
-    # probabilities first: `session.run(None, feed)[0]` is then the same thing as in the
-    # classifier.onnx that `featx finetune` writes
-    g.output.extend([
-        helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", len(classes)]),
-        helper.make_tensor_value_info("label", TensorProto.STRING, ["batch"]),
-    ])
     merged.graph.name = f"featx_classifier_{bb.name}"
-    import PIL
-
-    meta = {"featx.classes": json.dumps(classes), "featx.preprocess": bb.preprocess.canonical(),
-            "featx.preprocess_recipe": preprocess_recipe(bb.preprocess),
-            # Pillow's resampling is what the recipe names; say which one made the reference pixels
-            "featx.pillow_version": PIL.__version__,
-            "featx.fingerprint": bb.fingerprint, "featx.backbone": bb.name,
-            "featx.head_sha256": head.meta.get("payload_sha256", "")}
-    del merged.metadata_props[:]
-    for k, v in meta.items():
-        merged.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+    classes = head_class_columns(head)
+    add_label_output(merged, proba_name, classes)
+    set_classifier_metadata(merged, bb, classes, head.meta.get("payload_sha256", ""))
     onnx.checker.check_model(merged)
     return merged
 
