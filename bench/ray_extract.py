@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs for the local Ray")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--rounds", type=int, default=1, help="local/ray pairs, order alternated")
     args = ap.parse_args()
 
     import ray
@@ -49,18 +50,33 @@ def main() -> None:
     for it in found.items:  # warm the page cache for both engines alike
         (folder / it.path).read_bytes()
 
+    import numpy as np
+
     tmp = Path(tempfile.mkdtemp(prefix="featx-bench-"))
     t = time.perf_counter()
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     ray_start = time.perf_counter() - t
+    ratios = []
     try:
-        rows = []
-        for name in ("local", "ray"):
-            r = local_extract(folder, bb, store=tmp / name, write=False, batch_size=args.batch_size,
-                              device="cpu", engine=name)
-            rows.append((name, r))
+        for rnd in range(args.rounds):  # alternate the order: the machine's load drifts
+            rows = []
+            for name in (("local", "ray") if rnd % 2 == 0 else ("ray", "local")):
+                r = local_extract(folder, bb, store=tmp / f"{name}{rnd}", write=False,
+                                  batch_size=args.batch_size, device="cpu", engine=name)
+                rows.append((name, r))
+            rows.sort(key=lambda x: x[0] != "local")
+            ratios.append(rows[1][1].seconds / rows[0][1].seconds)
+            print(f"round {rnd}: local {rows[0][1].seconds:.1f} s, ray {rows[1][1].seconds:.1f} s, "
+                  f"ratio {ratios[-1]:.3f}", flush=True)
     finally:
         ray.shutdown()
+    a, b = rows[0][1].table, rows[1][1].table
+    same = a.keys == b.keys
+    diff = float(np.abs(a.X - b.X).max()) if same else float("nan")
+    print(f"same rows and keys: {same}; max |ray - local| embedding difference: {diff:.3g} "
+          f"({'bit-identical' if diff == 0 else 'not identical'})")
+    print(f"median ratio over {len(ratios)} rounds: {sorted(ratios)[len(ratios) // 2]:.3f}; "
+          f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
     print(f"folder: {folder} ({len(found.items)} images), backbone {bb.name}, "
           f"{os.cpu_count()} CPUs, batch {args.batch_size}; ray.init took {ray_start:.1f} s (not counted)")

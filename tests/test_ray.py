@@ -141,3 +141,19 @@ def test_cli_engine_ray(cluster, lite0, image_folder, tmp_path):
     assert json.loads(out.with_name(out.name + ".report.json").read_text())["engine"] == "ray"
     r = CliRunner().invoke(main, ["extract", str(image_folder), "--address", "auto"])
     assert r.exit_code == 2 and "--address needs --engine ray" in r.output
+
+
+def test_ray_engine_gives_the_local_engines_embeddings_bit_for_bit(cluster, lite0, image_folder, tmp_path):
+    """CPU actors decode and embed like the local engine's readers (one thread, one image a call)."""
+    from featx.embed.statcache import StatCache
+
+    loc = local_extract(image_folder, lite0, store=tmp_path / "s1", device="cpu", write=False)
+    rr = ray_extract(image_folder, lite0, store=tmp_path / "s2", device="cpu", write=False, batch_size=3)
+    assert rr.table.keys == loc.table.keys
+    np.testing.assert_array_equal(rr.table.X, loc.table.X)
+    # the driver keeps the stat cache, as the local engine does: a re-run hashes no file again
+    cache = StatCache(tmp_path / "s2", image_folder)
+    assert sorted(cache.entries) == sorted(str(image_folder / p) for p in rr.table.paths)
+    assert sorted(k for _, k in cache.entries.values()) == sorted(rr.table.keys)
+    again = ray_extract(image_folder, lite0, store=tmp_path / "s2", device="cpu", write=False)
+    assert again.stats.cached == 8 and again.stats.embedded == 0 and again.table.keys == rr.table.keys

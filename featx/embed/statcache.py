@@ -67,10 +67,14 @@ class StatCache:
         e = self.entries.get(path)
         return e[1] if e is not None and st is not None and e[0] == st else None
 
+    def _unchanged(self, records: dict[str, tuple[Stat, str]]) -> bool:
+        e = self.entries
+        return len(records) == len(e) and all(e.get(p) == r for p, r in records.items())
+
     def save(self, records: dict[str, tuple[Stat, str]]) -> None:
         """Replace the record with ``records`` (this run's files), atomically; failures are ignored."""
-        if not records:
-            return
+        if not records or self._unchanged(records):
+            return  # a re-run over the same files: the record on disk is already this one
         with contextlib.suppress(OSError, ValueError, pa.ArrowException):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             clean_stale_temporaries(self.path.parent)

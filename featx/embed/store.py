@@ -6,6 +6,7 @@ Layout::
     <root>/statcache/                     stat records of scanned folders (embed.statcache)
     <root>/<fingerprint>/meta.json        backbone name and embedding dim
     <root>/<fingerprint>/LAST_USED        touched whenever a run opens the namespace
+    <root>/<fingerprint>/VERIFIED         shards fully checked, with their stat (a cache)
     <root>/<fingerprint>/shard-*.parquet  (key, embedding) rows, keyed by content hash
     <root>/<fingerprint>/quarantine/      shards that failed their checks, with the reason
 
@@ -26,8 +27,16 @@ A row's embedding must be ``dim`` float32 values (the column type is
 - ``keys()`` reads the key column and footer of each shard (cheap: the key column only);
 - ``stored(keys)`` fully checks the shards that hold those keys (checksums, dim, finite
   values); the engines ask it before deciding what to embed, so a damaged shard's rows are
-  recomputed in the same run;
-- ``get`` / ``iter_get`` verify again the bytes they return.
+  recomputed in the same run. A shard that passed that check is recorded in ``VERIFIED``
+  with its size, mtime, ctime and inode (like the stat cache), and so is a shard
+  ``ShardWriter`` wrote (its checksums come from the bytes it wrote): a later run trusts the
+  record while all four match, so a re-run over a big store reads its embeddings once (to
+  serve them), not twice. Any write to the file changes its ctime, which no user call can
+  set back; damage that changes no stat field (a failing disk) is still caught by the next
+  check, below, when the rows are served;
+- ``get`` / ``iter_get`` verify again the bytes they return (checksums and page CRCs): a
+  shard damaged since its record was written is quarantined there and the run stops asking
+  to be run again (which recomputes its rows).
 
 A shard that fails any check (garbage, zero bytes, truncated, wrong schema or dim, flipped
 bytes, checksum mismatch, NaN) is moved to ``quarantine/`` with a warning naming it and is
@@ -54,6 +63,7 @@ import os
 import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,12 +88,14 @@ STORE_FORMAT = 1
 SHARD_GLOB = "shard-*.parquet"
 QUARANTINE = "quarantine"
 LAST_USED = "LAST_USED"
+VERIFIED = "VERIFIED"
 META = "meta.json"
 SHARD_META_KEY = b"featx.shard"
 SHARD_META_VERSION = 1
 # temporaries of featx versions before featx.atomic; removed on the same one-day rule
 LEGACY_TEMPORARIES = (".tmp-shard-*.parquet", "meta.*.tmp")
 STALE_AFTER_S = 86400.0
+READ_CACHE_BYTES = 128 * 2**20  # shards iter_get keeps between chunks
 
 
 class DamagedShardError(StoreError):
@@ -351,7 +363,9 @@ class EmbeddingStore:
         self.dim = backbone.dim
         self.dir = self.root / self.fingerprint
         self._shard_keys: dict[str, list[str]] = {}  # shards are immutable: keys read once
-        self._checked: dict[str, tuple[int, int, int]] = {}  # fully checked shard -> its stat
+        self._checked: dict[str, tuple[int, ...]] = {}  # fully checked shard -> its stat
+        self._recorded: dict[str, tuple[int, ...]] | None = None  # VERIFIED, read on first use
+        self._unrecorded: list[str] = []  # checked or written here, not yet in VERIFIED
         self._skip: set[str] = set()  # damaged shards that could not be moved aside
         self._check_format(backbone)
         self._housekeeping()
@@ -403,6 +417,8 @@ class EmbeddingStore:
     def _reject(self, shard: Path, reason: str) -> None:
         self._shard_keys.pop(shard.name, None)
         self._checked.pop(shard.name, None)
+        if self._recorded is not None and self._recorded.pop(shard.name, None) is not None:
+            self._save_verified([])
         if quarantine(shard, reason) is None and shard.exists():
             self._skip.add(shard.name)
 
@@ -418,14 +434,42 @@ class EmbeddingStore:
                 return []
         return self._shard_keys[shard.name]
 
-    def _fully_checked(self, shard: Path) -> bool:
-        """Whether a shard passes every check (read once per process and file state)."""
+    @staticmethod
+    def _signature(shard: Path) -> tuple[int, ...] | None:
         try:
             s = shard.stat()
         except FileNotFoundError:
+            return None
+        return s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino
+
+    def _verified_record(self) -> dict[str, tuple[int, ...]]:
+        """``VERIFIED``: shard name -> the stat it had when fully checked (unreadable: empty)."""
+        if self._recorded is None:
+            self._recorded = {}
+            with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+                doc = json.loads((self.dir / VERIFIED).read_text())
+                self._recorded = {str(k): tuple(int(x) for x in v) for k, v in doc["shards"].items()}
+        return self._recorded
+
+    def _save_verified(self, names: list[str]) -> None:
+        """Add newly checked shards to ``VERIFIED`` (atomic; a concurrent writer's additions
+        may be lost, which only costs a re-check)."""
+        rec = self._verified_record()
+        for n in names:
+            rec[n] = self._checked[n]
+        present = {p.name for p in self.dir.glob(SHARD_GLOB)}
+        doc = {"shards": {k: list(v) for k, v in rec.items() if k in present}}
+        with contextlib.suppress(OSError):  # a read-only store: checked again next run
+            write_text(self.dir / VERIFIED, json.dumps(doc, separators=(",", ":")))
+
+    def _fully_checked(self, shard: Path, new: list[str] | None = None) -> bool:
+        """Whether a shard passes every check: read once per file state (this process's memo,
+        then ``VERIFIED``); a shard read here is appended to ``new``."""
+        sig = self._signature(shard)
+        if sig is None:
             return False
-        sig = (s.st_size, s.st_mtime_ns, s.st_ino)
-        if self._checked.get(shard.name) == sig:
+        if self._checked.get(shard.name) == sig or self._verified_record().get(shard.name) == sig:
+            self._checked[shard.name] = sig
             return True
         try:
             read_shard(shard, self.dim)
@@ -435,6 +479,8 @@ class EmbeddingStore:
         except FileNotFoundError:
             return False
         self._checked[shard.name] = sig
+        if new is not None:
+            new.append(shard.name)
         return True
 
     def _locate(self, want: set[str]) -> dict[str, tuple[Path, int]]:
@@ -460,11 +506,14 @@ class EmbeddingStore:
         either found intact in another shard or reported missing (to be recomputed).
         """
         want = set(keys)
-        while True:
-            loc = self._locate(want)
-            shards = {s for s, _ in loc.values()}
-            if all([self._fully_checked(s) for s in sorted(shards)]):
-                return set(loc)
+        try:
+            while True:
+                loc = self._locate(want)
+                shards = {s for s, _ in loc.values()}
+                if all([self._fully_checked(s, self._unrecorded) for s in sorted(shards)]):
+                    return set(loc)
+        finally:
+            self.record_verified()
 
     def get(self, keys: list[str]) -> np.ndarray:
         """Embeddings for ``keys`` in that order; KeyError names a missing key."""
@@ -475,13 +524,26 @@ class EmbeddingStore:
     def iter_get(self, keys: list[str], chunk: int = 4096) -> Iterator[np.ndarray]:
         """Embeddings for ``keys`` in order, ``chunk`` rows at a time, each shard verified on read.
 
-        Memory: one chunk plus the shards it draws from, not the whole table. A shard
-        damaged since ``stored`` checked it is quarantined and DamagedShardError raised.
+        Memory: one chunk plus the shards it draws from, not the whole table; the shards
+        read last are kept (up to ``READ_CACHE_BYTES``) so a shard that spans two chunks is
+        read and verified once. A shard damaged since ``stored`` checked it is quarantined
+        and DamagedShardError raised.
         """
         loc = self._locate(set(keys))
         missing = set(keys) - loc.keys()
         if missing:
             raise KeyError(next(iter(missing)))
+        recent: OrderedDict[Path, np.ndarray] = OrderedDict()
+
+        def embeddings(s: Path) -> np.ndarray:
+            if s in recent:
+                recent.move_to_end(s)
+                return recent[s]
+            emb = recent[s] = self._verified_embeddings(s)
+            while len(recent) > 1 and sum(e.nbytes for e in recent.values()) > READ_CACHE_BYTES:
+                recent.popitem(last=False)
+            return emb
+
         for start in range(0, len(keys), chunk):
             part = keys[start:start + chunk]
             out = np.empty((len(part), self.dim), np.float32)
@@ -492,7 +554,7 @@ class EmbeddingStore:
                 rows.append(r)
                 dest.append(i)
             for s, (rows, dest) in by_shard.items():
-                out[dest] = self._verified_embeddings(s)[rows]
+                out[dest] = embeddings(s)[rows]
             yield out
 
     def _verified_embeddings(self, shard: Path) -> np.ndarray:
@@ -541,7 +603,18 @@ class EmbeddingStore:
         except OSError as e:
             raise _store_error(self.dir, e) from None
         self._shard_keys[name] = list(keys)
+        # checksummed from these very bytes: record it, so the next run need not read it to trust it
+        sig = self._signature(final)
+        if sig is not None:
+            self._checked[name] = sig
+            self._unrecorded.append(name)
         return final
+
+    def record_verified(self) -> None:
+        """Add the shards written or fully checked since the last call to ``VERIFIED``."""
+        if self._unrecorded:
+            names, self._unrecorded = self._unrecorded, []
+            self._save_verified(names)
 
 
 class ShardWriter:
@@ -616,9 +689,10 @@ class ShardWriter:
         self.shards_written += 1
 
     def close(self) -> None:
-        """Flush the rest (unless a write already failed)."""
+        """Flush the rest (unless a write already failed); record the shards written as verified."""
         if not self._broken:
             self.flush()
+        self.store.record_verified()
 
     def __enter__(self) -> ShardWriter:
         return self

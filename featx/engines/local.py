@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
+HASH_TASK = 64  # files hashed per task
 
 def bounded_map(fn: Callable[[T], R], items: Iterable[T], pool: Executor, window: int) -> Iterator[R]:
     """``pool.map`` in order, with at most ``window`` tasks submitted ahead."""
@@ -157,13 +158,17 @@ def _hash_all(files: list[str], pool: Executor, workers: int, stat_cache: StatCa
     out = FileOutcomes([None] * len(files))
     stats_of: list[Stat | None] = [None] * len(files)
     progress("hash", 0, len(files))
-    hashed = bounded_map(lambda f: hash_file(f, stat_cache), files, pool, window=workers * 64)
-    for i, (key, why, st) in enumerate(hashed):
-        out.keys[i], stats_of[i] = key, st
-        if why is not None:
-            out.failures[i] = why
-        if (i + 1) % 256 == 0 or i + 1 == len(files):
-            progress("hash", i + 1, len(files))
+    # HASH_TASK files per task: one future per file cost more than a stat-cache hit itself
+    hashed = bounded_map(lambda part: [hash_file(f, stat_cache) for f in part], chunks(files, HASH_TASK),
+                         pool, window=workers * 4)
+    i = 0
+    for part in hashed:
+        for key, why, st in part:
+            out.keys[i], stats_of[i] = key, st
+            if why is not None:
+                out.failures[i] = why
+            i += 1
+        progress("hash", i, len(files))
     return out, stats_of
 
 
