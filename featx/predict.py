@@ -95,13 +95,23 @@ def embed_paths(files: list[str], bb: Backbone, *, device: str = "auto",
     With ``data_root`` (the one folder the files come from), the stat record that
     ``featx extract`` keeps for that folder is used, so unchanged files are not re-read.
     """
+    return embed_paths_keyed(files, bb, device=device, store=store, batch_size=batch_size,
+                             workers=workers, data_root=data_root, progress=progress)[:3]
+
+
+def embed_paths_keyed(files: list[str], bb: Backbone, *, device: str = "auto",
+                      store: str | os.PathLike | None = None, batch_size: int = 32,
+                      workers: int | None = None, data_root: str | os.PathLike | None = None,
+                      progress: ProgressFn = no_progress
+                      ) -> tuple[np.ndarray, list[int], list[tuple[str, str]], list[str]]:
+    """``embed_paths`` plus the content keys of the embedded files (one per row of X)."""
     encoder, st = runtime(bb, device, store)
     cache = StatCache(st.root, data_root) if data_root is not None else None
     keys, stats = embed_files(files, encoder, st, batch_size=batch_size, workers=workers,
                               stat_cache=cache, progress=progress)
     ok = [i for i, k in enumerate(keys) if k is not None]
     X = st.get([keys[i] for i in ok]) if ok else np.zeros((0, bb.dim), np.float32)
-    return X, ok, list(stats.failures)
+    return X, ok, list(stats.failures), [keys[i] for i in ok]
 
 
 def array_key(a: np.ndarray) -> str:
@@ -161,6 +171,8 @@ class PredictResult:
     true_labels: list[str | None] = field(default_factory=list)
     provider: str = ""
     min_proba: float | None = None
+    keys: list[str] = field(default_factory=list)  # content key of files[i]
+    embeddings: np.ndarray | None = None  # row i embeds files[i]
 
     @property
     def abstained(self) -> int:
@@ -196,8 +208,9 @@ def predict(head: Head | str | os.PathLike, inputs: list[str | os.PathLike], *,
     if not files:
         raise FeatXError(f"no images found in {', '.join(map(str, inputs))}")
     single_dir = inputs[0] if len(inputs) == 1 and Path(inputs[0]).is_dir() else None
-    X, ok, failures = embed_paths(files, bb, device=device, store=store, batch_size=batch_size,
-                                  workers=workers, data_root=single_dir, progress=progress)
+    X, ok, failures, keys = embed_paths_keyed(files, bb, device=device, store=store,
+                                              batch_size=batch_size, workers=workers,
+                                              data_root=single_dir, progress=progress)
     proba = head_proba(h, X)
     classes = head_class_columns(h)
     labels: list[str | None] = [classes[j] for j in proba.argmax(axis=1)] if len(proba) else []
@@ -206,7 +219,7 @@ def predict(head: Head | str | os.PathLike, inputs: list[str | os.PathLike], *,
                                                                      strict=True)]
     enc, _ = runtime(bb, device, store)
     return PredictResult([files[i] for i in ok], labels, proba, classes, skipped + failures,
-                         [truth[i] for i in ok], enc.provider, min_proba)
+                         [truth[i] for i in ok], enc.provider, min_proba, keys, X)
 
 
 def write_predictions(result: PredictResult, out: str | os.PathLike, top_k: int = 3) -> Path:

@@ -37,3 +37,25 @@ def test_cuda_without_a_gpu_names_the_torch_build_it_has():
     else:
         assert "is a CPU-only build" in msg
     assert "--device cpu" in msg
+
+
+def test_an_offline_timm_export_says_so_at_once():
+    """The hub client retries a failed lookup for 25-50 s; featx asks the host once, briefly."""
+    import time
+
+    pytest.importorskip("timm")
+    from huggingface_hub import constants
+
+    from featx.backbones.cards import get_card
+    from featx.backbones.zoo import unreachable, weights_file
+    from featx.errors import FeatXError
+
+    if unreachable(constants.ENDPOINT) is None:
+        pytest.skip("the Hugging Face hub is reachable from here (or a proxy is configured)")
+    card = get_card("timm:resnet10t")
+    if card.weights_source.local_file() is not None:
+        pytest.skip("these weights are cached here")
+    t = time.perf_counter()
+    with pytest.raises(FeatXError, match=r"not on this machine and .* cannot be reached .*--weights PATH"):
+        weights_file(card)
+    assert time.perf_counter() - t < 10
