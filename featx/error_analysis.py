@@ -6,14 +6,19 @@
   true_probability, loss (cross-entropy of the true class; empty for a class the head
   does not know), correct: one row per image, the worst first;
 * ``top_losses.png``: a grid of the highest-loss images, titled true / predicted / p;
-* ``report.html``: the confusion matrix (counts, and normalised by true class) whose
-  cells link to their images, and the most confused pairs.
+* ``report.html``: the headline metrics with the per-class precision / recall / F1 /
+  support table and macro F1, the confusion matrix (counts, and normalised by true
+  class) whose cells link to their images, and the most confused pairs. The page is
+  self-contained: the plots and the thumbnails are embedded in it (data: URIs), so it
+  still shows them when moved or mailed; only the links to the full-size images point
+  at the image files (relative to the page, as they were when it was written).
 
 It takes plain lists and arrays, so it sits below the jobs that produce them.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import io
 import os
@@ -109,6 +114,53 @@ def _href(path: str, out_dir: Path) -> str:
     return quote(rel.replace(os.sep, "/"), safe="/")
 
 
+THUMB_PX = 96
+
+
+def _thumb_uri(path: str) -> str | None:
+    """A small JPEG of the image as a data: URI, or None when it cannot be read now."""
+    from PIL import Image
+
+    a = thumbnail(path, THUMB_PX)
+    if a is None:
+        return None
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "JPEG", quality=75)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _png_uri(path: Path) -> str:
+    try:
+        return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+    except OSError:
+        return quote(path.name)
+
+
+def _per_class_html(metrics: dict) -> str:
+    e = html.escape
+    rows = "".join(f"<tr><th>{e(c)}</th><td>{v['precision']:.3f}</td><td>{v['recall']:.3f}</td>"
+                   f"<td>{v['f1']:.3f}</td><td>{v['support']}</td></tr>"
+                   for c, v in metrics.get("per_class", {}).items() if v["support"])
+    return ("<h2>Per class</h2><table class=pc><tr><th>class</th><th>precision</th><th>recall</th>"
+            f"<th>F1</th><th>support</th></tr>{rows}<tr><th>macro average</th><td></td><td></td>"
+            f"<td>{metrics.get('macro_f1', float('nan')):.3f}</td><td>{metrics.get('n', '')}</td></tr></table>")
+
+
+def _overlap_html(metrics: dict) -> str:
+    ov, d = metrics.get("overlap"), metrics.get("disjoint")
+    if not ov:
+        return ""
+    if not ov.get("exact_checked"):
+        return f"<p class=warn>Overlap with the head's training rows not checked: {html.escape('; '.join(ov.get('notes', [])))}.</p>"
+    if d is None:
+        return f"<p>Held out: none of the {ov['images']} images is a training row of the head.</p>"
+    what = (f"<b>Not a held-out test</b>: {ov['exact']} of {ov['images']} images are training rows of the head"
+            if ov["exact"] else f"Held out, but {ov['near']} of {ov['images']} images have a near copy in training")
+    rest = (f"; on the {d['n']} images disjoint from training: accuracy {d['accuracy']:.4f}, macro F1 "
+            f"{d['macro_f1']:.4f}" if d.get("n") else "; no image is disjoint from training")
+    return f"<p class=warn>{what} ({ov['near']} near copies, cosine >= {ov['near_threshold']}){rest}.</p>"
+
+
 def confused_pairs(cm: np.ndarray, labels: Sequence[str], n: int = 10) -> list[dict]:
     """The ``n`` largest off-diagonal cells: (true, predicted, count), most first."""
     pairs = [{"true": labels[i], "predicted": labels[j], "count": int(cm[i, j])}
@@ -148,10 +200,13 @@ def write_report_html(metrics: dict, rows: list[dict], out_dir: Path, pngs: Sequ
             cells.setdefault((index[r["true"]], index[r["predicted"]]), []).append(r)
     parts = [f"<h1>{e(str(metrics.get('root', '')))}</h1>",
              f"<p>head {e(str(metrics.get('head', '')))}: accuracy {metrics['accuracy']:.4f}, "
-             f"balanced accuracy {metrics['balanced_accuracy']:.4f}, n = {metrics['n']}, "
+             f"balanced accuracy {metrics['balanced_accuracy']:.4f}, macro F1 "
+             f"{metrics.get('macro_f1', float('nan')):.4f}, n = {metrics['n']}, "
              f"ECE {metrics.get('calibration', {}).get('ece', float('nan')):.4f}. "
              f"Every image: <a href='{PREDICTIONS_CSV}'>{PREDICTIONS_CSV}</a>.</p>",
-             "".join(f"<img src='{quote(p.name)}' alt='{e(p.name)}'> " for p in pngs),
+             _overlap_html(metrics),
+             "".join(f"<img src='{_png_uri(p)}' alt='{e(p.name)}'> " for p in pngs),
+             _per_class_html(metrics),
              "<h2>Confusion matrix</h2><div class=row>",
              _matrix_html(cm, labels, False), _matrix_html(cm, labels, True), "</div>",
              "<h2>Most confused pairs</h2><table><tr><th>true</th><th>predicted</th><th>images</th></tr>"]
@@ -167,11 +222,13 @@ def write_report_html(metrics: dict, rows: list[dict], out_dir: Path, pngs: Sequ
         for r in members[:IMAGES_PER_CELL]:
             href = _href(display_path(r["path"]), out_dir)
             tip = f"{display_path(r['path'])} p={r['probability']:.3f}"
-            parts.append(f"<a href='{href}' title='{e(tip)}'><img src='{href}' loading=lazy></a>")
+            src = _thumb_uri(r["path"]) or href
+            parts.append(f"<a href='{href}' title='{e(tip)}'><img src='{src}' loading=lazy></a>")
         parts.append("</div>" + (f"<p>... {more} more in {PREDICTIONS_CSV}</p>" if more > 0 else ""))
     style = ("body{font-family:sans-serif;margin:2em} table.cm td{text-align:center;min-width:3em}"
              " table{border-collapse:collapse;margin:0 2em 1em 0} td,th{border:1px solid #ccc;"
-             "padding:2px 6px} .row{display:flex;flex-wrap:wrap} .grid img{height:96px;margin:2px}")
+             "padding:2px 6px} .row{display:flex;flex-wrap:wrap} .grid img{height:96px;margin:2px}"
+             " .warn{color:#a40}")
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>featx evaluate</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
     return write_text(out_dir / REPORT_HTML, page)

@@ -299,6 +299,30 @@ class FeatXEmbedder(TransformerMixin, BaseEstimator):
         return tags
 
 
+def _sample_weight(sample_weight, n: int) -> np.ndarray | None:
+    """``sample_weight`` as a float array of ``n`` finite, non-negative weights (not all 0), or None."""
+    if sample_weight is None:
+        return None
+    w = np.asarray(sample_weight, dtype=np.float64)
+    if w.ndim == 0:
+        w = np.full(n, float(w))
+    if w.shape != (n,):
+        raise ImageInputError(f"sample_weight.shape == {w.shape}, expected ({n},): one weight per image")
+    if not np.isfinite(w).all() or (w < 0).any() or not w.sum() > 0:
+        raise ImageInputError("sample_weight must be finite, non-negative and not all zero")
+    return w
+
+
+def _refit_weighted(pipe, E: np.ndarray, codes: np.ndarray, w: np.ndarray) -> None:
+    """Refit ``pipe`` (at its chosen C) with per-row weights: the scaler's statistics and the loss."""
+    from sklearn.preprocessing import StandardScaler
+
+    params = {f"{pipe.steps[-1][0]}__sample_weight": w}
+    if isinstance(pipe.steps[0][1], StandardScaler):
+        params[f"{pipe.steps[0][0]}__sample_weight"] = w
+    pipe.fit(E, codes, **params)
+
+
 class FeatXClassifier(ClassifierMixin, BaseEstimator):
     """A frozen backbone + a featx head (scaler + logreg / linear SVM / RBF SVM) on images.
 
@@ -414,7 +438,7 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
                             batch_size=self.batch_size, workers=self._threads(),
                             who=type(self).__name__, **self._variant())
 
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         """Embed the images and fit the head (or fine-tune) on their labels.
 
         Parameters
@@ -423,6 +447,10 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
             At least two images of each of at least two classes for ``C="auto"``.
         y : array-like of shape (n_images,)
             Class labels (strings or integers).
+        sample_weight : array-like of shape (n_images,), default=None
+            Non-negative weight of each image in the head's loss (and the scaler's
+            statistics). With ``C="auto"``, C is chosen by the unweighted CV and the head
+            is then fitted with the weights. Not for ``finetune=True``.
 
         Returns
         -------
@@ -449,6 +477,9 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         kind, items = _as_images(X, who)
         if len(items) != len(y):
             raise ImageInputError(f"{len(items)} images but {len(y)} labels")
+        weights = _sample_weight(sample_weight, len(y))
+        if weights is not None and self.finetune:
+            raise ImageInputError("sample_weight is for frozen heads; finetune=True does not take it")
         for attr in ("backbone_dir_", "run_dir_"):  # a refit starts from the card again
             self.__dict__.pop(attr, None)
         if self.finetune:
@@ -460,6 +491,10 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         # the head learns codes 0..K-1: column j of predict_proba is classes_[j]
         pipe, report = fit_head(E, codes, head=self.head, C=self.C,
                                 class_weight=self.class_weight, cv=self.cv, seed=seed)
+        if weights is not None:
+            _refit_weighted(pipe, E, codes, weights)
+            report.update(sample_weight=True,
+                          train_accuracy=float(np.mean(pipe.predict(E) == codes)))
         report["classes"] = [str(c) for c in classes]
         self.classes_ = classes
         self.pipeline_ = pipe

@@ -5,6 +5,12 @@ expected calibration error (ECE) of its top-label confidence over equal-width bi
 and the bins themselves, drawn as a reliability diagram beside the confusion matrix.
 The output folder also gets the per-image outcomes, the top losses and an HTML page
 (``featx.error_analysis``).
+
+A test metric is only one if the images were not trained on: ``training_overlap``
+finds the evaluated images that are training rows of the head (by content key, which
+fit-head records in the head file) and near copies of them (cosine similarity of the
+embeddings against the head's training table, when it is still on disk), and the
+metrics are reported on the disjoint part as well.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ from featx.atomic import save_figure, write_text
 from featx.backbones.artifact import Backbone
 from featx.error_analysis import confused_pairs, write_error_analysis
 from featx.errors import FeatXError
-from featx.heads.headfile import Head, load_head
+from featx.heads.headfile import Head, key_digests, load_head
 from featx.modelcard import record_evaluation
 from featx.predict import PredictResult, predict
 from featx.progress import ProgressFn, no_progress
+from featx.similarity import DEFAULT_THRESHOLD
 
-__all__ = ["EvalResult", "calibration", "compute_metrics", "evaluate"]
+__all__ = ["EvalResult", "calibration", "compute_metrics", "evaluate", "training_overlap"]
 
 METRICS_FILE = "metrics.json"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -95,6 +102,60 @@ def calibration(confidence: np.ndarray, correct: np.ndarray, n_bins: int = ECE_B
                      "confidence": conf, "accuracy": acc})
     return {"ece": float(ece), "n_bins": n_bins, "kind": "top-label", "bins": bins,
             "mean_confidence": float(confidence.mean()) if len(confidence) else 0.0}
+
+
+def training_overlap(head: Head, keys: list[str], X: np.ndarray | None,
+                     threshold: float = DEFAULT_THRESHOLD) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Which evaluated images the head was trained on: (summary, exact mask, near-copy mask).
+
+    Exact: the image's content key is one of the training rows' (the digests fit-head
+    records in the head; for an older head, the keys of its training table). Near copy:
+    not exact, but its embedding has cosine similarity >= ``threshold`` with a training
+    row's (needs the training table, whose path the head records, still on disk). The
+    summary says what could be checked and why not.
+    """
+    n = len(keys)
+    exact, near = np.zeros(n, bool), np.zeros(n, bool)
+    table, notes = _training_table(head)
+    if head.train_keys is not None:
+        exact = np.isin(key_digests(keys), head.train_keys)
+        how = "content keys recorded in the head"
+    elif table is not None:
+        train = set(table.keys)
+        exact = np.fromiter((k in train for k in keys), bool, n)
+        how = "content keys of the training table"
+    else:
+        how = None
+        notes.append("the head records no training keys (fitted before featx recorded them)")
+    near_checked = table is not None and table.X is not None and len(table) > 0 and X is not None
+    if near_checked and n:
+        from featx.similarity import search
+
+        sim = search(np.asarray(X, np.float32), table.X, k=1, index="exact").similarity[:, 0]
+        near = (sim >= threshold) & ~exact
+    summary = {"exact_checked": how is not None, "exact_by": how, "exact": int(exact.sum()),
+               "near_checked": bool(near_checked), "near": int(near.sum()),
+               "near_threshold": threshold, "images": n, "notes": notes,
+               "training_table": head.meta.get("train", {}).get("embeddings")}
+    return summary, exact, near
+
+
+def _training_table(head: Head):
+    """The head's training table (embeddings + keys), or None and why not."""
+    from featx.embed.table import read_table
+
+    where = (head.meta.get("train") or {}).get("embeddings")
+    if not where:
+        return None, ["the head records no training table, so near copies were not checked"]
+    if not Path(where).is_file():
+        return None, [f"its training table {where} is gone, so near copies were not checked"]
+    try:
+        t = read_table(where)
+    except (FeatXError, OSError) as e:
+        return None, [f"its training table {where} cannot be read ({e}); near copies not checked"]
+    if t.fingerprint and t.fingerprint != head.fingerprint:
+        return None, [f"{where} now holds embeddings of another backbone; near copies not checked"]
+    return t, []
 
 
 def _pyplot():
@@ -202,7 +263,11 @@ def evaluate(head: Head | str | os.PathLike, root: str | os.PathLike, *,
                          f"is a class of the head ({', '.join(h.classes[:5])}); wrong folder?")
     pred = [str(p) for p in res.labels]
     m = compute_metrics(truth, pred, res.classes)
-    m["calibration"] = calibration(res.proba.max(axis=1), np.asarray(truth) == np.asarray(pred))
+    correct = np.asarray(truth) == np.asarray(pred)
+    m["calibration"] = calibration(res.proba.max(axis=1), correct)
+    m["overlap"], exact, near = training_overlap(h, res.keys, res.embeddings)
+    m["disjoint"] = _disjoint(truth, pred, res, ~(exact | near)) if (exact | near).any() else None
+    m["held_out"] = bool(m["overlap"]["exact_checked"] and not (exact | near).any())
     m.update({"head": str(h.path.resolve()) if h.path else None, "root": str(root.resolve()),
               "head_sha256": h.meta.get("content_sha256") or h.meta.get("payload_sha256"),
               "failed": len(res.failures),
@@ -213,6 +278,18 @@ def evaluate(head: Head | str | os.PathLike, root: str | os.PathLike, *,
     r = _write(m, res, Path(out_dir), root)
     card = record_evaluation(h.path, m, r.json_path) if h.path else None  # the head's model card
     return dataclasses.replace(r, files=[*r.files, card]) if card else r
+
+
+def _disjoint(truth: list[str], pred: list[str], res: PredictResult, keep: np.ndarray) -> dict:
+    """The headline metrics on the images that are neither training rows nor near copies."""
+    idx = np.flatnonzero(keep)
+    if not len(idx):
+        return {"n": 0}
+    t, p = [truth[i] for i in idx], [pred[i] for i in idx]
+    d = compute_metrics(t, p, res.classes)
+    cal = calibration(res.proba[idx].max(axis=1), np.asarray(t) == np.asarray(p))
+    return {"n": d["n"], "accuracy": d["accuracy"], "balanced_accuracy": d["balanced_accuracy"],
+            "macro_f1": d["macro_f1"], "ece": cal["ece"]}
 
 
 def _write(m: dict, res: PredictResult, out: Path, root: Path) -> EvalResult:

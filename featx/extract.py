@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from featx.backbones.artifact import Backbone, with_decoder
+from featx.backbones.features import DEFAULT_FEATURES
 from featx.backbones.resolve import resolve_backbone
 from featx.embed.store import EmbeddingStore
 from featx.embed.table import check_table_overwrite
@@ -32,6 +33,15 @@ def _engine(engine: str | Engine, address: str | None) -> Engine:
     if address is not None:
         raise FeatXError("address is for engine='ray'")
     return LocalEngine()
+
+
+def card_features(backbone: str | os.PathLike | Backbone | None, features: str | None) -> str | None:
+    """``features``, or the default feature set when ``backbone`` names a card (or is None)."""
+    if features is not None or isinstance(backbone, Backbone):
+        return features
+    spec = os.fspath(backbone) if backbone is not None else ""
+    made = spec and (Path(spec).is_dir() or spec.lower().endswith(".onnx") or "/" in spec or os.sep in spec)
+    return None if made else DEFAULT_FEATURES
 
 
 def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | None = None, *,
@@ -64,8 +74,10 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
         too (labels still come from where the link sits). By default such links are
         skipped and listed in ``result.skipped`` and the report, so a link cannot
         change a label; see ``featx.embed.scan``.
-    features, crop : the export of a backbone card: ``"last"`` or ``"multi"`` features,
-        ``"center"`` or ``"none"`` crop (see ``featx.backbones.resolve.resolve_backbone``).
+    features, crop : the export of a backbone card: ``"last"`` or ``"multi"`` features
+        (default for a card: ``DEFAULT_FEATURES``, multi), ``"center"`` or ``"none"`` crop
+        (see ``featx.backbones.resolve.resolve_backbone``). An export directory or ONNX
+        file gives the features it was made with.
 
     Returns
     -------
@@ -89,8 +101,8 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
     progress("scan", 0, 0)
     found = scan_images(root, follow_symlinks)
     progress("backbone", 0, 0)
-    bb = with_decoder(resolve_backbone(backbone, weights=weights, features=features, crop=crop),
-                      decoder)
+    bb = with_decoder(resolve_backbone(backbone, weights=weights, features=card_features(backbone, features),
+                                       crop=crop), decoder)
     # found.root: the folder, or for a table of paths the folder its relative paths start from
     job = ExtractJob(root=found.root, found=found, backbone=bb, store=EmbeddingStore(bb, store),
                      batch_size=batch_size, workers=workers, device=device, draft=draft,

@@ -15,20 +15,29 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from featx.atomic import write_text
 from featx.backbones.artifact import Backbone
 from featx.backbones.resolve import table_backbone
 from featx.errors import FeatXError
 from featx.heads.headfile import HEAD_FILE, json_default, peek_header, save_head
+from featx.heads.segment import SEGMENTS
 from featx.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SPLIT_NAMES", "FitTableResult", "find_table", "fit_table", "split_name_warning"]
+__all__ = ["HELD_OUT_NAMES", "SPLIT_NAMES", "FitTableResult", "find_table", "fit_table",
+           "held_out_warning", "split_name_warning"]
 
 TABLE_SUFFIX = ".featx.parquet"
 HEAD_KINDS = ("logreg", "linear-svm", "svm-rbf", "sgd-logreg")
+# the last segment must beat the whole multi vector by more than this CV accuracy to be kept
+SEGMENT_TIE = 0.001
 SPLIT_NAMES = frozenset({"train", "training", "test", "testing", "val", "valid", "validation", "dev"})
+# folder names of splits kept out of training: a head fitted on one makes its evaluation a lie
+HELD_OUT_NAMES = frozenset({"test", "testing", "tests", "val", "valid", "validation", "eval",
+                            "evaluation", "holdout", "held-out", "heldout"})
 
 
 @dataclass
@@ -74,6 +83,19 @@ def split_name_warning(classes: list[str], meta: dict, table: Path) -> str | Non
             f"instead (`featx extract {folder}`) and fit on that table.")
 
 
+def held_out_warning(meta: dict, table: Path) -> str | None:
+    """A warning when the table's image folder (or its file name) names a test or validation split."""
+    root = meta.get("root")
+    names = [(Path(str(root)).name, f"its images come from {root}")] if root else []
+    names.append((table.name.removesuffix(TABLE_SUFFIX), f"the table is {table.name}"))
+    for name, why in names:
+        if name.strip().lower() in HELD_OUT_NAMES:
+            return (f"{why}: a test or validation split by its name. A head fitted on it has seen "
+                    f"those images, so evaluating it there measures memory, not accuracy; fit on "
+                    f"the training split's table (`featx extract DATA/train`) unless this is meant.")
+    return None
+
+
 def check_overwrite(out: Path, table: Path, force: bool) -> bool:
     """Refuse to replace another table's head (or any other file) unless ``force``.
 
@@ -96,7 +118,8 @@ def fit_table(table: str | os.PathLike | None = None, *, head: str = "logreg",
               C: float | str = "auto", class_weight: str | None = None, cv: int | None = None,
               seed: int = 0, out: str | os.PathLike | None = None,
               backbone: str | os.PathLike | Backbone | None = None, force: bool = False,
-              command: str | None = None, progress: ProgressFn = no_progress) -> FitTableResult:
+              command: str | None = None, segment: str = "auto",
+              progress: ProgressFn = no_progress) -> FitTableResult:
     """Fit a head on an embeddings table; write ``out`` (default ./head.joblib) and its report.
 
     ``table`` defaults to ``find_table()``. ``head="sgd-logreg"`` streams the table
@@ -104,6 +127,11 @@ def fit_table(table: str | os.PathLike | None = None, *, head: str = "logreg",
     An existing ``out`` is replaced only if it is a head of the same table, or with
     ``force``. A model card (``head.README.md``, see ``featx.modelcard``) is written
     beside the head; ``command`` is the command line it records (None from Python).
+
+    On a ``multi`` table (the default export), ``segment`` says which columns a logreg
+    head uses: ``"all"``, ``"last"`` (the backbone's own pooled output, the final
+    segment) or ``"auto"``: both are scored by the same CV as C and the better kept
+    (a tie goes to all); see ``featx.heads.segment``. Other heads use all columns.
     """
     if head not in HEAD_KINDS:
         raise FeatXError(f"unknown head {head!r}; expected one of {', '.join(HEAD_KINDS)}")
@@ -112,16 +140,23 @@ def fit_table(table: str | os.PathLike | None = None, *, head: str = "logreg",
     if out_path.is_dir():
         out_path = out_path / HEAD_FILE
     replaced = check_overwrite(out_path, path, force)
+    if segment not in SEGMENTS:
+        raise FeatXError(f"unknown segment {segment!r}; expected one of {', '.join(SEGMENTS)}")
     if head == "sgd-logreg":
         pipe, rep, meta = _fit_streaming(path, seed, progress)
+        keys = table_keys(path)
+        bb = table_backbone(meta, path, backbone)
     else:
-        pipe, rep, meta = _fit_in_memory(path, head, C, class_weight, cv, seed, progress)
-    bb = table_backbone(meta, path, backbone)
-    warnings = [w for w in [split_name_warning(rep["classes"], meta, path)] if w]
+        t = _read_labelled(path)
+        meta, keys = t.meta, t.keys
+        bb = table_backbone(meta, path, backbone)
+        pipe, rep = _fit_in_memory(t, bb, head, C, class_weight, cv, seed, segment, progress)
+    warnings = [w for w in [split_name_warning(rep["classes"], meta, path),
+                            held_out_warning(meta, path)] if w]
     for w in warnings:
         log.warning(w)
     rep["embeddings"] = str(path.resolve())
-    head_file = save_head(out_path, pipe, rep["classes"], bb, rep)
+    head_file = save_head(out_path, pipe, rep["classes"], bb, rep, train_keys=keys)
     report_file = write_text(head_file.with_name(head_file.name + ".report.json"),
                              _json(rep))
     card_file = _write_card(head_file, bb, rep, path, meta, command, warnings)
@@ -145,18 +180,66 @@ def _json(d: dict) -> str:
     return json.dumps(d, indent=2, default=json_default)
 
 
-def _fit_in_memory(path: Path, head: str, C, class_weight, cv: int | None, seed: int,
-                   progress: ProgressFn) -> tuple[object, dict, dict]:
+def table_keys(path: Path) -> list[str] | None:
+    """The ``key`` column of a table (file or folder of files); None when it has none."""
+    import pyarrow.parquet as pq
+
+    from featx.heads.streaming import table_files
+
+    keys: list[str] = []
+    for f in table_files(path):
+        if "key" not in pq.read_schema(f).names:
+            return None
+        keys.extend(pq.read_table(f, columns=["key"]).column("key").to_pylist())
+    return keys
+
+
+def _read_labelled(path: Path):
     from featx.embed.table import read_table
-    from featx.heads.fit import fit_head
 
     t = read_table(path)
     if not t.labelled:
         raise FeatXError(f"{path}: the images have no labels; extract an ImageFolder "
                          "tree (root/<class>/<image>) to fit a head")
-    pipe, rep = fit_head(t.X, t.labels, head=head, C=C, class_weight=class_weight, cv=cv,
-                         seed=seed, progress=progress)
-    return pipe, rep, t.meta
+    return t
+
+
+def _fit_in_memory(t, bb: Backbone, head: str, C, class_weight, cv: int | None, seed: int,
+                   segment: str, progress: ProgressFn) -> tuple[object, dict]:
+    """Fit on the table's rows; on a multi table, on the columns ``segment`` picks."""
+    from featx.heads.fit import fit_head
+    from featx.heads.segment import last_segment, widen
+
+    def fit(X):
+        return fit_head(X, t.labels, head=head, C=C, class_weight=class_weight, cv=cv, seed=seed,
+                        progress=progress)
+
+    cols = last_segment(bb.meta.get("features"))
+    if segment == "last" and (cols is None or head != "logreg"):
+        raise FeatXError("--segment last needs a logreg head on a multi table (`featx extract "
+                         f"--features multi`); this is a {head} head on {bb.name} "
+                         f"({'multi' if cols is not None else 'last'} features)")
+    if cols is None or head != "logreg" or segment == "all" or (segment == "auto" and C != "auto"):
+        pipe, rep = fit(t.X)
+        if cols is not None:
+            rep["segment"] = "all"
+        return pipe, rep
+    narrow = np.ascontiguousarray(t.X[:, cols])
+    if segment == "last":
+        pipe, rep = fit(narrow)
+        scores = None
+    else:
+        pipe_all, rep_all = fit(t.X)
+        pipe, rep = fit(narrow)
+        scores = {"all": rep_all["cv_score_mean"], "last": rep["cv_score_mean"]}
+        if scores["last"] <= scores["all"] + SEGMENT_TIE:
+            rep_all.update(segment="all", segment_cv=scores)
+            return pipe_all, rep_all
+    rep.update(segment="last", segment_columns=[cols.start, cols.stop], dim=int(t.X.shape[1]),
+               segment_dim=cols.stop - cols.start)
+    if scores:
+        rep["segment_cv"] = scores
+    return widen(pipe, cols, int(t.X.shape[1])), rep
 
 
 def _fit_streaming(path: Path, seed: int, progress: ProgressFn) -> tuple[object, dict, dict]:

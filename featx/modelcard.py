@@ -15,8 +15,11 @@ Where the cards go:
   README, and several heads may share a folder);
 - a fine-tuning run directory gets ``README.md`` (the folder is the run's own); it is
   written when training starts and rewritten with the final metrics at the end;
-- ``featx evaluate`` records its test metrics in the head's card, between two marker
-  comments, so an evaluation replaces the previous one and nothing else.
+- ``featx evaluate`` records its metrics in the head's card, between two marker
+  comments: one labelled result per evaluation set (a set evaluated again replaces its
+  own result, never another set's), each saying whether the set overlaps the head's
+  training rows. The results also travel as JSON in a comment inside the section, so
+  the card is rewritten from data, not by parsing its markdown.
 
 Every card is written atomically (``featx.atomic.write_text``).
 """
@@ -24,6 +27,7 @@ Every card is written atomically (``featx.atomic.write_text``).
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import os
 import re
@@ -46,6 +50,8 @@ RUN_CARD = "README.md"
 HEAD_CARD_SUFFIX = ".README.md"
 TEST_BEGIN = "<!-- featx:test-metrics -->"
 TEST_END = "<!-- /featx:test-metrics -->"
+EVALS_DATA = "<!-- featx:evaluations "  # + JSON list + " -->", inside the markers
+EVALS_TITLE = "Evaluations"
 _MD_SPECIAL = re.compile(r"([\\`*\[\]<>|~])")
 # an underscore starts or ends emphasis only at a word boundary; inside a word (resnet_50) it is text
 _MD_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
@@ -242,19 +248,83 @@ def _metric_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     return rows or [("(none recorded)", "")]
 
 
-def _test_section(metrics: Mapping[str, Any] | None, metrics_file: str | os.PathLike | None = None
-                  ) -> list[str]:
-    if not metrics:
-        body = ["No test set evaluated yet: `featx evaluate HEAD TEST_FOLDER` records it here.", ""]
+def evaluation_record(metrics: Mapping[str, Any], metrics_file: str | os.PathLike | None = None
+                      ) -> dict:
+    """The part of ``featx evaluate``'s metrics a card keeps for one evaluation set."""
+    ov = metrics.get("overlap") or {}
+    keep = ("exact_checked", "exact", "near_checked", "near", "near_threshold", "notes")
+    return {"root": metrics.get("root"), "n": metrics.get("n"), "accuracy": metrics.get("accuracy"),
+            "balanced_accuracy": metrics.get("balanced_accuracy"), "macro_f1": metrics.get("macro_f1"),
+            "ece": (metrics.get("calibration") or {}).get("ece"),
+            "overlap": {k: ov[k] for k in keep if k in ov}, "disjoint": metrics.get("disjoint"),
+            "held_out": metrics.get("held_out"), "evaluated": _now(),
+            "metrics_file": str(Path(metrics_file).resolve()) if metrics_file else None}
+
+
+def _overlap_label(r: Mapping[str, Any]) -> str:
+    """One line that says what kind of result this is: held-out test or not."""
+    ov, n = r.get("overlap") or {}, r.get("n")
+    if not ov.get("exact_checked"):
+        why = "; ".join(ov.get("notes") or []) or "not recorded"
+        return f"**Overlap with the training rows not checked** ({md_escape(why)}): treat with care."
+    exact, near = ov.get("exact", 0), ov.get("near", 0)
+    cos = f"cosine >= {ov.get('near_threshold')}"
+    if not exact and not near:
+        copies = f"nor a near copy of one ({cos})" if ov.get("near_checked") else "near copies not checked"
+        return f"**Held-out test set**: none of its {n} images is a training row, {copies}."
+    near_txt = (f"{near} more near cop{'y' if near == 1 else 'ies'} ({cos})" if ov.get("near_checked")
+                else "near copies not checked")
+    d = r.get("disjoint") or {}
+    if not exact:
+        return (f"**Held-out test set, with near copies**: none of its {n} images is a training row, "
+                f"but {near} have a near copy among them ({cos}); the second column leaves those out.")
+    return (f"**Not a held-out test set**: {exact} of its {n} images are training rows of this head, "
+            f"{near_txt}; the first column is not a test metric, the second is on the "
+            f"{d.get('n', 0)} images disjoint from training.")
+
+
+def _evaluation_lines(r: Mapping[str, Any]) -> list[str]:
+    d = r.get("disjoint")
+    names = ("images", "accuracy", "balanced accuracy", "macro F1", "ECE")
+    keys = ("n", "accuracy", "balanced_accuracy", "macro_f1", "ece")
+    fmt = {"n": "d"}
+    lines = [f"### {md_escape(r.get('root', '?'))}", "", _overlap_label(r), ""]
+    if d:
+        lines += [f"| metric | all {r.get('n')} images | {d.get('n', 0)} disjoint from training |",
+                  "|---|---|---|"]
+        lines += [f"| {name} | {_num(r.get(k), fmt.get(k, '.4f'))} | {_num(d.get(k), fmt.get(k, '.4f'))} |"
+                  for name, k in zip(names, keys, strict=True)]
+        lines.append("")
     else:
-        cal = metrics.get("calibration") or {}
-        rows = [("folder", md_escape(metrics.get("root", "?"))), ("images", str(metrics.get("n", "?"))),
-                ("accuracy", _num(metrics.get("accuracy"))),
-                ("balanced accuracy", _num(metrics.get("balanced_accuracy"))),
-                ("macro F1", _num(metrics.get("macro_f1"))), ("ECE", _num(cal.get("ece")))]
-        where = f"; details in {md_escape(Path(metrics_file).resolve())}" if metrics_file else ""
-        body = [*_table(rows, ("metric", "value")), f"Evaluated {_now()}{where}.", ""]
-    return [TEST_BEGIN, "## Test metrics", "", *body, TEST_END, ""]
+        lines += _table([(name, _num(r.get(k), fmt.get(k, ".4f"))) for name, k in zip(names, keys, strict=True)],
+                        ("metric", "value"))
+    where = f"; details in {md_escape(r['metrics_file'])}" if r.get("metrics_file") else ""
+    return [*lines, f"Evaluated {r.get('evaluated', '?')}{where}.", ""]
+
+
+def _test_section(records: Sequence[Mapping[str, Any]] = ()) -> list[str]:
+    """The evaluations part of a card: one labelled result per set, and the same as data."""
+    if not records:
+        body = ["No set evaluated yet: `featx evaluate HEAD TEST_FOLDER` records it here, one result "
+                "per set.", ""]
+    else:
+        body = [line for r in records for line in _evaluation_lines(r)]
+    # JSON in an HTML comment: "--" may not appear inside one, and a JSON string can spell it \u002d
+    data = json.dumps(list(records or ()), default=str).replace("--", "-\\u002d")
+    return [TEST_BEGIN, f"## {EVALS_TITLE}", "", *body, f"{EVALS_DATA}{data} -->", TEST_END, ""]
+
+
+def _records(section: str) -> list[dict]:
+    """The evaluation records stored in a card's evaluations section (none from older cards)."""
+    start = section.find(EVALS_DATA)
+    if start < 0:
+        return []
+    end = section.find(" -->", start)
+    try:
+        got = json.loads(section[start + len(EVALS_DATA):end])
+    except ValueError:
+        return []
+    return [r for r in got if isinstance(r, dict)] if isinstance(got, list) else []
 
 
 # ---- head cards -----------------------------------------------------------------------------------
@@ -267,7 +337,7 @@ def head_card_path(head_file: str | os.PathLike) -> Path:
 
 def render_head_card(backbone: Backbone, report: Mapping[str, Any], *, head_file: str | os.PathLike,
                      table: str | os.PathLike | None = None, table_meta: Mapping[str, Any] | None = None,
-                     command: str | None = None, test_metrics: Mapping[str, Any] | None = None) -> str:
+                     command: str | None = None) -> str:
     """The markdown card of a head fitted on ``backbone`` embeddings.
 
     Parameters
@@ -279,8 +349,6 @@ def render_head_card(backbone: Backbone, report: Mapping[str, Any], *, head_file
         The embeddings table it was fitted on and its metadata (``root``: the images).
     command
         The command line that made it (``command_line(sys.argv[1:])``); None from Python.
-    test_metrics
-        ``featx.evaluate`` metrics, when a test set was evaluated.
     """
     name = Path(head_file).name
     lines = [f"# {md_escape(name)}", "",
@@ -291,7 +359,7 @@ def render_head_card(backbone: Backbone, report: Mapping[str, Any], *, head_file
                                                           table_meta or {}),
              "## Head", "", *_table(_head_rows(report)),
              "## Metrics", "", *_table(_metric_rows(report), ("metric", "value")),
-             *_test_section(test_metrics), *_made(command, "Fitted")]
+             *_test_section(), *_made(command, "Fitted")]
     return "\n".join(lines)
 
 
@@ -318,7 +386,8 @@ def _card_of(head_file: Path) -> Path | None:
 
 def record_evaluation(head_file: str | os.PathLike, metrics: Mapping[str, Any],
                       metrics_file: str | os.PathLike | None = None) -> Path | None:
-    """Put ``metrics`` (``featx evaluate``'s) in the head's card, replacing an earlier evaluation.
+    """Put ``metrics`` (``featx evaluate``'s) in the head's card, beside the results of other
+    sets; an earlier result of the same set (the same folder or listing) is replaced.
 
     Returns the card's path, or None when the head has no card (made before cards
     existed, or by another tool) or the card's test-metrics markers were edited away.
@@ -334,7 +403,9 @@ def record_evaluation(head_file: str | os.PathLike, metrics: Mapping[str, Any],
     if start < 0 or end < start:
         log.warning("%s: no test-metrics section to update; the evaluation is in metrics.json", path)
         return None
-    section = "\n".join(_test_section(metrics, metrics_file)).rstrip("\n")
+    rec = evaluation_record(metrics, metrics_file)
+    records = [r for r in _records(text[start:end]) if r.get("root") != rec["root"]] + [rec]
+    section = "\n".join(_test_section(records)).rstrip("\n")
     return write_text(path, text[:start] + section + text[end + len(TEST_END):])
 
 

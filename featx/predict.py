@@ -18,7 +18,7 @@ from featx.atomic import result_file, write_text
 from featx.backbones.artifact import Backbone
 from featx.csvout import csv_writer
 from featx.embed.scan import display_path
-from featx.engines.files import array_key, collect_files, embed_arrays, embed_paths, runtime
+from featx.engines.files import array_key, collect_files, embed_arrays, embed_paths, runtime, shared
 from featx.errors import FeatXError
 from featx.heads.headfile import Head, head_backbone, load_head
 from featx.heads.proba import head_class_columns, head_proba
@@ -45,6 +45,8 @@ class PredictResult:
     true_labels: list[str | None] = field(default_factory=list)
     provider: str = ""
     min_proba: float | None = None
+    keys: list[str] = field(default_factory=list)  # content key of files[i]
+    embeddings: np.ndarray | None = None  # row i embeds files[i]
 
     @property
     def abstained(self) -> int:
@@ -80,8 +82,10 @@ def predict(head: Head | str | os.PathLike, inputs: list[str | os.PathLike], *,
     if not files:
         raise FeatXError(f"no images found in {', '.join(map(str, inputs))}")
     single_dir = inputs[0] if len(inputs) == 1 and Path(inputs[0]).is_dir() else None
-    X, ok, failures = embed_paths(files, bb, device=device, store=store, batch_size=batch_size,
-                                  workers=workers, data_root=single_dir, progress=progress)
+    done = shared(bb, device, store).files(files, batch_size=batch_size, workers=workers,
+                                           data_root=single_dir, progress=progress)
+    X, ok, failures = done.rows(), done.ok, list(done.failures)
+    keys = [str(done.keys[i]) for i in ok]
     proba = head_proba(h, X)
     classes = head_class_columns(h)
     labels: list[str | None] = [classes[j] for j in proba.argmax(axis=1)] if len(proba) else []
@@ -90,7 +94,7 @@ def predict(head: Head | str | os.PathLike, inputs: list[str | os.PathLike], *,
                                                                      strict=True)]
     enc, _ = runtime(bb, device, store)
     return PredictResult([files[i] for i in ok], labels, proba, classes, skipped + failures,
-                         [truth[i] for i in ok], enc.provider, min_proba)
+                         [truth[i] for i in ok], enc.provider, min_proba, keys, X)
 
 
 def write_predictions(result: PredictResult, out: str | os.PathLike, top_k: int = 3) -> Path:

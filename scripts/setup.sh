@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One-time set-up on a fresh machine: a venv in .venv with featx (CPU ONNX Runtime, Ray,
 # torch for export/fine-tuning, test tools) and Debian's Fashion-MNIST when possible.
-# Idempotent: a second run only checks. On an NVIDIA machine use FEATX_ORT=gpu; on a CPU-only
-# machine FEATX_TORCH_INDEX=https://download.pytorch.org/whl/cpu avoids the CUDA libraries.
+# Idempotent: a second run only checks. On an NVIDIA machine use FEATX_ORT=gpu. Without an
+# NVIDIA GPU, torch comes from PyTorch's CPU index (see below and scripts/torch_index.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ORT="${FEATX_ORT:-cpu}"   # cpu -> onnxruntime, gpu -> onnxruntime-gpu (never both)
@@ -11,11 +11,18 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-# CPU-only machines can skip the CUDA libraries that pip's default Linux torch wheel bundles:
-# FEATX_TORCH_INDEX=https://download.pytorch.org/whl/cpu installs PyTorch's CPU build first, and
-# the featx install below keeps it. Unset (the default), pip finds torch as it is configured to.
-if [ -n "${FEATX_TORCH_INDEX:-}" ]; then
-  .venv/bin/python -m pip install -q torch torchvision --index-url "$FEATX_TORCH_INDEX"
+# torch: on a machine without an NVIDIA GPU, PyTorch's CPU build (scripts/torch_index.sh says
+# which index); pip's default Linux torch wheel bundles ~3 GB of CUDA libraries. Where that
+# index cannot be reached (a machine that sees package registries only), pip's default torch
+# is installed instead, and this says so. FEATX_TORCH=default always takes pip's default.
+INDEX="$(bash scripts/torch_index.sh)"
+if [ -n "$INDEX" ] && ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  echo "no NVIDIA GPU found: installing PyTorch's CPU build from $INDEX" >&2
+  if ! .venv/bin/python -m pip install -q --timeout 15 --retries 1 torch torchvision --index-url "$INDEX"; then
+    echo "note: $INDEX cannot be reached; pip's default torch is installed instead, with its CUDA" \
+         "libraries (about 3 GB, unused without a GPU). To avoid them, install a CPU wheel of torch" \
+         "into .venv first (pip install FILE.whl), then run this script again." >&2
+  fi
 fi
 .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
 # Fashion-MNIST (examples, a few tests): Debian package, needs root and apt

@@ -67,6 +67,11 @@ NOT_APPLICABLE = {
     "check_supervised_y_2d": TABULAR,
     "check_class_weight_classifiers": f"{TABULAR} [tests/test_heads.py: balanced class weight]",
     "check_decision_proba_consistency": f"{TABULAR} [test_classifier_on_arrays]",
+    **{name: f"{TABULAR} [tests/test_sample_weight.py]" for name in (
+        "check_sample_weights_pandas_series", "check_sample_weights_not_an_array",
+        "check_sample_weights_list", "check_all_zero_sample_weights_error", "check_sample_weights_shape",
+        "check_sample_weights_not_overwritten", "check_sample_weight_equivalence_on_dense_data",
+        "check_classifiers_one_label_sample_weights")},
 }
 
 

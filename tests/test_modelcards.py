@@ -106,14 +106,16 @@ def test_evaluate_records_test_metrics_in_the_card(fitted):
     work, head, _ = fitted
     test = make_image_folder(work / "data" / "test", per_class=2)
     (test / "cat").rename(test / ODD)
-    for _ in range(2):  # a second evaluation replaces the first
+    for _ in range(2):  # a second evaluation of the same set replaces the first
         featx("evaluate", str(head), "data/test", "--out-dir", "ev", "--force", "-q", cwd=work)
     text = head_card_path(head).read_text(encoding="utf-8")
-    assert text.count(TEST_BEGIN) == text.count(TEST_END) == text.count("## Test metrics") == 1
+    assert text.count(TEST_BEGIN) == text.count(TEST_END) == text.count("## Evaluations") == 1
+    assert text.count(f"### {md_escape(work / 'data' / 'test')}") == 1
     metrics = json.loads((work / "ev" / "metrics.json").read_text())
-    t = table_rows(text, "Test metrics")
-    assert t["accuracy"] == [f"{metrics['accuracy']:.4f}"] and t["images"] == ["4"]
-    assert t["folder"] == [str(work / "data" / "test")]
+    t = table_rows(text, "Evaluations")
+    assert t["accuracy"][0] == f"{metrics['accuracy']:.4f}" and t["images"][0] == "4"
+    # make_image_folder draws the same crops for the first two test images as for train's
+    assert "**Not a held-out test set**: 2 of its 4 images are training rows" in text
     assert table_rows(text, "Backbone")["licence"] == ["Apache-2.0"]  # the rest is untouched
 
 
@@ -175,7 +177,7 @@ def test_a_finetuning_run_has_a_card_with_its_final_metrics(tmp_path):
     assert "featx finetune data --epochs 2" in section(text, "How it was made")
     ev = evaluate(out, data, out_dir=tmp_path / "ev")  # the run's head: its card is the run's README
     text = (out / "README.md").read_text(encoding="utf-8")
-    assert table_rows(text, "Test metrics")["accuracy"] == [f"{ev.metrics['accuracy']:.4f}"]
+    assert table_rows(text, "Evaluations")["accuracy"] == [f"{ev.metrics['accuracy']:.4f}"]
 
 
 def test_a_resumed_runs_card_keeps_the_command_that_started_it(tmp_path):

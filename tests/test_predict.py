@@ -283,8 +283,17 @@ def test_evaluate_error_analysis(flow, head, tmp_path):
     assert links == targets == {f"cell-{i}-{j}" for i, j in zip(*np.nonzero(cm), strict=True)}
     from urllib.parse import unquote
 
-    srcs = re.findall(r"<img src='([^']+)' loading=lazy>", page)
-    assert len(srcs) == 16 and all((out / unquote(s)).resolve().is_file() for s in srcs)
+    cells = re.findall(r"<a href='([^']+)' title='[^']*'><img src='([^']+)' loading=lazy></a>", page)
+    assert len(cells) == 16 and all((out / unquote(h)).resolve().is_file() for h, _ in cells)
+    # the page is self-contained: thumbnails and plots are embedded, so a moved page shows them
+    assert all(src.startswith("data:image/jpeg;base64,") for _, src in cells)
+    assert "<img src='data:image/png;base64," in page and "src='confusion_matrix.png'" not in page
+    per_class = page.split("<h2>Per class</h2>", 1)[1].split("</table>", 1)[0]
+    for c, v in m["per_class"].items():
+        if v["support"]:
+            assert (f"<tr><th>{htmlmod.escape(c)}</th><td>{v['precision']:.3f}</td><td>{v['recall']:.3f}</td>"
+                    f"<td>{v['f1']:.3f}</td><td>{v['support']}</td></tr>") in per_class
+    assert f"<td>{m['macro_f1']:.3f}</td>" in per_class and f"macro F1 {m['macro_f1']:.4f}" in page
     norm = cm / cm.sum(1, keepdims=True)
     assert f"{norm[0, 0]:.2f}" in page and "Most confused pairs" in page
     assert m["most_confused"] == sorted(m["most_confused"], key=lambda p: -p["count"])

@@ -37,6 +37,10 @@ from featx.backbones.cards import BackboneCard
 from featx.errors import ExportError, require
 
 FEATURES = ("last", "multi")
+# What `featx extract` exports a card with when no --features is given: multi won on every data
+# set measured (bench/default_features.py, docs/heads.md "Which features"); fit-head then picks
+# the whole vector or its last segment by CV (featx.heads.segment)
+DEFAULT_FEATURES = "multi"
 RECIPE_VERSION = 1  # bump when a recipe's layers or pooling change: cached exports are redone
 GRID = 2  # the last GRID_STAGES stages are also averaged over a GRID x GRID grid
 GRID_STAGES = 4

@@ -61,6 +61,37 @@ def weights_file(card: BackboneCard, weights: str | os.PathLike | None = None) -
         ) from None
 
 
+# How long to wait for the weights' host before saying it cannot be reached: the hub clients
+# retry a failed lookup for 25-50 s before their own error, which says less than ours
+PROBE_SECONDS = 3.0
+
+
+def unreachable(url: str, timeout: float = PROBE_SECONDS) -> str | None:
+    """Why ``url``'s host cannot be reached within ``timeout`` seconds, or None when it can
+    (or when a proxy is configured: then only the real request can tell)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") and "huggingface" in url:
+        return "HF_HUB_OFFLINE is set"
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host} cannot be reached ({e.strerror or type(e).__name__})"
+    return None
+
+
+def _check_reachable(url: str) -> None:
+    why = unreachable(url)
+    if why:
+        raise FeatXError(f"the published weights are not on this machine and {why}. On a machine "
+                         "without internet, download them elsewhere and pass the file with --weights PATH.")
+
+
 def _download(src: WeightsSource) -> str:
     """Fetch hub weights into their cache (torch hub, Hugging Face hub); the cached file's path."""
     torch = require("torch", "torch")
@@ -68,13 +99,15 @@ def _download(src: WeightsSource) -> str:
         from torchvision.models import get_weight
 
         enum = get_weight(src.ref)
+        _check_reachable(enum.url)
         enum.get_state_dict(progress=False, check_hash=True)  # downloads into the hub cache
         return os.path.join(torch.hub.get_dir(), "checkpoints", enum.url.rsplit("/", 1)[-1])
     repo, files, url = timm_hub.weights_location(src.ref)
     if repo:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError
 
+        _check_reachable(constants.ENDPOINT)
         for i, name in enumerate(files):
             try:
                 return hf_hub_download(repo, name)
@@ -82,6 +115,7 @@ def _download(src: WeightsSource) -> str:
                 if i == len(files) - 1:
                     raise
     if url:
+        _check_reachable(url)
         dest = os.path.join(torch.hub.get_dir(), "checkpoints", url.rsplit("/", 1)[-1])
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         torch.hub.download_url_to_file(url, dest, progress=False)

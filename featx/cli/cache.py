@@ -55,11 +55,15 @@ def info(store, as_json: bool) -> None:
 
     r = cache_info(store)
     lines = [f"store: {r.root}  ({_size(r.bytes)} in {len(r.namespaces)} backbone namespaces)"]
+    # columns as wide as their longest value, so a long backbone name (timm:..., a run dir)
+    # does not push its row out of line
+    fw = max([len("fingerprint"), *(len(n.fingerprint) for n in r.namespaces)])
+    bw = max([len("backbone"), *(len(n.backbone or "?") for n in r.namespaces)])
     if r.namespaces:
-        lines.append(f"{'fingerprint':<17} {'backbone':<22} {'dim':>5} {'rows':>9} {'shards':>6} "
+        lines.append(f"{'fingerprint':<{fw}} {'backbone':<{bw}} {'dim':>5} {'rows':>9} {'shards':>6} "
                      f"{'size':>9}  last used")
     for n in r.namespaces:
-        lines.append(f"{n.fingerprint:<17} {n.backbone or '?':<22} {n.dim or '?':>5} {n.rows:>9} "
+        lines.append(f"{n.fingerprint:<{fw}} {n.backbone or '?':<{bw}} {n.dim or '?':>5} {n.rows:>9} "
                      f"{n.shards:>6} {_size(n.bytes):>9}  {_ago(n.last_used)}")
         if n.quarantined:
             lines.append(f"  {n.quarantined} quarantined shard(s): `featx cache prune --quarantined --yes`")

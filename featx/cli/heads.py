@@ -78,6 +78,10 @@ def _failure_lines(failures: list[tuple[str, str]], report: str | None = None) -
 @click.option("--cv", type=click.IntRange(2, 20), default=None,
               help="Cross-validation folds for --C auto. Default: 5, or 3 from 6,000 CV rows on.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--segment", type=click.Choice(["auto", "all", "last"]), default="auto", show_default=True,
+              help="On a multi table (extract's default): the columns a logreg head uses, the whole "
+                   "vector or its last segment (the backbone's own pooled output); auto scores both "
+                   "by the same CV as --C auto and keeps the better.")
 @click.option("--out", "-o", type=click.Path(dir_okay=True, path_type=Path), default=None,
               help="Head file to write (or a directory for DIR/head.joblib). Default: ./head.joblib")
 @click.option("--force", is_flag=True,
@@ -85,8 +89,8 @@ def _failure_lines(failures: list[tuple[str, str]], report: str | None = None) -
 @recorded_backbone_option("embeddings table")
 @quiet_option
 @json_option
-def fit_head_cmd(embeddings, head_kind, C, class_weight, cv, seed, out, force, backbone, quiet,
-                 as_json):
+def fit_head_cmd(embeddings, head_kind, C, class_weight, cv, seed, segment, out, force, backbone,
+                 quiet, as_json):
     """Fit a classifier head on cached embeddings; writes the head file and a report."""
     from featx.fit_table import find_table, fit_table
     from featx.modelcard import command_line
@@ -97,7 +101,7 @@ def fit_head_cmd(embeddings, head_kind, C, class_weight, cv, seed, out, force, b
     with progress_bar(quiet) as p:
         r = fit_table(table, head=head_kind, C=C, class_weight=None if class_weight == "none"
                       else class_weight, cv=cv, seed=seed, out=out, backbone=backbone, force=force,
-                      command=command_line(sys.argv[1:]), progress=p)
+                      command=command_line(sys.argv[1:]), segment=segment, progress=p)
     for w in r.warnings:
         click.echo(f"warning: {w}", err=True)
     rep = r.report
@@ -119,6 +123,11 @@ def _fit_lines(rep: dict) -> list[str]:
                      f"{rep['cv_metric']} {rep['cv_score_mean']:.4f} +- {rep['cv_score_std']:.4f})")
     else:
         lines.append(f"C = {rep['C']:g}")
+    if rep.get("segment"):
+        cvs = rep.get("segment_cv")
+        scored = f" (CV: all {cvs['all']:.4f}, last {cvs['last']:.4f})" if cvs else ""
+        lines.append(f"columns: {'the last segment' if rep['segment'] == 'last' else 'the whole multi vector'}"
+                     f"{scored}")
     if not rep["converged"]:
         lines.append("warning: the solver did not fully converge; try a smaller C")
     return [*lines, f"training accuracy {rep['train_accuracy']:.4f} ({rep['seconds']} s)"]
@@ -205,10 +214,13 @@ def evaluate_cmd(head, root, out_dir, force, backbone, store, batch_size, worker
         r = evaluate(head, root, out_dir=out_dir, backbone=backbone, device=device, store=store,
                      batch_size=batch_size, workers=workers, force=force, progress=p)
     m = r.metrics
-    lines = [f"{m['n']} images, {len(m['labels'])} classes: accuracy {m['accuracy']:.4f}, "
-             f"balanced accuracy {m['balanced_accuracy']:.4f}, macro F1 {m['macro_f1']:.4f}",
+    present = sum(1 for v in m["per_class"].values() if v["support"])
+    lines = [f"{m['n']} images of {present} classes (the head knows {len(r.prediction.classes)}): "
+             f"accuracy {m['accuracy']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f}, "
+             f"macro F1 {m['macro_f1']:.4f}",
              f"calibration: ECE {m['calibration']['ece']:.4f} (mean confidence "
              f"{m['calibration']['mean_confidence']:.3f})",
+             *_overlap_lines(m),
              f"{'class':<20} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}"]
     predicted = set(r.prediction.labels)
     for c, v in m["per_class"].items():
@@ -222,6 +234,37 @@ def evaluate_cmd(head, root, out_dir, force, backbone, store, batch_size, worker
     lines += [f"wrote {f}" for f in r.files]
     emit({k: v for k, v in m.items() if k != "failures"}
          | {"metrics_json": str(r.json_path), "files": [str(f) for f in r.files]}, as_json, lines)
+
+
+def _overlap_lines(m: dict) -> list[str]:
+    """Whether the evaluated images were trained on: the caveat beside the numbers."""
+    ov, d = m["overlap"], m.get("disjoint")
+    if not ov["exact_checked"]:
+        return [f"warning: overlap with the head's training rows not checked: {'; '.join(ov['notes'])}"]
+    cos = f"cosine >= {ov['near_threshold']}"
+    near = (f"{ov['near']} more near cop{'y' if ov['near'] == 1 else 'ies'} ({cos})" if ov["near_checked"]
+            else "near copies not checked (" + "; ".join(ov["notes"]) + ")")
+    if d is None:
+        return [f"held out: none of the {ov['images']} images is a training row of the head; "
+                + (f"no near copies ({cos})" if ov["near_checked"] else near)]
+    if ov["exact"]:
+        lines = [f"warning: NOT a held-out test: {ov['exact']} of {ov['images']} images are training "
+                 f"rows of the head, {near}; the figures above are not test metrics"]
+    else:
+        lines = [f"held out, but {ov['near']} of {ov['images']} images have a near copy among the "
+                 f"training rows ({cos}): the figures above may be optimistic"]
+    if d["n"]:
+        lines.append(f"on the {d['n']} images disjoint from training: accuracy {d['accuracy']:.4f}, "
+                     f"balanced accuracy {d['balanced_accuracy']:.4f}, macro F1 {d['macro_f1']:.4f}, "
+                     f"ECE {d['ece']:.4f}")
+    else:
+        lines.append("no image is disjoint from training: evaluate on a folder the head was not fitted on")
+    return lines
+
+
+def _outside(pre: dict) -> str:
+    """The preprocessing a caller of the ONNX file does itself: all but mean/std."""
+    return ", ".join(f"{k} {v}" for k, v in pre.items() if k not in ("mean", "std"))
 
 
 @click.command("export-classifier")
@@ -238,6 +281,7 @@ def export_classifier_cmd(head, out, backbone, as_json):
     lines = [f"classifier: {info['path']} ({info['bytes'] / 1e6:.1f} MB)",
              f"  input {info['input']} uint8 {info['input_shape']}; outputs "
              f"{', '.join(info['outputs'])}; {len(info['classes'])} classes",
-             f"  preprocessing outside the graph: {info['preprocess']}",
+             f"  decode, resize and crop outside the graph (recipe in its featx.preprocess_recipe "
+             f"metadata): {_outside(info['preprocess'])}; mean/std normalisation is inside it",
              f"  max |p - featx| on the check batch: {info['check_max_abs_diff']:.2e}"]
     emit(info, as_json, lines)

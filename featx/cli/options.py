@@ -27,8 +27,9 @@ def weights_option(f):
 def features_option(f):
     return click.option(
         "--features", type=click.Choice(["last", "multi"]), default=None,
-        help="Embedding of a backbone card: last (the last layer's average; default) or multi (every "
-             "stage pooled and concatenated: wider, better on data unlike ImageNet). See docs/heads.md.")(f)
+        help="Embedding of a backbone card: multi (every stage pooled and concatenated; extract's "
+             "default: it beat last on every data set measured, and fit-head can still use only its "
+             "last segment) or last (the last layer's average: 4x narrower). See docs/heads.md.")(f)
 
 
 def crop_option(f):

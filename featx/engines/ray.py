@@ -190,9 +190,22 @@ def _connect(address: str | None, num_cpus: int | None):
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise RayEngineError(f"cannot connect to the Ray cluster at {address!r}: {e}. "
-                             "Start one with `ray start --head` or pass --address auto/HOST:PORT.") from None
+        raise RayEngineError(connect_advice(address, e)) from None
     return ray, True
+
+
+def connect_advice(address: str | None, e: BaseException) -> str:
+    """The error for a Ray that could not be joined or started, with the next step that fits."""
+    if address is None:
+        return f"cannot start a local Ray for this run: {e}"
+    if address == "auto":  # Ray's own text goes on to ask for --address, which was given
+        why = str(e).split(". Please", 1)[0]
+        return (f"no running Ray cluster found from this machine (--address auto): {why}. Start one "
+                "with `ray start --head` (then --address auto finds it), pass the head's HOST:PORT, "
+                "or leave --address out and featx starts a local Ray for this run.")
+    return (f"cannot connect to the Ray cluster at {address}: {e}. Check that its head is running "
+            f"there (`ray status --address {address}`), or leave --address out and featx starts a "
+            "local Ray for this run.")
 
 
 def _quiet_data_context() -> None:

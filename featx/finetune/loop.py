@@ -29,10 +29,17 @@ nn = torch.nn
 
 def torch_device(device: str) -> torch.device:
     """auto -> cuda when torch sees a GPU, else cpu; an explicit cuda without one raises."""
-    return torch.device(choose_device(
-        device, torch.cuda.is_available(),
-        f"torch sees no CUDA GPU here (torch {torch.__version__}). Use --device cpu, "
-        "or install a CUDA build of torch."))
+    return torch.device(choose_device(device, torch.cuda.is_available(), no_cuda_reason()))
+
+
+def no_cuda_reason() -> str:
+    """Why torch has no CUDA device here, and what to do: a CPU-only build, or no GPU it can see."""
+    if torch.version.cuda is None:
+        return (f"torch {torch.__version__} is a CPU-only build. Use --device cpu, or on a machine "
+                "with an NVIDIA GPU install a CUDA build of torch.")
+    return (f"torch {torch.__version__} is a CUDA {torch.version.cuda} build, but it sees no GPU "
+            "(no NVIDIA GPU or driver on this machine, or CUDA_VISIBLE_DEVICES hides it). "
+            "Use --device cpu.")
 
 
 class FineTuneNet(nn.Module):

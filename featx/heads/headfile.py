@@ -60,6 +60,7 @@ KEY_ENV = "FEATX_HEAD_KEY"
 TRUST_ENV = "FEATX_TRUST_HEADS"
 MAX_HEADER = 16 * 1024 * 1024
 MAX_ARRAYS = 256
+TRAIN_KEYS = "train.keys"  # payload array: digests of the training rows' content keys
 
 
 class HeadFileError(FeatXError):
@@ -81,6 +82,7 @@ class Head:
     preprocess: Preprocess
     meta: dict = field(default_factory=dict)
     path: Path | None = None
+    train_keys: np.ndarray | None = None  # sorted uint64 digests (train_key_digests); None: not recorded
 
     @property
     def backbone_name(self) -> str:
@@ -134,9 +136,26 @@ def _content_sha(header_wo_sha: dict, payload: bytes) -> str:
     return h.hexdigest()
 
 
+def key_digests(keys) -> np.ndarray:
+    """One 64-bit digest per content key, in order (uint64)."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(str(k).encode(), digest_size=8).digest(),
+                                       "little") for k in keys), dtype=np.uint64)
+
+
+def train_key_digests(keys) -> np.ndarray:
+    """The training rows' content keys as a sorted set of 64-bit digests (8 bytes a row).
+
+    A head records these instead of the keys themselves (16+ bytes of text each), so
+    ``featx evaluate`` can tell which test images were training images. Two different
+    images share a digest with odds of about n^2 / 2^65: none at any size featx handles.
+    """
+    return np.unique(key_digests(keys))
+
+
 def head_bytes(pipeline, classes: list[str], backbone: Backbone, train_summary: dict,
-               where: Path | None = None) -> bytes:
-    """The bytes of a head file (see the module docstring); ``where`` is the folder it goes to."""
+               where: Path | None = None, train_keys=None) -> bytes:
+    """The bytes of a head file (see the module docstring); ``where`` is the folder it goes to;
+    ``train_keys`` are the training rows' content keys, recorded as ``train_key_digests``."""
     import sklearn
 
     if not hasattr(pipeline, "predict_proba"):
@@ -145,6 +164,8 @@ def head_bytes(pipeline, classes: list[str], backbone: Backbone, train_summary: 
         spec, arrays = encode(pipeline)
     except CodecError as e:
         raise FeatXError(str(e)) from None
+    if train_keys is not None:
+        arrays[TRAIN_KEYS] = train_key_digests(train_keys)
     payload = _npz(arrays)
     bdir = Path(backbone.onnx_path).parent.resolve()
     try:  # a head saved inside a run directory finds its backbone even if the run moves
@@ -174,18 +195,20 @@ def head_bytes(pipeline, classes: list[str], backbone: Backbone, train_summary: 
 
 
 def save_head(path: str | os.PathLike, pipeline, classes: list[str], backbone: Backbone,
-              train_summary: dict) -> Path:
+              train_summary: dict, train_keys=None) -> Path:
     """Write a head file (atomically); a directory gets ``head.joblib`` inside it.
 
     The pipeline must be one featx builds (see ``featx.heads.codec.KINDS``); it is
-    stored as arrays, never pickled.
+    stored as arrays, never pickled. ``train_keys`` (the content keys of the training
+    rows) are recorded as digests, for ``featx evaluate``'s overlap check.
     """
     p = Path(path)
     if p.is_dir():
         p = p / HEAD_FILE
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        return write_bytes(p, head_bytes(pipeline, classes, backbone, train_summary, p.parent))
+        return write_bytes(p, head_bytes(pipeline, classes, backbone, train_summary, p.parent,
+                                          train_keys))
     except OSError as e:
         raise FeatXError(f"cannot write the head file {p}: {e.strerror or e}") from None
 
@@ -288,12 +311,12 @@ def _check_declared_size(z: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
                              f"({declared} bytes) but holds {info.file_size} bytes")
 
 
-def _build(p: Path, header: dict, payload: bytes):
+def _build(p: Path, header: dict, arrays: dict[str, np.ndarray]):
     dim = header["backbone"].get("dim")
     if not isinstance(dim, int) or not 0 < dim <= 1 << 20:
         raise HeadFileError(f"{p}: damaged featx head file (embedding dim {dim!r})")
     try:
-        pipeline = decode(header.get("model"), _arrays(p, payload), dim)
+        pipeline = decode(header.get("model"), arrays, dim)
         check = np.asarray(pipeline.predict_proba(np.zeros((2, dim))))
     except CodecError as e:
         raise HeadFileError(f"{p}: damaged featx head file ({e})") from None
@@ -313,8 +336,11 @@ def load_head(path: str | os.PathLike, trust: bool = False) -> Head:
     in place in the data format.
     """
     header, payload, p = read_header(path, trust=trust)
+    keys = None
     if header["format"] == FORMAT:
-        pipeline = _build(p, header, payload)
+        arrays = _arrays(p, payload)
+        pipeline = _build(p, header, arrays)
+        keys = _train_keys(p, arrays)
     else:
         pipeline = _load_legacy(p, header, payload)
     bb = header["backbone"]
@@ -328,7 +354,17 @@ def load_head(path: str | os.PathLike, trust: bool = False) -> Head:
         raise HeadFileError(f"{p}: damaged featx head file (preprocessing: {e})") from None
     return Head(pipeline=pipeline, classes=[str(c) for c in header["classes"]],
                 fingerprint=str(bb.get("fingerprint", "")), backbone_dir=str(bdir or ""),
-                preprocess=pre, meta=header, path=p)
+                preprocess=pre, meta=header, path=p, train_keys=keys)
+
+
+def _train_keys(p: Path, arrays: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The recorded training-key digests, or None (a head written before featx recorded them)."""
+    a = arrays.get(TRAIN_KEYS)
+    if a is None:
+        return None
+    if a.dtype != np.uint64 or a.ndim != 1:
+        raise HeadFileError(f"{p}: damaged featx head file (training keys {a.dtype} {a.shape})")
+    return a
 
 
 # ---- legacy pickle heads (format 1) ------------------------------------------------------------
