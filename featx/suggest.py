@@ -127,7 +127,7 @@ def load_pool(pool: str | os.PathLike, bb: Backbone, *, store: str | os.PathLike
     if p.is_file() and _is_embeddings_table(p):
         t = read_table(p)
         root = t.meta.get("root") or str(p.parent)
-        paths = [resolve_item_path(root, q) for q in t.paths]
+        paths = [q if "://" in q else os.path.abspath(q) for q in (resolve_item_path(root, q) for q in t.paths)]
         X = t.X if t.X is not None else np.zeros((0, bb.dim), np.float32)
         return Pool(paths, list(t.keys), X, t.fingerprint)
     if not (p.is_dir() or is_table_file(p)):
@@ -139,7 +139,9 @@ def load_pool(pool: str | os.PathLike, bb: Backbone, *, store: str | os.PathLike
     X, keys, ok, failures = _embed_files(files, bb, store=store, device=device, batch_size=batch_size,
                                          workers=workers, data_root=p if p.is_dir() else None,
                                          progress=progress)
-    return Pool([files[i] for i in ok], keys, X, bb.fingerprint, list(skipped) + failures)
+    # absolute paths: next.csv is a listing that `featx extract next.csv` reads from its own folder
+    paths = [f if "://" in f else os.path.abspath(f) for f in (files[i] for i in ok)]
+    return Pool(paths, keys, X, bb.fingerprint, list(skipped) + failures)
 
 
 def _embed_files(files: list[str], bb: Backbone, *, store: str | os.PathLike | None, device: str,

@@ -56,6 +56,16 @@ def test_suggest_folder_pool_writes_csv_and_to_label(loop, tmp_path):
     # the copies are the same bytes: extracting them is all cache hits (embedded with the pool)
     res = extract(to_label, write=False)
     assert res.stats.cached == 5 and res.stats.embedded == 0
+    # or fill next.csv's label column: it is a listing extract reads (absolute paths), all cached
+    for row in rows:
+        row["label"] = row["predicted"]
+    filled = tmp_path / "round1" / "labelled.csv"
+    with open(filled, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    res = extract(filled, write=False)
+    assert res.stats.cached == 5 and res.table.labels == [row["predicted"] for row in rows]
 
 
 def test_suggest_is_seeded_and_never_repeats_labelled_content(loop):
