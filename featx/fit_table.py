@@ -20,6 +20,7 @@ from featx.backbones.artifact import Backbone
 from featx.backbones.resolve import table_backbone
 from featx.errors import FeatXError
 from featx.heads.headfile import HEAD_FILE, json_default, peek_header, save_head
+from featx.heads.kinds import check_head_kind
 from featx.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 __all__ = ["SPLIT_NAMES", "FitTableResult", "find_table", "fit_table", "split_name_warning"]
 
 TABLE_SUFFIX = ".featx.parquet"
-HEAD_KINDS = ("logreg", "linear-svm", "svm-rbf", "sgd-logreg")
 SPLIT_NAMES = frozenset({"train", "training", "test", "testing", "val", "valid", "validation", "dev"})
 
 
@@ -105,8 +105,7 @@ def fit_table(table: str | os.PathLike | None = None, *, head: str = "logreg",
     ``force``. A model card (``head.README.md``, see ``featx.modelcard``) is written
     beside the head; ``command`` is the command line it records (None from Python).
     """
-    if head not in HEAD_KINDS:
-        raise FeatXError(f"unknown head {head!r}; expected one of {', '.join(HEAD_KINDS)}")
+    check_head_kind(head)
     path = Path(table) if table is not None else find_table()
     out_path = Path(out) if out is not None else Path(HEAD_FILE)
     if out_path.is_dir():

@@ -22,6 +22,7 @@ from featx.cli.options import (
     store_option,
 )
 from featx.errors import FeatXError
+from featx.heads.kinds import HEAD_KINDS
 
 
 def head_argument(f):
@@ -47,7 +48,7 @@ def _failure_lines(failures: list[tuple[str, str]], report: str | None = None) -
 @click.option("--embeddings", "-e", type=click.Path(exists=True, path_type=Path), default=None,
               help="Embeddings table from `featx extract` (default: the one *.featx.parquet "
                    "in the current folder).")
-@click.option("--head", "head_kind", type=click.Choice(["logreg", "linear-svm", "svm-rbf", "sgd-logreg"]),
+@click.option("--head", "head_kind", type=click.Choice(HEAD_KINDS),
               default="logreg", show_default=True,
               help="Classifier on the scaled embeddings; sgd-logreg streams the table shard by "
                    "shard (for tables larger than memory; --C is ignored, alpha is chosen on a "
