@@ -87,12 +87,10 @@ def test_public_api_resolves_and_is_documented(package):
             assert (obj.__doc__ or "").strip(), f"{package}.{name} has no docstring"
 
 
-def test_cards_ship_inside_the_featx_package():
-    from importlib import resources
+def test_cards_ship_as_the_featx_models_package_data():
+    from featx.backbones.cards import card_folder, list_cards
 
-    from featx.backbones.cards import list_cards
-
-    files = {p.name for p in resources.files("featx.backbones.cards").iterdir()}
+    files = {p.name for p in card_folder().iterdir()}  # models/ (tests/test_packaging.py: the wheel)
     assert "efficientnet_lite0.toml" in files
     assert {c.name for c in list_cards()} >= {"efficientnet_lite0", "resnet50"}
     with pytest.raises(ModuleNotFoundError):
