@@ -22,6 +22,7 @@ from featx.backbones.artifact import Backbone
 from featx.backbones.resolve import table_backbone
 from featx.errors import FeatXError
 from featx.heads.headfile import HEAD_FILE, json_default, peek_header, save_head
+from featx.heads.kinds import check_head_kind
 from featx.heads.segment import SEGMENTS
 from featx.progress import ProgressFn, no_progress
 
@@ -31,7 +32,6 @@ __all__ = ["HELD_OUT_NAMES", "SPLIT_NAMES", "FitTableResult", "find_table", "fit
            "held_out_warning", "split_name_warning"]
 
 TABLE_SUFFIX = ".featx.parquet"
-HEAD_KINDS = ("logreg", "linear-svm", "svm-rbf", "sgd-logreg")
 # the last segment must beat the whole multi vector by more than this CV accuracy to be kept
 SEGMENT_TIE = 0.001
 SPLIT_NAMES = frozenset({"train", "training", "test", "testing", "val", "valid", "validation", "dev"})
@@ -133,8 +133,7 @@ def fit_table(table: str | os.PathLike | None = None, *, head: str = "logreg",
     segment) or ``"auto"``: both are scored by the same CV as C and the better kept
     (a tie goes to all); see ``featx.heads.segment``. Other heads use all columns.
     """
-    if head not in HEAD_KINDS:
-        raise FeatXError(f"unknown head {head!r}; expected one of {', '.join(HEAD_KINDS)}")
+    check_head_kind(head)
     path = Path(table) if table is not None else find_table()
     out_path = Path(out) if out is not None else Path(HEAD_FILE)
     if out_path.is_dir():

@@ -1,10 +1,14 @@
 """Backbones: cards (architecture + weights + preprocessing), export to ONNX, and the artifact.
 
-Layers inside, bottom up: ``cards`` (the TOML cards ship as package data beside
-it; ``cards.timm_hub`` makes a card for any ``timm:NAME``), ``artifact`` (Backbone,
-the typed model.json ``Sidecar``, fingerprint, load, build-and-publish), ``zoo`` (torch
-builders), ``export`` (torch -> ONNX), ``onnx_import`` (a user's ONNX file),
-``quantize`` (int8), ``resolve`` (name | directory | file -> Backbone).
+Its modules sit on four floors of the import contract, with ``featx.embed`` between
+the second and third (docs/architecture.md). Bottom up: ``cards`` (the TOML cards ship
+as package data; ``cards.timm_hub`` makes a card for any ``timm:NAME``); ``artifact``
+(Backbone, the typed model.json ``Sidecar``, fingerprint, load, build-and-publish),
+``zoo`` (torch builders), ``same_pad`` (TF "SAME" padding as a module), ``features``
+(the ``last`` / ``multi`` feature recipes), ``flops`` (FLOPs counted from an ONNX
+graph); then ``export`` (torch -> ONNX), ``onnx_import`` (a user's ONNX file),
+``quantize`` (int8); and ``resolve`` (name | directory | file -> Backbone; the
+backbone a table records).
 """
 
 from __future__ import annotations

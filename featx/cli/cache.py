@@ -41,15 +41,15 @@ def _ago(t: float | None) -> str:
     return time.strftime("%Y-%m-%d", time.localtime(t)) + (f" ({days:.0f} d ago)" if days >= 1 else " (today)")
 
 
-@click.group()
-def cache() -> None:
+@click.group("cache")
+def cache_cmd() -> None:
     """Inspect, trim and check the embedding cache (the store under $FEATX_HOME/store)."""
 
 
-@cache.command()
+@cache_cmd.command("info")
 @store_option
 @json_option
-def info(store, as_json: bool) -> None:
+def info_cmd(store, as_json: bool) -> None:
     """Size, rows, shards and last use of each backbone's cached embeddings."""
     from featx.cache import cache_info
 
@@ -72,7 +72,7 @@ def info(store, as_json: bool) -> None:
     emit(r.to_dict(), as_json, lines)
 
 
-@cache.command()
+@cache_cmd.command("prune")
 @click.option("--older-than", type=Duration(), default=None, metavar="AGE",
               help="Backbones not used for AGE (e.g. 30d, 12h, 2w).")
 @click.option("--backbone", "-b", default=None, metavar="NAME|FINGERPRINT",
@@ -82,7 +82,7 @@ def info(store, as_json: bool) -> None:
               help="Really remove. Without it nothing is removed: the list shows what would be.")
 @store_option
 @json_option
-def prune(older_than, backbone, quarantined: bool, yes: bool, store, as_json: bool) -> None:
+def prune_cmd(older_than, backbone, quarantined: bool, yes: bool, store, as_json: bool) -> None:
     """Remove cached embeddings (a dry run unless --yes); they are recomputed when needed."""
     from featx.cache import prune_cache
 
@@ -98,14 +98,14 @@ def prune(older_than, backbone, quarantined: bool, yes: bool, store, as_json: bo
     emit(r.to_dict(), as_json, lines)
 
 
-@cache.command()
+@cache_cmd.command("verify")
 @click.option("--backbone", "-b", default=None, metavar="NAME|FINGERPRINT",
               help="Check only this backbone's namespaces.")
 @store_option
 @quiet_option
 @json_option
 @click.pass_context
-def verify(ctx: click.Context, backbone, store, quiet: bool, as_json: bool) -> None:
+def verify_cmd(ctx: click.Context, backbone, store, quiet: bool, as_json: bool) -> None:
     """Read and check every shard; move damaged ones to quarantine/. Exit 1 if any was damaged."""
     from featx.cache import verify_cache
 

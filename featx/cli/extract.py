@@ -18,18 +18,19 @@ from featx.cli.options import (
     features_option,
     json_option,
     progress_bar,
+    quiet_option,
     store_option,
     weights_option,
 )
 from featx.errors import FeatXError
 
 
-@click.command()
+@click.command("models")
 @click.argument("pattern", default="*")
 @click.option("--timm", "from_timm", is_flag=True,
               help="List timm's pretrained weight sets instead (use one as --backbone timm:NAME).")
 @json_option
-def models(pattern: str, from_timm: bool, as_json: bool) -> None:
+def models_cmd(pattern: str, from_timm: bool, as_json: bool) -> None:
     """List the backbones featx knows (PATTERN is a wildcard, e.g. 'efficientnet*').
 
     With --timm, list timm's pretrained models matching PATTERN (e.g. 'convnext_tiny*'):
@@ -84,7 +85,7 @@ def _list_timm(pattern: str, as_json: bool) -> None:
                    f"{'yes' if r.offline else 'no':<8} {r.license}{note}")
 
 
-@click.command()
+@click.command("export")
 @click.argument("name", metavar="NAME|timm:NAME|FILE.onnx")
 @weights_option
 @click.option("--preprocess", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -110,11 +111,11 @@ def _list_timm(pattern: str, as_json: bool) -> None:
               help="Refuse int8 above this many points of linear-probe accuracy lost.")
 @click.option("--force-quantize", is_flag=True, help="Keep the int8 model even if the guard refuses it.")
 @json_option
-def export(name: str, weights: str | None, preprocess: str | None, force: bool, features: str | None,
-           layers: str | None, crop: str | None, precision: str, quantize: str | None, calibrate: Path | None,
-           calib_images: int,
-           guard_images: int, calibration_method: str, max_loss: float, force_quantize: bool,
-           as_json: bool) -> None:
+def export_cmd(name: str, weights: str | None, preprocess: str | None, force: bool, features: str | None,
+               layers: str | None, crop: str | None, precision: str, quantize: str | None, calibrate: Path | None,
+               calib_images: int,
+               guard_images: int, calibration_method: str, max_loss: float, force_quantize: bool,
+               as_json: bool) -> None:
     """Export a backbone to ONNX (uint8 NHWC in, embedding out), parity-checked against torch.
 
     NAME is a card (`featx models`), timm:NAME for any timm model (`featx models --timm`),
@@ -183,7 +184,7 @@ def _guard_lines(directory: Path, g) -> list[str]:
     return lines
 
 
-@click.command()
+@click.command("extract")
 @click.argument("root", metavar="ROOT|TABLE", type=click.Path(path_type=Path))
 @backbone_option
 @weights_option
@@ -209,10 +210,11 @@ def _guard_lines(directory: Path, g) -> list[str]:
               help="Follow links into other class folders and out of ROOT too (labels come from where the "
                    "link sits). By default those are skipped and listed in the report.")
 @click.option("--force", is_flag=True, help="Replace --out even if it is not a featx table.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@quiet_option
 @json_option
-def extract(root: Path, backbone, weights, features, crop, out, store, batch_size, workers, device,
-            shard_size, no_draft, decoder, engine, address, follow_symlinks, force, quiet, as_json) -> None:
+def extract_cmd(root: Path, backbone, weights, features, crop, out, store, batch_size, workers, device,
+                shard_size, no_draft, decoder, engine, address, follow_symlinks, force, quiet,
+                as_json) -> None:
     """Embed every image under ROOT (ImageFolder layout gives labels), reusing the cache.
 
     Instead of a folder, a CSV/TSV/Parquet TABLE with a `path` column (relative to the

@@ -15,12 +15,15 @@ import click
 from click.core import ParameterSource
 
 from featx.cli.options import (
+    AutoOrFloat,
     Progress,
     device_option,
     emit,
     json_option,
     probe_options,
+    quiet_option,
     store_option,
+    weights_option,
 )
 
 
@@ -113,10 +116,6 @@ _RUN_OPTIONS = ("train", "val", "backbone", "weights", "unfreeze", "epochs", "lr
                 "time_budget")
 
 
-def _quiet(f):
-    return click.option("--quiet", "-q", is_flag=True, help="No progress bar or epoch lines.")(f)
-
-
 @click.command("finetune")
 @click.argument("train", type=click.Path(exists=True, file_okay=False, path_type=Path), required=False)
 @click.option("--val", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -127,8 +126,7 @@ def _quiet(f):
               help="Continue an interrupted run from its last completed epoch, with its saved "
                    "options and split; with a larger --epochs, extend a run (even a finished one).")
 @card_option
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Local checkpoint (.pth state dict) to start from instead of the card's weights.")
+@weights_option
 @click.option("--unfreeze", type=UnfreezeParam(), default=2, show_default=True,
               help="Top blocks of the card to train with the head: 0 = linear probe, all = everything.")
 @click.option("--epochs", type=click.IntRange(1, 10000), default=10, show_default=True,
@@ -154,7 +152,7 @@ def _quiet(f):
               show_default=True)
 @click.option("--no-lp-init", is_flag=True,
               help="Start the linear layer at random instead of from a logistic-regression probe.")
-@click.option("--lp-C", "lp_C", default="auto", show_default=True, metavar="auto|FLOAT",
+@click.option("--lp-C", "lp_C", type=AutoOrFloat(), default="auto", show_default=True, metavar="auto|FLOAT",
               help="C of the LP probe (auto: cross-validated; a number skips the CV on big sets).")
 @click.option("--input-size", type=click.IntRange(16, 1024), default=None,
               help="Override the card's input size (smaller = faster on CPU, less accurate).")
@@ -174,7 +172,7 @@ def _quiet(f):
                    "still match the run's).")
 @device_option
 @store_option
-@_quiet
+@quiet_option(help="No progress bar or epoch lines.")
 @json_option
 def finetune_cmd(train, val, out, resume, backbone, weights, unfreeze, epochs, time_budget, lr, backbone_lr,
                  batch_size, weight_decay, warmup_epochs, label_smoothing, class_weight, patience,
@@ -202,7 +200,6 @@ def finetune_cmd(train, val, out, resume, backbone, weights, unfreeze, epochs, t
         click.echo("warning: --workers is deprecated for finetune, where it sets DataLoader processes "
                    "(in extract and predict it means decoding threads); use --loader-workers", err=True)
         loader_workers = old_workers if loader_workers is None else loader_workers
-    lp_C = _lp_C(lp_C)
     if resume is not None:
         options = _resume_options(click.get_current_context(), epochs)
     else:
@@ -230,18 +227,6 @@ def finetune_cmd(train, val, out, resume, backbone, weights, unfreeze, epochs, t
     finally:
         p.close()
     emit(r.summary.to_dict(), as_json, _finetune_lines(r.summary, device))
-
-
-def _lp_C(value: str) -> float | str:
-    if value == "auto":
-        return value
-    try:
-        c = float(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is neither 'auto' nor a number", param_hint="--lp-C") from None
-    if not c > 0:
-        raise click.BadParameter(f"must be > 0, got {c}", param_hint="--lp-C")
-    return c
 
 
 def _resume_options(ctx: click.Context, epochs: int) -> dict:
@@ -323,7 +308,7 @@ def _finetune_lines(s, device: str) -> list[str]:
 @probe_options
 @device_option
 @store_option
-@_quiet
+@quiet_option(help="No progress bar or epoch lines.")
 @json_option
 @click.pass_context
 def compare_cmd(ctx, train, test, per_class, methods, out, backbone, epochs, unfreeze, lr, backbone_lr, crop_scale,

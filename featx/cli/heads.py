@@ -12,31 +12,17 @@ from pathlib import Path
 import click
 
 from featx.cli.options import (
+    AutoOrFloat,
     batch_options,
     device_option,
     emit,
     json_option,
     progress_bar,
+    quiet_option,
     store_option,
 )
 from featx.errors import FeatXError
-
-
-class CParam(click.ParamType):
-    """``auto`` or a positive float."""
-
-    name = "C"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, float) or value == "auto":
-            return value
-        try:
-            v = float(value)
-        except ValueError:
-            self.fail(f"{value!r} is neither 'auto' nor a number", param, ctx)
-        if not v > 0:
-            self.fail(f"C must be > 0, got {value}", param, ctx)
-        return v
+from featx.heads.kinds import HEAD_KINDS
 
 
 def head_argument(f):
@@ -51,10 +37,6 @@ def recorded_backbone_option(what: str):
              f"recorded in the {what}; one with another fingerprint is refused.")
 
 
-def quiet_option(f):
-    return click.option("--quiet", "-q", is_flag=True, help="No progress bar.")(f)
-
-
 def _failure_lines(failures: list[tuple[str, str]], report: str | None = None) -> list[str]:
     lines = [f"  skipped {p}: {why}" for p, why in failures[:5]]
     if len(failures) > 5:
@@ -66,12 +48,12 @@ def _failure_lines(failures: list[tuple[str, str]], report: str | None = None) -
 @click.option("--embeddings", "-e", type=click.Path(exists=True, path_type=Path), default=None,
               help="Embeddings table from `featx extract` (default: the one *.featx.parquet "
                    "in the current folder).")
-@click.option("--head", "head_kind", type=click.Choice(["logreg", "linear-svm", "svm-rbf", "sgd-logreg"]),
+@click.option("--head", "head_kind", type=click.Choice(HEAD_KINDS),
               default="logreg", show_default=True,
               help="Classifier on the scaled embeddings; sgd-logreg streams the table shard by "
                    "shard (for tables larger than memory; --C is ignored, alpha is chosen on a "
                    "held-out split).")
-@click.option("--C", "C", type=CParam(), default="auto", show_default=True, metavar="auto|FLOAT",
+@click.option("--C", "C", type=AutoOrFloat(), default="auto", show_default=True, metavar="auto|FLOAT",
               help="Inverse regularisation; auto picks it by stratified CV over the head's log grid.")
 @click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none",
               show_default=True, help="balanced reweights classes by inverse frequency.")

@@ -10,8 +10,8 @@ import sys
 
 import click
 
-from featx.cli.cache import cache
-from featx.cli.extract import export, extract, models
+from featx.cli.cache import cache_cmd
+from featx.cli.extract import export_cmd, extract_cmd, models_cmd
 from featx.cli.finetune import compare_cmd, finetune_cmd
 from featx.cli.heads import evaluate_cmd, export_classifier_cmd, fit_head_cmd, predict_cmd
 from featx.cli.labelling import sufficiency_cmd, suggest_cmd
@@ -93,7 +93,7 @@ def _fixed_mmap_threshold() -> None:
         pass
 
 
-for _cmd in (models, export, extract, fit_head_cmd, predict_cmd, evaluate_cmd, export_classifier_cmd,
-             finetune_cmd, compare_cmd, cache, neighbors_cmd, duplicates_cmd, plot_cmd, suggest_cmd,
-             sufficiency_cmd):
+for _cmd in (models_cmd, export_cmd, extract_cmd, fit_head_cmd, predict_cmd, evaluate_cmd, export_classifier_cmd,
+             finetune_cmd, compare_cmd, cache_cmd, neighbors_cmd, duplicates_cmd, plot_cmd,
+             suggest_cmd, sufficiency_cmd):
     main.add_command(_cmd)

@@ -119,5 +119,25 @@ def emit(summary: dict, as_json: bool, lines: list[str]) -> None:
             click.echo(os.fsencode(line).decode("utf-8", "backslashreplace"))
 
 
-def quiet_option(f):
-    return click.option("--quiet", "-q", is_flag=True, help="No progress bar.")(f)
+def quiet_option(f=None, *, help: str = "No progress bar."):
+    """``--quiet/-q``; ``@quiet_option`` or ``@quiet_option(help=...)`` where it silences more."""
+    def add(g):
+        return click.option("--quiet", "-q", is_flag=True, help=help)(g)
+    return add if f is None else add(f)
+
+
+class AutoOrFloat(click.ParamType):
+    """``auto`` or a positive number (``--C``, ``--lp-C``): the one type for such options."""
+
+    name = "auto|FLOAT"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float) or value == "auto":
+            return value
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither 'auto' nor a number", param, ctx)
+        if not v > 0:
+            self.fail(f"must be > 0, got {value}", param, ctx)
+        return v

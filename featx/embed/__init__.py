@@ -1,10 +1,11 @@
 """Embedding: images -> pixels -> ONNX Runtime -> the content-addressed store -> tables.
 
-``images`` (scan, decode, resize, crop: the one preprocessing), ``runtime``
-(``Encoder``: an ONNX Runtime session), ``store`` (``EmbeddingStore``: shards
-keyed by content hash under the backbone fingerprint), ``statcache`` (skip
-re-hashing unchanged files), ``table`` (the Parquet table users read), ``arrow``
-(the Arrow columns those three write).
+``scan`` (find the images of a folder or listing, their labels; ``resolve_item_path``),
+``images`` (content keys, decode, resize, crop: the one preprocessing; thumbnails),
+``remote`` (URLs read through fsspec, lazily), ``runtime`` (``Encoder``: an ONNX
+Runtime session), ``store`` (``EmbeddingStore``: shards keyed by content hash under
+the backbone fingerprint), ``statcache`` (skip re-hashing unchanged files), ``table``
+(the Parquet table users read), ``arrow`` (the Arrow columns those write).
 """
 
 from __future__ import annotations

@@ -116,10 +116,6 @@ class NonFiniteEmbeddingError(StoreError):
         self.keys = list(keys)
 
 
-def embedding_type(dim: int) -> pa.DataType:
-    return pa.list_(pa.float32(), dim)
-
-
 def _store_error(path: Path, e: OSError) -> StoreError:
     todo = "free space or pass --store DIR"
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):

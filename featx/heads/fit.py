@@ -32,11 +32,12 @@ from sklearn.svm import SVC, LinearSVC
 from threadpoolctl import threadpool_limits
 
 from featx.errors import FeatXError
+from featx.heads.kinds import IN_MEMORY_HEADS, check_head_kind
 from featx.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
 
-HEADS = ("logreg", "linear-svm", "svm-rbf")
+HEADS = IN_MEMORY_HEADS  # the kinds fit here (featx.heads.kinds holds the one list)
 # Kornblith et al.'s protocol searches C on a log grid. Each head has its own: on
 # standardised embeddings the logistic optimum sits in 1e-4..10; the linear SVM's sits
 # lower (1e-4..1e-3 on Fashion-MNIST embeddings at 200, 500 and 2,000 rows, never above
@@ -87,8 +88,7 @@ def make_head(head: str = "logreg", C: float = 1.0, class_weight: str | dict | N
     leaves the SVMs without their Platt scaling (what cross-validation scores: the
     argmax barely moves and the calibration's inner folds would cost 4x the fits).
     """
-    if head not in HEADS:
-        raise FeatXError(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
+    check_head_kind(head, HEADS)
     C = float(C)
     if not C > 0:
         raise FeatXError(f"C must be > 0, got {C}")
@@ -300,8 +300,7 @@ def one_blas_thread():
 
 def _fit_head(X, y, head, C, class_weight, cv, seed, progress) -> tuple[Pipeline, dict]:
     t0 = time.perf_counter()
-    if head not in HEADS:
-        raise FeatXError(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
+    check_head_kind(head, HEADS)
     if class_weight not in (None, "balanced") and not isinstance(class_weight, dict):
         raise FeatXError(f"class_weight must be None, 'balanced' or a dict, got {class_weight!r}")
     codes, classes = encode_labels(y)

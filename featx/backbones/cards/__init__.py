@@ -3,6 +3,11 @@
 A card is the single source of truth for preprocessing. It travels with the
 ONNX export (sidecar JSON) and is part of the backbone fingerprint, so
 extraction, prediction and fine-tuning cannot drift apart.
+
+The cards themselves are TOML files in ``models/`` at the repository root, their one
+home. They ship as the package data ``featx.models`` (pyproject.toml maps that package
+to ``models/``), so a wheel and an editable install read them through
+``importlib.resources``; a clone on ``sys.path`` reads ``models/`` beside ``featx/``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from importlib import resources
+from importlib.resources.abc import Traversable
+from pathlib import Path
 from typing import Any
 
 import tomllib
@@ -284,9 +291,24 @@ def _torch_hub_file(enum_name: str) -> str | None:
     return path if os.path.isfile(path) else None
 
 
+CARDS_PACKAGE = "featx.models"
+
+
+def card_folder() -> Traversable:
+    """Where the backbone cards are: the package data ``featx.models`` (a wheel, an editable
+    install), else ``models/`` beside the ``featx`` folder (a clone on ``sys.path``)."""
+    try:
+        return resources.files(CARDS_PACKAGE)
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[3] / "models"
+
+
 def _load_registry() -> dict[str, BackboneCard]:
     cards = {}
-    for entry in resources.files(__name__).iterdir():
+    folder = card_folder()
+    if not folder.is_dir():
+        raise FeatXError(f"no backbone cards: {folder} is missing (reinstall featx)")
+    for entry in folder.iterdir():
         if entry.name.endswith(".toml"):
             try:
                 card = BackboneCard.from_dict(tomllib.loads(entry.read_text()))
