@@ -321,7 +321,8 @@ def record_evaluation(head_file: str | os.PathLike, metrics: Mapping[str, Any],
     """Put ``metrics`` (``featx evaluate``'s) in the head's card, replacing an earlier evaluation.
 
     Returns the card's path, or None when the head has no card (made before cards
-    existed, or by another tool) or the card's test-metrics markers were edited away.
+    existed, or by another tool), the card's test-metrics markers were edited away, or
+    the card cannot be written (a warning says so: the update is optional).
     """
     path = _card_of(Path(head_file))
     if path is None:
@@ -335,7 +336,12 @@ def record_evaluation(head_file: str | os.PathLike, metrics: Mapping[str, Any],
         log.warning("%s: no test-metrics section to update; the evaluation is in metrics.json", path)
         return None
     section = "\n".join(_test_section(metrics, metrics_file)).rstrip("\n")
-    return write_text(path, text[:start] + section + text[end + len(TEST_END):])
+    try:
+        return write_text(path, text[:start] + section + text[end + len(TEST_END):])
+    except OSError as e:  # optional: the evaluation itself is written; say why the card is not
+        log.warning("%s: could not update the head's card with this evaluation (%s); the metrics "
+                    "are in %s", path, e.strerror or e, metrics_file or "the evaluation's output")
+        return None
 
 
 # ---- fine-tuning run cards -------------------------------------------------------------------------
