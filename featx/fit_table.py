@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from featx.atomic import write_text
-from featx.backbones.artifact import Backbone
+from featx.backbones.artifact import Backbone, with_decoder
 from featx.backbones.resolve import resolve_backbone
 from featx.errors import FeatXError, MismatchError
 from featx.heads.headfile import HEAD_FILE, json_default, peek_header, save_head
@@ -75,16 +75,21 @@ def split_name_warning(classes: list[str], meta: dict, table: Path) -> str | Non
 
 
 def table_backbone(meta: dict, table: Path, override: str | os.PathLike | Backbone | None) -> Backbone:
-    """The backbone that made a table: ``override``, or the export its metadata names."""
+    """The backbone that made a table: ``override``, or the export its metadata names; JPEGs
+    decoded with the decoder the table records (``extract --decoder``)."""
     spec = override or meta.get("backbone_path") or meta.get("backbone")
     if not spec:
         raise FeatXError(f"{table}: no backbone recorded; pass --backbone")
+    # the JPEG decoder travels with the table's preprocessing (extract --decoder): part of the
+    # fingerprint, and no --backbone value carries it
+    pre = meta.get("preprocess")
+    decoder = pre.get("decoder") if isinstance(pre, dict) else None
     try:
-        bb = resolve_backbone(spec)
+        bb = with_decoder(resolve_backbone(spec), decoder)
     except FeatXError:
         if override or not meta.get("backbone"):
             raise
-        bb = resolve_backbone(meta["backbone"])  # export dir gone: re-export the card
+        bb = with_decoder(resolve_backbone(meta["backbone"]), decoder)  # export dir gone: re-export the card
     fp = meta.get("fingerprint", "")
     if fp and bb.fingerprint != fp:
         raise MismatchError(f"{table} was extracted with backbone fingerprint {fp}, but {spec} has "
