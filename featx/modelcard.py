@@ -390,7 +390,8 @@ def record_evaluation(head_file: str | os.PathLike, metrics: Mapping[str, Any],
     sets; an earlier result of the same set (the same folder or listing) is replaced.
 
     Returns the card's path, or None when the head has no card (made before cards
-    existed, or by another tool) or the card's test-metrics markers were edited away.
+    existed, or by another tool), the card's test-metrics markers were edited away, or
+    the card cannot be written (a warning says so: the update is optional).
     """
     path = _card_of(Path(head_file))
     if path is None:
@@ -406,7 +407,12 @@ def record_evaluation(head_file: str | os.PathLike, metrics: Mapping[str, Any],
     rec = evaluation_record(metrics, metrics_file)
     records = [r for r in _records(text[start:end]) if r.get("root") != rec["root"]] + [rec]
     section = "\n".join(_test_section(records)).rstrip("\n")
-    return write_text(path, text[:start] + section + text[end + len(TEST_END):])
+    try:
+        return write_text(path, text[:start] + section + text[end + len(TEST_END):])
+    except OSError as e:  # optional: the evaluation itself is written; say why the card is not
+        log.warning("%s: could not update the head's card with this evaluation (%s); the metrics "
+                    "are in %s", path, e.strerror or e, metrics_file or "the evaluation's output")
+        return None
 
 
 # ---- fine-tuning run cards -------------------------------------------------------------------------

@@ -139,3 +139,23 @@ def test_safe_cell_leaves_numbers_and_plain_text():
     assert safe_cell("cat") == "cat" and safe_cell(3) == 3 and safe_cell(None) is None
     assert safe_cell("=1+1") == "'=1+1" and safe_cell("-cmd") == "'-cmd" and safe_cell("@x") == "'@x"
     assert safe_cell("\t=x") == "'\t=x"
+
+
+# ---- a class of one image ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("head", ["linear-svm", "svm-rbf"])
+def test_svm_heads_say_how_many_images_a_class_needs(tmp_path, head):
+    from .helpers import make_image_folder, run_cli
+
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    for extra in sorted((data / "thing").iterdir())[1:]:
+        extra.unlink()  # one "thing" image left
+    run_cli("extract", str(data), "--out", str(tmp_path / "t.featx.parquet"), "-q")
+    for c in ("1", "auto"):
+        r = run_cli("fit-head", "--embeddings", str(tmp_path / "t.featx.parquet"), "--head", head, "--C", c,
+                    "--out", str(tmp_path / "h.joblib"), ok=False)
+        assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+        assert f"the {head} head needs at least 2 images in every class" in r.output and "thing" in r.output
+    assert not (tmp_path / "h.joblib").exists()
+    run_cli("fit-head", "--embeddings", str(tmp_path / "t.featx.parquet"), "--head", "logreg", "--C", "1",
+            "--out", str(tmp_path / "h.joblib"))

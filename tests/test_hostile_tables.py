@@ -108,3 +108,28 @@ def test_a_folder_of_parts_with_damaged_metadata(good, tmp_path):
     shutil.copy(parts / "a.parquet", parts / "b.parquet")
     with pytest.raises(FeatXError, match="metadata is damaged"):
         duplicates(parts)
+
+
+def test_the_decoder_travels_with_the_table(tmp_path, lite0):
+    """extract --decoder simplejpeg: fit-head, neighbors and predict use that decoder with no flag
+    (no --backbone value could supply it)."""
+    pytest.importorskip("simplejpeg")
+    import json
+
+    from featx.heads.headfile import load_head
+
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    table = tmp_path / "t.featx.parquet"
+    run_cli("extract", str(data), "--decoder", "simplejpeg", "--out", str(table), "-q")
+    meta = json.loads(pq.read_schema(table).metadata[META_KEY])
+    assert meta["preprocess"]["decoder"] == "simplejpeg" and meta["fingerprint"] != lite0.fingerprint
+    run_cli("fit-head", "--embeddings", str(table), "--out", str(tmp_path / "h.joblib"), "--C", "1")
+    head = load_head(tmp_path / "h.joblib")
+    assert head.preprocess.decoder == "simplejpeg" and head.fingerprint == meta["fingerprint"]
+    r = run_cli("neighbors", str(data), "--in", str(table), "-k", "1", "--json")
+    assert json.loads(r.output)["queries"] == 8
+    r = run_cli("predict", str(tmp_path / "h.joblib"), str(data), "--json")
+    assert json.loads(r.output)["images"] == 8
+    # the recorded export, named explicitly, is the same backbone with the table's decoder
+    run_cli("fit-head", "--embeddings", str(table), "--out", str(tmp_path / "h2.joblib"), "--C", "1",
+            "--backbone", meta["backbone_path"])

@@ -248,3 +248,29 @@ def test_an_unusable_featx_home_is_one_line(image_folder, tmp_path, kind):
                        env={**os.environ, "FEATX_HOME": home})
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert f"FEATX_HOME={home}: cannot use" in r.stderr and "set FEATX_HOME to a folder you can write" in r.stderr
+
+
+def test_evaluate_beside_a_head_it_cannot_write_warns_and_succeeds(evaluated, tmp_path):
+    """The card update is optional: metrics written, one warning line, exit 0."""
+    from .helpers import run_cli, unprivileged
+
+    heads = tmp_path / "heads"
+    heads.mkdir()
+    run_cli("extract", str(evaluated / "data"), "--out", str(heads / "t.featx.parquet"), "-q")
+    run_cli("fit-head", "--embeddings", str(heads / "t.featx.parquet"), "--out", str(heads / "h.joblib"),
+            "--C", "1")
+    card = heads / "h.README.md"
+    before = card.read_text()
+    os.chmod(heads, 0o555)
+    os.chmod(card, 0o444)
+    try:
+        cmd = unprivileged([sys.executable, "-m", "featx.cli", "evaluate", str(heads / "h.joblib"),
+                            str(evaluated / "data"), "--out-dir", str(tmp_path / "ev"), "-q"])
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    finally:
+        os.chmod(heads, 0o755)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "could not update the head's card" in r.stderr and "metrics.json" in r.stderr
+    assert (tmp_path / "ev" / "metrics.json").is_file()
+    assert card.read_text() == before

@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from featx.backbones.artifact import SIDECAR, Backbone, load_export
+from featx.backbones.artifact import SIDECAR, Backbone, load_export, with_decoder
 from featx.backbones.cards import DEFAULT_BACKBONE, Preprocess, get_card
 from featx.backbones.export import export_card
 from featx.backbones.features import check_features, recorded_features
@@ -75,16 +75,21 @@ def export_backbone(spec: str | os.PathLike | None = None, weights: str | os.Pat
 
 
 def table_backbone(meta: dict, table: Path, override: str | os.PathLike | Backbone | None) -> Backbone:
-    """The backbone that made a table: ``override``, or the export its metadata names."""
+    """The backbone that made a table: ``override``, or the export its metadata names; JPEGs
+    decoded with the decoder the table records (``extract --decoder``)."""
     spec = override or meta.get("backbone_path") or meta.get("backbone")
     if not spec:
         raise FeatXError(f"{table}: no backbone recorded; pass --backbone")
+    # the JPEG decoder travels with the table's preprocessing (extract --decoder): part of the
+    # fingerprint, and no --backbone value carries it
+    pre = meta.get("preprocess")
+    decoder = pre.get("decoder") if isinstance(pre, dict) else None
     try:
-        bb = resolve_backbone(spec)
+        bb = with_decoder(resolve_backbone(spec), decoder)
     except FeatXError:
         if override or not meta.get("backbone"):
             raise
-        bb = resolve_backbone(meta["backbone"])  # export dir gone: re-export the card
+        bb = with_decoder(resolve_backbone(meta["backbone"]), decoder)  # export dir gone: re-export the card
     fp = meta.get("fingerprint", "")
     if fp and bb.fingerprint != fp:
         raise MismatchError(f"{table} was extracted with backbone fingerprint {fp}, but {spec} has "

@@ -298,6 +298,20 @@ def one_blas_thread():
     return threadpool_limits(limits=1)
 
 
+def _check_calibration_counts(head: str, codes: np.ndarray, classes: list[str]) -> None:
+    """The SVM heads calibrate their scores on held-out folds (2 at least): every class needs
+    2 images, else scikit-learn's ValueError would come from deep inside the fit."""
+    if head not in ("linear-svm", "svm-rbf"):
+        return
+    counts = np.bincount(codes, minlength=len(classes))
+    few = [classes[c] for c in np.flatnonzero(counts < 2)]
+    if few:
+        raise FeatXError(f"the {head} head needs at least 2 images in every class (its probabilities are "
+                         f"calibrated on held-out folds); {len(few)} class(es) have 1: "
+                         f"{', '.join(few[:5])}{' ...' if len(few) > 5 else ''}. Add images, or use "
+                         "--head logreg")
+
+
 def _fit_head(X, y, head, C, class_weight, cv, seed, progress) -> tuple[Pipeline, dict]:
     t0 = time.perf_counter()
     check_head_kind(head, HEADS)
@@ -308,6 +322,7 @@ def _fit_head(X, y, head, C, class_weight, cv, seed, progress) -> tuple[Pipeline
     if len(classes) < 2:
         raise FeatXError(f"a head needs at least 2 classes, found {len(classes)} ({classes}); "
                          "check the folder layout root/<class>/<image>")
+    _check_calibration_counts(head, codes, classes)
     report: dict = {"head": head, "class_weight": class_weight, "n_train": len(codes),
                     "dim": int(X.shape[1]), "classes": classes,
                     "class_counts": {classes[c]: n for c, n in sorted(Counter(codes.tolist()).items())}}
