@@ -13,6 +13,7 @@ Writes ``compare.json``, ``compare.md`` and ``learning_curve.png``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -246,28 +247,64 @@ def compare(train, test=None, *, out: str | os.PathLike = "report", per_class="5
         notes.append(f"{plural(len(frozen.failed), 'unreadable file')} left out of every method: "
                      + "; ".join(f"{p} ({why})" for p, why in frozen.failed[:5])
                      + (", ..." if len(frozen.failed) > 5 else ""))
+    config = _config(cfg, card, frozen, files.classes, test_source, str(torch_device(device)))
+    done = finished_runs(out / "compare.json", config)
     rows: list[dict] = []
+    total, k, t0 = len(sizes) * len(methods), 0, time.perf_counter()
     for n in sizes:
         sub = files.subset(per_class_subset(files.labels, n, seed))
         sub = sub.subset([i for i, p in enumerate(sub.paths) if frozen.key_of.get(p) is not None])
         n_label = "all" if n is None else n
         for method in methods:
-            progress(f"{method} @ {n_label}/class", 0, 1)
+            k += 1
+            if (method, n_label) in done:  # a rerun after Ctrl-C does not train finished runs again
+                rows.append(done[(method, n_label)])
+                log.info("%s @ %s/class: kept from the previous run", method, n_label)
+                continue
+            # every stage of this run, the trainer's epochs included, says which run of how many
+            step = _numbered(progress, k, total)
+            step(f"{method} @ {n_label}/class", 0, 1)
             if method == "frozen":
                 acc, secs, extra = _frozen_row(frozen, sub, seed)
             else:
                 acc, secs, extra = _trained_row(method, sub, testf, frozen, out / "runs" / f"{method}-{n_label}",
-                                                cfg, device, store, keep_runs, progress)
+                                                cfg, device, store, keep_runs, step)
             row = {"per_class": n_label, "train_images": len(sub), "method": method,
                    "accuracy": acc, "seconds": round(secs, 3), **extra}
-            log.info("%s @ %s/class: accuracy %.4f in %.1f s", method, n_label, acc, secs)
+            log.info("run %d/%d, %s @ %s/class: accuracy %.4f in %.1f s (%.0f s so far)", k, total, method,
+                     n_label, acc, secs, time.perf_counter() - t0)
             rows.append(row)
-            progress(f"{method} @ {n_label}/class", 1, 1)
-            write_json(out / "compare.json", _report(rows, {}, notes))  # partial results survive a kill
-    config = _config(cfg, card, frozen, files.classes, test_source, str(torch_device(device)))
+            step(f"{method} @ {n_label}/class", 1, 1)
+            write_json(out / "compare.json", _report(rows, config, notes))  # partial results survive a kill
     result = CompareResult(rows, out, config, notes=notes)
     result.files = write_report(out, rows, config, notes)
     return result
+
+
+# settings that do not change a run's result: a rerun on another device still resumes
+_RESUME_IGNORES = ("device", "embed_seconds_total", "embed_seconds_per_image")
+
+
+def finished_runs(path: Path, config: dict) -> dict[tuple[str, int | str], dict]:
+    """Rows a previous compare with the same settings finished (its partial compare.json)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    old = doc.get("config") if isinstance(doc, dict) else None
+    if not isinstance(old, dict) or not old:
+        return {}
+    same = {k: v for k, v in old.items() if k not in _RESUME_IGNORES} == \
+        {k: v for k, v in json.loads(json.dumps(config)).items() if k not in _RESUME_IGNORES}
+    if not same:
+        return {}
+    return {(r["method"], r["per_class"]): r for r in doc.get("rows", [])
+            if isinstance(r, dict) and {"method", "per_class", "accuracy"} <= set(r)}
+
+
+def _numbered(progress: ProgressFn, k: int, n: int) -> ProgressFn:
+    """``progress`` with every stage name prefixed by the run's place: "[3/9] epoch"."""
+    return lambda stage, done, total: progress(f"[{k}/{n}] {stage}", done, total)
 
 
 def _config(cfg, card, frozen: _Frozen, classes: list[str], test_source: str, device: str) -> dict:

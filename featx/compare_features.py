@@ -79,15 +79,45 @@ def compare_features(train, test=None, *, backbones=(DEFAULT_BACKBONE,), feature
     config = {"train": str(train) if isinstance(train, (str, os.PathLike)) else None,
               "train_images": len(files), "classes": files.classes, "cv_folds": cv, "seed": seed,
               "test_images": len(testf) if testf is not None else 0, "device": device}
+    done = finished_rows(out / "features.json", config)
     rows: list[dict] = []
-    for name, feat, crop in combos:
-        rows.append(score_probe(name, feat, crop, files, testf, cv=cv, seed=seed, device=device, store=store,
-                                batch_size=batch_size, workers=workers, progress=progress))
+    for i, (name, feat, crop) in enumerate(combos):
+        if (name, feat, crop) in done:  # a rerun after Ctrl-C keeps what was finished
+            rows.append(done[(name, feat, crop)])
+            continue
+        try:
+            rows.append(score_probe(name, feat, crop, files, testf, cv=cv, seed=seed, device=device,
+                                    store=store, batch_size=batch_size, workers=workers,
+                                    progress=_numbered(progress, i + 1, len(combos))))
+        except FeatXError as e:  # one backbone that cannot be had costs its row, not the others'
+            log.warning("%s %s crop=%s: %s", name, feat, crop, e)
+            rows.append({"backbone": name, "features": feat, "crop": crop, "error": str(e)})
         write_text(out / "features.json", json.dumps({"config": config, "rows": rows}, indent=2))  # partial
-    best = recommend(rows)
+    scored = [r for r in rows if "error" not in r]
+    if not scored:
+        raise FeatXError("no combination could be scored: " + "; ".join(
+            f"{r['backbone']} {r['features']} crop={r['crop']}: {r['error']}" for r in rows))
+    best = recommend(scored)
     result = FeatureComparison(rows, best, out, config)
     result.files = write_features_report(result)
     return result
+
+
+def finished_rows(path: Path, config: dict) -> dict[tuple[str, str, str], dict]:
+    """Rows a previous run with the same settings finished (its partial features.json)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(doc, dict) or doc.get("config") != config:
+        return {}
+    return {(r["backbone"], r["features"], r["crop"]): r for r in doc.get("rows", [])
+            if isinstance(r, dict) and "error" not in r and "cv_accuracy" in r}
+
+
+def _numbered(progress: ProgressFn, k: int, n: int) -> ProgressFn:
+    """``progress`` with every stage name prefixed by this probe's place: "[2/6] embed"."""
+    return lambda stage, done, total: progress(f"[{k}/{n}] {stage}", done, total)
 
 
 def score_probe(name: str, features: str, crop: str, files, testf, *, cv: int, seed: int, device: str,
@@ -182,6 +212,10 @@ def write_features_report(res: FeatureComparison) -> dict:
              "| backbone | features | crop | dim | CV accuracy | test accuracy | extraction ms/image | C |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['backbone']} | {r['features']} | {r['crop']} | - | failed: "
+                         f"{r['error'].replace('|', '/')} | - | - | - |")
+            continue
         mark = " **<-**" if r is best else ""
         ms = "-" if r["extract_ms_per_image"] is None else f"{r['extract_ms_per_image']:.1f}"
         lines.append(f"| {r['backbone']} | {r['features']} | {r['crop']} | {r['dim']} | "
@@ -205,6 +239,8 @@ def plot_features(out: Path, rows: list[dict], best: dict) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for r in rows:
+        if "error" in r:
+            continue
         x = r["extract_ms_per_image"] or 0.0
         ax.errorbar(x, 100 * r["cv_accuracy"], yerr=100 * r["cv_std"], fmt="o" if r is not best else "*",
                     ms=7 if r is not best else 14, capsize=3)

@@ -147,6 +147,8 @@ def _training_table(head: Head):
     where = (head.meta.get("train") or {}).get("embeddings")
     if not where:
         return None, ["the head records no training table, so near copies were not checked"]
+    if Path(where).is_dir():
+        return None, [f"its training table {where} is a folder of tables; near copies not checked"]
     if not Path(where).is_file():
         return None, [f"its training table {where} is gone, so near copies were not checked"]
     try:

@@ -234,11 +234,20 @@ def _fit_in_memory(t, bb: Backbone, head: str, C, class_weight, cv: int | None, 
         if scores["last"] <= scores["all"] + SEGMENT_TIE:
             rep_all.update(segment="all", segment_cv=scores)
             return pipe_all, rep_all
+    try:
+        wide = widen(pipe, cols, int(t.X.shape[1]))
+    except FeatXError:
+        if scores is None:
+            raise
+        # a head kind widen cannot rewrite: keep the whole vector rather than fail the fit
+        log.warning("the last segment scored better, but this head cannot be widened; using all columns")
+        rep_all.update(segment="all", segment_cv=scores)
+        return pipe_all, rep_all
     rep.update(segment="last", segment_columns=[cols.start, cols.stop], dim=int(t.X.shape[1]),
                segment_dim=cols.stop - cols.start)
     if scores:
         rep["segment_cv"] = scores
-    return widen(pipe, cols, int(t.X.shape[1])), rep
+    return wide, rep
 
 
 def _fit_streaming(path: Path, seed: int, progress: ProgressFn) -> tuple[object, dict, dict]:

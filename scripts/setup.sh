@@ -14,10 +14,12 @@ fi
 # torch: on a machine without an NVIDIA GPU, PyTorch's CPU build (scripts/torch_index.sh says
 # which index); pip's default Linux torch wheel bundles ~3 GB of CUDA libraries. Where that
 # index cannot be reached (a machine that sees package registries only), pip's default torch
-# is installed instead, and this says so. FEATX_TORCH=default always takes pip's default.
+# is installed instead, and this says so. FEATX_TORCH=default always takes pip's default;
+# FEATX_TORCH_INDEX=URL installs torch from that index instead.
 INDEX="$(bash scripts/torch_index.sh)"
 if [ -n "$INDEX" ] && ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  echo "no NVIDIA GPU found: installing PyTorch's CPU build from $INDEX" >&2
+  if [ -n "${FEATX_TORCH_INDEX:-}" ]; then WHY="as FEATX_TORCH_INDEX says"; else WHY="no NVIDIA GPU found: the CPU build"; fi
+  echo "installing torch from $INDEX ($WHY)" >&2
   if ! .venv/bin/python -m pip install -q --timeout 15 --retries 1 torch torchvision --index-url "$INDEX"; then
     echo "note: $INDEX cannot be reached; pip's default torch is installed instead, with its CUDA" \
          "libraries (about 3 GB, unused without a GPU). To avoid them, install a CPU wheel of torch" \

@@ -140,7 +140,8 @@ def test_the_python_snippets_run(readme_run, monkeypatch, capsys):
         exec(compile(code, str(README), "exec"), names)
     assert "test accuracy" in capsys.readouterr().out
     X, y = names["X"], names["y"]  # the pandas snippet: the table is readable without featx
-    assert X.shape == (10, 1280) and X.dtype == np.float32 and sorted(set(y)) == ["cat", "thing"]
+    # `featx extract` embeds with multi features by default (docs/heads.md, "Which default")
+    assert X.shape == (10, 4880) and X.dtype == np.float32 and sorted(set(y)) == ["cat", "thing"]
 
 
 # ---- which commands need torch: the README's install table, with torch unimportable ----------

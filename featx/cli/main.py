@@ -32,9 +32,20 @@ class FeatXGroup(click.Group):
             click.echo(f"error: {e}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
-            said = INTERRUPTED.get(ctx.invoked_subcommand or "", "nothing was written.")
+            from featx.cli.options import last_stage
+
+            said = interrupted_message(ctx.invoked_subcommand or "", last_stage())
             click.echo(f"\ninterrupted: {said}", err=True)
             ctx.exit(130)
+
+
+def interrupted_message(command: str, stage: str | None) -> str:
+    """What Ctrl-C left behind, for ``command`` interrupted in ``stage`` (its last progress stage)."""
+    if stage is not None and stage.rsplit("] ", 1)[-1].startswith("backbone"):
+        return ("interrupted while the backbone was being exported (the first use of a backbone "
+                "exports it to ONNX); nothing was embedded yet. The same command again starts the "
+                "export over.")
+    return INTERRUPTED.get(command, "nothing was written.")
 
 
 # what Ctrl-C leaves behind, per command (finetune says it itself: which run, which epoch)
@@ -43,7 +54,8 @@ INTERRUPTED = {
     "extract": "everything embedded so far is saved; run the same command again to resume.",
     "predict": _CACHED,
     "evaluate": _CACHED,
-    "compare": _CACHED,
+    "compare": "the runs finished so far are kept in the report folder's JSON; the same command "
+               "again resumes after them (embeddings are cached too).",
     "fit-head": "no head was written (an existing head file is unchanged).",
     "neighbors": _CACHED,
     "suggest": _CACHED + " No suggestions were written.",

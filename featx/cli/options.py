@@ -71,6 +71,14 @@ def batch_options(f):
     return click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)(f)
 
 
+_LAST_STAGE: list[str | None] = [None]
+
+
+def last_stage() -> str | None:
+    """The last progress stage any command of this process reported (for the Ctrl-C message)."""
+    return _LAST_STAGE[0]
+
+
 class Progress:
     """Renders the library's progress callback: a bar on a terminal, nothing otherwise."""
 
@@ -78,22 +86,44 @@ class Progress:
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self.bar = None
         self.stage = None
+        self.passes = 0  # how many times the current stage started over (epochs)
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        _LAST_STAGE[0] = stage
         if not self.enabled:
             return
         from tqdm import tqdm
 
+        # a stage may carry a prefix ("[3/9] epoch"): the unit goes by its last word
+        kind = stage.rsplit(" ", 1)[-1]
         if stage != self.stage:
             self.close()
-            self.stage = stage
+            self.stage, self.passes = stage, 1
             if total:
-                unit = {"epoch": "batch", "choose C": "fit", "fit": "fit"}.get(stage, "img")
-                self.bar = tqdm(total=total, desc=stage, unit=unit, dynamic_ncols=True, file=sys.stderr)
-        if self.bar is not None:
+                unit = {"epoch": "batch", "choose C": "fit", "fit": "fit"}.get(kind, "img")
+                self.bar = tqdm(total=total, desc=self._desc(), unit=unit, dynamic_ncols=True,
+                                file=sys.stderr)
+            elif kind == "backbone" or stage.endswith("] backbone") or stage.startswith("backbone"):
+                # no count to show, but the first use exports the backbone (a minute or more):
+                # say so, with the time it has taken, instead of sitting silent
+                self.bar = tqdm(total=None, desc="backbone (exported to ONNX on first use)",
+                                bar_format="{desc}: {elapsed}", file=sys.stderr)
+        elif self.bar is not None and done < self.bar.n:
+            # the same stage again (the next epoch): a fresh bar, so its rate and ETA are this
+            # pass's, not an average over every pass since the first
+            self.passes += 1
+            self.bar.reset(total=total)
+            self.bar.set_description(self._desc(), refresh=False)
+        if self.bar is not None and total:
             self.bar.total = total
             self.bar.n = done
             self.bar.refresh()
+
+    def _desc(self) -> str:
+        """The bar's label: the stage, and for epochs which one ("epoch 3")."""
+        if self.stage is not None and self.stage.endswith("epoch"):
+            return f"{self.stage} {self.passes}"
+        return self.stage or ""
 
     def close(self) -> None:
         if self.bar is not None:
@@ -103,6 +133,7 @@ class Progress:
 
 @contextmanager
 def progress_bar(quiet: bool = False):
+    _LAST_STAGE[0] = None
     p = Progress(enabled=False if quiet else None)
     try:
         yield p
