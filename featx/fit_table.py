@@ -115,7 +115,8 @@ def fit_table(table: str | os.PathLike | None = None, *, head: str = "logreg",
               C: float | str = "auto", class_weight: str | None = None, cv: int | None = None,
               seed: int = 0, out: str | os.PathLike | None = None,
               backbone: str | os.PathLike | Backbone | None = None, force: bool = False,
-              command: str | None = None, progress: ProgressFn = no_progress) -> FitTableResult:
+              command: str | None = None, relabel: str | os.PathLike | None = None,
+              progress: ProgressFn = no_progress) -> FitTableResult:
     """Fit a head on an embeddings table; write ``out`` (default ./head.joblib) and its report.
 
     ``table`` defaults to ``find_table()``. ``head="sgd-logreg"`` streams the table
@@ -123,6 +124,8 @@ def fit_table(table: str | os.PathLike | None = None, *, head: str = "logreg",
     An existing ``out`` is replaced only if it is a head of the same table, or with
     ``force``. A model card (``head.README.md``, see ``featx.modelcard``) is written
     beside the head; ``command`` is the command line it records (None from Python).
+    ``relabel``: a ``relabel.csv`` (``featx.relabel``, written by ``featx audit``'s page) whose
+    corrections and drops are applied before the fit; the report and the card record them.
     """
     if head not in HEAD_KINDS:
         raise FeatXError(f"unknown head {head!r}; expected one of {', '.join(HEAD_KINDS)}")
@@ -131,10 +134,18 @@ def fit_table(table: str | os.PathLike | None = None, *, head: str = "logreg",
     if out_path.is_dir():
         out_path = out_path / HEAD_FILE
     replaced = check_overwrite(out_path, path, force)
+    fixes = None
+    if relabel is not None:
+        from featx.relabel import read_relabel
+
+        if head == "sgd-logreg":
+            raise FeatXError("--relabel needs a head fitted in memory (logreg, linear-svm, svm-rbf); "
+                             "sgd-logreg streams the table as it is")
+        fixes = read_relabel(relabel)
     if head == "sgd-logreg":
         pipe, rep, meta = _fit_streaming(path, seed, progress)
     else:
-        pipe, rep, meta = _fit_in_memory(path, head, C, class_weight, cv, seed, progress)
+        pipe, rep, meta = _fit_in_memory(path, head, C, class_weight, cv, seed, progress, fixes)
     bb = table_backbone(meta, path, backbone)
     warnings = [w for w in [split_name_warning(rep["classes"], meta, path)] if w]
     for w in warnings:
@@ -165,7 +176,7 @@ def _json(d: dict) -> str:
 
 
 def _fit_in_memory(path: Path, head: str, C, class_weight, cv: int | None, seed: int,
-                   progress: ProgressFn) -> tuple[object, dict, dict]:
+                   progress: ProgressFn, fixes=None) -> tuple[object, dict, dict]:
     from featx.embed.table import read_table
     from featx.heads.fit import fit_head
 
@@ -173,8 +184,17 @@ def _fit_in_memory(path: Path, head: str, C, class_weight, cv: int | None, seed:
     if not t.labelled:
         raise FeatXError(f"{path}: the images have no labels; extract an ImageFolder "
                          "tree (root/<class>/<image>) to fit a head")
-    pipe, rep = fit_head(t.X, t.labels, head=head, C=C, class_weight=class_weight, cv=cv,
+    X, labels, record = t.X, t.labels, None
+    if fixes is not None:
+        from featx.relabel import apply_relabel
+
+        keep, labels, record = apply_relabel(fixes, t.paths, t.labels, root=t.meta.get("root"),
+                                             table=path)
+        X = X[keep]
+    pipe, rep = fit_head(X, labels, head=head, C=C, class_weight=class_weight, cv=cv,
                          seed=seed, progress=progress)
+    if record is not None:
+        rep["relabel"] = record
     return pipe, rep, t.meta
 
 

@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from featx.cli.audit import audit_cmd
 from featx.cli.cache import cache
 from featx.cli.extract import export, extract, models
 from featx.cli.finetune import compare_cmd, finetune_cmd
@@ -45,6 +46,7 @@ INTERRUPTED = {
     "compare": _CACHED,
     "fit-head": "no head was written (an existing head file is unchanged).",
     "neighbors": _CACHED,
+    "audit": "nothing was written (the altered copies embedded so far are cached).",
 }
 
 
@@ -91,5 +93,5 @@ def _fixed_mmap_threshold() -> None:
 
 
 for _cmd in (models, export, extract, fit_head_cmd, predict_cmd, evaluate_cmd, export_classifier_cmd,
-             finetune_cmd, compare_cmd, cache, neighbors_cmd, duplicates_cmd, plot_cmd):
+             finetune_cmd, compare_cmd, cache, neighbors_cmd, duplicates_cmd, plot_cmd, audit_cmd):
     main.add_command(_cmd)
