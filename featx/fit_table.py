@@ -9,6 +9,7 @@ always the parent folder of ``train/`` and ``test/``, extracted by mistake).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -119,6 +120,7 @@ def fit_table(table: str | os.PathLike | None = None, *, head: str = "logreg",
               seed: int = 0, out: str | os.PathLike | None = None,
               backbone: str | os.PathLike | Backbone | None = None, force: bool = False,
               command: str | None = None, segment: str = "auto",
+              relabel: str | os.PathLike | None = None,
               progress: ProgressFn = no_progress) -> FitTableResult:
     """Fit a head on an embeddings table; write ``out`` (default ./head.joblib) and its report.
 
@@ -132,6 +134,8 @@ def fit_table(table: str | os.PathLike | None = None, *, head: str = "logreg",
     head uses: ``"all"``, ``"last"`` (the backbone's own pooled output, the final
     segment) or ``"auto"``: both are scored by the same CV as C and the better kept
     (a tie goes to all); see ``featx.heads.segment``. Other heads use all columns.
+    ``relabel``: a ``relabel.csv`` (``featx.relabel``, written by ``featx audit``'s page) whose
+    corrections and drops are applied before the fit; the report and the card record them.
     """
     check_head_kind(head)
     path = Path(table) if table is not None else find_table()
@@ -141,15 +145,28 @@ def fit_table(table: str | os.PathLike | None = None, *, head: str = "logreg",
     replaced = check_overwrite(out_path, path, force)
     if segment not in SEGMENTS:
         raise FeatXError(f"unknown segment {segment!r}; expected one of {', '.join(SEGMENTS)}")
+    fixes = None
+    if relabel is not None:
+        from featx.relabel import read_relabel
+
+        if head == "sgd-logreg":
+            raise FeatXError("--relabel needs a head fitted in memory (logreg, linear-svm, svm-rbf); "
+                             "sgd-logreg streams the table as it is")
+        fixes = read_relabel(relabel)
     if head == "sgd-logreg":
         pipe, rep, meta = _fit_streaming(path, seed, progress)
         keys = table_keys(path)
         bb = table_backbone(meta, path, backbone)
     else:
         t = _read_labelled(path)
+        record = None
+        if fixes is not None:
+            t, record = _relabelled(t, fixes, path)
         meta, keys = t.meta, t.keys
         bb = table_backbone(meta, path, backbone)
         pipe, rep = _fit_in_memory(t, bb, head, C, class_weight, cv, seed, segment, progress)
+        if record is not None:
+            rep["relabel"] = record
     warnings = [w for w in [split_name_warning(rep["classes"], meta, path),
                             held_out_warning(meta, path)] if w]
     for w in warnings:
@@ -248,6 +265,15 @@ def _fit_in_memory(t, bb: Backbone, head: str, C, class_weight, cv: int | None, 
     if scores:
         rep["segment_cv"] = scores
     return wide, rep
+
+
+def _relabelled(t, fixes, path: Path):
+    """The table with ``fixes`` (featx.relabel) applied: dropped rows gone, labels corrected."""
+    from featx.relabel import apply_relabel
+
+    keep, labels, record = apply_relabel(fixes, t.paths, t.labels, root=t.meta.get("root"), table=path)
+    return dataclasses.replace(t, paths=[t.paths[i] for i in keep], labels=list(labels),
+                               keys=[t.keys[i] for i in keep], X=t.X[keep]), record
 
 
 def _fit_streaming(path: Path, seed: int, progress: ProgressFn) -> tuple[object, dict, dict]:

@@ -212,6 +212,10 @@ def _data_section(report: Mapping[str, Any], table: Path | None, meta: Mapping[s
     rows += [("split", md_escape(_split_name(root, table))),
              ("rows", str(report.get("n_train") or report.get("rows") or sum(counts.values()) or "?")),
              ("classes", str(len(classes)))]
+    fixes = report.get("relabel")
+    if fixes:  # featx fit-head --relabel
+        rows.append(("corrections", md_escape(f"{fixes['relabelled']} relabelled, {fixes['dropped']} "
+                                              f"dropped, from {fixes['file']}")))
     table_lines = _class_table({c: counts.get(c) for c in classes})
     return ["## Data", "", *_table(rows), *table_lines]
 

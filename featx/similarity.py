@@ -424,6 +424,7 @@ class DuplicatesResult:
     capped: int = 0
     table: str = ""
     across: str | None = None
+    calibration: object | None = None  # featx.copy_threshold.ThresholdChoice for threshold="auto"
 
     def __len__(self) -> int:
         return len(self.a)
@@ -461,13 +462,17 @@ class DuplicatesResult:
         if self.across_paths is not None:
             d.update(across_rows=len(self.across_paths), leaked=self.leaked,
                      leaked_other_label=self.leaked_other_label)
+        if self.calibration is not None:
+            d["calibration"] = self.calibration.summary()
         return d
 
 
 def duplicates(table: str | os.PathLike | EmbeddingTable,
                across: str | os.PathLike | EmbeddingTable | None = None,
-               threshold: float = DEFAULT_THRESHOLD, *, index: str = "auto", per_image: int = 20,
-               ef: int | None = None, progress: ProgressFn = no_progress) -> DuplicatesResult:
+               threshold: float | str = DEFAULT_THRESHOLD, *, index: str = "auto", per_image: int = 20,
+               ef: int | None = None, backbone=None, store: str | os.PathLike | None = None,
+               device: str = "auto", searched: SearchResult | None = None,
+               progress: ProgressFn = no_progress) -> DuplicatesResult:
     """Near-duplicate images: pairs with cosine similarity >= ``threshold``.
 
     Parameters
@@ -479,14 +484,19 @@ def duplicates(table: str | os.PathLike | EmbeddingTable,
         come from different backbones.
     threshold : cosine similarity in [-1, 1]; 1.0 is the same embedding (identical
         pixels after preprocessing). What lower values catch is measured in
-        docs/similarity.md (re-encoded, resized and flipped copies).
+        docs/similarity.md (re-encoded, resized and flipped copies). ``"auto"``
+        calibrates it on ``table``'s own images (``featx.copy_threshold``: altered
+        copies embedded with ``backbone``, default the table's, through ``store``);
+        the choice is in the result's ``calibration``.
+    searched : the search of ``table`` against itself with at least ``per_image + 1``
+        neighbours, when the caller already ran it (within one table only).
     per_image : the most near copies listed per image (the search's ``k``).
     index : ``"auto"``, ``"exact"`` or ``"approx"``; see ``search``.
 
     Byte-identical files (same content key) are always paired, whatever their number.
     """
-    if not -1.0 <= threshold <= 1.0:
-        raise FeatXError(f"threshold is a cosine similarity, between -1 and 1; got {threshold}")
+    if threshold != "auto" and not (isinstance(threshold, (int, float)) and -1.0 <= threshold <= 1.0):
+        raise FeatXError(f"threshold is a cosine similarity, between -1 and 1, or 'auto'; got {threshold!r}")
     if per_image < 1:
         raise FeatXError(f"per_image must be >= 1, got {per_image}")
     t, t_name = load_table(table)
@@ -494,7 +504,17 @@ def duplicates(table: str | os.PathLike | EmbeddingTable,
     if across is not None:
         check_same_backbone(t, t_name, u, u_name)  # type: ignore[arg-type]
     within = across is None
-    res = search(u.X, t.X, per_image + within, index=index, ef=ef, progress=progress)
+    calibration = None
+    if threshold == "auto":
+        from featx.copy_threshold import calibrate_threshold
+
+        calibration = calibrate_threshold(t, name=t_name, backbone=backbone, store=store, device=device,
+                                          progress=progress)
+        threshold = calibration.threshold
+    if within and searched is not None and searched.index.shape[1] >= min(per_image + 1, len(t)):
+        res = searched
+    else:
+        res = search(u.X, t.X, per_image + within, index=index, ef=ef, progress=progress)
     pairs = _pairs(res, threshold, within)
     pairs.update(_key_pairs(t.keys, u.keys, within, pairs))
     a, b, sim = _sorted_pairs(pairs)
@@ -504,7 +524,7 @@ def duplicates(table: str | os.PathLike | EmbeddingTable,
                               None if within else [full_path(u, p) for p in u.paths],
                               None if within else list(u.labels), threshold, res,
                               clusters(a, b, len(t), None if within else len(u)), capped=capped,
-                              table=t_name, across=u_name)
+                              table=t_name, across=u_name, calibration=calibration)
     if not within:
         result.leaked, result.leaked_other_label = _leakage(a, b, t.labels, u.labels)
     return result

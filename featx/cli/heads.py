@@ -68,11 +68,16 @@ def _failure_lines(failures: list[tuple[str, str]], report: str | None = None) -
               help="Head file to write (or a directory for DIR/head.joblib). Default: ./head.joblib")
 @click.option("--force", is_flag=True,
               help="Replace --out even if it holds a head of another table (or another file).")
+@click.option("--relabel", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              metavar="RELABEL.csv",
+              help="Corrections to apply before fitting: a CSV with columns path,action,label "
+                   "(action relabel or drop), e.g. the relabel.csv that `featx audit`'s page "
+                   "downloads. The report and model card record what changed.")
 @recorded_backbone_option("embeddings table")
 @quiet_option
 @json_option
-def fit_head_cmd(embeddings, head_kind, C, class_weight, cv, seed, segment, out, force, backbone,
-                 quiet, as_json):
+def fit_head_cmd(embeddings, head_kind, C, class_weight, cv, seed, segment, out, force, relabel,
+                 backbone, quiet, as_json):
     """Fit a classifier head on cached embeddings; writes the head file and a report."""
     from featx.fit_table import find_table, fit_table
     from featx.modelcard import command_line
@@ -83,14 +88,22 @@ def fit_head_cmd(embeddings, head_kind, C, class_weight, cv, seed, segment, out,
     with progress_bar(quiet) as p:
         r = fit_table(table, head=head_kind, C=C, class_weight=None if class_weight == "none"
                       else class_weight, cv=cv, seed=seed, out=out, backbone=backbone, force=force,
-                      command=command_line(sys.argv[1:]), segment=segment, progress=p)
+                      command=command_line(sys.argv[1:]), segment=segment, relabel=relabel,
+                      progress=p)
     for w in r.warnings:
         click.echo(f"warning: {w}", err=True)
     rep = r.report
     summary = {**{k: v for k, v in rep.items() if k not in ("cv_grid", "curve")},
                "head_file": str(r.head_file), "report": str(r.report_file), "replaced": r.replaced,
                "card": str(r.card_file) if r.card_file else None, "warnings": r.warnings}
+    summary.pop("relabel", None)
+    if rep.get("relabel"):
+        summary["relabel"] = {k: rep["relabel"][k] for k in ("file", "relabelled", "dropped")}
     lines = _streaming_lines(rep) if head_kind == "sgd-logreg" else _fit_lines(rep)
+    if rep.get("relabel"):
+        fixes = rep["relabel"]
+        lines.insert(0, f"corrections from {relabel}: {fixes['relabelled']} relabelled, "
+                        f"{fixes['dropped']} dropped")
     lines += [f"wrote head: {r.head_file}" + (" (replaced this table's previous head)"
                                               if r.replaced else ""),
               f"wrote report: {r.report_file}"]

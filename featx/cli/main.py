@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from featx.cli.audit import audit_cmd
 from featx.cli.cache import cache_cmd
 from featx.cli.extract import export_cmd, extract_cmd, models_cmd
 from featx.cli.finetune import compare_cmd, finetune_cmd
@@ -60,6 +61,7 @@ INTERRUPTED = {
     "neighbors": _CACHED,
     "suggest": _CACHED + " No suggestions were written.",
     "sufficiency": "nothing was written.",
+    "audit": "nothing was written (the altered copies embedded so far are cached).",
 }
 
 
@@ -107,5 +109,5 @@ def _fixed_mmap_threshold() -> None:
 
 for _cmd in (models_cmd, export_cmd, extract_cmd, fit_head_cmd, predict_cmd, evaluate_cmd, export_classifier_cmd,
              finetune_cmd, compare_cmd, cache_cmd, neighbors_cmd, duplicates_cmd, plot_cmd,
-             suggest_cmd, sufficiency_cmd):
+             suggest_cmd, sufficiency_cmd, audit_cmd):
     main.add_command(_cmd)

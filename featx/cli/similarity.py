@@ -96,26 +96,40 @@ def neighbors_cmd(query, table, k, index, out, show, backbone, device, store, ba
               help="Only pairs between TABLE and TABLE2, e.g. train and test: counts the images of "
                    "TABLE2 with a near copy in TABLE (leakage).")
 @click.option("--threshold", type=click.FloatRange(-1.0, 1.0), default=None,
-              help="Cosine similarity at or above which two images count as near-duplicates "
-                   "(default 0.95: re-encoded, resized, flipped copies; see docs/similarity.md).")
+              help="Cosine similarity at or above which two images count as near-duplicates. "
+                   "Default: calibrated on TABLE's own images (altered copies of a sample must be "
+                   "found, distinct images must not be; see docs/similarity.md).")
 @click.option("--per-image", type=click.IntRange(1), default=20, show_default=True,
               help="Most near copies listed per image.")
 @index_option
 @out_option
 @show_option(20)
+@click.option("--backbone", "-b", default=None, metavar="NAME|DIR|FILE.onnx",
+              help="The backbone that made TABLE, when its recorded export is gone (it embeds the "
+                   "calibration's altered copies); one with another fingerprint is refused.")
+@store_option
+@device_option
 @quiet_option
 @json_option
-def duplicates_cmd(table, across, threshold, per_image, index, out, show, quiet, as_json) -> None:
+def duplicates_cmd(table, across, threshold, per_image, index, out, show, backbone, store, device, quiet,
+                   as_json) -> None:
     """Near-duplicate images within TABLE, or between TABLE and TABLE2 (train/test leakage)."""
     from featx.embed.scan import display_path
-    from featx.similarity import DEFAULT_THRESHOLD, duplicates, write_duplicates
+    from featx.similarity import duplicates, write_duplicates
 
     with progress_bar(quiet or as_json) as p:
-        r = duplicates(table, across, DEFAULT_THRESHOLD if threshold is None else threshold,
-                       index=index, per_image=per_image, progress=p)
+        r = duplicates(table, across, "auto" if threshold is None else threshold, index=index,
+                       per_image=per_image, backbone=backbone, store=store, device=device, progress=p)
     s = r.summary()
     where = f"between {table} and {across}" if across else f"in {table} ({s['rows']} rows)"
-    lines = [f"{s['pairs']} near-duplicate pair(s) at cosine >= {r.threshold:g} {where}: "
+    lines = []
+    if r.calibration is not None:
+        c = r.calibration
+        lines += [f"threshold: cosine {c.threshold:.4f}, calibrated on {table}: {c.reason}",
+                  f"  measured: {c.recall:.1%} of {c.copies} altered copies found, {c.false_rate:.2%} of "
+                  f"{c.distinct} distinct images paired" + ("" if c.met else
+                                                             " (targets >= 95% / <= 0.1%: not met)")]
+    lines += [f"{s['pairs']} near-duplicate pair(s) at cosine >= {r.threshold:g} {where}: "
              f"{s['identical_pairs']} byte-identical; {s['clusters']} cluster(s), largest {s['largest_cluster']}"]
     if across:
         lines.append(f"leakage: {r.leaked} of {s['across_rows']} images of {across} have a near copy in "
