@@ -18,6 +18,7 @@ from featx.cli.options import (
     json_option,
     progress_bar,
     store_option,
+    tta_option,
 )
 from featx.errors import FeatXError
 
@@ -145,16 +146,17 @@ def _streaming_lines(rep: dict) -> list[str]:
 @store_option
 @batch_options
 @device_option
+@tta_option
 @quiet_option
 @json_option
-def predict_cmd(head, inputs, out, top_k, min_proba, backbone, store, batch_size, workers, device,
+def predict_cmd(head, inputs, out, top_k, min_proba, backbone, store, batch_size, workers, device, tta,
                 quiet, as_json):
     """Predict the class of every image in INPUTS (files or folders) with HEAD (file or run dir)."""
     from featx.predict import predict, write_predictions
 
     with progress_bar(quiet) as p:
         r = predict(head, list(inputs), backbone=backbone, device=device, store=store,
-                    batch_size=batch_size, workers=workers, min_proba=min_proba, progress=p)
+                    batch_size=batch_size, workers=workers, min_proba=min_proba, tta=tta, progress=p)
     if out:
         write_predictions(r, out, top_k)
     k = min(top_k, len(r.classes))
@@ -191,9 +193,10 @@ def predict_cmd(head, inputs, out, top_k, min_proba, backbone, store, batch_size
 @store_option
 @batch_options
 @device_option
+@tta_option
 @quiet_option
 @json_option
-def evaluate_cmd(head, root, out_dir, force, backbone, store, batch_size, workers, device, quiet,
+def evaluate_cmd(head, root, out_dir, force, backbone, store, batch_size, workers, device, tta, quiet,
                  as_json):
     """Evaluate HEAD on ROOT, a labelled folder (root/<class>/<image>) or a CSV/TSV/Parquet
     listing with path and label columns: accuracy, per-class scores, confusion matrix,
@@ -203,7 +206,7 @@ def evaluate_cmd(head, root, out_dir, force, backbone, store, batch_size, worker
     out_dir = out_dir or Path(f"{root.resolve().name if root.is_dir() else root.stem}.eval")
     with progress_bar(quiet) as p:
         r = evaluate(head, root, out_dir=out_dir, backbone=backbone, device=device, store=store,
-                     batch_size=batch_size, workers=workers, force=force, progress=p)
+                     batch_size=batch_size, workers=workers, force=force, tta=tta, progress=p)
     m = r.metrics
     lines = [f"{m['n']} images, {len(m['labels'])} classes: accuracy {m['accuracy']:.4f}, "
              f"balanced accuracy {m['balanced_accuracy']:.4f}, macro F1 {m['macro_f1']:.4f}",
