@@ -400,3 +400,27 @@ def test_decoded_images_are_cached_between_epochs_and_change_nothing(data, tmp_p
     tiny = ImageDataset(orig, pre, train=True, cache_bytes=10)  # over its budget: nothing is kept
     tiny[0]
     assert tiny._cached == 0 and not tiny._cache
+
+
+def test_lp_ft_from_the_multi_layer_probe(data, tmp_path):
+    # features="multi": the layer reads the pooled stages of fit-head's multi embedding; before any step
+    # the network is the multi-layer probe, and the exported backbone + head reproduce the trained network
+    from featx.heads.headfile import load_head
+
+    files = labelled_files(data)
+    init = init_network(FinetuneConfig(input_size=64, lp_C=10.0, features="multi"), files, device="cpu")
+    base = resolve_backbone(init.lp_report["embedding_backbone_dir"])
+    assert base.meta["features"]["name"] == "multi" and base.dim == init.net.head.in_features > 1280
+    pix = np.stack([load_image(p, init.card.preprocess) for p in files.paths])
+    want = init.lp_pipeline.predict_proba(Encoder(base, device="cpu")(pix))
+    with torch.no_grad():
+        got = torch.softmax(init.net.eval()(torch.from_numpy(pix)), 1).numpy()
+    np.testing.assert_allclose(got, want, atol=2e-3)
+    r = finetune(data, out=tmp_path / "m", device="cpu", **dict(TINY, features="multi", val_fraction=0.25))
+    bb = resolve_backbone(r.run_dir)
+    assert bb.meta["features"]["name"] == "multi" and bb.dim == base.dim
+    head = load_head(r.run_dir)
+    p_onnx = head.pipeline.predict_proba(Encoder(bb, device="cpu")(pix))
+    np.testing.assert_allclose(p_onnx, r.predict_proba(files.paths), atol=1e-3)
+    model = r.net.features.backbone.backbone  # the card's model under the multi-feature module
+    assert model.conv_head.weight.requires_grad and not model.blocks[6][0].conv_pw.weight.requires_grad
