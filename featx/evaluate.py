@@ -238,7 +238,7 @@ def evaluate(head: Head | str | os.PathLike, root: str | os.PathLike, *,
              out_dir: str | os.PathLike | None = None,
              backbone: str | os.PathLike | Backbone | None = None, device: str = "auto",
              store: str | os.PathLike | None = None, batch_size: int = 32,
-             workers: int | None = None, force: bool = False,
+             workers: int | None = None, force: bool = False, tta: str = "none",
              progress: ProgressFn = no_progress) -> EvalResult:
     """Evaluate ``head`` on ``root``: a labelled ImageFolder, or a CSV/TSV/Parquet listing
     with ``path`` and ``label`` columns (``featx.embed.scan.scan_table``).
@@ -254,7 +254,7 @@ def evaluate(head: Head | str | os.PathLike, root: str | os.PathLike, *,
     if out_dir is not None:
         check_out_dir(Path(out_dir), h, root, force)
     res = predict(h, [root], backbone=backbone, device=device, store=store,
-                  batch_size=batch_size, workers=workers, progress=progress)
+                  batch_size=batch_size, workers=workers, tta=tta, progress=progress)
     if any(t is None for t in res.true_labels) or not res.files:
         raise FeatXError(f"{root}: evaluate needs labelled images: an ImageFolder tree "
                          "(root/<class>/<image>) or a listing with a label column for every row; "
@@ -274,7 +274,8 @@ def evaluate(head: Head | str | os.PathLike, root: str | os.PathLike, *,
               "head_sha256": h.meta.get("content_sha256") or h.meta.get("payload_sha256"),
               "failed": len(res.failures),
               "failures": [{"path": p, "reason": r} for p, r in res.failures],
-              "backbone": h.backbone_name, "fingerprint": h.fingerprint})
+              "backbone": h.backbone_name, "fingerprint": h.fingerprint,
+              "tta": tta})  # a flip-averaged accuracy says so
     if out_dir is None:
         return EvalResult(m, res, None, None)
     r = _write(m, res, Path(out_dir), root)

@@ -17,6 +17,7 @@ import numpy as np
 from featx.atomic import result_file, write_text
 from featx.backbones.artifact import Backbone
 from featx.csvout import csv_writer
+from featx.embed.flip import TTA, flipped_embeddings
 from featx.embed.scan import display_path
 from featx.engines.files import array_key, collect_files, embed_arrays, embed_paths, runtime, shared
 from featx.errors import FeatXError
@@ -66,9 +67,12 @@ class PredictResult:
 def predict(head: Head | str | os.PathLike, inputs: list[str | os.PathLike], *,
             backbone: str | os.PathLike | Backbone | None = None, device: str = "auto",
             store: str | os.PathLike | None = None, batch_size: int = 32,
-            workers: int | None = None, min_proba: float | None = None,
+            workers: int | None = None, min_proba: float | None = None, tta: str = "none",
             progress: ProgressFn = no_progress) -> PredictResult:
     """Predict every image in ``inputs`` (files and/or folders) with ``head``.
+
+    ``tta="flip"`` averages the head's probabilities over each image and its mirror
+    image (``featx.embed.flip``; the mirror images are embedded, not cached).
 
     The label is the class with the highest probability, or None (abstain) when that
     probability is below ``min_proba``. Unreadable files are listed in ``failures``
@@ -86,7 +90,14 @@ def predict(head: Head | str | os.PathLike, inputs: list[str | os.PathLike], *,
                                            data_root=single_dir, progress=progress)
     X, ok, failures = done.rows(), done.ok, list(done.failures)
     keys = [str(done.keys[i]) for i in ok]
+    if tta not in TTA:
+        raise FeatXError(f"tta must be one of {', '.join(TTA)}, got {tta!r}")
     proba = head_proba(h, X)
+    if tta == "flip" and len(ok):
+        enc, _ = runtime(bb, device, store)
+        flipped = flipped_embeddings([files[i] for i in ok], enc, batch_size=batch_size, workers=workers,
+                                     progress=progress)
+        proba = (proba + head_proba(h, flipped)) / 2
     classes = head_class_columns(h)
     labels: list[str | None] = [classes[j] for j in proba.argmax(axis=1)] if len(proba) else []
     if min_proba is not None and len(proba):

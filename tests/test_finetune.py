@@ -369,3 +369,58 @@ def test_a_time_budget_chooses_the_epochs_from_the_first_steps(data, tmp_path):
     assert saved["epochs"] == 1 and saved["time_budget"] == 1.0  # --resume continues the chosen run
     with pytest.raises(FeatXError, match="time_budget must be > 0"):
         finetune(data, out=tmp_path / "c", device="cpu", **dict(TINY, time_budget=0.0))
+
+
+def test_decoded_images_are_cached_between_epochs_and_change_nothing(data, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from featx.finetune.data import LabelledFiles
+
+    files = labelled_files(data)
+    pick = [0, 1, len(files) - 2, len(files) - 1]  # both classes
+    copies = [str(tmp_path / f"{i}.png") for i in pick]
+    orig = LabelledFiles([files.paths[i] for i in pick], files.labels[pick], files.classes)
+    sub = LabelledFiles(copies, files.labels[pick], files.classes)
+    pre = card_for(FinetuneConfig(input_size=64)).preprocess
+    for train in (True, False):
+        for src, dst in zip(orig.paths, copies, strict=True):
+            shutil.copy(src, dst)
+        cached = ImageDataset(sub, pre, train=train, seed=1, cache_bytes=2**30)
+        reference = ImageDataset(orig, pre, train=train, seed=1)
+        [cached[i] for i in range(4)]  # the first epoch fills the cache
+        for p in copies:
+            Path(p).write_bytes(b"gone")
+        assert ImageDataset(sub, pre, train=train)[0] is None  # the files really are unreadable now
+        for epoch in (0, 1):  # later epochs: the same pixels (new crops when training), no file read
+            cached.set_epoch(epoch)
+            reference.set_epoch(epoch)
+            for i in range(4):
+                assert np.array_equal(cached[i][0], reference[i][0])
+    tiny = ImageDataset(orig, pre, train=True, cache_bytes=10)  # over its budget: nothing is kept
+    tiny[0]
+    assert tiny._cached == 0 and not tiny._cache
+
+
+def test_lp_ft_from_the_multi_layer_probe(data, tmp_path):
+    # features="multi": the layer reads the pooled stages of fit-head's multi embedding; before any step
+    # the network is the multi-layer probe, and the exported backbone + head reproduce the trained network
+    from featx.heads.headfile import load_head
+
+    files = labelled_files(data)
+    init = init_network(FinetuneConfig(input_size=64, lp_C=10.0, features="multi"), files, device="cpu")
+    base = resolve_backbone(init.lp_report["embedding_backbone_dir"])
+    assert base.meta["features"]["name"] == "multi" and base.dim == init.net.head.in_features > 1280
+    pix = np.stack([load_image(p, init.card.preprocess) for p in files.paths])
+    want = init.lp_pipeline.predict_proba(Encoder(base, device="cpu")(pix))
+    with torch.no_grad():
+        got = torch.softmax(init.net.eval()(torch.from_numpy(pix)), 1).numpy()
+    np.testing.assert_allclose(got, want, atol=2e-3)
+    r = finetune(data, out=tmp_path / "m", device="cpu", **dict(TINY, features="multi", val_fraction=0.25))
+    bb = resolve_backbone(r.run_dir)
+    assert bb.meta["features"]["name"] == "multi" and bb.dim == base.dim
+    head = load_head(r.run_dir)
+    p_onnx = head.pipeline.predict_proba(Encoder(bb, device="cpu")(pix))
+    np.testing.assert_allclose(p_onnx, r.predict_proba(files.paths), atol=1e-3)
+    model = r.net.features.backbone.backbone  # the card's model under the multi-feature module
+    assert model.conv_head.weight.requires_grad and not model.blocks[6][0].conv_pw.weight.requires_grad

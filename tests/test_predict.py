@@ -297,3 +297,26 @@ def test_evaluate_error_analysis(flow, head, tmp_path):
     norm = cm / cm.sum(1, keepdims=True)
     assert f"{norm[0, 0]:.2f}" in page and "Most confused pairs" in page
     assert m["most_confused"] == sorted(m["most_confused"], key=lambda p: -p["count"])
+
+
+def test_tta_flip_averages_each_image_with_its_mirror(flow, head, tmp_path):
+    from PIL import Image
+
+    from featx.errors import FeatXError
+    from featx.predict import predict
+
+    files = sorted(p for p in flow["test"].rglob("*.png") if p.name != "broken.png")[:12]
+    mirrored = []
+    for i, p in enumerate(files):
+        mirrored.append(tmp_path / f"{i}.png")
+        Image.open(p).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(mirrored[-1])
+    plain = predict(head, files).proba
+    mirror = predict(head, mirrored).proba
+    flip = predict(head, files, tta="flip")
+    assert np.abs(plain - mirror).max() > 1e-3  # the mirror images really are other inputs
+    np.testing.assert_allclose(flip.proba, (plain + mirror) / 2, atol=5e-3)
+    assert flip.labels == [flip.classes[j] for j in flip.proba.argmax(1)]
+    with pytest.raises(FeatXError, match="tta must be one of none, flip"):
+        predict(head, files, tta="rotate")
+    run("evaluate", str(head), str(flow["test"]), "--tta", "flip", "--out-dir", str(tmp_path / "ev"), "-q")
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["tta"] == "flip"

@@ -113,7 +113,7 @@ class EpochProgress(Progress):
 _RUN_OPTIONS = ("train", "val", "backbone", "weights", "unfreeze", "epochs", "lr", "backbone_lr", "batch_size",
                 "weight_decay", "warmup_epochs", "label_smoothing", "class_weight", "patience",
                 "val_fraction", "no_lp_init", "lp_C", "input_size", "crop_scale", "bn_stats", "seed",
-                "time_budget")
+                "time_budget", "features")
 
 
 @click.command("finetune")
@@ -156,6 +156,9 @@ _RUN_OPTIONS = ("train", "val", "backbone", "weights", "unfreeze", "epochs", "lr
               help="C of the LP probe (auto: cross-validated; a number skips the CV on big sets).")
 @click.option("--input-size", type=click.IntRange(16, 1024), default=None,
               help="Override the card's input size (smaller = faster on CPU, less accurate).")
+@click.option("--features", type=click.Choice(["last", "multi"]), default="last", show_default=True,
+              help="What the linear layer reads: the backbone's pooled output, or pooled intermediate "
+                   "stages too (multi: LP-FT starts from the multi-layer probe of `fit-head`).")
 @click.option("--crop-scale", type=click.FloatRange(0, 1, min_open=True), default=0.08, show_default=True,
               help="Smallest area fraction of the random training crop (1 = flips only).")
 @click.option("--bn-stats/--no-bn-stats", default=None,
@@ -176,7 +179,7 @@ _RUN_OPTIONS = ("train", "val", "backbone", "weights", "unfreeze", "epochs", "lr
 @json_option
 def finetune_cmd(train, val, out, resume, backbone, weights, unfreeze, epochs, time_budget, lr, backbone_lr,
                  batch_size, weight_decay, warmup_epochs, label_smoothing, class_weight, patience,
-                 val_fraction, no_lp_init, lp_C, input_size, crop_scale, bn_stats, seed, loader_workers,
+                 val_fraction, no_lp_init, lp_C, input_size, features, crop_scale, bn_stats, seed, loader_workers,
                  old_workers, root, device, store, quiet, as_json):
     """Fine-tune a backbone on TRAIN (ImageFolder layout) and export it back to ONNX.
 
@@ -212,7 +215,7 @@ def finetune_cmd(train, val, out, resume, backbone, weights, unfreeze, epochs, t
             warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
             class_weight=None if class_weight == "none" else class_weight,
             patience=patience, val_fraction=val_fraction, lp_init=not no_lp_init, lp_C=lp_C,
-            input_size=input_size, crop_scale=crop_scale, bn_stats=bn_stats, seed=seed)
+            input_size=input_size, features=features, crop_scale=crop_scale, bn_stats=bn_stats, seed=seed)
     p = EpochProgress(quiet)
     try:
         r = finetune(train, val=val, out=out, resume=resume, root=root, device=device,

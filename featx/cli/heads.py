@@ -20,6 +20,7 @@ from featx.cli.options import (
     progress_bar,
     quiet_option,
     store_option,
+    tta_option,
 )
 from featx.errors import FeatXError
 from featx.heads.kinds import HEAD_KINDS
@@ -149,16 +150,17 @@ def _streaming_lines(rep: dict) -> list[str]:
 @store_option
 @batch_options
 @device_option
+@tta_option
 @quiet_option
 @json_option
-def predict_cmd(head, inputs, out, top_k, min_proba, backbone, store, batch_size, workers, device,
+def predict_cmd(head, inputs, out, top_k, min_proba, backbone, store, batch_size, workers, device, tta,
                 quiet, as_json):
     """Predict the class of every image in INPUTS (files or folders) with HEAD (file or run dir)."""
     from featx.predict import predict, write_predictions
 
     with progress_bar(quiet) as p:
         r = predict(head, list(inputs), backbone=backbone, device=device, store=store,
-                    batch_size=batch_size, workers=workers, min_proba=min_proba, progress=p)
+                    batch_size=batch_size, workers=workers, min_proba=min_proba, tta=tta, progress=p)
     if out:
         write_predictions(r, out, top_k)
     k = min(top_k, len(r.classes))
@@ -195,9 +197,10 @@ def predict_cmd(head, inputs, out, top_k, min_proba, backbone, store, batch_size
 @store_option
 @batch_options
 @device_option
+@tta_option
 @quiet_option
 @json_option
-def evaluate_cmd(head, root, out_dir, force, backbone, store, batch_size, workers, device, quiet,
+def evaluate_cmd(head, root, out_dir, force, backbone, store, batch_size, workers, device, tta, quiet,
                  as_json):
     """Evaluate HEAD on ROOT, a labelled folder (root/<class>/<image>) or a CSV/TSV/Parquet
     listing with path and label columns: accuracy, per-class scores, confusion matrix,
@@ -207,7 +210,7 @@ def evaluate_cmd(head, root, out_dir, force, backbone, store, batch_size, worker
     out_dir = out_dir or Path(f"{root.resolve().name if root.is_dir() else root.stem}.eval")
     with progress_bar(quiet) as p:
         r = evaluate(head, root, out_dir=out_dir, backbone=backbone, device=device, store=store,
-                     batch_size=batch_size, workers=workers, force=force, progress=p)
+                     batch_size=batch_size, workers=workers, force=force, tta=tta, progress=p)
     m = r.metrics
     present = sum(1 for v in m["per_class"].values() if v["support"])
     lines = [f"{m['n']} images of {present} classes (the head knows {len(r.prediction.classes)}): "

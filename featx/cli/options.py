@@ -150,6 +150,12 @@ def emit(summary: dict, as_json: bool, lines: list[str]) -> None:
             click.echo(os.fsencode(line).decode("utf-8", "backslashreplace"))
 
 
+def tta_option(f):
+    return click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+                        help="Test-time augmentation: flip averages the probabilities of each image and "
+                             "its mirror image (one more embedding per image, not cached).")(f)
+
+
 def quiet_option(f=None, *, help: str = "No progress bar."):
     """``--quiet/-q``; ``@quiet_option`` or ``@quiet_option(help=...)`` where it silences more."""
     def add(g):

@@ -43,6 +43,9 @@ class FinetuneConfig:
     seed: int = 0
     # seconds for the whole run: epochs (at most ``epochs``) are chosen from the speed of the first steps
     time_budget: float | None = None
+    # the embedding the linear layer reads: "last" (the pooled output) or "multi" (Head2Toe-style pooled
+    # stages, featx.backbones.features): LP-FT then starts from the multi-layer probe
+    features: str = "last"
 
     def __post_init__(self) -> None:
         if isinstance(self.weights, os.PathLike):  # a Path to a checkpoint is as good as its string
@@ -94,6 +97,8 @@ class FinetuneConfig:
             raise FeatXError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
         if self.input_size is not None and not 16 <= self.input_size <= 1024:
             raise FeatXError(f"input_size must be in 16..1024, got {self.input_size}")
+        if self.features not in ("last", "multi"):
+            raise FeatXError(f"features must be 'last' or 'multi', got {self.features!r}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise FeatXError(f"time_budget must be > 0 seconds, got {self.time_budget}")
         if self.lp_init and not self.pretrained:

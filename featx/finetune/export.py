@@ -50,10 +50,13 @@ def export_run(net, run_dir: Path, classes: list[str], history: list[dict], best
     meta = {
         "name": f"{card.name}-ft-{run_dir.name}", "card": card.to_dict(), "card_digest": card.digest(),
         "weights": f"finetuned from {cfg.weights or card.weights}", "weights_sha256": weights_sha,
-        "dim": card.dim, "torch_version": torch.__version__,
+        "dim": net.head.in_features, "torch_version": torch.__version__,
         "finetune": {"run_dir": str(run_dir.resolve()), "unfreeze": cfg.unfreeze,
                      "best_epoch": best_epoch, "lp_init": cfg.lp_init, "classes": classes},
     }
+    recipe = getattr(net, "recipe", None)
+    if recipe is not None:
+        meta["features"] = recipe.to_dict()
     backbone = load_export(write_export(net.features, card.preprocess, run_dir / "backbone", meta))
     W = net.head.weight.detach().numpy()
     b = net.head.bias.detach().numpy()

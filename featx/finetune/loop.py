@@ -49,6 +49,7 @@ class FineTuneNet(nn.Module):
         super().__init__()
         self.features = features  # featx.backbones.export.make_wrapper(backbone, preprocess)
         self.head = nn.Linear(dim, n_classes)
+        self.recipe = None  # the multi FeatureRecipe when ``features`` pools stages (LP-FT from that probe)
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -78,9 +79,15 @@ def card_block(model: nn.Module, card: BackboneCard, path: str) -> nn.Module:
         raise FeatXError(f"card {card.name}: block {path!r} is not in {card.arch}") from None
 
 
+def card_model(net: FineTuneNet) -> nn.Module:
+    """The card's model inside ``net`` (under the multi-feature module when there is one)."""
+    backbone = net.features.backbone
+    return backbone.backbone if getattr(net, "recipe", None) is not None else backbone
+
+
 def trainable_modules(net: FineTuneNet, card: BackboneCard, k: int | None) -> list[nn.Module]:
     """The backbone modules that train: the top ``k`` card blocks, or the whole backbone."""
-    backbone = net.features.backbone
+    backbone = card_model(net)
     if k is None:
         return [backbone]
     return [card_block(backbone, card, path) for block in card.blocks[:k] for path in block]

@@ -16,23 +16,34 @@ from featx.progress import ProgressFn, no_progress
 log = logging.getLogger(__name__)
 
 
-def base_backbone(card: BackboneCard, module, weights_sha: str, weights: str | None):
-    """The frozen starting backbone as an export (cached), for the LP head's embeddings."""
+def base_backbone(card: BackboneCard, module, weights_sha: str, weights: str | None, recipe=None):
+    """The frozen starting backbone as an export (cached), for the LP head's embeddings.
+
+    ``recipe`` (a ``multi`` FeatureRecipe) when ``module`` computes the multi embedding.
+    """
     from featx.backbones.artifact import cached_sidecar, load_export
     from featx.backbones.export import export_dir_for, write_export
+    from featx.backbones.features import recorded_features
     from featx.backbones.resolve import resolve_backbone
 
+    features = "last" if recipe is None else recipe.name
     stock = get_card(card.name)
     if card.preprocess == stock.preprocess:
-        return resolve_backbone(card.name, weights=weights)
+        return resolve_backbone(card.name, weights=weights, features=features)
     dest = export_dir_for(card, weights_sha)
+    if recipe is not None:
+        dest = dest.with_name(f"{dest.name}-{features}")
     side = cached_sidecar(dest)  # a damaged or half-written export is made again
-    if side is not None and side.card_digest == card.digest():
+    if side is not None and side.card_digest == card.digest() and recorded_features(side.extra) == features:
         return load_export(dest)
     torch = require("torch", "torch")
-    meta = {"name": f"{card.name}@{card.preprocess.input_size}px", "card": card.to_dict(),
+    suffix = "" if recipe is None else f"-{features}"
+    meta = {"name": f"{card.name}{suffix}@{card.preprocess.input_size}px", "card": card.to_dict(),
             "card_digest": card.digest(), "weights": weights or card.weights,
-            "weights_sha256": weights_sha, "dim": card.dim, "torch_version": torch.__version__}
+            "weights_sha256": weights_sha, "dim": card.dim if recipe is None else recipe.dim,
+            "torch_version": torch.__version__}
+    if recipe is not None:
+        meta["features"] = recipe.to_dict()
     return load_export(write_export(module.eval(), card.preprocess, dest, meta))
 
 
@@ -79,7 +90,7 @@ def lp_init(net, card: BackboneCard, module_for_export, weights_sha: str, cfg: F
     from featx.engines.files import FileEmbedder
 
     progress("backbone", 0, 0)
-    bb = base_backbone(card, module_for_export, weights_sha, cfg.weights)
+    bb = base_backbone(card, module_for_export, weights_sha, cfg.weights, getattr(net, "recipe", None))
     done = FileEmbedder.open(bb, "cpu" if device == "cpu" else "auto", store).files(train.paths, progress=progress)
     stats, ok = done.stats, done.ok
     X = done.rows()
@@ -125,8 +136,14 @@ def init_network(cfg: FinetuneConfig, train: LabelledFiles, *, store=None, devic
     card = card_for(cfg)
     progress("model", 0, 0)
     backbone, _, wsha = build(card, cfg.weights, pretrained=cfg.pretrained)
+    recipe = None
+    if cfg.features == "multi":  # the layer reads pooled stages too: LP-FT from the multi-layer probe
+        from featx.backbones.features import multi_features
+
+        backbone, recipe = multi_features(backbone, card)
     features = make_wrapper(backbone, card.preprocess)
-    net = tl.FineTuneNet(features, card.dim, len(train.classes))
+    net = tl.FineTuneNet(features, card.dim if recipe is None else recipe.dim, len(train.classes))
+    net.recipe = recipe  # what the export records (None: the card's own embedding)
     init = InitialNetwork(net, card, wsha)
     if cfg.lp_init if lp is None else lp:
         init.lp_report, init.lp_pipeline = lp_init(net, card, features, wsha, cfg, train, store,

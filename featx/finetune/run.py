@@ -446,21 +446,24 @@ def _make_trainer(job: TrainJob, net) -> _Trainer:
     import torch
 
     from featx.finetune import loop as tl
-    from featx.finetune.data import ImageDataset, class_weights, make_loader
+    from featx.finetune.data import DECODED_CACHE_BYTES, ImageDataset, class_weights, make_loader
 
     cfg, card, train, dev = job.cfg, job.card, job.data.train, job.dev
     pin = dev.type == "cuda"
     workers = job.loader_workers
     if workers is None:
         workers = min(8, max(0, (os.cpu_count() or 1) - 1)) if dev.type == "cuda" else 0
-    train_ds = ImageDataset(train, card.preprocess, train=True, seed=cfg.seed, crop_scale=cfg.crop_scale)
+    # decoded once per run, not once per epoch, where the dataset lives in this process
+    cache = DECODED_CACHE_BYTES if workers == 0 else 0
+    train_ds = ImageDataset(train, card.preprocess, train=True, seed=cfg.seed, crop_scale=cfg.crop_scale,
+                            cache_bytes=cache)
     # drop a last batch of one: BatchNorm in training mode cannot normalise a single image
     drop_last = len(train) % cfg.batch_size == 1 and len(train) > 1
     steps = max(1, len(train) // cfg.batch_size if drop_last else -(-len(train) // cfg.batch_size))
     val_loader = None
     if job.data.val is not None:
-        val_loader = make_loader(ImageDataset(job.data.val, card.preprocess, train=False), cfg.batch_size * 2,
-                                 False, cfg.seed, 0, workers, pin)
+        val_ds = ImageDataset(job.data.val, card.preprocess, train=False, cache_bytes=cache)
+        val_loader = make_loader(val_ds, cfg.batch_size * 2, False, cfg.seed, 0, workers, pin)
     backbone_lr = cfg.backbone_lr if cfg.backbone_lr is not None else cfg.lr / 10
     optimizer = torch.optim.AdamW(tl.param_groups(net, cfg.lr, backbone_lr, cfg.weight_decay))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
