@@ -75,7 +75,7 @@ def main() -> None:
     diff = float(np.abs(a.X - b.X).max()) if same else float("nan")
     print(f"same rows and keys: {same}; max |ray - local| embedding difference: {diff:.3g} "
           f"({'bit-identical' if diff == 0 else 'not identical'})")
-    print(f"median ratio over {len(ratios)} rounds: {sorted(ratios)[len(ratios) // 2]:.3f}; "
+    print(f"ratios: {[round(r, 3) for r in ratios]}, median {float(np.median(ratios)):.3f}; "
           f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
     print(f"folder: {folder} ({len(found.items)} images), backbone {bb.name}, "

@@ -157,3 +157,18 @@ def test_ray_engine_gives_the_local_engines_embeddings_bit_for_bit(cluster, lite
     assert sorted(k for _, k in cache.entries.values()) == sorted(rr.table.keys)
     again = ray_extract(image_folder, lite0, store=tmp_path / "s2", device="cpu", write=False)
     assert again.stats.cached == 8 and again.stats.embedded == 0 and again.table.keys == rr.table.keys
+
+
+def test_ray_hash_tasks_use_the_stat_cache_too(cluster, lite0, image_folder, tmp_path):
+    """On a cluster of several nodes the hashing runs in Ray tasks; unchanged files skip it."""
+    from featx.engines.ray import RayEngine
+
+    eng = RayEngine(hash_on_driver=False)
+    first = local_extract(image_folder, lite0, store=tmp_path / "s", device="cpu", write=False, engine=eng)
+    loc = local_extract(image_folder, lite0, store=tmp_path / "s2", device="cpu", write=False)
+    assert first.table.keys == loc.table.keys and first.stats.embedded == 8
+    (image_folder / "cat" / "cat_0.jpg").write_bytes((image_folder / "thing" / "thing_0.jpg").read_bytes())
+    again = local_extract(image_folder, lite0, store=tmp_path / "s", device="cpu", write=False, engine=eng)
+    assert again.stats.embedded == 0 and again.stats.cached == 8  # the edited file: hashed, found
+    assert again.table.keys[again.table.paths.index("cat/cat_0.jpg")] == \
+        again.table.keys[again.table.paths.index("thing/thing_0.jpg")]

@@ -292,6 +292,8 @@ class RayEngine:
     one per CPU on CPU clusters, each decoding and embedding its own batches);
     ``threads``: ORT threads per CPU actor (default 1). ``ship_model`` sends the
     ONNX bytes through the object store so nodes need not see the export directory.
+    ``hash_on_driver``: hash the files the stat cache does not know in the driver's
+    threads (default: when the cluster is one node) rather than in Ray tasks.
     Files that cannot be read are reported, not fatal.
     """
 
@@ -299,6 +301,7 @@ class RayEngine:
     actors: int | None = None
     threads: int | None = None
     ship_model: bool = True
+    hash_on_driver: bool | None = None
     name: str = "ray"
 
     def run(self, job: ExtractJob) -> EngineRun:
@@ -330,7 +333,7 @@ def _run(ray, job: ExtractJob, dev: str,
     stats = EmbedStats(files=len(items))
     t = time.perf_counter()
     cache = StatCache(job.store.root, job.root)
-    out, stats_of = _hash_stage(job, cache)
+    out, stats_of = _hash_stage(job, cache, engine)
     stats.seconds_hash = time.perf_counter() - t
 
     have = job.store.stored(k for k in out.keys if k is not None)
@@ -358,14 +361,16 @@ def _paths(job: ExtractJob) -> list[str]:
     return [resolve_item_path(job.root, it.path) for it in job.found.items]
 
 
-def _hash_stage(job: ExtractJob, cache: StatCache) -> tuple[FileOutcomes, list[Stat | None]]:
+def _hash_stage(job: ExtractJob, cache: StatCache,
+                engine: RayEngine) -> tuple[FileOutcomes, list[Stat | None]]:
     """Content key (or failure reason) of every file: from the driver's stat cache where the
     file is unchanged, else hashed by Ray tasks. Returns the keys and the stat each file had."""
     import ray.data as rd
     from ray import nodes as ray_nodes
 
     items = job.found.items
-    if sum(1 for n in ray_nodes() if n.get("Alive")) == 1:
+    one_node = sum(1 for n in ray_nodes() if n.get("Alive")) == 1
+    if engine.hash_on_driver if engine.hash_on_driver is not None else one_node:
         # one machine: the driver's threads hash as fast as Ray tasks would, without a Ray
         # Data execution and its worker processes (a third of a 2,000-image run's time)
         workers = job.workers or os.cpu_count() or 1
