@@ -61,16 +61,20 @@ def _sample(root: Path, n: int, seed: int) -> tuple[list[str], list[str | None]]
     return [str(root / items[i].path) for i in picked], [items[i].label for i in picked]
 
 
-def _pixels(paths: list[str], labels: list, backbone: Backbone) -> tuple[np.ndarray, list]:
+def _pixels(paths: list[str], labels: list, backbone: Backbone, root: Path,
+            use: str) -> tuple[np.ndarray, list]:
     arrs, labs = [], []
+    first: ImageError | None = None
     for p, lab in zip(paths, labels, strict=True):
         try:
             arrs.append(load_image(p, backbone.preprocess))
             labs.append(lab)
         except ImageError as e:
+            first = first or e
             log.info("calibration skips %s", e)
     if not arrs:
-        raise FeatXError("no readable images to calibrate on")
+        raise FeatXError(f"{root}: none of the {len(paths)} images sampled for the {use} could be read "
+                         f"(first: {first}); calibrate on a folder of readable images")
     return np.stack(arrs), labs
 
 
@@ -115,8 +119,8 @@ def _split(root: Path, backbone: Backbone, calib_images: int, guard_images: int,
         raise FeatXError(f"{root}: need at least 2 images to calibrate on")
     n_cal = min(calib_images, max(1, len(paths) // 2))
     progress("calibrate", 0, len(paths))
-    cal_px, _ = _pixels(paths[:n_cal], labels[:n_cal], backbone)
-    ev_px, ev_labels = _pixels(paths[n_cal:], labels[n_cal:], backbone)
+    cal_px, _ = _pixels(paths[:n_cal], labels[:n_cal], backbone, root, "calibration")
+    ev_px, ev_labels = _pixels(paths[n_cal:], labels[n_cal:], backbone, root, "accuracy guard")
     progress("calibrate", len(paths), len(paths))
     return cal_px, ev_px, ev_labels
 
