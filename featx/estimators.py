@@ -352,7 +352,11 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
     pipeline_ : sklearn Pipeline
         The fitted head on embeddings (scaler + classifier).
     report_ : dict
-        C, CV score and spread, class counts, training accuracy.
+        C, CV score and spread, calibration (temperature), class counts, training accuracy.
+    novelty_ : featx.heads.novelty.Novelty or None
+        The training-embedding sample behind ``is_unknown`` / ``novelty_score``.
+    conformal_ : featx.heads.conformal.Conformal or None
+        The out-of-fold conformity scores behind ``predict_sets`` (C="auto", logreg).
     backbone_fingerprint_ : str
         Fingerprint of the backbone the head was fitted on; predicting with another
         backbone raises ``featx.errors.MismatchError``.
@@ -428,7 +432,7 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         -------
         self
         """
-        from featx.heads.fit import fit_head
+        from featx.heads.fit import fit_head_full
 
         who = type(self).__name__
         if y is None:
@@ -458,12 +462,15 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
             return self._fit_finetune(kind, items, classes, codes, seed)
         E = self._embed(X)
         # the head learns codes 0..K-1: column j of predict_proba is classes_[j]
-        pipe, report = fit_head(E, codes, head=self.head, C=self.C,
-                                class_weight=self.class_weight, cv=self.cv, seed=seed)
+        fit = fit_head_full(E, codes, head=self.head, C=self.C,
+                            class_weight=self.class_weight, cv=self.cv, seed=seed)
+        report = fit.report
         report["classes"] = [str(c) for c in classes]
         self.classes_ = classes
-        self.pipeline_ = pipe
+        self.pipeline_ = fit.pipeline
         self.report_ = report
+        self.novelty_ = fit.novelty
+        self.conformal_ = fit.conformal
         self.backbone_fingerprint_ = self._resolve().fingerprint
         return self
 
@@ -492,6 +499,7 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
             raise ImageInputError(f"fine-tuning returned classes {head.classes}, expected {len(classes)}")
         self.classes_ = classes
         self.pipeline_ = head.pipeline
+        self.novelty_, self.conformal_ = head.novelty, head.conformal
         self.report_ = {**run.summary, "classes": [str(c) for c in classes], "finetune": True}
         self.run_dir_ = str(run.run_dir)
         self.backbone_dir_ = str(run.backbone.onnx_path.parent)
@@ -568,6 +576,68 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
             return np.log(p[:, 1]) - np.log(p[:, 0])
         return np.log(p)
 
+    def novelty_score(self, X) -> np.ndarray:
+        """Cosine distance of each image's embedding to the nearest stored training embedding.
+
+        Parameters
+        ----------
+        X : sequence of image paths, list of PIL images, or uint8 array(s)
+
+        Returns
+        -------
+        ndarray of shape (n_images,)
+            Larger is more unlike the training images (``featx.heads.novelty``).
+        """
+        return self._novelty().score(self._embed_fitted(X))
+
+    def is_unknown(self, X, quantile: float | None = None) -> np.ndarray:
+        """True for images unlike anything in training (what ``featx predict`` labels unknown).
+
+        Parameters
+        ----------
+        X : sequence of image paths, list of PIL images, or uint8 array(s)
+        quantile : float or None, default=None
+            An image is unknown when its ``novelty_score`` exceeds this quantile of the
+            training rows' own (out-of-sample) scores; None: the head's, 0.99.
+
+        Returns
+        -------
+        ndarray of shape (n_images,), bool
+        """
+        return self._novelty().is_unknown(self._embed_fitted(X), quantile)
+
+    def predict_sets(self, X, coverage: float = 0.9) -> np.ndarray:
+        """Conformal prediction sets (``featx predict --coverage``), from the C search's
+        out-of-fold probabilities (needs ``C="auto"``, the logreg head and MAPIE).
+
+        Parameters
+        ----------
+        X : sequence of image paths, list of PIL images, or uint8 array(s)
+        coverage : float, default=0.9
+            The share of images like the training ones whose set holds the true class.
+
+        Returns
+        -------
+        ndarray of shape (n_images, n_classes), bool
+            Column ``j`` says whether ``classes_[j]`` is in the image's set.
+        """
+        from featx.errors import FeatXError
+
+        check_is_fitted(self)
+        if getattr(self, "conformal_", None) is None:
+            raise FeatXError("this classifier keeps no conformal scores: fit it with C='auto' and "
+                             "head='logreg' for prediction sets")
+        return self.conformal_.sets(self.predict_proba(X), coverage)
+
+    def _novelty(self):
+        from featx.errors import FeatXError
+
+        check_is_fitted(self)
+        if getattr(self, "novelty_", None) is None:
+            raise FeatXError("this classifier keeps no novelty sample (a fine-tuned run or a head "
+                             "from an older featx); refit it")
+        return self.novelty_
+
     def save_head(self, path: str | os.PathLike):
         """Write a featx head file, usable by ``featx predict/evaluate/export-classifier``.
 
@@ -585,7 +655,8 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
 
         check_is_fitted(self)
         bb = self._resolve()
-        return save_head(path, self.pipeline_, [str(c) for c in self.classes_], bb, self.report_)
+        return save_head(path, self.pipeline_, [str(c) for c in self.classes_], bb, self.report_,
+                         getattr(self, "novelty_", None), getattr(self, "conformal_", None))
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

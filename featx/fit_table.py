@@ -131,16 +131,17 @@ def fit_table(table: str | os.PathLike | None = None, *, head: str = "logreg",
     if out_path.is_dir():
         out_path = out_path / HEAD_FILE
     replaced = check_overwrite(out_path, path, force)
+    extras: dict = {}  # the novelty sample and conformal scores (featx.heads.fit.HeadFit)
     if head == "sgd-logreg":
         pipe, rep, meta = _fit_streaming(path, seed, progress)
     else:
-        pipe, rep, meta = _fit_in_memory(path, head, C, class_weight, cv, seed, progress)
+        pipe, rep, meta = _fit_in_memory(path, head, C, class_weight, cv, seed, progress, extras)
     bb = table_backbone(meta, path, backbone)
     warnings = [w for w in [split_name_warning(rep["classes"], meta, path)] if w]
     for w in warnings:
         log.warning(w)
     rep["embeddings"] = str(path.resolve())
-    head_file = save_head(out_path, pipe, rep["classes"], bb, rep)
+    head_file = save_head(out_path, pipe, rep["classes"], bb, rep, **extras)
     report_file = write_text(head_file.with_name(head_file.name + ".report.json"),
                              _json(rep))
     card_file = _write_card(head_file, bb, rep, path, meta, command, warnings)
@@ -165,17 +166,18 @@ def _json(d: dict) -> str:
 
 
 def _fit_in_memory(path: Path, head: str, C, class_weight, cv: int | None, seed: int,
-                   progress: ProgressFn) -> tuple[object, dict, dict]:
+                   progress: ProgressFn, extras: dict) -> tuple[object, dict, dict]:
     from featx.embed.table import read_table
-    from featx.heads.fit import fit_head
+    from featx.heads.fit import fit_head_full
 
     t = read_table(path)
     if not t.labelled:
         raise FeatXError(f"{path}: the images have no labels; extract an ImageFolder "
                          "tree (root/<class>/<image>) to fit a head")
-    pipe, rep = fit_head(t.X, t.labels, head=head, C=C, class_weight=class_weight, cv=cv,
-                         seed=seed, progress=progress)
-    return pipe, rep, t.meta
+    fit = fit_head_full(t.X, t.labels, head=head, C=C, class_weight=class_weight, cv=cv,
+                        seed=seed, progress=progress)
+    extras.update(novelty=fit.novelty, conformal=fit.conformal)
+    return fit.pipeline, fit.report, t.meta
 
 
 def _fit_streaming(path: Path, seed: int, progress: ProgressFn) -> tuple[object, dict, dict]:

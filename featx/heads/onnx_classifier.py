@@ -9,7 +9,11 @@ lines of Pillow + numpy. Outputs: ``probabilities`` (float32, N x K, columns in 
 order of the ``featx.classes`` metadata) and ``label`` (class name, string).
 The label is the argmax of the probabilities, exactly as ``featx predict``
 picks it, so the two agree even for SVMs, whose own ``predict`` may disagree
-with their calibrated probabilities.
+with their calibrated probabilities. The probabilities are the calibrated ones:
+a logistic head's temperature (``featx.heads.fit``) is folded into its
+coefficients, so the converted graph computes softmax(logits / T) like featx;
+``featx.calibration`` in the metadata records it. The head's novelty sample
+(the "unknown" flag of ``featx predict``) is not part of the file.
 """
 
 from __future__ import annotations
@@ -126,7 +130,9 @@ def build_classifier(head: Head, bb: Backbone):
             # Pillow's resampling is what the recipe names; say which one made the reference pixels
             "featx.pillow_version": PIL.__version__,
             "featx.fingerprint": bb.fingerprint, "featx.backbone": bb.name,
-            "featx.head_sha256": head.meta.get("payload_sha256", "")}
+            "featx.head_sha256": head.meta.get("payload_sha256", ""),
+            "featx.calibration": json.dumps(head.meta.get("train", {}).get("calibration")
+                                            or {"method": "none"})}
     del merged.metadata_props[:]
     for k, v in meta.items():
         merged.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
