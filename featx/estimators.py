@@ -376,7 +376,11 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
     pipeline_ : sklearn Pipeline
         The fitted head on embeddings (scaler + classifier).
     report_ : dict
-        C, CV score and spread, class counts, training accuracy.
+        C, CV score and spread, calibration (temperature), class counts, training accuracy.
+    novelty_ : featx.heads.novelty.Novelty or None
+        The training-embedding sample behind ``is_unknown`` / ``novelty_score``.
+    conformal_ : featx.heads.conformal.Conformal or None
+        The out-of-fold conformity scores behind ``predict_sets`` (C="auto", logreg).
     backbone_fingerprint_ : str
         Fingerprint of the backbone the head was fitted on; predicting with another
         backbone raises ``featx.errors.MismatchError``.
@@ -456,7 +460,7 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         -------
         self
         """
-        from featx.heads.fit import fit_head
+        from featx.heads.fit import fit_head_full
 
         who = type(self).__name__
         if y is None:
@@ -489,16 +493,22 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
             return self._fit_finetune(kind, items, classes, codes, seed)
         E = self._embed(X)
         # the head learns codes 0..K-1: column j of predict_proba is classes_[j]
-        pipe, report = fit_head(E, codes, head=self.head, C=self.C,
-                                class_weight=self.class_weight, cv=self.cv, seed=seed)
+        fit = fit_head_full(E, codes, head=self.head, C=self.C,
+                            class_weight=self.class_weight, cv=self.cv, seed=seed)
+        report = fit.report
         if weights is not None:
-            _refit_weighted(pipe, E, codes, weights)
+            _refit_weighted(fit.pipeline, E, codes, weights)
+            # the refit replaces the temperature that was folded into the weights
             report.update(sample_weight=True,
-                          train_accuracy=float(np.mean(pipe.predict(E) == codes)))
+                          train_accuracy=float(np.mean(fit.pipeline.predict(E) == codes)),
+                          calibration={"method": "none", "reason": "refitted with sample_weight"})
         report["classes"] = [str(c) for c in classes]
         self.classes_ = classes
-        self.pipeline_ = pipe
+        self.pipeline_ = fit.pipeline
         self.report_ = report
+        self.novelty_ = fit.novelty
+        # conformal scores come from the unweighted search's out-of-fold probabilities
+        self.conformal_ = fit.conformal if weights is None else None
         self.backbone_fingerprint_ = self._resolve().fingerprint
         return self
 
@@ -527,6 +537,7 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
             raise ImageInputError(f"fine-tuning returned classes {head.classes}, expected {len(classes)}")
         self.classes_ = classes
         self.pipeline_ = head.pipeline
+        self.novelty_, self.conformal_ = head.novelty, head.conformal
         self.report_ = {**run.summary, "classes": [str(c) for c in classes], "finetune": True}
         self.run_dir_ = str(run.run_dir)
         self.backbone_dir_ = str(run.backbone.onnx_path.parent)
@@ -603,6 +614,68 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
             return np.log(p[:, 1]) - np.log(p[:, 0])
         return np.log(p)
 
+    def novelty_score(self, X) -> np.ndarray:
+        """Cosine distance of each image's embedding to the nearest stored training embedding.
+
+        Parameters
+        ----------
+        X : sequence of image paths, list of PIL images, or uint8 array(s)
+
+        Returns
+        -------
+        ndarray of shape (n_images,)
+            Larger is more unlike the training images (``featx.heads.novelty``).
+        """
+        return self._novelty().score(self._embed_fitted(X))
+
+    def is_unknown(self, X, quantile: float | None = None) -> np.ndarray:
+        """True for images unlike anything in training (what ``featx predict`` labels unknown).
+
+        Parameters
+        ----------
+        X : sequence of image paths, list of PIL images, or uint8 array(s)
+        quantile : float or None, default=None
+            An image is unknown when its ``novelty_score`` exceeds this quantile of the
+            training rows' own (out-of-sample) scores; None: the head's, 0.99.
+
+        Returns
+        -------
+        ndarray of shape (n_images,), bool
+        """
+        return self._novelty().is_unknown(self._embed_fitted(X), quantile)
+
+    def predict_sets(self, X, coverage: float = 0.9) -> np.ndarray:
+        """Conformal prediction sets (``featx predict --coverage``), from the C search's
+        out-of-fold probabilities (needs ``C="auto"``, the logreg head and MAPIE).
+
+        Parameters
+        ----------
+        X : sequence of image paths, list of PIL images, or uint8 array(s)
+        coverage : float, default=0.9
+            The share of images like the training ones whose set holds the true class.
+
+        Returns
+        -------
+        ndarray of shape (n_images, n_classes), bool
+            Column ``j`` says whether ``classes_[j]`` is in the image's set.
+        """
+        from featx.errors import FeatXError
+
+        check_is_fitted(self)
+        if getattr(self, "conformal_", None) is None:
+            raise FeatXError("this classifier keeps no conformal scores: fit it with C='auto' and "
+                             "head='logreg' for prediction sets")
+        return self.conformal_.sets(self.predict_proba(X), coverage)
+
+    def _novelty(self):
+        from featx.errors import FeatXError
+
+        check_is_fitted(self)
+        if getattr(self, "novelty_", None) is None:
+            raise FeatXError("this classifier keeps no novelty sample (a fine-tuned run or a head "
+                             "from an older featx); refit it")
+        return self.novelty_
+
     def save_head(self, path: str | os.PathLike):
         """Write a featx head file, usable by ``featx predict/evaluate/export-classifier``.
 
@@ -620,7 +693,8 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
 
         check_is_fitted(self)
         bb = self._resolve()
-        return save_head(path, self.pipeline_, [str(c) for c in self.classes_], bb, self.report_)
+        return save_head(path, self.pipeline_, [str(c) for c in self.classes_], bb, self.report_,
+                         getattr(self, "novelty_", None), getattr(self, "conformal_", None))
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

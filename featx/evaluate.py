@@ -253,8 +253,10 @@ def evaluate(head: Head | str | os.PathLike, root: str | os.PathLike, *,
     root = Path(root)
     if out_dir is not None:
         check_out_dir(Path(out_dir), h, root, force)
+    # every image keeps its label (an unknown one counts as the class it was given);
+    # how many the head would flag as unknown is reported beside the metrics
     res = predict(h, [root], backbone=backbone, device=device, store=store,
-                  batch_size=batch_size, workers=workers, tta=tta, progress=progress)
+                  batch_size=batch_size, workers=workers, tta=tta, unknown=False, progress=progress)
     if any(t is None for t in res.true_labels) or not res.files:
         raise FeatXError(f"{root}: evaluate needs labelled images: an ImageFolder tree "
                          "(root/<class>/<image>) or a listing with a label column for every row; "
@@ -273,6 +275,7 @@ def evaluate(head: Head | str | os.PathLike, root: str | os.PathLike, *,
     m.update({"head": str(h.path.resolve()) if h.path else None, "root": str(root.resolve()),
               "head_sha256": h.meta.get("content_sha256") or h.meta.get("payload_sha256"),
               "failed": len(res.failures),
+              "flagged_unknown": res.n_unknown if res.unknown else None,
               "failures": [{"path": p, "reason": r} for p, r in res.failures],
               "backbone": h.backbone_name, "fingerprint": h.fingerprint,
               "tta": tta})  # a flip-averaged accuracy says so

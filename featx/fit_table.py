@@ -153,6 +153,7 @@ def fit_table(table: str | os.PathLike | None = None, *, head: str = "logreg",
             raise FeatXError("--relabel needs a head fitted in memory (logreg, linear-svm, svm-rbf); "
                              "sgd-logreg streams the table as it is")
         fixes = read_relabel(relabel)
+    extras: dict = {}  # the novelty sample and conformal scores (featx.heads.fit.HeadFit)
     if head == "sgd-logreg":
         pipe, rep, meta = _fit_streaming(path, seed, progress)
         keys = table_keys(path)
@@ -164,7 +165,8 @@ def fit_table(table: str | os.PathLike | None = None, *, head: str = "logreg",
             t, record = _relabelled(t, fixes, path)
         meta, keys = t.meta, t.keys
         bb = table_backbone(meta, path, backbone)
-        pipe, rep = _fit_in_memory(t, bb, head, C, class_weight, cv, seed, segment, progress)
+        pipe, rep = _fit_in_memory(t, bb, head, C, class_weight, cv, seed, segment, progress,
+                                   extras)
         if record is not None:
             rep["relabel"] = record
     warnings = [w for w in [split_name_warning(rep["classes"], meta, path),
@@ -172,7 +174,7 @@ def fit_table(table: str | os.PathLike | None = None, *, head: str = "logreg",
     for w in warnings:
         log.warning(w)
     rep["embeddings"] = str(path.resolve())
-    head_file = save_head(out_path, pipe, rep["classes"], bb, rep, train_keys=keys)
+    head_file = save_head(out_path, pipe, rep["classes"], bb, rep, train_keys=keys, **extras)
     report_file = write_text(head_file.with_name(head_file.name + ".report.json"),
                              _json(rep))
     card_file = _write_card(head_file, bb, rep, path, meta, command, warnings)
@@ -221,14 +223,34 @@ def _read_labelled(path: Path):
 
 
 def _fit_in_memory(t, bb: Backbone, head: str, C, class_weight, cv: int | None, seed: int,
-                   segment: str, progress: ProgressFn) -> tuple[object, dict]:
-    """Fit on the table's rows; on a multi table, on the columns ``segment`` picks."""
-    from featx.heads.fit import fit_head
-    from featx.heads.segment import last_segment, widen
+                   segment: str, progress: ProgressFn, extras: dict) -> tuple[object, dict]:
+    """Fit on the table's rows; on a multi table, on the columns ``segment`` picks.
+
+    ``extras`` receives what the head file keeps beside the pipeline: the novelty sample
+    (always of the whole rows, which is what the head is given at predict time) and the
+    conformal scores of the chosen fit's out-of-fold probabilities.
+    """
+    from featx.heads.fit import fit_head_full
+    from featx.heads.novelty import fit_novelty
+
+    extras.update(novelty=fit_novelty(t.X, seed=seed), conformal=None)
+    conformal = {}  # id(report) -> that fit's conformal scores
 
     def fit(X):
-        return fit_head(X, t.labels, head=head, C=C, class_weight=class_weight, cv=cv, seed=seed,
-                        progress=progress)
+        f = fit_head_full(X, t.labels, head=head, C=C, class_weight=class_weight, cv=cv, seed=seed,
+                          progress=progress, novelty=False)
+        conformal[id(f.report)] = f.conformal
+        return f.pipeline, f.report
+
+    pipe, rep = _choose_segment(t, bb, head, C, segment, fit)
+    extras["conformal"] = conformal[id(rep)]
+    return pipe, rep
+
+
+def _choose_segment(t, bb: Backbone, head: str, C, segment: str, fit) -> tuple[object, dict]:
+    """The head on all columns or on the last segment of a multi table (``fit_table``'s
+    ``segment``); ``fit(X)`` fits one and returns (pipeline, report)."""
+    from featx.heads.segment import last_segment, widen
 
     cols = last_segment(bb.meta.get("features"))
     if segment == "last" and (cols is None or head != "logreg"):

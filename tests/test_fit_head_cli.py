@@ -114,14 +114,19 @@ def test_progress_reports_every_fold_of_every_head(fm_embeddings, head):
 
 
 def test_C_search_stops_after_two_values_below_the_best(fm_embeddings):
-    """The largest C are the slowest fits; the walk up the grid ends past the peak."""
+    """The largest C are the slowest fits; the walk up the grid ends past the peak (logreg:
+    the lowest out-of-fold log-loss; the linear SVM: the highest accuracy)."""
     X, y = fm_embeddings
     _, rep = fit_head(X, y, head="logreg", C="auto", cv=3)
-    means = [g["mean"] for g in rep["cv_grid"]]
+    losses = [g["log_loss"] for g in rep["cv_grid"]]
+    assert rep["cv_select"] == "log_loss"
     assert rep["cv_skipped"], rep["cv_grid"]  # this probe peaks well inside the grid
-    assert rep["cv_skipped"] == list(C_GRIDS["logreg"])[len(means):]
-    peak = max(means[:-2])
-    assert all(m < peak for m in means[-2:]) and rep["cv_score_mean"] == peak
+    assert rep["cv_skipped"] == list(C_GRIDS["logreg"])[len(losses):]
+    best = min(losses[:-2])
+    assert all(v > best for v in losses[-2:]) and rep["cv_log_loss"] == best
+    _, rep = fit_head(X, y, head="linear-svm", C="auto", cv=3, select="accuracy")
+    means = [g["mean"] for g in rep["cv_grid"]]
+    assert rep["cv_score_mean"] == max(means) and rep["cv_select"] == "accuracy"
 
 
 def test_final_logreg_fit_starts_from_the_folds_solution(fm_embeddings):
@@ -130,6 +135,8 @@ def test_final_logreg_fit_starts_from_the_folds_solution(fm_embeddings):
     warm, rep = fit_head(X, y, head="logreg", C="auto", cv=3)
     cold, _ = fit_head(X, y, head="logreg", C=rep["C"])
     assert warm[-1].n_iter_[0] < cold[-1].n_iter_[0]
+    T = rep["calibration"]["temperature"]  # folded into the auto head's coefficients
+    cold[-1].coef_, cold[-1].intercept_ = cold[-1].coef_ / T, cold[-1].intercept_ / T
     assert warm[-1].get_params()["warm_start"] is False
     agree = (warm.predict(X) == cold.predict(X)).mean()
     assert agree >= 0.99

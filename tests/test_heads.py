@@ -81,8 +81,11 @@ def test_C_auto_reports_choice_and_spread(train):
     pipe, rep = fit_head(X, y, head="logreg", C="auto", cv=3)
     assert rep["C_auto"] and rep["C"] in C_GRID and rep["cv_folds"] == 3
     assert [g["C"] for g in rep["cv_grid"]] + rep["cv_skipped"] == list(C_GRID)
-    best = max(g["mean"] for g in rep["cv_grid"])
-    assert rep["cv_score_mean"] == pytest.approx(best)
+    # logreg's C is the one with the lowest out-of-fold log-loss; its CV accuracy is reported
+    best = min(rep["cv_grid"], key=lambda g: (round(g["log_loss"], 6), g["C"]))
+    assert rep["cv_select"] == "log_loss" and rep["C"] == best["C"]
+    assert rep["cv_score_mean"] == pytest.approx(best["mean"])
+    assert rep["cv_log_loss"] == pytest.approx(best["log_loss"])
     assert 0 < rep["cv_score_std"] < 0.5
     assert rep["C"] == pipe[-1].C
 

@@ -55,7 +55,9 @@ def _failure_lines(failures: list[tuple[str, str]], report: str | None = None) -
                    "shard (for tables larger than memory; --C is ignored, alpha is chosen on a "
                    "held-out split).")
 @click.option("--C", "C", type=AutoOrFloat(), default="auto", show_default=True, metavar="auto|FLOAT",
-              help="Inverse regularisation; auto picks it by stratified CV over the head's log grid.")
+              help="Inverse regularisation; auto picks it by stratified CV over the head's log grid "
+                   "(logreg: by out-of-fold log-loss, then calibrates the probabilities with a "
+                   "temperature fitted on the same out-of-fold predictions).")
 @click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none",
               show_default=True, help="balanced reweights classes by inverse frequency.")
 @click.option("--cv", type=click.IntRange(2, 20), default=None,
@@ -115,8 +117,10 @@ def fit_head_cmd(embeddings, head_kind, C, class_weight, cv, seed, segment, out,
 def _fit_lines(rep: dict) -> list[str]:
     lines = [f"{rep['head']} on {rep['n_train']} images x {rep['dim']}, {len(rep['classes'])} classes"]
     if rep["C_auto"]:
+        by = (f", chosen by log-loss {rep['cv_log_loss']:.4f} +- {rep['cv_log_loss_std']:.4f}"
+              if rep.get("cv_select") == "log_loss" and "cv_log_loss" in rep else "")
         lines.append(f"C = {rep['C']:g} (auto: {rep['cv_folds']}-fold CV on {rep['cv_rows']} rows, "
-                     f"{rep['cv_metric']} {rep['cv_score_mean']:.4f} +- {rep['cv_score_std']:.4f})")
+                     f"{rep['cv_metric']} {rep['cv_score_mean']:.4f} +- {rep['cv_score_std']:.4f}{by})")
     else:
         lines.append(f"C = {rep['C']:g}")
     if rep.get("segment"):
@@ -124,6 +128,17 @@ def _fit_lines(rep: dict) -> list[str]:
         scored = f" (CV: all {cvs['all']:.4f}, last {cvs['last']:.4f})" if cvs else ""
         lines.append(f"columns: {'the last segment' if rep['segment'] == 'last' else 'the whole multi vector'}"
                      f"{scored}")
+    cal = rep.get("calibration") or {}
+    if cal.get("method") == "temperature":
+        lines.append(f"calibration: temperature {cal['temperature']:.3f} (out-of-fold log-loss "
+                     f"{cal['oof_log_loss_before']:.4f} -> {cal['oof_log_loss_after']:.4f})")
+    elif cal.get("method") == "none":
+        lines.append("calibration: none (a fixed C runs no cross-validation; --C auto calibrates)")
+    nov = rep.get("novelty")
+    if nov:
+        lines.append(f"unknown images: cosine distance to the nearest of {nov['sample_rows']} training "
+                     f"rows above {nov['threshold']:.4f} (the {nov['quantile']:g} quantile of the "
+                     "training rows' own)")
     if not rep["converged"]:
         lines.append("warning: the solver did not fully converge; try a smaller C")
     return [*lines, f"training accuracy {rep['train_accuracy']:.4f} ({rep['seconds']} s)"]
@@ -146,6 +161,18 @@ def _streaming_lines(rep: dict) -> list[str]:
 @click.option("--min-proba", type=click.FloatRange(0.0, 1.0), default=None, metavar="P",
               help="Abstain below this top probability: the label is left empty (CSV), null "
                    "(JSON), '?' here; the probabilities are still written.")
+@click.option("--unknown-quantile", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              metavar="Q", help="Flag an image as unknown (label left empty, unknown=true) when "
+              "its distance to the head's training embeddings exceeds this quantile of the training "
+              "rows' own distances. Default: the head's (0.99: about 1% of images like the "
+              "training ones are flagged).")
+@click.option("--no-unknown", is_flag=True,
+              help="Keep the label of unknown images (the unknown and novelty columns stay).")
+@click.option("--coverage", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+              default=None, metavar="P",
+              help="Add a conformal prediction set per image: the classes that hold the true one "
+                   "with probability >= P (e.g. 0.9) on images like the training ones. Needs MAPIE "
+                   "(pip install 'featx[conformal]') and a head fitted with --C auto.")
 @recorded_backbone_option("head file")
 @store_option
 @batch_options
@@ -153,31 +180,43 @@ def _streaming_lines(rep: dict) -> list[str]:
 @tta_option
 @quiet_option
 @json_option
-def predict_cmd(head, inputs, out, top_k, min_proba, backbone, store, batch_size, workers, device, tta,
-                quiet, as_json):
+def predict_cmd(head, inputs, out, top_k, min_proba, unknown_quantile, no_unknown, coverage, backbone,
+                store, batch_size, workers, device, tta, quiet, as_json):
     """Predict the class of every image in INPUTS (files or folders) with HEAD (file or run dir)."""
     from featx.predict import predict, write_predictions
 
     with progress_bar(quiet) as p:
         r = predict(head, list(inputs), backbone=backbone, device=device, store=store,
-                    batch_size=batch_size, workers=workers, min_proba=min_proba, tta=tta, progress=p)
+                    batch_size=batch_size, workers=workers, min_proba=min_proba,
+                    unknown=not no_unknown, unknown_quantile=unknown_quantile, coverage=coverage, tta=tta,
+                    progress=p)
     if out:
         write_predictions(r, out, top_k)
     k = min(top_k, len(r.classes))
     summary = {"images": len(r.files), "failed": len(r.failures), "abstained": r.abstained,
-               "min_proba": min_proba, "out": str(out) if out else None,
+               "min_proba": min_proba, "unknown": r.n_unknown if r.unknown else None,
+               "unknown_quantile": r.unknown_quantile, "unknown_threshold": r.unknown_threshold,
+               "coverage": coverage, "out": str(out) if out else None,
                "predictions": r.rows(k),
                "failures": [{"path": f, "reason": why} for f, why in r.failures]}
     lines = [f"device: {r.provider} (asked: {device})"]
     if not out:
         for row in summary["predictions"][:50]:
             tops = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in row["top"])
-            lines.append(f"{row['path']}\t{row['label'] or '?'}\t[{tops}]")
+            label = "unknown" if row.get("unknown") and not no_unknown else row["label"] or "?"
+            sets = f"\tset {{{', '.join(row['set'])}}}" if "set" in row else ""
+            lines.append(f"{row['path']}\t{label}\t[{tops}]{sets}")
         if len(r.files) > 50:
             lines.append(f"... {len(r.files) - 50} more (use --out FILE.csv)")
     lines.append(f"{len(r.files)} images predicted, {len(r.failures)} failed"
-                 + (f", {r.abstained} below --min-proba {min_proba:g} (label left empty)"
-                    if min_proba is not None else "")
+                 + (f", {r.abstained - (0 if no_unknown else r.n_unknown)} below --min-proba "
+                    f"{min_proba:g} (label left empty)" if min_proba is not None else "")
+                 + (f", {r.n_unknown} unknown (unlike the training images: novelty > "
+                    f"{r.unknown_threshold:.4f}, its {r.unknown_quantile:g} quantile"
+                    + ("; labels kept" if no_unknown else "; label left empty") + ")"
+                    if r.unknown else "")
+                 + (f", sets at coverage {coverage:g} (mean size "
+                    f"{r.sets.sum(1).mean() if len(r.files) else 0:.2f})" if r.sets is not None else "")
                  + (f"; wrote {out}" if out else ""))
     lines += _failure_lines(r.failures)
     emit(summary, as_json, lines)

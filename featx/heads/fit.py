@@ -3,7 +3,13 @@
 Every head is ``Pipeline([("scaler", ...), ("clf", ...)])``: a StandardScaler for the
 linear heads, L2 row normalisation for the RBF SVM (see ``make_head``); every head
 gives probabilities (SVMs are Platt-calibrated). ``C="auto"`` picks C by
-stratified cross-validation over a log grid and reports the score's spread.
+stratified cross-validation over a log grid and reports the score's spread. For the
+logistic head the choice is by out-of-fold log-loss (a proper score: accuracy is flat
+over C on small sets and picks the smallest C, whose probabilities are far too timid),
+and a temperature fitted on the same out-of-fold probabilities is folded into the final
+coefficients, so every consumer of the pipeline (predict, evaluate, the estimators, the
+ONNX classifier) gets calibrated probabilities. ``choose_C`` returns those out-of-fold
+probabilities for other uses (label-issue audits).
 Heads are trained on integer class codes 0..K-1; the class names travel in the
 head file, so column ``j`` of ``predict_proba`` is class ``classes[j]``.
 """
@@ -32,7 +38,9 @@ from sklearn.svm import SVC, LinearSVC
 from threadpoolctl import threadpool_limits
 
 from featx.errors import FeatXError
+from featx.heads.conformal import Conformal, conformal_scores
 from featx.heads.kinds import IN_MEMORY_HEADS, check_head_kind
+from featx.heads.novelty import Novelty, fit_novelty
 from featx.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
@@ -54,7 +62,7 @@ C_GRID = C_GRIDS["logreg"]
 # on 60k x 1280 a full grid x 5 folds would take an hour for a choice that barely moves.
 CV_MAX_ROWS = 10_000
 # The grid is walked from the smallest C up and stops once PATIENCE values in a row score
-# below the best: CV accuracy over C rises to one peak on every probe measured here, and
+# below the best: CV accuracy and log-loss over C have one peak on every probe measured here, and
 # the largest C are the slowest fits (each decade multiplies lbfgs's and liblinear's passes).
 PATIENCE = 2
 # The folds of one C run in parallel, each with one BLAS thread (see fit_head)
@@ -149,9 +157,28 @@ def _cv_rows(codes: np.ndarray, seed: int) -> np.ndarray:
         for c, n in enumerate(np.bincount(codes))]))
 
 
+# How C="auto" chooses among the grid for the logistic head (see docs/heads.md for the
+# measurements): "log_loss" = lowest out-of-fold log-loss; "accuracy" = highest CV accuracy
+# (featx before 0.x; ties to the smaller C); "accuracy+log_loss" = highest accuracy, ties
+# broken by log-loss; "calibrated_log_loss" = lowest out-of-fold log-loss after each C's own
+# temperature (what the head will be once calibrated). The SVMs are scored uncalibrated, so they always use accuracy.
+SELECT = ("log_loss", "accuracy", "accuracy+log_loss", "calibrated_log_loss")
+DEFAULT_SELECT = "log_loss"
+# bounds of the fitted temperature: outside them the out-of-fold probabilities say more
+# about a broken search than about calibration
+T_BOUNDS = (0.05, 20.0)
+
+
 @dataclass
 class CChoice:
-    """What the C search found: the best C, the score of every C tried, and a warm start."""
+    """What the C search found: the best C, the score of every C tried, and a warm start.
+
+    For the logistic head also the out-of-fold probabilities at the chosen C:
+    ``oof_proba[i]`` is the probability row of ``X[oof_rows[i]]`` (class codes 0..K-1 as
+    columns) from the fold model that did not see that row, after the ``temperature``
+    fitted on them; ``oof_codes`` are those rows' labels. The SVMs' search is scored
+    uncalibrated, so they have none (None). ``featx audit`` (label issues) reads these.
+    """
 
     C: float
     grid: list[dict]
@@ -159,23 +186,42 @@ class CChoice:
     rows: int
     skipped: list[float]
     warm: tuple[np.ndarray, np.ndarray] | None = None  # logreg: fold-mean (coef, intercept) at C
+    select: str = "accuracy"
+    temperature: float = 1.0
+    oof_rows: np.ndarray | None = None
+    oof_codes: np.ndarray | None = None
+    oof_proba: np.ndarray | None = None
+    oof_log_loss_raw: float | None = None  # before the temperature
 
 
 def choose_C(X: np.ndarray, codes: np.ndarray, head: str, class_weight, cv: int | None, seed: int,
-             grid: Sequence[float] | None = None,
+             grid: Sequence[float] | None = None, select: str | None = None,
              progress: ProgressFn = no_progress) -> CChoice:
     """Stratified CV over ``grid`` (default: the head's ``C_GRIDS`` row), smallest C first.
 
     The folds of one C are fitted in parallel threads (one BLAS thread each); for logreg
-    each fold starts from its solution at the previous C. The walk stops once ``PATIENCE``
-    C values in a row score below the best (those left are ``skipped``). Reports
-    ``progress("choose C", fits done, grid x folds)`` after every fold (the total shrinks
-    to the fits done when the walk stops), so a Ctrl-C lands between two fits. The SVMs
-    are scored without their calibration.
+    each fold starts from its solution at the previous C. Every C gets its CV accuracy
+    (balanced with ``class_weight="balanced"``) and, for logreg, its out-of-fold log-loss;
+    ``select`` (default ``DEFAULT_SELECT``, see ``SELECT``) says which picks C. The walk
+    stops once ``PATIENCE`` C values in a row score below the best (those left are
+    ``skipped``). Reports ``progress("choose C", fits done, grid x folds)`` after every
+    fold (the total shrinks to the fits done when the walk stops), so a Ctrl-C lands
+    between two fits. The SVMs are scored without their calibration, by accuracy.
+
+    This is also the one place to get out-of-fold probabilities of a head: pass
+    ``grid=[C]`` for a fixed C. For logreg the result holds them (``oof_proba``,
+    ``oof_rows``, ``oof_codes``) at the chosen C, with the ``temperature`` fitted on them
+    applied.
     """
     grid = sorted(C_GRIDS[head] if grid is None else grid)
+    select = select or DEFAULT_SELECT
+    if select not in SELECT:
+        raise FeatXError(f"unknown C selection {select!r}; expected one of {', '.join(SELECT)}")
+    if head != "logreg":
+        select = "accuracy"  # no probabilities in the SVMs' search
     rows = _cv_rows(codes, seed)
     Xs, ys = X[rows], codes[rows]
+    k = int(codes.max()) + 1
     min_count = int(np.bincount(ys).min())
     folds = min(cv or default_folds(len(rows)), min_count)
     if folds < 2:
@@ -190,7 +236,7 @@ def choose_C(X: np.ndarray, codes: np.ndarray, head: str, class_weight, cv: int 
         for m in models:
             m.set_params(clf__warm_start=True)
     scores: list[dict] = []
-    warm = None
+    warm = best_logits = None
     total, done = len(grid) * folds, 0
     progress("choose C", 0, total)
     with warnings.catch_warnings():  # convergence is read from n_iter_ (warnings are process-wide)
@@ -198,40 +244,121 @@ def choose_C(X: np.ndarray, codes: np.ndarray, head: str, class_weight, cv: int 
         for C in grid:
             for m in models:
                 m.set_params(clf__C=C)
-            s = []
+            s, losses = [], []
+            logits = np.zeros((len(rows), k)) if head == "logreg" else None
             fits = [lambda m=m, tr=tr: m.fit(Xs[tr], ys[tr]) for m, (tr, _) in zip(models, splits, strict=True)]
             for j, _ in enumerate(in_threads(fits, FOLD_THREADS)):
-                s.append(metric(ys[splits[j][1]], models[j].predict(Xs[splits[j][1]])))
+                te = splits[j][1]
+                if logits is not None:
+                    logits[te] = _logits(models[j], Xs[te])
+                    losses.append(_nll(logits[te], ys[te]))
+                    s.append(metric(ys[te], logits[te].argmax(1)))
+                else:
+                    s.append(metric(ys[te], models[j].predict(Xs[te])))
                 done += 1
                 progress("choose C", done, total)
-            scores.append({"C": float(C), "mean": float(np.mean(s)), "std": float(np.std(s)),
-                           "converged": all(_converged(m) for m in models)})
-            log.info("C=%g: CV score %.4f +- %.4f", C, np.mean(s), np.std(s))
-            if head == "logreg" and scores[-1] is _best(scores):
+            row = {"C": float(C), "mean": float(np.mean(s)), "std": float(np.std(s)),
+                   "converged": all(_converged(m) for m in models)}
+            if losses:
+                row.update({"log_loss": float(np.mean(losses)), "log_loss_std": float(np.std(losses))})
+                t = fit_temperature(logits, ys)
+                row.update({"temperature": t, "calibrated_log_loss": _nll(logits / t, ys)})
+            scores.append(row)
+            log.info("C=%g: CV score %.4f +- %.4f%s", C, np.mean(s), np.std(s),
+                     f", log-loss {row['log_loss']:.4f}" if losses else "")
+            if head == "logreg" and scores[-1] is _best(scores, select):
                 warm = (np.mean([m[-1].coef_ for m in models], axis=0),
                         np.mean([m[-1].intercept_ for m in models], axis=0))
-            if _fell(scores):
+                best_logits = logits
+            if _fell(scores, select):
                 break
     if done < total:
         progress("choose C", done, done)
-    best = _best(scores)
+    best = _best(scores, select)
     skipped = [float(C) for C in grid[len(scores):]]
     if skipped:
         log.info("C search stopped after %d values fell below the best; skipped %s", PATIENCE, skipped)
-    return CChoice(best["C"], scores, folds, len(rows), skipped, warm)
+    choice = CChoice(best["C"], scores, folds, len(rows), skipped, warm, select)
+    if best_logits is not None:
+        T = fit_temperature(best_logits, ys)
+        choice.temperature = T
+        choice.oof_rows, choice.oof_codes = rows, ys
+        choice.oof_proba = softmax(best_logits / T)
+        choice.oof_log_loss_raw = _nll(best_logits, ys)
+    return choice
 
 
-def _best(scores: list[dict]) -> dict:
-    # ties go to the smaller C: stronger regularisation generalises at least as well
-    return max(scores, key=lambda r: (round(r["mean"], 6), -r["C"]))
+def _logits(model: Pipeline, X: np.ndarray) -> np.ndarray:
+    """The logistic head's logits (N, K): softmax of them is its predict_proba.
+
+    Two classes: sklearn's one decision value z is the logit pair (-z/2, z/2), whose
+    softmax is (1 - sigmoid(z), sigmoid(z)).
+    """
+    z = np.asarray(model.decision_function(X), np.float64)
+    return np.stack([-z / 2, z / 2], axis=1) if z.ndim == 1 else z
 
 
-def _fell(scores: list[dict]) -> bool:
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, stable for large logits."""
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _nll(logits: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log-likelihood of softmax(logits) at labels ``y``."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(z).sum(axis=1))
+    return float(np.mean(lse - z[np.arange(len(y)), y]))
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """The temperature T minimising the log-loss of softmax(logits / T) (Guo et al. 2017).
+
+    One parameter, fitted on out-of-fold logits: it rescales confidence without moving
+    any argmax. Searched on log T within ``T_BOUNDS``. The targets are smoothed by
+    Laplace's rule of succession (1 / (n + K) of each row's weight spread over the K
+    classes): with no out-of-fold mistake the plain log-loss falls without end as T
+    shrinks, and 100 right answers do not make a head 99.99999% sure; on thousands of
+    rows the smoothing changes nothing measurable.
+    """
+    from scipy.optimize import minimize_scalar
+
+    n, k = logits.shape
+    eps = 1.0 / (n + k)
+    target = np.full((n, k), eps / k)
+    target[np.arange(n), y] += 1.0 - eps
+
+    def loss(t: float) -> float:
+        z = logits / np.exp(t)
+        z = z - z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return float(-(target * logp).sum(axis=1).mean())
+
+    lo, hi = np.log(T_BOUNDS[0]), np.log(T_BOUNDS[1])
+    r = minimize_scalar(loss, bounds=(lo, hi), method="bounded", options={"xatol": 1e-4})
+    return float(np.exp(r.x))
+
+
+def _key(r: dict, select: str) -> tuple:
+    # higher is better; ties go to the smaller C: stronger regularisation generalises at least as well
+    if select in ("log_loss", "calibrated_log_loss"):
+        return (-round(r[select], 6), -r["C"])
+    if select == "accuracy+log_loss":
+        return (round(r["mean"], 6), -round(r["log_loss"], 6), -r["C"])
+    return (round(r["mean"], 6), -r["C"])
+
+
+def _best(scores: list[dict], select: str = "accuracy") -> dict:
+    return max(scores, key=lambda r: _key(r, select))
+
+
+def _fell(scores: list[dict], select: str = "accuracy") -> bool:
     """The last PATIENCE scores are all below the best one before them."""
     if len(scores) <= PATIENCE:
         return False
-    top = round(_best(scores[:-PATIENCE])["mean"], 6)
-    return all(round(r["mean"], 6) < top for r in scores[-PATIENCE:])
+    top = _key(_best(scores[:-PATIENCE], select), select)[:-1]
+    return all(_key(r, select)[:-1] < top for r in scores[-PATIENCE:])
 
 
 def _converged(model: Pipeline) -> bool:
@@ -243,7 +370,8 @@ def _converged(model: Pipeline) -> bool:
 
 def fit_head(X: np.ndarray, y: Sequence, head: str = "logreg", C: float | str = "auto",
              class_weight: str | dict | None = None, cv: int | None = None,
-             seed: int = 0, progress: ProgressFn = no_progress) -> tuple[Pipeline, dict]:
+             seed: int = 0, progress: ProgressFn = no_progress, *,
+             select: str | None = None) -> tuple[Pipeline, dict]:
     """Fit a head on embeddings ``X`` with labels ``y``; returns (pipeline, report).
 
     The pipeline is trained on int codes: ``report["classes"][j]`` names code ``j``.
@@ -251,11 +379,57 @@ def fit_head(X: np.ndarray, y: Sequence, head: str = "logreg", C: float | str = 
     the class counts, the training accuracy and the time taken. ``progress`` hears
     ``("choose C", fits done, fits)`` during the search and ``("fit", 0|1, 1)``
     around the final fit.
+
+    With ``C="auto"`` the logistic head is calibrated: the temperature fitted on the
+    search's out-of-fold probabilities (``choose_C``) divides its coefficients and
+    intercept, so ``predict_proba`` is softmax(logits / T); ``report["calibration"]``
+    records T and the out-of-fold log-loss before and after. A fixed C runs no CV and
+    is left uncalibrated (recorded as method "none"). ``select`` overrides how C is
+    chosen (``SELECT``; default ``DEFAULT_SELECT``).
     """
     # Multi-threaded BLAS on these small matrices busy-waits against the other
     # threads on the machine: 100x slower on a shared 2-core box, never faster here.
     with one_blas_thread():
-        return _fit_head(X, y, head, C, class_weight, cv, seed, progress)
+        return _fit_head(X, y, head, C, class_weight, cv, seed, progress, select)
+
+
+@dataclass
+class HeadFit:
+    """A fitted head with what the head file keeps beside it (``fit_head_full``).
+
+    ``choice`` is the C search (None for a fixed C): its out-of-fold probabilities
+    (``choice.oof_proba``) are the ones the temperature and the conformal scores were
+    fitted on. ``novelty`` flags embeddings unlike the training rows; ``conformal`` gives
+    prediction sets (None without out-of-fold probabilities).
+    """
+
+    pipeline: Pipeline
+    report: dict
+    choice: CChoice | None
+    novelty: Novelty | None
+    conformal: Conformal | None
+
+
+def fit_head_full(X: np.ndarray, y: Sequence, head: str = "logreg", C: float | str = "auto",
+                  class_weight: str | dict | None = None, cv: int | None = None,
+                  seed: int = 0, progress: ProgressFn = no_progress, *,
+                  select: str | None = None, novelty: bool = True) -> HeadFit:
+    """``fit_head``, plus the search itself, the novelty sample and the conformal scores.
+
+    What ``featx fit-head`` and ``FeatXClassifier`` save; ``novelty=False`` skips the
+    out-of-distribution sample (``featx.heads.novelty``).
+    """
+    with one_blas_thread():
+        pipe, report, choice = _fit_head(X, y, head, C, class_weight, cv, seed, progress, select,
+                                         with_choice=True)
+        nov = fit_novelty(np.asarray(X), seed=seed) if novelty else None
+    conf = None
+    if choice is not None and choice.oof_proba is not None:
+        conf = Conformal(conformal_scores(choice.oof_proba, choice.oof_codes))
+    if nov is not None:
+        report["novelty"] = {"method": "knn-cosine", "sample_rows": len(nov.sample),
+                             "quantile": nov.quantile, "threshold": nov.threshold()}
+    return HeadFit(pipe, report, choice, nov, conf)
 
 
 def interruptible(fn, *args):
@@ -312,7 +486,7 @@ def _check_calibration_counts(head: str, codes: np.ndarray, classes: list[str]) 
                          "--head logreg")
 
 
-def _fit_head(X, y, head, C, class_weight, cv, seed, progress) -> tuple[Pipeline, dict]:
+def _fit_head(X, y, head, C, class_weight, cv, seed, progress, select=None, with_choice=False):
     t0 = time.perf_counter()
     check_head_kind(head, HEADS)
     if class_weight not in (None, "balanced") and not isinstance(class_weight, dict):
@@ -329,12 +503,15 @@ def _fit_head(X, y, head, C, class_weight, cv, seed, progress) -> tuple[Pipeline
     if isinstance(C, str):
         if C != "auto":
             raise FeatXError(f"C must be a positive number or 'auto', got {C!r}")
-        choice = choose_C(X, codes, head, class_weight, cv, seed, progress=progress)
+        choice = choose_C(X, codes, head, class_weight, cv, seed, select=select, progress=progress)
         mean = next(g for g in choice.grid if g["C"] == choice.C)
         report.update({"C": choice.C, "C_auto": True, "cv_folds": choice.folds, "cv_rows": choice.rows,
                        "cv_metric": "balanced_accuracy" if class_weight == "balanced" else "accuracy",
+                       "cv_select": choice.select,
                        "cv_score_mean": mean["mean"], "cv_score_std": mean["std"], "cv_grid": choice.grid,
                        "cv_skipped": choice.skipped})
+        if "log_loss" in mean:
+            report.update({"cv_log_loss": mean["log_loss"], "cv_log_loss_std": mean["log_loss_std"]})
     else:
         choice = None
         report.update({"C": float(C), "C_auto": False})
@@ -351,10 +528,35 @@ def _fit_head(X, y, head, C, class_weight, cv, seed, progress) -> tuple[Pipeline
     if warm is not None:
         pipe[-1].set_params(warm_start=False)  # the saved head is a plain estimator
     progress("fit", 1, 1)
+    report["calibration"] = _calibrate(pipe, choice)
     report["converged"] = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
     report["train_accuracy"] = float((pipe.predict(X) == codes).mean())
     report["seconds"] = round(time.perf_counter() - t0, 3)
-    return pipe, report
+    return (pipe, report, choice) if with_choice else (pipe, report)
+
+
+def _calibrate(pipe: Pipeline, choice: CChoice | None) -> dict:
+    """Fold the search's temperature into the logistic head; what was done, for the record."""
+    clf = pipe[-1]
+    if isinstance(clf, CalibratedClassifierCV):
+        return {"method": "sigmoid", "fitted_on": "cross-validated decision values of the "
+                "training rows (Platt scaling, per class)"}
+    if choice is None or choice.oof_proba is None:
+        return {"method": "none", "reason": "C was given, so no cross-validation ran; pass "
+                "C='auto' for probabilities calibrated on out-of-fold predictions"}
+    T = choice.temperature
+    # softmax(z / T) with z = x W^T + b is the same model with W / T and b / T: one
+    # definition of the calibrated probabilities, which every consumer of the pipeline
+    # (predict, evaluate, estimators, skl2onnx) then computes without knowing about it
+    clf.coef_ = clf.coef_ / T
+    clf.intercept_ = clf.intercept_ / T
+    return {"method": "temperature", "temperature": T, "applied": "coefficients and intercept "
+            "divided by T (probabilities = softmax(logits / T))",
+            "fitted_on": f"out-of-fold probabilities of the C search at C={choice.C:g} "
+                         f"({choice.rows} rows, {choice.folds} folds)",
+            "oof_log_loss_before": choice.oof_log_loss_raw,
+            "oof_log_loss_after": _nll(np.log(np.clip(choice.oof_proba, 1e-300, None)),
+                                       choice.oof_codes)}
 
 
 def _warm_start(clf: LogisticRegression, coef: np.ndarray, intercept: np.ndarray) -> None:

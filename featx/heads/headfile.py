@@ -8,7 +8,9 @@ Layout (one file, conventionally ``*.joblib`` for continuity; it holds no pickle
                                   training summary, versions, the model description
                                   (estimator kinds + scalars), sha256 checksums
     <payload>                     an uncompressed .npz of numeric arrays (coefficients,
-                                  scaler statistics, support vectors, calibration)
+                                  scaler statistics, support vectors, calibration; the
+                                  novelty sample and conformal scores, whose descriptions
+                                  are the header's "novelty" and "conformal" keys)
 
 Loading reads JSON and numeric arrays only (``numpy.load(allow_pickle=False)``) and
 rebuilds scikit-learn estimators of a fixed list of kinds (``featx.heads.codec``), so a
@@ -49,6 +51,8 @@ from featx.backbones.cards import Preprocess
 from featx.backbones.resolve import resolve_backbone
 from featx.errors import FeatXError, MismatchError
 from featx.heads.codec import CodecError, decode, encode
+from featx.heads.conformal import Conformal
+from featx.heads.novelty import Novelty
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +87,8 @@ class Head:
     meta: dict = field(default_factory=dict)
     path: Path | None = None
     train_keys: np.ndarray | None = None  # sorted uint64 digests (train_key_digests); None: not recorded
+    novelty: Novelty | None = None  # flags embeddings unlike the training rows (heads.novelty)
+    conformal: Conformal | None = None  # conformal prediction sets (heads.conformal)
 
     @property
     def backbone_name(self) -> str:
@@ -153,7 +159,8 @@ def train_key_digests(keys) -> np.ndarray:
 
 
 def head_bytes(pipeline, classes: list[str], backbone: Backbone, train_summary: dict,
-               where: Path | None = None, train_keys=None) -> bytes:
+               where: Path | None = None, train_keys=None, novelty: Novelty | None = None,
+               conformal: Conformal | None = None) -> bytes:
     """The bytes of a head file (see the module docstring); ``where`` is the folder it goes to;
     ``train_keys`` are the training rows' content keys, recorded as ``train_key_digests``."""
     import sklearn
@@ -166,6 +173,11 @@ def head_bytes(pipeline, classes: list[str], backbone: Backbone, train_summary: 
         raise FeatXError(str(e)) from None
     if train_keys is not None:
         arrays[TRAIN_KEYS] = train_key_digests(train_keys)
+    extra: dict = {}
+    for key, part in (("novelty", novelty), ("conformal", conformal)):
+        if part is not None:
+            extra[key], more = part.to_record()
+            arrays.update(more)
     payload = _npz(arrays)
     bdir = Path(backbone.onnx_path).parent.resolve()
     try:  # a head saved inside a run directory finds its backbone even if the run moves
@@ -185,6 +197,7 @@ def head_bytes(pipeline, classes: list[str], backbone: Backbone, train_summary: 
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "payload_sha256": hashlib.sha256(payload).hexdigest(),
         "payload_bytes": len(payload),
+        **extra,
     }
     # numpy scalars/arrays in a caller's summary become plain JSON; the checksum is then
     # taken over exactly what load_head parses back
@@ -195,12 +208,15 @@ def head_bytes(pipeline, classes: list[str], backbone: Backbone, train_summary: 
 
 
 def save_head(path: str | os.PathLike, pipeline, classes: list[str], backbone: Backbone,
-              train_summary: dict, train_keys=None) -> Path:
+              train_summary: dict, train_keys=None, novelty: Novelty | None = None,
+              conformal: Conformal | None = None) -> Path:
     """Write a head file (atomically); a directory gets ``head.joblib`` inside it.
 
     The pipeline must be one featx builds (see ``featx.heads.codec.KINDS``); it is
     stored as arrays, never pickled. ``train_keys`` (the content keys of the training
-    rows) are recorded as digests, for ``featx evaluate``'s overlap check.
+    rows) are recorded as digests, for ``featx evaluate``'s overlap check. ``novelty`` and
+    ``conformal`` (what ``featx.heads.fit.fit_head_full`` returns beside the pipeline) are
+    stored as arrays too.
     """
     p = Path(path)
     if p.is_dir():
@@ -208,7 +224,7 @@ def save_head(path: str | os.PathLike, pipeline, classes: list[str], backbone: B
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         return write_bytes(p, head_bytes(pipeline, classes, backbone, train_summary, p.parent,
-                                          train_keys))
+                                          train_keys, novelty, conformal))
     except OSError as e:
         raise FeatXError(f"cannot write the head file {p}: {e.strerror or e}") from None
 
@@ -352,9 +368,11 @@ def load_head(path: str | os.PathLike, trust: bool = False) -> Head:
         pre = Preprocess.from_dict(header["preprocess"], stored=True)
     except Exception as e:  # a damaged spec: whatever Preprocess raises on it
         raise HeadFileError(f"{p}: damaged featx head file (preprocessing: {e})") from None
+    novelty, conformal = _extras(p, header, payload)
     return Head(pipeline=pipeline, classes=[str(c) for c in header["classes"]],
                 fingerprint=str(bb.get("fingerprint", "")), backbone_dir=str(bdir or ""),
-                preprocess=pre, meta=header, path=p, train_keys=keys)
+                preprocess=pre, meta=header, path=p, train_keys=keys, novelty=novelty,
+                conformal=conformal)
 
 
 def _train_keys(p: Path, arrays: dict[str, np.ndarray]) -> np.ndarray | None:
@@ -365,6 +383,20 @@ def _train_keys(p: Path, arrays: dict[str, np.ndarray]) -> np.ndarray | None:
     if a.dtype != np.uint64 or a.ndim != 1:
         raise HeadFileError(f"{p}: damaged featx head file (training keys {a.dtype} {a.shape})")
     return a
+
+
+def _extras(p: Path, header: dict, payload: bytes) -> tuple[Novelty | None, Conformal | None]:
+    """The novelty sample and conformal scores of a head that has them (heads before have not)."""
+    if header.get("format") != FORMAT or not ("novelty" in header or "conformal" in header):
+        return None, None
+    arrays = _arrays(p, payload)
+    try:
+        nov = Novelty.from_record(header["novelty"], arrays, header["backbone"]["dim"]) \
+            if "novelty" in header else None
+        conf = Conformal.from_record(header["conformal"], arrays) if "conformal" in header else None
+    except (ValueError, TypeError, AttributeError) as e:
+        raise HeadFileError(f"{p}: damaged featx head file ({e})") from None
+    return nov, conf
 
 
 # ---- legacy pickle heads (format 1) ------------------------------------------------------------

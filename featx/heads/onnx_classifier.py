@@ -9,7 +9,11 @@ lines of Pillow + numpy. Outputs: ``probabilities`` (float32, N x K, columns in 
 order of the ``featx.classes`` metadata) and ``label`` (class name, string).
 The label is the argmax of the probabilities, exactly as ``featx predict``
 picks it, so the two agree even for SVMs, whose own ``predict`` may disagree
-with their calibrated probabilities.
+with their calibrated probabilities. The probabilities are the calibrated ones:
+a logistic head's temperature (``featx.heads.fit``) is folded into its
+coefficients, so the converted graph computes softmax(logits / T) like featx;
+``featx.calibration`` in the metadata records it. The head's novelty sample
+(the "unknown" flag of ``featx predict``) is not part of the file.
 """
 
 from __future__ import annotations
@@ -153,6 +157,9 @@ def build_classifier(head: Head, bb: Backbone):
     classes = head_class_columns(head)
     add_label_output(merged, proba_name, classes)
     set_classifier_metadata(merged, bb, classes, head.meta.get("payload_sha256", ""))
+    merged.metadata_props.append(onnx.StringStringEntryProto(
+        key="featx.calibration", value=json.dumps(head.meta.get("train", {}).get("calibration")
+                                                  or {"method": "none"})))
     onnx.checker.check_model(merged)
     return merged
 
