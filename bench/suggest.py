@@ -5,7 +5,7 @@
         --strategies margin,margin+diversity,random --seeds 0,1,2 --rounds 9 --out curves.json
 
     # speed: suggest on a pool table of N rows (synthetic embeddings unless --pool is given)
-    python bench/suggest.py speed --rows 50000 --labelled LABELLED.featx.parquet
+    python bench/suggest.py speed --rows 50000 --labelled LABELLED.featx.parquet [--head HEAD]
 
 The pool's labels play the oracle: each round the chosen images get their true label.
 Accuracy is on every image of TEST. Every round refits the head exactly as `featx
@@ -81,10 +81,12 @@ def speed(args) -> dict:
                                           {**lab.meta, "root": d}))
         res = {}
         for strategy in args.strategies.split(","):
-            t0 = time.perf_counter()
-            r = suggest(pool, args.labelled, args.n, strategy=strategy)
-            res[strategy] = {"seconds": round(time.perf_counter() - t0, 2), "stages": r.seconds}
-            print(strategy, res[strategy], file=sys.stderr, flush=True)
+            for head in [None, args.head] if args.head else [None]:
+                t0 = time.perf_counter()
+                r = suggest(pool, args.labelled, args.n, strategy=strategy, head=head)
+                name = f"{strategy} {'--head' if head else 'fit here'}"
+                res[name] = {"seconds": round(time.perf_counter() - t0, 2), "stages": r.seconds}
+                print(name, res[name], file=sys.stderr, flush=True)
     return {"rows": args.rows, "labelled": len(lab), "n": args.n, "strategies": res}
 
 
@@ -104,6 +106,7 @@ def main() -> None:
     s.add_argument("--labelled", required=True)
     s.add_argument("--rows", type=int, default=50_000)
     s.add_argument("-n", type=int, default=100)
+    s.add_argument("--head", default=None, help="also time with this head of LABELLED (suggest --head)")
     s.add_argument("--strategies", default="margin,margin+diversity,margin+coreset,random")
     args = ap.parse_args()
     print(json.dumps(curves(args) if args.what == "curves" else speed(args)))

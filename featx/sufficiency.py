@@ -294,7 +294,8 @@ def _class_curve(label: str, images: int, test_images: int, sizes: list[int], re
         r = rec[s, usable]
         if np.all(np.isfinite(r)):
             per_seed.append(float(1.0 - _law(2 * top, *fit_power_law(n, 1.0 - r))))
-    need = _needed(a, b, c, target) if now < target else top
+    # reached already: the smallest measured size whose mean recall reaches the target
+    need = _needed(a, b, c, target) if now < target else float(n[int(np.argmax(mean >= target))])
     if need is None:
         flags.append("unreachable")
     elif need > FAR * top:
@@ -364,10 +365,16 @@ def _plot(result: SufficiencyResult, path: Path) -> Path:
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
-        need = "unreachable" if c.needed is None else f"{c.needed} for {result.target:.0%}"
+        if c.needed is None:
+            need = f"{result.target:.0%} unreachable"
+        elif c.recall_now >= result.target:
+            need = f"{result.target:.0%} reached at {c.needed}"
+        else:
+            need = f"{c.needed:,} for {result.target:.0%}" if c.needed < 1e6 else f"{c.needed:.1e} for {result.target:.0%}"
         title = f"{c.label}: {c.recall_now:.0%} -> {c.recall_doubled:.0%} x2\n{need}"
-        if c.flags:
-            title += f" [{', '.join(c.flags)}]"
+        shown = [f for f in c.flags if f != "unreachable"]
+        if shown:
+            title += f" [{', '.join(shown)}]"
         ax.set_title(title, fontsize=8, color="tab:red" if c.flags else "black")
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3, lw=0.5)

@@ -46,6 +46,8 @@ from featx.embed.table import EmbeddingTable, read_table
 from featx.engines.files import collect_files, shared
 from featx.errors import FeatXError, MismatchError
 from featx.heads.fit import fit_head, one_blas_thread
+from featx.heads.headfile import Head, load_head
+from featx.heads.proba import head_class_columns, head_proba
 from featx.progress import ProgressFn, no_progress
 
 __all__ = ["STRATEGIES", "Pool", "SuggestResult", "check_destination", "load_pool", "rank", "select", "suggest",
@@ -294,14 +296,18 @@ def _candidates(pl: Pool, lab: EmbeddingTable, lab_path: Path, pool,
 
 
 def suggest(pool: str | os.PathLike, labelled: str | os.PathLike, n: int, *, strategy: str = "margin",
-            seed: int = 0, C: float | str = "auto", backbone: str | os.PathLike | Backbone | None = None,
+            seed: int = 0, C: float | str = "auto", head: str | os.PathLike | Head | None = None,
+            backbone: str | os.PathLike | Backbone | None = None,
             store: str | os.PathLike | None = None, device: str = "auto", batch_size: int = 32,
             workers: int | None = None, progress: ProgressFn = no_progress) -> SuggestResult:
     """Choose the ``n`` images of ``pool`` to label next (see the module docstring).
 
     ``pool`` is a folder, a listing (CSV/TSV/Parquet with a ``path`` column) or a featx
     table; ``labelled`` is the featx table of the images labelled so far. Nothing is written:
-    ``write_suggestions`` writes the CSV and the ``to_label/`` folder.
+    ``write_suggestions`` writes the CSV and the ``to_label/`` folder. ``head`` (a head file of
+    the labelled table, as ``featx fit-head`` wrote it) scores the pool instead of a head
+    fitted here: the seconds of cross-validation are then skipped. It must come from the
+    table's backbone.
     """
     if strategy not in STRATEGIES:
         raise FeatXError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
@@ -327,7 +333,19 @@ def suggest(pool: str | os.PathLike, labelled: str | os.PathLike, n: int, *, str
     cand_idx = np.asarray(cand)
     t1 = time.perf_counter()
     Xc = pl.X[cand_idx]
-    picks, groups, proba, rep = rank(lab.X, lab.labels, Xc, n, strategy, seed=seed, C=C, progress=progress)
+    h = None
+    if head is not None:
+        h = head if isinstance(head, Head) else load_head(head)
+        if h.fingerprint != lab.fingerprint:
+            raise MismatchError(f"head {h.path or ''} was trained on backbone fingerprint {h.fingerprint}, "
+                                f"{lab_path} has {lab.fingerprint}; fit a head on this table "
+                                "(featx fit-head) or leave --head out")
+        trained_on = (h.meta.get("train") or {}).get("embeddings")
+        if trained_on and Path(str(trained_on)) != lab_path.resolve():
+            log.warning("head %s was fitted on %s, not on %s: its view of what is uncertain may be "
+                        "out of date", h.path, trained_on, lab_path)
+    picks, groups, proba, rep = rank(lab.X, lab.labels, Xc, n, strategy, seed=seed, C=C, head=h,
+                                     progress=progress)
     secs["fit+choose"] = time.perf_counter() - t1
     classes = rep["classes"]
     mar, ent = margins(proba[picks]), entropies(proba[picks])
@@ -350,15 +368,21 @@ def suggest(pool: str | os.PathLike, labelled: str | os.PathLike, n: int, *, str
 
 
 def rank(X_labelled: np.ndarray, labels, X_pool: np.ndarray, n: int, strategy: str = "margin", *,
-         seed: int = 0, C: float | str = "auto",
+         seed: int = 0, C: float | str = "auto", head: Head | None = None,
          progress: ProgressFn = no_progress) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    """The core of ``suggest`` on arrays: fit the head on the labelled rows, score the pool rows
-    (all unlabelled), choose ``n``. Returns (picks best first, k-means group, pool
-    probabilities, the head's report with ``classes``)."""
-    pipe, rep = fit_head(X_labelled, labels, C=C, seed=seed, progress=progress)
+    """The core of ``suggest`` on arrays: fit the head on the labelled rows (or take ``head``),
+    score the pool rows (all unlabelled), choose ``n``. Returns (picks best first, k-means
+    group, pool probabilities, the head's report with ``classes``)."""
+    if head is None:
+        pipe, rep = fit_head(X_labelled, labels, C=C, seed=seed, progress=progress)
+    else:
+        pipe = head.pipeline
+        rep = {"classes": head_class_columns(head), "C": (head.meta.get("train") or {}).get("C"),
+               "cv_score_mean": (head.meta.get("train") or {}).get("cv_score_mean")}
     progress("score", 0, len(X_pool))
     with one_blas_thread():
-        proba = np.asarray(pipe.predict_proba(X_pool), np.float64)
+        proba = head_proba(head, X_pool) if head is not None else \
+            np.asarray(pipe.predict_proba(X_pool), np.float64)
     progress("score", len(X_pool), len(X_pool))
     progress(strategy, 0, n)
     picks, groups = select(proba, n, strategy, seed=seed, X=X_pool, X_labelled=X_labelled)

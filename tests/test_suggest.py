@@ -156,3 +156,13 @@ def test_cli_round_and_refusal_to_overwrite_to_label(loop, tmp_path):
     r = run_cli("suggest", str(loop["pool"]), "-l", str(loop["table"]), "-n", "2", "--out",
                 str(tmp_path / "b" / "next.tsv"), "--layout", "none", "--json")
     assert '"suggested": 2' in r.output and not (tmp_path / "b" / "to_label").exists()
+
+
+def test_head_file_of_the_table_gives_the_same_choice(loop, tmp_path):
+    from featx.fit_table import fit_table
+
+    head = fit_table(loop["table"], out=tmp_path / "head.joblib").head_file
+    fitted = suggest(loop["pool"], loop["table"], 5, seed=0)
+    given = suggest(loop["pool"], loop["table"], 5, seed=0, head=head)
+    assert [r["path"] for r in given.rows] == [r["path"] for r in fitted.rows]
+    assert given.head["C"] == fitted.head["C"]

@@ -32,6 +32,9 @@ from featx.cli.options import (
                    "k-means over the least-margin candidates, so the N are not near copies; "
                    "margin+coreset: greedy k-centre over them; random: the baseline.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the head's CV, k-means and random.")
+@click.option("--head", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              metavar="HEAD", help="Score the pool with this head of TABLE (from `featx fit-head`) instead "
+                                   "of fitting one here: skips the seconds of cross-validation.")
 @click.option("--layout", type=click.Choice(["copy", "link", "none"]), default="copy", show_default=True,
               help="to_label/: copies (same bytes, so extract finds them cached), symbolic links, or none.")
 @click.option("--backbone", "-b", default=None, metavar="NAME|DIR|FILE.onnx",
@@ -41,7 +44,7 @@ from featx.cli.options import (
 @batch_options
 @quiet_option
 @json_option
-def suggest_cmd(pool: Path, labelled: Path, n: int, out: Path, strategy: str, seed: int, layout: str,
+def suggest_cmd(pool: Path, labelled: Path, n: int, out: Path, strategy: str, seed: int, head, layout: str,
                 backbone, store, device: str, batch_size: int, workers, quiet: bool, as_json: bool) -> None:
     """Choose the N images of POOL (a folder, listing or featx table) to label next.
 
@@ -54,13 +57,14 @@ def suggest_cmd(pool: Path, labelled: Path, n: int, out: Path, strategy: str, se
 
     check_destination(out, layout)  # before the work: a full to_label/ is refused up front
     with progress_bar(quiet or as_json) as p:
-        r = suggest(pool, labelled, n, strategy=strategy, seed=seed, backbone=backbone, store=store,
+        r = suggest(pool, labelled, n, strategy=strategy, seed=seed, head=head, backbone=backbone, store=store,
                     device=device, batch_size=batch_size, workers=workers, progress=p)
         write_suggestions(r, out, layout=layout)
     s = r.seconds
     lines = [f"{len(r.rows)} of {r.pool_size} pool images to label ({r.strategy}, seed {r.seed}); "
              f"{r.already_labelled} already labelled, {r.repeats} repeats skipped",
-             f"  head on {r.labelled} labelled images (C={r.head['C']}); pool {s['pool']:.1f} s, "
+             f"  {'head file' if head else 'head fitted'} on {r.labelled} labelled images (C={r.head['C']}); "
+             f"pool {s['pool']:.1f} s, "
              f"head + choice {s['fit+choose']:.1f} s",
              *[f"  {row['rank']:>3}. {row['path']}  {row['reason']}" for row in r.rows[:5]],
              *(["  ..."] if len(r.rows) > 5 else []),
