@@ -1,13 +1,17 @@
 """Out-of-core head: logistic regression by SGD over embedding tables larger than memory.
 
-``fit_streaming_head`` never holds more than one shard of rows. It makes one
-pass over the table(s) that fits a StandardScaler by ``partial_fit`` and, at the
-same time, spills every row to a random bucket file in a scratch directory (an
-external shuffle: featx tables are in folder order, i.e. sorted by class, and SGD
-fed one class at a time forgets the others). Each epoch then reads the buckets
-one at a time in a random order, shuffles the rows of that bucket and calls
-``SGDClassifier(loss="log_loss").partial_fit`` for every candidate ``alpha``;
-a held-out split picks the alpha, the streaming analogue of choosing C by CV.
+``fit_streaming_head`` holds a few shards of rows at most, whatever the table's
+size. It makes one pass over the table(s) that fits a StandardScaler by
+``partial_fit`` and, at the same time, spills every row to a random one of at most
+``MAX_BUCKETS`` bucket files in a scratch directory (an external shuffle: featx
+tables are in folder order, i.e. sorted by class, and SGD fed one class at a time
+forgets the others); rows wait in per-bucket buffers of four shards in all, so the
+files get few, large row groups of at most ``shard_rows`` rows. Each epoch then
+visits the buckets in a random order and reads each one ``shard_rows`` rows at a
+time, from row groups drawn in random order (a bucket's rows arrive in table order),
+shuffles them and calls ``SGDClassifier(loss="log_loss").partial_fit`` for every
+candidate ``alpha``; a held-out split, also read chunk by chunk, picks the alpha, the
+streaming analogue of choosing C by CV.
 
 The result is ``Pipeline([("scaler", StandardScaler), ("clf", SGDClassifier)])``
 trained on class codes 0..K-1, like ``featx.heads.fit``; the class names are in the
@@ -37,6 +41,9 @@ from featx.progress import ProgressFn, no_progress
 log = logging.getLogger(__name__)
 
 ALPHAS = (1e-4, 1e-3, 1e-2)
+# At most this many bucket files, whatever the table's size: one Parquet writer is open per
+# bucket during the shuffle (a million-row bucket count would pass the open-file limit)
+MAX_BUCKETS = 256
 
 @dataclass
 class StreamHeadReport:
@@ -142,6 +149,7 @@ class _Shuffled:
     classes: list[str]
     counts: np.ndarray
     max_rows: int
+    shard_rows: int
 
 
 def _shuffle_pass(path, files: list[Path], total: int, shard_rows: int, n_buckets: int,
@@ -155,6 +163,19 @@ def _shuffle_pass(path, files: list[Path], total: int, shard_rows: int, n_bucket
     writers: dict[int, pq.ParquetWriter] = {}
     counts = np.zeros(n_buckets + 1, np.int64)  # bucket n_buckets is the held-out split
     max_rows = seen = 0
+    # rows wait in per-bucket buffers (4 shards in all) and leave as row groups of at least
+    # 4 * shard_rows / buckets rows: linear in the rows, where a write per (batch, bucket)
+    # pair made (N / shard_rows)^2 row groups
+    pending: dict[int, list[pa.Table]] = {}
+    pending_rows = np.zeros(n_buckets + 1, np.int64)
+
+    def spill(b: int) -> None:
+        part = pa.concat_tables(pending.pop(b))
+        if b not in writers:
+            writers[b] = pq.ParquetWriter(scratch / f"bucket-{b}.parquet", part.schema)
+        writers[b].write_table(part, row_group_size=shard_rows)  # an epoch reads whole groups
+        pending_rows[b] = 0
+
     try:
         for batch in _chunks(files, shard_rows):
             lab = batch.column("label")
@@ -168,21 +189,26 @@ def _shuffle_pass(path, files: list[Path], total: int, shard_rows: int, n_bucket
             held = rng.random(len(X)) < validation_fraction
             where = np.where(held, n_buckets, rng.integers(0, n_buckets, len(X)))
             table = pa.Table.from_batches([batch])
-            for b in np.unique(where):
-                part = table.filter(pa.array(where == b))
-                if int(b) not in writers:
-                    writers[int(b)] = pq.ParquetWriter(scratch / f"bucket-{b}.parquet", part.schema)
-                writers[int(b)].write_table(part)
+            order = np.argsort(where, kind="stable")
+            bounds = np.searchsorted(where[order], np.arange(n_buckets + 2))
+            for b in np.flatnonzero(np.diff(bounds)):
+                part = table.take(pa.array(order[bounds[b]:bounds[b + 1]]))
+                pending.setdefault(int(b), []).append(part)
+                pending_rows[b] += len(part)
                 counts[b] += len(part)
+            while pending_rows.sum() > 4 * shard_rows:
+                spill(int(np.argmax(pending_rows)))
             seen += len(X)
             progress("shuffle", seen, total)
+        for b in list(pending):
+            spill(b)
     finally:
         for w in writers.values():
             w.close()
     classes = sorted(labels)
     if len(classes) < 2:
         raise FeatXError(f"{path}: only one class ({classes}); a classifier needs at least two")
-    return _Shuffled(scaler, classes, counts, max_rows)
+    return _Shuffled(scaler, classes, counts, max_rows, shard_rows)
 
 
 def _sgd_epochs(sh: _Shuffled, alphas: list[float], epochs: int, seed: int, scratch: Path,
@@ -194,10 +220,32 @@ def _sgd_epochs(sh: _Shuffled, alphas: list[float], epochs: int, seed: int, scra
     code = {c: i for i, c in enumerate(sh.classes)}
     codes = np.arange(len(sh.classes))
 
-    def read_bucket(b: int) -> tuple[np.ndarray, np.ndarray]:
-        t = pq.read_table(scratch / f"bucket-{b}.parquet")
-        y = np.array([code[v] for v in t.column("label").to_pylist()], np.int64)
-        return sh.scaler.transform(_embeddings(t.column("embedding"))).astype(np.float32), y
+    def read_bucket(b: int, shuffle: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """A bucket ``shard_rows`` rows at a time; its row groups (each in table order, so
+        sorted by class) are drawn in random order and their rows shuffled together."""
+        f = pq.ParquetFile(scratch / f"bucket-{b}.parquet")
+        groups = rng.permutation(f.num_row_groups) if shuffle else np.arange(f.num_row_groups)
+
+        def chunk(picked: list[int]) -> tuple[np.ndarray, np.ndarray]:
+            t = f.read_row_groups(picked)
+            y = np.array([code[v] for v in t.column("label").to_pylist()], np.int64)
+            X = sh.scaler.transform(_embeddings(t.column("embedding"))).astype(np.float32)
+            if shuffle:
+                order = rng.permutation(len(X))
+                X, y = X[order], y[order]
+            return X, y
+
+        picked: list[int] = []
+        rows = 0
+        for g in groups:  # row groups hold at most shard_rows rows: so does every chunk
+            n = f.metadata.row_group(int(g)).num_rows
+            if picked and rows + n > sh.shard_rows:
+                yield chunk(picked)
+                picked, rows = [], 0
+            picked.append(int(g))
+            rows += n
+        if picked:
+            yield chunk(picked)
 
     models = {a: SGDClassifier(loss="log_loss", alpha=a, average=True, random_state=seed) for a in alphas}
     curve: dict[str, list[float]] = {repr(a): [] for a in alphas}
@@ -205,17 +253,19 @@ def _sgd_epochs(sh: _Shuffled, alphas: list[float], epochs: int, seed: int, scra
     max_rows = sh.max_rows
     for epoch in range(epochs):
         for j, b in enumerate(rng.permutation(train_buckets)):
-            X, y = read_bucket(int(b))
-            max_rows = max(max_rows, len(X))
-            order = rng.permutation(len(X))
-            X, y = X[order], y[order]
-            for m in models.values():
-                m.partial_fit(X, y, classes=codes)
+            for X, y in read_bucket(int(b), shuffle=True):
+                max_rows = max(max_rows, len(X))
+                for m in models.values():
+                    m.partial_fit(X, y, classes=codes)
             progress("epoch", epoch * len(train_buckets) + j + 1, epochs * len(train_buckets))
         if sh.counts[n_buckets]:
-            X, y = read_bucket(n_buckets)
-            for a, m in models.items():
-                curve[repr(a)].append(float((m.predict(X) == y).mean()))
+            right = dict.fromkeys(alphas, 0)
+            for X, y in read_bucket(n_buckets, shuffle=False):  # held out: counted chunk by chunk
+                max_rows = max(max_rows, len(X))
+                for a, m in models.items():
+                    right[a] += int((m.predict(X) == y).sum())
+            for a in alphas:
+                curve[repr(a)].append(right[a] / int(sh.counts[n_buckets]))
     return models, curve, max_rows
 
 
@@ -240,7 +290,7 @@ def fit_streaming_head(path: str | os.PathLike, *, epochs: int = 10,
     total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     if total == 0:
         raise FeatXError(f"{path}: the table has no rows")
-    n_buckets = max(1, math.ceil(total / shard_rows))
+    n_buckets = max(1, min(MAX_BUCKETS, math.ceil(total / shard_rows)))
     rng = np.random.default_rng(seed)
     scratch = Path(tempfile.mkdtemp(prefix="featx-sgd-", dir=workdir))
     try:
