@@ -159,8 +159,8 @@ def train_key_digests(keys) -> np.ndarray:
 
 
 def head_bytes(pipeline, classes: list[str], backbone: Backbone, train_summary: dict,
-               where: Path | None = None, train_keys=None, novelty: Novelty | None = None,
-               conformal: Conformal | None = None) -> bytes:
+               where: Path | None = None, novelty: Novelty | None = None,
+               conformal: Conformal | None = None, *, train_keys=None) -> bytes:
     """The bytes of a head file (see the module docstring); ``where`` is the folder it goes to;
     ``train_keys`` are the training rows' content keys, recorded as ``train_key_digests``."""
     import sklearn
@@ -208,8 +208,8 @@ def head_bytes(pipeline, classes: list[str], backbone: Backbone, train_summary: 
 
 
 def save_head(path: str | os.PathLike, pipeline, classes: list[str], backbone: Backbone,
-              train_summary: dict, train_keys=None, novelty: Novelty | None = None,
-              conformal: Conformal | None = None) -> Path:
+              train_summary: dict, novelty: Novelty | None = None,
+              conformal: Conformal | None = None, *, train_keys=None) -> Path:
     """Write a head file (atomically); a directory gets ``head.joblib`` inside it.
 
     The pipeline must be one featx builds (see ``featx.heads.codec.KINDS``); it is
@@ -224,7 +224,7 @@ def save_head(path: str | os.PathLike, pipeline, classes: list[str], backbone: B
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         return write_bytes(p, head_bytes(pipeline, classes, backbone, train_summary, p.parent,
-                                          train_keys, novelty, conformal))
+                                          novelty, conformal, train_keys=train_keys))
     except OSError as e:
         raise FeatXError(f"cannot write the head file {p}: {e.strerror or e}") from None
 
