@@ -32,14 +32,32 @@ def test_sidecar_and_parity(lite0):
     assert [d.dim_value for d in inp.shape.dim[1:]] == [224, 224, 3]
 
 
-# The default backbone's export is byte-identical from one featx version to the next (same torch,
-# timm, onnx and onnxruntime): its fingerprint names every cached embedding and head.
-DEFAULT_FINGERPRINT = "4eaa37b9ecc083d9"
+# The default backbone's export is byte-identical from one featx version to the next for the
+# same torch, onnx and onnxruntime: its fingerprint names every cached embedding and head. The
+# export saves ONNX Runtime's basic-optimised graph, so another onnxruntime may write other bytes
+# (1.32.0 does: 4eaa37b9ecc083d9, pinned with the 1.31 line on 2026-11-30, became 266ae1a5c67eeb82
+# with featx's code unchanged). Pins are kept per (torch, onnx, onnxruntime).
+DEFAULT_FINGERPRINTS = {
+    ("2.14.1", "1.23.2", "1.32.0"): "266ae1a5c67eeb82",
+}
+
+
+def default_fingerprint() -> str:
+    """The pinned fingerprint of the default export for the installed torch/onnx/onnxruntime."""
+    import onnxruntime
+    import torch
+
+    key = (torch.__version__.split("+")[0], onnx.__version__, onnxruntime.__version__)
+    if key not in DEFAULT_FINGERPRINTS:
+        pytest.skip(f"no pinned default-export fingerprint for torch/onnx/onnxruntime {key}; export "
+                    "with these versions at a featx commit known to be right and add it")
+    return DEFAULT_FINGERPRINTS[key]
 
 
 def test_default_export_fingerprint_is_pinned(lite0):
-    assert lite0.fingerprint == DEFAULT_FINGERPRINT
-    assert fingerprint_of(lite0.onnx_path.read_bytes(), lite0.preprocess) == DEFAULT_FINGERPRINT
+    pinned = default_fingerprint()
+    assert lite0.fingerprint == pinned
+    assert fingerprint_of(lite0.onnx_path.read_bytes(), lite0.preprocess) == pinned
 
 
 def test_sidecar_is_typed_and_round_trips(lite0):
