@@ -72,6 +72,7 @@ def test_figure_writes_the_png_atomically_and_closes_it(tmp_path):
     before = set(plt.get_fignums())
     with figure(tmp_path / "a.png", ncols=2, figsize=(4, 2)) as (fig, (a1, a2)):
         a1.plot([0, 1], [1, 0])
+        a2.set_title(fig.get_label() or "right")
     assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(plt.get_fignums()) == before and not list(tmp_path.glob(f"*{TMP_SUFFIX}"))
 
