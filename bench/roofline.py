@@ -93,14 +93,14 @@ def main() -> None:
     from featx.backbones.export import parity_images
     from featx.backbones.flops import count_flops
     from featx.backbones.resolve import resolve_backbone
-    from featx.embed.runtime import physical_cores
+    from featx.embed.runtime import usable_cpus
 
     bb = resolve_backbone(a.backbone)
     flops = count_flops(bb.onnx_path)
     pixels = np.concatenate([parity_images(bb.preprocess, 4)] * 16)
     g = sgemm_gflops()
     ceiling = max(g.values())
-    cores = physical_cores()
+    cores = usable_cpus()
     print(f"\nroofline: {bb.name}, {flops / 1e9:.3f} GFLOP/image, {cores} cores")
     print("  sgemm 4096^3: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in g.items())
           + f"  -> ceiling {ceiling:.1f} GFLOP/s = {ceiling * 1e9 / flops:.1f} img/s")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from featx.errors import FeatXError, OutputError
 
-__all__ = ["TMP_SUFFIX", "atomic_path", "clean_stale_temporaries", "result_file", "save_figure", "write_bytes",
-           "write_text"]
+__all__ = ["TMP_SUFFIX", "atomic_path", "clean_stale_temporaries", "figure", "result_file", "save_figure",
+           "write_bytes", "write_text"]
 
 TMP_SUFFIX = ".featx-tmp"
 
@@ -91,6 +91,28 @@ def _read_umask() -> int:
 
 # mkstemp creates 0600; the final file gets the mode a plain open() would give it
 _UMASK = _read_umask()
+
+
+@contextlib.contextmanager
+def figure(path: str | os.PathLike, **subplots):
+    """``with figure(path, figsize=...) as (fig, axes):`` draw; the PNG is then written (``save_figure``).
+
+    The one way featx makes a figure: matplotlib's Agg backend (no display, never a
+    window), ``plt.subplots(**subplots)``, laid out and written atomically on success,
+    and closed in every case (an error while drawing writes nothing and leaks no figure).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(**subplots)
+    try:
+        yield fig, axes
+    except BaseException:
+        plt.close(fig)
+        raise
+    save_figure(fig, path)
 
 
 def save_figure(fig, path: str | os.PathLike) -> Path:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featx.atomic import atomic_path, write_text
+from featx.atomic import figure, write_text
 from featx.backbones.cards import DEFAULT_BACKBONE
 from featx.compare_features import time_embedding
 from featx.errors import FeatXError
@@ -365,31 +365,22 @@ def write_report(out: Path, rows: list[dict], config: dict, notes: list[str] | N
 
 
 def plot_learning_curve(out: Path, rows: list[dict], n_classes: int) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for m, style in zip(METHODS, ("o-", "s-", "^-"), strict=True):
-        rs = [r for r in rows if r["method"] == m]
-        if not rs:
-            continue
-        x = [r["train_images"] / n_classes for r in rs]  # 'all' plots at its mean per class
-        a1.plot(x, [100 * r["accuracy"] for r in rs], style, label=LABELS[m])
-        a2.plot(x, [r["seconds"] for r in rs], style, label=LABELS[m])
-    for a, yl in ((a1, "test accuracy (%)"), (a2, "wall time (s)")):
-        a.set_xscale("log")
-        a.set_xlabel("training images per class (log scale)")
-        a.set_ylabel(yl)
-        a.grid(alpha=0.3, which="both")
-        a.legend()
-    a2.set_yscale("log")
-    fig.suptitle("featx compare: accuracy and cost vs training-set size")
-    fig.tight_layout()
     p = out / "learning_curve.png"
-    with atomic_path(p) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    with figure(p, ncols=2, figsize=(11, 4.2), dpi=100) as (fig, (a1, a2)):
+        for m, style in zip(METHODS, ("o-", "s-", "^-"), strict=True):
+            rs = [r for r in rows if r["method"] == m]
+            if not rs:
+                continue
+            x = [r["train_images"] / n_classes for r in rs]  # 'all' plots at its mean per class
+            a1.plot(x, [100 * r["accuracy"] for r in rs], style, label=LABELS[m])
+            a2.plot(x, [r["seconds"] for r in rs], style, label=LABELS[m])
+        for a, yl in ((a1, "test accuracy (%)"), (a2, "wall time (s)")):
+            a.set_xscale("log")
+            a.set_xlabel("training images per class (log scale)")
+            a.set_ylabel(yl)
+            a.grid(alpha=0.3, which="both")
+            a.legend()
+        a2.set_yscale("log")
+        fig.suptitle("featx compare: accuracy and cost vs training-set size")
     return p
 

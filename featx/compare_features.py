@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featx.atomic import write_text
+from featx.atomic import figure, write_text
 from featx.backbones.cards import CROPS, DEFAULT_BACKBONE
 from featx.backbones.features import FEATURES
 from featx.errors import FeatXError
@@ -232,28 +232,20 @@ def write_features_report(res: FeatureComparison) -> dict:
 
 
 def plot_features(out: Path, rows: list[dict], best: dict) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for r in rows:
-        if "error" in r:
-            continue
-        x = r["extract_ms_per_image"] or 0.0
-        ax.errorbar(x, 100 * r["cv_accuracy"], yerr=100 * r["cv_std"], fmt="o" if r is not best else "*",
-                    ms=7 if r is not best else 14, capsize=3)
-        if r["test_accuracy"] is not None:
-            ax.plot(x, 100 * r["test_accuracy"], "x", color="grey")
-        ax.annotate(f"{r['backbone']} {r['features']} {r['crop']}", (x, 100 * r["cv_accuracy"]),
-                    textcoords="offset points", xytext=(5, 5), fontsize=8)
-    ax.set_xlabel("extraction time (ms per image)")
-    ax.set_ylabel("accuracy (%): CV (dots), test (x)")
-    ax.grid(alpha=0.3)
-    ax.set_title("featx compare: frozen probes")
-    fig.tight_layout()
     p = out / "features.png"
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
+    with figure(p, figsize=(7, 4.2), dpi=100) as (_, ax):
+        for r in rows:
+            if "error" in r:  # a backbone that could not be had: listed in the report, not plotted
+                continue
+            x = r["extract_ms_per_image"] or 0.0
+            ax.errorbar(x, 100 * r["cv_accuracy"], yerr=100 * r["cv_std"], fmt="o" if r is not best else "*",
+                        ms=7 if r is not best else 14, capsize=3)
+            if r["test_accuracy"] is not None:
+                ax.plot(x, 100 * r["test_accuracy"], "x", color="grey")
+            ax.annotate(f"{r['backbone']} {r['features']} {r['crop']}", (x, 100 * r["cv_accuracy"]),
+                        textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.set_xlabel("extraction time (ms per image)")
+        ax.set_ylabel("accuracy (%): CV (dots), test (x)")
+        ax.grid(alpha=0.3)
+        ax.set_title("featx compare: frozen probes")
     return p

@@ -28,7 +28,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from featx.atomic import save_figure, write_text
+from featx.atomic import figure, write_text
 from featx.csvout import csv_writer
 from featx.embed.images import thumbnail
 from featx.embed.remote import is_url
@@ -79,15 +79,10 @@ def plot_top_losses(rows: list[dict], path: Path, k: int = TOP_LOSSES) -> Path |
     worst = [r for r in rows if r["loss"] is not None][:k]
     if not worst:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cols = min(4, len(worst))
     nrows = -(-len(worst) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(2.6 * cols, 2.9 * nrows), dpi=100, squeeze=False)
-    try:
+    with figure(path, nrows=nrows, ncols=cols, figsize=(2.6 * cols, 2.9 * nrows), dpi=100,
+                squeeze=False) as (fig, axes):
         for ax, r in zip(axes.flat, worst + [None] * (nrows * cols - len(worst)), strict=True):
             ax.axis("off")
             if r is None:
@@ -98,10 +93,7 @@ def plot_top_losses(rows: list[dict], path: Path, k: int = TOP_LOSSES) -> Path |
             ax.set_title(f"{r['true']} / {r['predicted']}\np={r['probability']:.2f} loss={r['loss']:.2f}",
                          fontsize=8, color="black" if r["correct"] else "tab:red")
         fig.suptitle("top losses: true / predicted", fontsize=10)
-    except BaseException:
-        plt.close(fig)
-        raise
-    return save_figure(fig, path)
+    return Path(path)
 
 
 def _href(path: str, out_dir: Path) -> str:

@@ -103,11 +103,11 @@ def _as_images(X, who: str) -> tuple[str, Sequence]:
 
 def _pil_pixels(images: list) -> list[np.ndarray]:
     """PIL images as uint8 RGB arrays, converted exactly as featx's loader converts them."""
-    # featx.embed.images._to_rgb is the loader's own mode conversion (transparency on white,
+    # featx.embed.images.to_rgb is the loader's own mode conversion (transparency on white,
     # 16-bit scaled, CMYK, palette): one definition, so a PIL image and the same file agree
-    from featx.embed.images import _to_rgb
+    from featx.embed.images import to_rgb
 
-    return [np.asarray(_to_rgb(x)) if _is_pil(x) else x for x in images]
+    return [np.asarray(to_rgb(x)) if _is_pil(x) else x for x in images]
 
 
 def n_jobs_threads(n_jobs: int | None) -> int | None:

@@ -135,9 +135,8 @@ def _preprocessing(pre: Preprocess) -> str:
     return f"{geometry}; decoder {pre.decoder}; mean ({mean}), std ({std}) on 0-255, inside the graph"
 
 
-def _features(extra: Mapping[str, Any]) -> str:
-    rec = extra.get("features")
-    if not isinstance(rec, Mapping):
+def _features(rec: Mapping[str, Any] | None) -> str:
+    if rec is None:
         return "last (the pooled final feature map)"
     return md_escape(f"{rec.get('name', 'multi')}: {rec.get('pooling', 'stages pooled into one vector')}")
 
@@ -173,7 +172,7 @@ def backbone_rows(backbone: Backbone | None, card: BackboneCard | Mapping[str, A
     if pre is not None:
         rows.append(("preprocessing", md_escape(_preprocessing(pre))))
     if side is not None:
-        rows += [("features", _features(side.extra)), ("embedding", f"{side.dim} floats, {side.precision}")]
+        rows += [("features", _features(side.features)), ("embedding", f"{side.dim} floats, {side.precision}")]
     return rows
 
 

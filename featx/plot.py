@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featx.atomic import save_figure, write_text
+from featx.atomic import figure, write_text
 from featx.embed.images import thumbnail
 from featx.embed.scan import display_path, is_table_file, resolve_item_path
 from featx.embed.table import EmbeddingTable, read_table
@@ -316,16 +316,10 @@ def class_colors(n: int) -> list[str]:
 
 
 def _draw_png(coords: np.ndarray, drawn: list[str], classes: list[str], title: str, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     colors = class_colors(len(classes))
     size = float(np.clip(20000 / max(len(drawn), 1), 3, 40))  # marker area in pt²: smaller as maps fill
     lab = np.asarray(drawn, dtype=object)
-    fig, ax = plt.subplots(figsize=(PNG_SIZE[0] / 100, PNG_SIZE[1] / 100), dpi=100)
-    try:
+    with figure(path, figsize=(PNG_SIZE[0] / 100, PNG_SIZE[1] / 100), dpi=100) as (_, ax):
         for c, col in zip(classes, colors, strict=True):
             m = lab == c
             ax.scatter(coords[m, 0], coords[m, 1], s=size, color=col, alpha=0.75, linewidths=0,
@@ -336,10 +330,7 @@ def _draw_png(coords: np.ndarray, drawn: list[str], classes: list[str], title: s
         if 1 < len(classes) <= 30:
             ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, markerscale=max(1, 6 / size ** 0.5),
                       frameon=False)
-    except BaseException:
-        plt.close(fig)
-        raise
-    return save_figure(fig, path)
+    return path
 
 
 def _write_html(coords: np.ndarray, drawn: list[str], classes: list[str], paths: list[str],

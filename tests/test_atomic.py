@@ -62,3 +62,43 @@ def test_stale_temporaries_are_cleaned(tmp_path):
     os.utime(old, (past, past))
     assert clean_stale_temporaries(tmp_path) == 1
     assert not old.exists() and new.exists()
+
+
+def test_figure_writes_the_png_atomically_and_closes_it(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from featx.atomic import TMP_SUFFIX, figure
+
+    before = set(plt.get_fignums())
+    with figure(tmp_path / "a.png", ncols=2, figsize=(4, 2)) as (fig, (a1, a2)):
+        a1.plot([0, 1], [1, 0])
+        a2.set_title(fig.get_label() or "right")
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(plt.get_fignums()) == before and not list(tmp_path.glob(f"*{TMP_SUFFIX}"))
+
+
+def test_a_figure_that_fails_while_drawing_writes_nothing_and_is_closed(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from featx.atomic import figure
+
+    before = set(plt.get_fignums())
+    with pytest.raises(ZeroDivisionError), figure(tmp_path / "b.png") as (_, ax):
+        ax.plot([0, 1 / 0])
+    assert set(plt.get_fignums()) == before and list(tmp_path.iterdir()) == []
+
+
+def test_compare_features_plot_is_written_through_the_one_helper(tmp_path):
+    """features.png used to be saved in place (not atomic) and left open on an error."""
+    import matplotlib.pyplot as plt
+
+    from featx.compare_features import plot_features
+
+    before = set(plt.get_fignums())
+    bad = [{"extract_ms_per_image": 1.0, "cv_accuracy": 0.9, "cv_std": 0.01, "test_accuracy": None,
+            "backbone": "b", "features": "last"}]  # no "crop": fails while drawing
+    with pytest.raises(KeyError):
+        plot_features(tmp_path, bad, bad[0])
+    assert set(plt.get_fignums()) == before and list(tmp_path.iterdir()) == []
+    ok = [{**bad[0], "crop": "center"}]
+    assert plot_features(tmp_path, ok, ok[0]).read_bytes()[:4] == b"\x89PNG"

@@ -100,7 +100,7 @@ def test_multi_is_the_pooling_of_the_named_layers(user_cnn):
     ref = _reference(path, names, pixels)
     assert emb.shape == ref.shape == (3, bb.dim)
     np.testing.assert_allclose(emb, ref, rtol=1e-5, atol=1e-5)
-    rec = bb.sidecar.extra["features"]
+    rec = bb.sidecar.features
     assert rec["name"] == "multi" and rec["dim"] == bb.dim and rec["layers"] == names
     assert rec["layers_chosen"] == "given"
     last = rec["segments"][-1]
@@ -114,7 +114,7 @@ def test_multi_layers_chosen_automatically(user_cnn):
     """The last map at each spatial size: stem (28), s1 (14), s3 (7), s4 (4), s5 (2)."""
     path, outs = user_cnn
     bb = resolve_backbone(path, features="multi")
-    rec = bb.sidecar.extra["features"]
+    rec = bb.sidecar.features
     want = [outs[f"/{s}/{s}.1/Relu"] for s in ("stem", "s1", "s3", "s4", "s5")]
     assert rec["layers"] == want and rec["layers_chosen"].startswith("auto")
     pixels = parity_images(bb.preprocess, n=2)
@@ -174,7 +174,7 @@ def test_extract_real_images_through_a_multi_import(user_cnn, tmp_path):
     path, _ = user_cnn
     root = make_image_folder(tmp_path / "data", per_class=2)
     r = extract(root, path, out=tmp_path / "t.parquet", features="multi", device="cpu")
-    dim = r.backbone.sidecar.extra["features"]["dim"]
+    dim = r.backbone.sidecar.features["dim"]
     t = read_table(tmp_path / "t.parquet")
     assert t.X.shape == (4, dim) and np.isfinite(t.X).all()
     assert r.backbone.dim == dim > resolve_backbone(path).dim

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from featx.embed.images import load_image
-from featx.embed.runtime import READER_TASK, Encoder, available_providers, physical_cores
+from featx.embed.runtime import READER_TASK, Encoder, available_providers, usable_cpus
 from featx.embed.scan import scan
 from featx.embed.store import EmbeddingStore
 from featx.engines.local import embed_files
@@ -29,8 +29,8 @@ def test_readers_run_the_model_on_a_cpu(lite0, tmp_path):
     files = files_of(root)
     enc = Encoder(lite0, device="cpu")
     store = EmbeddingStore(lite0, tmp_path / "s")
-    keys, stats = embed_files(files, enc, store, batch_size=32, workers=physical_cores())
-    twin = enc.for_readers(physical_cores())
+    keys, stats = embed_files(files, enc, store, batch_size=32, workers=usable_cpus())
+    twin = enc.for_readers(usable_cpus())
     assert twin is not None and twin.threads == 1
     assert enc._session is None and twin._session is not None
     assert stats.embedded == len(files) and stats.seconds_model > 0
@@ -44,13 +44,13 @@ def test_a_bad_file_in_a_reader_task_fails_alone(lite0, tmp_path):
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     files = files_of(root)
     enc = Encoder(lite0, device="cpu")
-    keys, stats = embed_files(files, enc, EmbeddingStore(lite0, tmp_path / "s"), workers=physical_cores())
-    assert enc.for_readers(physical_cores()) is not None
+    keys, stats = embed_files(files, enc, EmbeddingStore(lite0, tmp_path / "s"), workers=usable_cpus())
+    assert enc.for_readers(usable_cpus()) is not None
     assert [f for f, _ in stats.failures] == [str(bad)]
     assert sum(k is not None for k in keys) == len(files) - 1 == stats.embedded
 
 
-@pytest.mark.skipif(physical_cores() < 2, reason="needs 2 cores: one reader must be fewer than the cores")
+@pytest.mark.skipif(usable_cpus() < 2, reason="needs 2 cores: one reader must be fewer than the cores")
 def test_fewer_readers_than_cores_keep_the_model_on_its_own_threads(lite0, tmp_path):
     root = make_image_folder(tmp_path / "data", per_class=2)
     enc = Encoder(lite0, device="cpu")
@@ -60,17 +60,17 @@ def test_fewer_readers_than_cores_keep_the_model_on_its_own_threads(lite0, tmp_p
 
 
 def test_fixed_threads_or_a_gpu_keep_the_model_on_its_own_thread(lite0):
-    assert Encoder(lite0, device="cpu", threads=2).for_readers(physical_cores()) is None
-    assert Encoder(lite0, device="cpu").for_readers(physical_cores()) is not None
+    assert Encoder(lite0, device="cpu", threads=2).for_readers(usable_cpus()) is None
+    assert Encoder(lite0, device="cpu").for_readers(usable_cpus()) is not None
     if "CUDAExecutionProvider" in available_providers():
-        assert Encoder(lite0, device="cuda").for_readers(physical_cores()) is None
+        assert Encoder(lite0, device="cuda").for_readers(usable_cpus()) is None
 
 
 def test_twin_opens_one_session_for_all_readers(lite0):
     """Readers that call the twin at the same moment share one session, opened once."""
     enc = Encoder(lite0, device="cpu")
-    twin = enc.for_readers(physical_cores())
-    assert enc.for_readers(physical_cores()) is twin
+    twin = enc.for_readers(usable_cpus())
+    assert enc.for_readers(usable_cpus()) is twin
     pixels = np.zeros((2, 224, 224, 3), np.uint8)
     sessions, start = [], threading.Barrier(8)
 

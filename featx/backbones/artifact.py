@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from featx.atomic import TMP_SUFFIX, write_text
-from featx.backbones.cards import Preprocess
+from featx.backbones.cards import FEATURES, Preprocess
 from featx.errors import FeatXError, MismatchError, OutputError
 
 log = logging.getLogger(__name__)
@@ -133,11 +133,25 @@ class Sidecar:
     source: str | None = None
     source_sha256: str | None = None
     quantization: Quantization | None = None
+    #: the feature recipe's record (featx.backbones.features); None: ``last``, the default
+    features: Mapping[str, Any] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def feature_recipe(self) -> str:
+        """The recipe the export was made with: ``last`` (nothing recorded) or ``multi``."""
+        return str(self.features.get("name", "last")) if self.features else "last"
+
+    @property
+    def feature_version(self) -> int | None:
+        """The recorded recipe's version (None for ``last``), to tell a stale export."""
+        return self.features.get("version") if self.features else None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON layout of model.json (the keys featx has always written)."""
         d: dict[str, Any] = dict(self.extra)
+        if self.features is not None:
+            d["features"] = self.features
         d.update({
             "name": self.name, "card": self.card, "card_digest": self.card_digest, "weights": self.weights,
             "weights_sha256": self.weights_sha256, "source": self.source, "source_sha256": self.source_sha256,
@@ -175,7 +189,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "name": (str,), "dim": (int,), "fingerprint": (str,), "precision": (str,), "featx_export": (int,),
     "opset": (int,), "card": (dict,), "card_digest": (str,), "weights": (str,), "weights_sha256": (str,),
     "source": (str,), "source_sha256": (str,), "preprocess": (dict,), "input": (dict,), "output": (dict,),
-    "parity": (dict,), "quantization": (dict,),
+    "parity": (dict,), "quantization": (dict,), "features": (dict,),
 }
 _REQUIRED = ("dim", "preprocess", "fingerprint")
 
@@ -205,6 +219,14 @@ def _nested(cls, d: dict | None, where: str, key: str):
         raise SidecarError(f"{where}: {key!r} is malformed ({e}); re-export it") from None
 
 
+def _features(rec: dict | None, where: str) -> dict | None:
+    """The recorded feature recipe, checked once here: its name must be a known recipe."""
+    if rec is not None and rec.get("name", "last") not in FEATURES:
+        raise SidecarError(f"{where}: 'features.name' must be one of {', '.join(FEATURES)}, got "
+                           f"{str(rec.get('name'))[:60]!r}; re-export it")
+    return rec
+
+
 def _parse_sidecar(d: Any, where: str) -> Sidecar:
     if not isinstance(d, dict):
         raise SidecarError(f"{where}: expected a JSON object, got {type(d).__name__}")
@@ -229,6 +251,7 @@ def _parse_sidecar(d: Any, where: str) -> Sidecar:
         weights=v["weights"], weights_sha256=v["weights_sha256"], source=v["source"],
         source_sha256=v["source_sha256"],
         quantization=_nested(Quantization, v["quantization"], where, "quantization"),
+        features=_features(v["features"], where),
         extra={k: x for k, x in d.items() if k not in _TYPES},
     )
 

@@ -31,7 +31,6 @@ from featx.backbones.features import (
     RECIPE_VERSION,
     check_features,
     multi_features,
-    recorded_version,
 )
 from featx.errors import ExportError, require
 from featx.paths import exports_dir
@@ -253,7 +252,7 @@ def export_card(card: BackboneCard, weights: str | os.PathLike | None = None,
     dest = dest.with_name(dest.name + suffix)
     cached = None if force else cached_sidecar(dest)
     if (cached is not None and cached.export_format == EXPORT_FORMAT and cached.card_digest == card.digest()
-            and recorded_version(cached.extra) == (RECIPE_VERSION if features != "last" else None)):
+            and cached.feature_version == (RECIPE_VERSION if features != "last" else None)):
         log.info("export of %s is cached at %s", card.name, dest)
         return dest
     torch = require("torch", "torch")

@@ -33,10 +33,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from featx.backbones.cards import BackboneCard
+from featx.backbones.cards import FEATURES, BackboneCard
 from featx.errors import ExportError, require
 
-FEATURES = ("last", "multi")
 # What `featx extract` exports a card with when no --features is given: multi won on every data
 # set measured (bench/default_features.py, docs/heads.md "Which features"); fit-head then picks
 # the whole vector or its last segment by CV (featx.heads.segment)
@@ -91,15 +90,6 @@ def check_features(features: str) -> str:
     return features
 
 
-def recorded_features(extra: Mapping[str, Any]) -> str:
-    """The recipe an export was made with, from its sidecar's ``extra`` (``last`` when absent)."""
-    rec = extra.get("features")
-    return rec.get("name", "last") if isinstance(rec, dict) else "last"
-
-
-def recorded_version(extra: Mapping[str, Any]) -> int | None:
-    rec = extra.get("features")
-    return rec.get("version") if isinstance(rec, dict) else None
 
 
 def _probe(model, names: list[str], input_size: int) -> dict[str, tuple[int, ...]]:

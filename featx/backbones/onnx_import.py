@@ -37,7 +37,6 @@ from featx.backbones.features import (
     check_features,
     grid_cells,
     layer_recipe,
-    recorded_version,
 )
 from featx.backbones.zoo import file_sha256
 from featx.errors import FeatXError
@@ -232,7 +231,7 @@ def import_onnx(onnx_path: str | os.PathLike, preprocess: Preprocess | None = No
                             + _variant_suffix(features, layers))
     cached = cached_sidecar(dest)
     if (cached is not None and cached.source_sha256 == sha
-            and recorded_version(cached.extra) == (RECIPE_VERSION if features == "multi" else None)):
+            and cached.feature_version == (RECIPE_VERSION if features == "multi" else None)):
         return dest
     model, input_name = _read_model(onnx_path, pre.input_size)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)

@@ -14,7 +14,7 @@ from pathlib import Path
 from featx.backbones.artifact import SIDECAR, Backbone, load_export, with_decoder
 from featx.backbones.cards import DEFAULT_BACKBONE, Preprocess, get_card
 from featx.backbones.export import export_card
-from featx.backbones.features import check_features, recorded_features
+from featx.backbones.features import check_features
 from featx.backbones.onnx_import import import_onnx
 from featx.errors import FeatXError, MismatchError, UnknownBackboneError
 
@@ -100,7 +100,7 @@ def table_backbone(meta: dict, table: Path, override: str | os.PathLike | Backbo
 
 def _check_variant(bb: Backbone, features: str | None, crop: str | None, where: str) -> Backbone:
     """A ready-made backbone (directory, ONNX file) gives the features and crop it was made with."""
-    have = recorded_features(bb.sidecar.extra)
+    have = bb.sidecar.feature_recipe
     if features is not None and check_features(features) != have:
         raise FeatXError(f"{where} gives {have!r} features, not {features!r}: features= applies to "
                          "backbone cards and ONNX files (e.g. `featx export efficientnet_lite0 --features "

@@ -152,7 +152,8 @@ def load_state_dict(path: str) -> dict:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def _instantiate(card: BackboneCard):
+def instantiate(card: BackboneCard):
+    """The card's architecture with random weights (its family's builder; no download)."""
     if card.family == "timm":
         timm = require("timm", "torch")
         if card.weights_source.kind == "timm":
@@ -240,7 +241,7 @@ def build(card: BackboneCard, weights: str | os.PathLike | None = None, pretrain
     ``pretrained=False`` gives random init (training from scratch).
     """
     torch = require("torch", "torch")
-    model = _instantiate(card)
+    model = instantiate(card)
     sha = "random-init"
     if pretrained:
         path = weights_file(card, weights)

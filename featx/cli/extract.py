@@ -123,7 +123,6 @@ def export_cmd(name: str, weights: str | None, preprocess: str | None, force: bo
     and prints how much it changes the embeddings; pass its directory as --backbone to any command.
     """
     from featx.backbones.cards import Preprocess
-    from featx.backbones.features import recorded_features
     from featx.backbones.resolve import export_backbone
 
     if quantize and calibrate is None:
@@ -139,13 +138,13 @@ def export_cmd(name: str, weights: str | None, preprocess: str | None, force: bo
     side = bb.sidecar
     summary = {"name": bb.name, "onnx": str(bb.onnx_path), "dim": bb.dim, "fingerprint": bb.fingerprint,
                "parity": asdict(side.parity) if side.parity else {}, "preprocess": bb.preprocess.to_dict(),
-               "precision": side.precision, "features": recorded_features(side.extra)}
+               "precision": side.precision, "features": side.feature_recipe}
     variant = precision != "fp32" or features not in (None, "last") or crop not in (None, "center")
     lines = [f"{bb.name}: {bb.onnx_path}" + ("  (use it as --backbone)" if variant else ""),
              f"  dim {bb.dim}, input {bb.preprocess.input_size}px uint8 NHWC, {side.precision}, "
              f"fingerprint {bb.fingerprint}"]
-    rec = side.extra.get("features")
-    if isinstance(rec, dict) and "layers" in rec:  # an ONNX file's multi: which of its tensors
+    rec = side.features
+    if rec is not None and "layers" in rec:  # an ONNX file's multi: which of its tensors
         summary["layers"] = rec["layers"]
         lines.append(f"  multi over {', '.join(rec['layers'])} ({rec.get('layers_chosen')})")
     if side.parity:

@@ -78,7 +78,7 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         raise ImageError(p, f"cannot read: {e.strerror or e}") from None
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB, compositing transparency on white."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16/32-bit integer grayscale: scale to 8 bits instead of clipping.
@@ -188,7 +188,7 @@ def decode(data: bytes, name: str = "<bytes>", draft_size: int | None = None,
             # in place: without an orientation to undo, a copy would cost a pass over the pixels
             ImageOps.exif_transpose(img, in_place=True)
             img.load()
-            return _to_rgb(img)
+            return to_rgb(img)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -243,7 +243,7 @@ def load_image(source: str | os.PathLike | bytes | np.ndarray | Image.Image, spe
     if isinstance(source, np.ndarray):
         img = array_to_pil(source, name or "<array>")
     elif isinstance(source, Image.Image):
-        img = _to_rgb(source)
+        img = to_rgb(source)
     else:
         if isinstance(source, bytes):
             data, label = source, name or "<bytes>"
@@ -265,7 +265,7 @@ def array_to_pil(a: np.ndarray, name: str = "<array>") -> Image.Image:
     if a.ndim == 2:
         return Image.fromarray(a, "L").convert("RGB")
     if a.ndim == 3 and a.shape[2] in (3, 4):
-        return _to_rgb(Image.fromarray(np.ascontiguousarray(a), "RGB" if a.shape[2] == 3 else "RGBA"))
+        return to_rgb(Image.fromarray(np.ascontiguousarray(a), "RGB" if a.shape[2] == 3 else "RGBA"))
     raise ImageError(name, f"array shape must be (H, W), (H, W, 3) or (H, W, 4), got {a.shape}")
 
 

@@ -35,7 +35,8 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
-def physical_cores() -> int:
+def usable_cpus() -> int:
+    """CPUs this process may run on: logical CPUs (hyperthreads count) in its affinity mask."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
@@ -67,7 +68,7 @@ def make_session(onnx_path: str | os.PathLike | bytes, device: str = "auto",
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = threads or physical_cores()
+    so.intra_op_num_threads = threads or usable_cpus()
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if not spin:
@@ -135,7 +136,7 @@ class Encoder:
         batches), with fewer readers than cores, or where the caller fixed the threads.
         """
         if (self.threads is not None or self.provider != "CPUExecutionProvider"
-                or readers < physical_cores()):
+                or readers < usable_cpus()):
             return None
         with self._open:
             if self._twin is None:

@@ -139,10 +139,10 @@ def card_for(cfg: FinetuneConfig) -> BackboneCard:
 
 def check_blocks(card: BackboneCard) -> None:
     """Raise if a card names a block its architecture does not have (random init, no weights)."""
-    from featx.backbones.zoo import _instantiate
+    from featx.backbones.zoo import instantiate
     from featx.finetune.loop import card_block
 
-    model = _instantiate(card)
+    model = instantiate(card)
     for block in card.blocks:
         for path in block:
             card_block(model, card, path)

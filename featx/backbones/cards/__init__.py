@@ -35,6 +35,8 @@ DEFAULT_DECODER = "pillow"
 # What every spec written before the decoder was a choice (no "decoder" key) was decoded with.
 LEGACY_DECODER = "pillow"
 CROPS = ("center", "none")
+# feature recipes of an export (featx.backbones.features): the last layer, or every stage pooled
+FEATURES = ("last", "multi")
 
 
 @dataclass(frozen=True)
