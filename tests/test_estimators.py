@@ -186,7 +186,10 @@ def test_classifier_on_paths_shares_the_cli_cache(tmp_path, lite0):
     idx = per_class_subset(y, 4, seed=11)
     idx = idx[np.isin(y[idx], KEEP)]
     root = write_image_folder(tmp_path / "imgs", x[idx], y[idx], FASHION_MNIST_CLASSES)
-    r = CliRunner().invoke(main, ["extract", str(root), "--out", str(tmp_path / "t.parquet"), "-q"])
+    # the estimators embed with the card's `last` features (features=None); `featx extract`
+    # defaults to multi, so the CLI is asked for last here
+    r = CliRunner().invoke(main, ["extract", str(root), "--features", "last", "--out", str(tmp_path / "t.parquet"),
+                                  "-q"])
     assert r.exit_code == 0, r.output
     n = len(EmbeddingStore(lite0).keys())
     items = scan(root).items

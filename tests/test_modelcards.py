@@ -61,11 +61,15 @@ def fitted(lite0, tmp_path_factory):
 
 
 def test_fit_head_writes_a_card_beside_the_head(fitted, lite0):
+    from featx.backbones.resolve import resolve_backbone
+
     work, head, text = fitted
     assert head_card_path(head) == work / "heads" / "h1.README.md"
     bb = table_rows(text, "Backbone")
-    assert bb["name"] == ["efficientnet_lite0"] and bb["licence"] == ["Apache-2.0"]
-    assert bb["fingerprint"] == [f"`{lite0.fingerprint}`"]
+    # `featx extract` embeds with the card's multi features by default
+    multi = resolve_backbone("efficientnet_lite0", features="multi")
+    assert bb["name"] == [multi.name] == ["efficientnet_lite0-multi"] and bb["licence"] == ["Apache-2.0"]
+    assert bb["fingerprint"] == [f"`{multi.fingerprint}`"]
     assert "4.7M parameters" in bb["published"][0] and "74.83%" in bb["published"][0]
     assert "centre 224x224" in bb["preprocessing"][0] and "bicubic" in bb["preprocessing"][0]
 

@@ -31,7 +31,9 @@ def flow(tmp_path_factory):
     train = fashion_mnist_folder(d / "train", "train", 10)
     test = fashion_mnist_folder(d / "test", "test", 5)
     (test / "bag" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    r = CliRunner().invoke(main, ["extract", str(train), "--out", str(d / "train.parquet"), "-q"])
+    # last features: the tests below count rows in the `lite0` fixture's store (extract's default is multi)
+    r = CliRunner().invoke(main, ["extract", str(train), "--features", "last", "--out", str(d / "train.parquet"),
+                                  "-q"])
     assert r.exit_code == 0, r.output
     return {"dir": d, "train": train, "test": test, "table": d / "train.parquet"}
 
@@ -56,7 +58,7 @@ def test_fit_head_writes_head_and_report(flow, head):
 
 def test_fit_head_defaults_to_the_table_in_this_folder(flow, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    r = run("extract", str(flow["train"]), "--out", str(tmp_path / "t.featx.parquet"), "-q")
+    r = run("extract", str(flow["train"]), "--features", "last", "--out", str(tmp_path / "t.featx.parquet"), "-q")
     assert "30 from cache" in r.output  # fitting and re-extracting never re-run the backbone
     r = run("fit-head", "--C", "1", "--json")
     s = json.loads(r.output)
