@@ -257,6 +257,9 @@ def evaluate_cmd(head, root, out_dir, force, backbone, store, batch_size, worker
                      f"{v['support']:>8}")
     if m["unknown_classes"]:
         lines.append(f"warning: classes the head does not know: {', '.join(m['unknown_classes'])}")
+    if m.get("flagged_unknown"):
+        lines.append(f"{m['flagged_unknown']} of these images are unlike the head's training images "
+                     "(featx predict would label them unknown); they are scored with their labels here")
     lines += _failure_lines(r.prediction.failures, str(r.json_path))
     lines += [f"wrote {f}" for f in r.files]
     emit({k: v for k, v in m.items() if k != "failures"}
