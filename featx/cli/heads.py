@@ -206,7 +206,7 @@ def predict_cmd(head, inputs, out, top_k, min_proba, unknown_quantile, no_unknow
                  + (f", {r.abstained - (0 if no_unknown else r.n_unknown)} below --min-proba "
                     f"{min_proba:g} (label left empty)" if min_proba is not None else "")
                  + (f", {r.n_unknown} unknown (unlike the training images: novelty > "
-                    f"{r.unknown_threshold:.4f}, its {r.unknown_quantile:g} quantile"
+                    f"{r.unknown_threshold:.4f}, the training rows' {r.unknown_quantile:g} quantile"
                     + ("; labels kept" if no_unknown else "; label left empty") + ")"
                     if r.unknown else "")
                  + (f", sets at coverage {coverage:g} (mean size "
