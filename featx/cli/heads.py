@@ -212,7 +212,7 @@ def predict_cmd(head, inputs, out, top_k, min_proba, unknown_quantile, no_unknow
                  + (f", {r.abstained - (0 if no_unknown else r.n_unknown)} below --min-proba "
                     f"{min_proba:g} (label left empty)" if min_proba is not None else "")
                  + (f", {r.n_unknown} unknown (unlike the training images: novelty > "
-                    f"{r.unknown_threshold:.4f}, its {r.unknown_quantile:g} quantile"
+                    f"{r.unknown_threshold:.4f}, the training rows' {r.unknown_quantile:g} quantile"
                     + ("; labels kept" if no_unknown else "; label left empty") + ")"
                     if r.unknown else "")
                  + (f", sets at coverage {coverage:g} (mean size "
@@ -267,6 +267,9 @@ def evaluate_cmd(head, root, out_dir, force, backbone, store, batch_size, worker
                      f"{v['support']:>8}")
     if m["unknown_classes"]:
         lines.append(f"warning: classes the head does not know: {', '.join(m['unknown_classes'])}")
+    if m.get("flagged_unknown"):
+        lines.append(f"{m['flagged_unknown']} of these images are unlike the head's training images "
+                     "(featx predict would label them unknown); they are scored with their labels here")
     lines += _failure_lines(r.prediction.failures, str(r.json_path))
     lines += [f"wrote {f}" for f in r.files]
     emit({k: v for k, v in m.items() if k != "failures"}

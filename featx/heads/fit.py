@@ -221,7 +221,6 @@ def choose_C(X: np.ndarray, codes: np.ndarray, head: str, class_weight, cv: int 
         select = "accuracy"  # no probabilities in the SVMs' search
     rows = _cv_rows(codes, seed)
     Xs, ys = X[rows], codes[rows]
-    k = int(codes.max()) + 1
     min_count = int(np.bincount(ys).min())
     folds = min(cv or default_folds(len(rows)), min_count)
     if folds < 2:
@@ -237,41 +236,25 @@ def choose_C(X: np.ndarray, codes: np.ndarray, head: str, class_weight, cv: int 
             m.set_params(clf__warm_start=True)
     scores: list[dict] = []
     warm = best_logits = None
-    total, done = len(grid) * folds, 0
+    total, done = len(grid) * folds, [0]
+
+    def tick() -> None:
+        done[0] += 1
+        progress("choose C", done[0], total)
+
     progress("choose C", 0, total)
     with warnings.catch_warnings():  # convergence is read from n_iter_ (warnings are process-wide)
         warnings.simplefilter("ignore", ConvergenceWarning)
         for C in grid:
-            for m in models:
-                m.set_params(clf__C=C)
-            s, losses = [], []
-            logits = np.zeros((len(rows), k)) if head == "logreg" else None
-            fits = [lambda m=m, tr=tr: m.fit(Xs[tr], ys[tr]) for m, (tr, _) in zip(models, splits, strict=True)]
-            for j, _ in enumerate(in_threads(fits, FOLD_THREADS)):
-                te = splits[j][1]
-                if logits is not None:
-                    logits[te] = _logits(models[j], Xs[te])
-                    losses.append(_nll(logits[te], ys[te]))
-                    s.append(metric(ys[te], logits[te].argmax(1)))
-                else:
-                    s.append(metric(ys[te], models[j].predict(Xs[te])))
-                done += 1
-                progress("choose C", done, total)
-            row = {"C": float(C), "mean": float(np.mean(s)), "std": float(np.std(s)),
-                   "converged": all(_converged(m) for m in models)}
-            if losses:
-                row.update({"log_loss": float(np.mean(losses)), "log_loss_std": float(np.std(losses))})
-                t = fit_temperature(logits, ys)
-                row.update({"temperature": t, "calibrated_log_loss": _nll(logits / t, ys)})
+            row, logits = _score_C(C, models, splits, Xs, ys, metric, head == "logreg", tick)
             scores.append(row)
-            log.info("C=%g: CV score %.4f +- %.4f%s", C, np.mean(s), np.std(s),
-                     f", log-loss {row['log_loss']:.4f}" if losses else "")
             if head == "logreg" and scores[-1] is _best(scores, select):
                 warm = (np.mean([m[-1].coef_ for m in models], axis=0),
                         np.mean([m[-1].intercept_ for m in models], axis=0))
                 best_logits = logits
             if _fell(scores, select):
                 break
+    done = done[0]
     if done < total:
         progress("choose C", done, done)
     best = _best(scores, select)
@@ -286,6 +269,38 @@ def choose_C(X: np.ndarray, codes: np.ndarray, head: str, class_weight, cv: int 
         choice.oof_proba = softmax(best_logits / T)
         choice.oof_log_loss_raw = _nll(best_logits, ys)
     return choice
+
+
+def _score_C(C: float, models: list[Pipeline], splits: list, Xs: np.ndarray, ys: np.ndarray,
+             metric, with_logits: bool, tick: Callable[[], None]) -> tuple[dict, np.ndarray | None]:
+    """Fit every fold's model at ``C`` (in parallel) and score it on its held-out rows.
+
+    With ``with_logits`` (logreg) also the out-of-fold logits of every row, their log-loss,
+    and the temperature and log-loss after it (for the record and ``calibrated_log_loss``).
+    """
+    for m in models:
+        m.set_params(clf__C=C)
+    s, losses = [], []
+    logits = np.zeros((len(ys), int(ys.max()) + 1)) if with_logits else None
+    fits = [lambda m=m, tr=tr: m.fit(Xs[tr], ys[tr]) for m, (tr, _) in zip(models, splits, strict=True)]
+    for j, _ in enumerate(in_threads(fits, FOLD_THREADS)):
+        te = splits[j][1]
+        if logits is not None:
+            logits[te] = _logits(models[j], Xs[te])
+            losses.append(_nll(logits[te], ys[te]))
+            s.append(metric(ys[te], logits[te].argmax(1)))
+        else:
+            s.append(metric(ys[te], models[j].predict(Xs[te])))
+        tick()
+    row = {"C": float(C), "mean": float(np.mean(s)), "std": float(np.std(s)),
+           "converged": all(_converged(m) for m in models)}
+    if losses:
+        t = fit_temperature(logits, ys)
+        row.update({"log_loss": float(np.mean(losses)), "log_loss_std": float(np.std(losses)),
+                    "temperature": t, "calibrated_log_loss": _nll(logits / t, ys)})
+    log.info("C=%g: CV score %.4f +- %.4f%s", C, np.mean(s), np.std(s),
+             f", log-loss {row['log_loss']:.4f}" if losses else "")
+    return row, logits
 
 
 def _logits(model: Pipeline, X: np.ndarray) -> np.ndarray:
