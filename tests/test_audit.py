@@ -187,6 +187,17 @@ def test_oof_probabilities_never_saw_their_row(dataset):
     assert r.C in [g["C"] for g in r.grid] and r.folds == 5
 
 
+def test_neighbour_vote_never_counts_the_row_itself():
+    from featx.audit.labels import knn_proba
+
+    index = np.array([[0, 1, 2], [1, 0, 2], [2, 1, 0]])  # each row finds itself first
+    codes = np.array([0, 1, 1])
+    P = knn_proba(index, codes, 2, k=2)
+    assert np.allclose(P.sum(1), 1.0)
+    assert P[0].argmax() == 1  # its two others are class 1
+    assert np.allclose(P[1], P[2])  # each sees one 0 and one 1
+
+
 def test_audit_page_escapes_names(tmp_path, lite0):
     data = tmp_path / "data"
     p = real_photos()

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from featx.atomic import write_text
-from featx.audit.labels import label_issues
+from featx.audit.labels import K_VOTE, knn_proba, label_issues
 from featx.audit.outliers import K_OUTLIER, outliers
 from featx.audit.page import render_page
 from featx.embed.scan import display_path
@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 
 __all__ = ["FILES", "AuditResult", "audit"]
 
+#: weight of the neighbours' leave-one-out vote beside the logistic head's out-of-fold
+#: probabilities (see docs/audit.md for what each gave on Fashion-MNIST with planted noise)
+VOTE_WEIGHT = 0.5
+PROBABILITIES = (f"{1 - VOTE_WEIGHT:g} x logistic out-of-fold + {VOTE_WEIGHT:g} x leave-one-out vote of the "
+                 f"{K_VOTE} nearest images")
 FILES = {"labels": "label_issues.csv", "duplicates": "duplicates.csv", "outliers": "outliers.csv",
          "html": "audit.html", "summary": "audit.json"}
 
@@ -121,12 +126,15 @@ def audit(table: str | os.PathLike | EmbeddingTable, test: str | os.PathLike | E
     times: dict[str, float] = {}
 
     tick = time.perf_counter()
+    res = search(t.X, t.X, min(max(per_image, K_OUTLIER, K_VOTE) + 1, len(t)), progress=progress)
+    times["search"] = time.perf_counter() - tick
+    tick = time.perf_counter()
     oof = oof_proba(t.X, t.labels, cv=cv, seed=seed, progress=progress)
-    rows = label_issues(oof.proba, oof.codes, oof.classes, t.paths)
+    proba = (1 - VOTE_WEIGHT) * oof.proba + VOTE_WEIGHT * knn_proba(res.index, oof.codes, len(oof.classes))
+    rows = label_issues(proba, oof.codes, oof.classes, t.paths)
     times["labels"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    res = search(t.X, t.X, min(max(per_image, K_OUTLIER) + 1, len(t)), progress=progress)
     calibration = None
     if threshold is None:
         from featx.copy_threshold import calibrate_threshold
@@ -147,7 +155,7 @@ def audit(table: str | os.PathLike | EmbeddingTable, test: str | os.PathLike | E
     summary = {
         "table": name, "test": u_name, "rows": len(t), "classes": oof.classes,
         "label_issues": sum(r["flagged"] for r in rows),
-        "oof": oof.summary(),
+        "oof": oof.summary(), "probabilities": PROBABILITIES,
         "threshold": {"value": float(threshold),
                       "why": calibration.reason if calibration is not None else "given (--threshold)",
                       "calibration": calibration.summary() if calibration is not None else None},

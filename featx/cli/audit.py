@@ -56,7 +56,8 @@ def audit_cmd(table, test, out_dir, threshold, per_image, cv, seed, backbone, st
     oof = s["oof"]
     lines = [f"{s['rows']} images, {len(s['classes'])} classes in {table}",
              f"label issues: {s['label_issues']} flagged by cleanlab (out-of-fold probabilities: "
-             f"{oof['folds']}-fold logistic regression, C = {oof['C']:g}, accuracy {oof['oof_accuracy']:.4f})",
+             f"{oof['folds']}-fold logistic regression, C = {oof['C']:g}, accuracy {oof['oof_accuracy']:.4f}; "
+             f"averaged with the nearest images' vote)",
              f"near-duplicate threshold: cosine {th['value']:.4f}: {th['why']}"]
     if cal:
         lines.append(f"  measured: {cal['recall']:.1%} of {cal['copies']} altered copies found, "
