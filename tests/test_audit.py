@@ -178,6 +178,19 @@ def test_audit_finds_the_wrong_label_and_the_outlier(dataset, tmp_path):
     assert "data:image/jpeg;base64," in page and "stray_cat.jpg" in page
 
 
+def test_audit_after_relabel_shows_the_issue_gone(dataset, tmp_path):
+    table, planted = dataset
+    rel = write_relabel(tmp_path / "relabel.csv", [(planted["wrong"], "relabel", "cat"),
+                                                  (planted["outlier"], "drop", "")])
+    r = run_cli("audit", str(table), "--relabel", str(rel), "--out", str(tmp_path / "out"),
+                "--threshold", "0.99", "-q")
+    assert "25 images, 3 classes" in r.output and "1 relabelled, 1 dropped" in r.output
+    issues = read_csv(tmp_path / "out" / "label_issues.csv")
+    fixed = next(x for x in issues if x["path"] == planted["wrong"])
+    assert fixed["given"] == "cat" and fixed["flagged"] == "False"
+    assert planted["outlier"] not in {x["path"] for x in read_csv(tmp_path / "out" / "outliers.csv")}
+
+
 def test_oof_probabilities_never_saw_their_row(dataset):
     t = read_table(dataset[0])
     r = oof_proba(t.X, t.labels)
