@@ -178,6 +178,19 @@ def test_audit_finds_the_wrong_label_and_the_outlier(dataset, tmp_path):
     assert "data:image/jpeg;base64," in page and "stray_cat.jpg" in page
 
 
+def test_audit_after_relabel_shows_the_issue_gone(dataset, tmp_path):
+    table, planted = dataset
+    rel = write_relabel(tmp_path / "relabel.csv", [(planted["wrong"], "relabel", "cat"),
+                                                  (planted["outlier"], "drop", "")])
+    r = run_cli("audit", str(table), "--relabel", str(rel), "--out", str(tmp_path / "out"),
+                "--threshold", "0.99", "-q")
+    assert "25 images, 3 classes" in r.output and "1 relabelled, 1 dropped" in r.output
+    issues = read_csv(tmp_path / "out" / "label_issues.csv")
+    fixed = next(x for x in issues if x["path"] == planted["wrong"])
+    assert fixed["given"] == "cat" and fixed["flagged"] == "False"
+    assert planted["outlier"] not in {x["path"] for x in read_csv(tmp_path / "out" / "outliers.csv")}
+
+
 def test_oof_probabilities_never_saw_their_row(dataset):
     t = read_table(dataset[0])
     r = oof_proba(t.X, t.labels)
@@ -185,6 +198,17 @@ def test_oof_probabilities_never_saw_their_row(dataset):
     wrong = t.paths.index(dataset[1]["wrong"])
     assert r.classes[int(r.proba[wrong].argmax())] == "cat"  # a model that saw it would say rocket
     assert r.C in [g["C"] for g in r.grid] and r.folds == 5
+
+
+def test_neighbour_vote_never_counts_the_row_itself():
+    from featx.audit.labels import knn_proba
+
+    index = np.array([[0, 1, 2], [1, 0, 2], [2, 1, 0]])  # each row finds itself first
+    codes = np.array([0, 1, 1])
+    P = knn_proba(index, codes, 2, k=2)
+    assert np.allclose(P.sum(1), 1.0)
+    assert P[0].argmax() == 1  # its two others are class 1
+    assert np.allclose(P[1], P[2])  # each sees one 0 and one 1
 
 
 def test_audit_page_escapes_names(tmp_path, lite0):

@@ -31,6 +31,10 @@ from featx.cli.options import (
 @click.option("--cv", type=click.IntRange(2, 20), default=None,
               help="Folds of the out-of-fold probabilities. Default: 5, or 3 from 6,000 rows on.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--relabel", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              metavar="RELABEL.csv",
+              help="Apply these corrections (path,action,label) to TABLE first, as fit-head "
+                   "--relabel does: audit the corrected table.")
 @click.option("--backbone", "-b", default=None, metavar="NAME|DIR|FILE.onnx",
               help="The backbone that made TABLE, when its recorded export is gone (embeds the "
                    "calibration's altered copies); one with another fingerprint is refused.")
@@ -38,8 +42,8 @@ from featx.cli.options import (
 @device_option
 @quiet_option
 @json_option
-def audit_cmd(table, test, out_dir, threshold, per_image, cv, seed, backbone, store, device, quiet,
-              as_json) -> None:
+def audit_cmd(table, test, out_dir, threshold, per_image, cv, seed, relabel, backbone, store, device,
+              quiet, as_json) -> None:
     """Find wrong labels, near duplicates (and TABLE2 leakage) and outliers in TABLE.
 
     Writes the findings and audit.html into --out; in the page, pick a label or drop
@@ -49,14 +53,17 @@ def audit_cmd(table, test, out_dir, threshold, per_image, cv, seed, backbone, st
 
     with progress_bar(quiet or as_json) as p:
         r = audit(table, test, out_dir, threshold=threshold, per_image=per_image, cv=cv, seed=seed,
-                  backbone=backbone, store=store, device=device, progress=p)
+                  backbone=backbone, store=store, device=device, relabel=relabel, progress=p)
     s = r.summary
     th = s["threshold"]
     cal = th["calibration"]
     oof = s["oof"]
-    lines = [f"{s['rows']} images, {len(s['classes'])} classes in {table}",
+    fixes = s["relabel"]
+    lines = [f"{s['rows']} images, {len(s['classes'])} classes in {table}"
+             + (f" after {relabel}: {fixes['relabelled']} relabelled, {fixes['dropped']} dropped" if fixes else ""),
              f"label issues: {s['label_issues']} flagged by cleanlab (out-of-fold probabilities: "
-             f"{oof['folds']}-fold logistic regression, C = {oof['C']:g}, accuracy {oof['oof_accuracy']:.4f})",
+             f"{oof['folds']}-fold logistic regression, C = {oof['C']:g}, accuracy {oof['oof_accuracy']:.4f}; "
+             f"averaged with the nearest images' vote)",
              f"near-duplicate threshold: cosine {th['value']:.4f}: {th['why']}"]
     if cal:
         lines.append(f"  measured: {cal['recall']:.1%} of {cal['copies']} altered copies found, "

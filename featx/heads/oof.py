@@ -8,9 +8,10 @@ chosen C cost no extra fit. C is chosen by out-of-fold log loss here (these
 probabilities are what the audit reads), not by accuracy.
 
 Speed: the rows are standardised once on the whole table (no labels are used) and,
-when there are more features than rows, rotated onto the table's own row space by
-an SVD. L2-penalised logistic regression is invariant to that rotation, so the fit
-is the same on ``min(n, d)`` columns: 4,880 -> 2,000 on a 2,000-image ``multi`` table.
+when there are more features than rows, rotated onto the table's own row space (the
+eigenvectors of the rows' Gram matrix). L2-penalised logistic regression is invariant to
+that rotation, so the fit is the same on ``min(n, d)`` columns: 4,880 -> 2,000 on a
+2,000-image ``multi`` table.
 Above ``heads.fit.CV_MAX_ROWS`` rows C is searched on a stratified sample and the
 folds are fitted once on every row at that C, each warm-started from the sample's
 solution.
@@ -73,11 +74,11 @@ def _features(X: np.ndarray) -> np.ndarray:
     Z = (X - mu) / np.where(sd > 0, sd, 1.0)
     if Z.shape[1] <= Z.shape[0]:
         return Z
-    # Z = U S Vt; Z @ Vt.T = U S keeps every inner product, so the L2 problem is unchanged
-    U, S, _ = np.linalg.svd(Z, full_matrices=False)
-    rel = S / S[0]
-    keep = rel > 1e-10
-    return U[:, keep] * S[keep]
+    # Z Z^T = V w V^T, so V sqrt(w) has every inner product of Z's rows: the L2 problem is
+    # unchanged. The Gram matrix and its eigh cost 3 s on 2,000 x 4,880 (an SVD of Z: 12 s)
+    w, V = np.linalg.eigh(Z @ Z.T)
+    keep = w > w[-1] * 1e-10
+    return V[:, keep] * np.sqrt(w[keep])
 
 
 def _log_loss(codes: np.ndarray, P: np.ndarray) -> float:
