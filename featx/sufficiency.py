@@ -68,7 +68,7 @@ class ClassCurve:
     c: float  # error floor: recall levels off at 1 - c
     recall_now: float  # measured at the largest size
     recall_doubled: float  # predicted at twice the largest size
-    doubled_low: float  # the spread of that prediction over seeds
+    doubled_low: float  # the range of that prediction over the seeds' own fits (and the mean's)
     doubled_high: float
     needed: int | None  # images for the target recall (None: unreachable per the fit)
     flags: list[str] = field(default_factory=list)
@@ -294,8 +294,8 @@ def _class_curve(label: str, images: int, test_images: int, sizes: list[int], re
     return ClassCurve(label, images, test_images, [int(v) for v in n], [round(float(v), 4) for v in mean],
                       [round(float(v), 4) for v in std], a, b, c,
                       round(now, 4), round(min(doubled, 1.0), 4),
-                      round(min(min(per_seed, default=doubled), 1.0), 4),
-                      round(min(max(per_seed, default=doubled), 1.0), 4),
+                      round(min(min([*per_seed, doubled]), 1.0), 4),
+                      round(min(max([*per_seed, doubled]), 1.0), 4),
                       None if need is None else math.ceil(need), flags)
 
 
