@@ -7,6 +7,9 @@
     # speed: suggest on a pool table of N rows (synthetic embeddings unless --pool is given)
     python bench/suggest.py speed --rows 50000 --labelled LABELLED.featx.parquet [--head HEAD]
 
+    # the figure: mean curves of one or more curves JSON files
+    python bench/suggest.py plot curves.json ... --png docs/img/suggest-curves-fmnist.png
+
 The pool's labels play the oracle: each round the chosen images get their true label.
 Accuracy is on every image of TEST. Every round refits the head exactly as `featx
 suggest` does (featx.suggest.rank: logistic regression, C by cross-validation), and the
@@ -98,6 +101,32 @@ def speed(args) -> dict:
     return {"rows": args.rows, "labelled": len(lab), "n": args.n, "strategies": res}
 
 
+def plot(args) -> dict:
+    """One figure of the mean curves in the JSON files (and a table of them, returned)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from featx.atomic import save_figure
+
+    curves_ = {}
+    for f in args.json:
+        curves_.update(json.loads(Path(f).read_text())["curves"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, c in curves_.items():
+        acc = np.asarray(c["accuracy_per_seed"])
+        ax.errorbar(c["labels"], 100 * acc.mean(0), yerr=100 * acc.std(0), marker="o", ms=3, capsize=2,
+                    label=f"{name} ({len(acc)} seeds)")
+    ax.set_xlabel("labelled images")
+    ax.set_ylabel("test accuracy, % (10,000 images)")
+    ax.set_title("Fashion-MNIST, pool 20,000, start 10 a class, rounds of 100", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, args.png)
+    return {name: dict(zip(c["labels"], c["accuracy_mean"], strict=True)) for name, c in curves_.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -116,8 +145,11 @@ def main() -> None:
     s.add_argument("-n", type=int, default=100)
     s.add_argument("--head", default=None, help="also time with this head of LABELLED (suggest --head)")
     s.add_argument("--strategies", default="margin,margin+diversity,margin+coreset,random")
+    p = sub.add_parser("plot")
+    p.add_argument("json", nargs="+")
+    p.add_argument("--png", default="suggest-curves.png")
     args = ap.parse_args()
-    print(json.dumps(curves(args) if args.what == "curves" else speed(args)))
+    print(json.dumps({"curves": curves, "speed": speed, "plot": plot}[args.what](args)))
 
 
 if __name__ == "__main__":
