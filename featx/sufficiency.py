@@ -214,6 +214,25 @@ def sufficiency(table: str | os.PathLike, *, test: str | os.PathLike | None = No
     if ones:
         raise FeatXError(f"{path}: class{'es' if len(ones) > 1 else ''} {', '.join(ones)} "
                          f"ha{'ve' if len(ones) > 1 else 's'} one image; a curve needs at least two")
+    X_test, codes_test, split, train_counts, test_counts, where = _held_out(t, path, test, classes, codes,
+                                                                            counts, holdout)
+    cap = int(train_counts.min()) if max_per_class is None else int(max_per_class)
+    sizes = sorted(set(sizes)) if sizes else default_sizes(cap)
+    if sizes[0] < 1:
+        raise FeatXError(f"sizes must be >= 1 image per class, got {sizes[0]}")
+    rec = learning_curves(t.X, codes, X_test, codes_test, sizes, seeds, C, split=split,
+                          progress=progress)
+    progress("fit", 0, len(classes))
+    curves = [_class_curve(classes[c], int(train_counts[c]), int(test_counts[c]), sizes, rec[:, :, c],
+                           target) for c in range(len(classes))]
+    progress("fit", len(classes), len(classes))
+    return SufficiencyResult(curves, target, seeds, sizes, where, C, time.perf_counter() - t0)
+
+
+def _held_out(t, path: Path, test, classes: list[str], codes: np.ndarray, counts: np.ndarray,
+              holdout: float) -> tuple[np.ndarray, np.ndarray, float | None, np.ndarray, np.ndarray, str]:
+    """Where recall is measured: (X_test, codes_test, split share or None, training and
+    held-out counts per class, a description)."""
     if test is not None:
         tt = read_table(test)
         if tt.fingerprint and t.fingerprint and tt.fingerprint != t.fingerprint:
@@ -239,17 +258,7 @@ def sufficiency(table: str | os.PathLike, *, test: str | os.PathLike | None = No
         test_counts = np.array([min(round(k * holdout), k - 1) for k in counts])
         train_counts = counts - test_counts
         where = f"a held-out {holdout:.0%} of each class of the table, per seed"
-    cap = int(train_counts.min()) if max_per_class is None else int(max_per_class)
-    sizes = sorted(set(sizes)) if sizes else default_sizes(cap)
-    if sizes[0] < 1:
-        raise FeatXError(f"sizes must be >= 1 image per class, got {sizes[0]}")
-    rec = learning_curves(t.X, codes, X_test, codes_test, sizes, seeds, C, split=split,
-                          progress=progress)
-    progress("fit", 0, len(classes))
-    curves = [_class_curve(classes[c], int(train_counts[c]), int(test_counts[c]), sizes, rec[:, :, c],
-                           target) for c in range(len(classes))]
-    progress("fit", len(classes), len(classes))
-    return SufficiencyResult(curves, target, seeds, sizes, where, C, time.perf_counter() - t0)
+    return X_test, codes_test, split, train_counts, test_counts, where
 
 
 def _class_curve(label: str, images: int, test_images: int, sizes: list[int], rec: np.ndarray,

@@ -317,39 +317,11 @@ def suggest(pool: str | os.PathLike, labelled: str | os.PathLike, n: int, *, str
     if pl.X.shape[1] != lab.X.shape[1]:
         raise MismatchError(f"{pool} has {pl.X.shape[1]}-dim embeddings, {lab_path} "
                             f"{lab.X.shape[1]}-dim; extract both with the same backbone")
-    # candidates: content not labelled yet, each content once
-    known = set(lab.keys)
-    seen: set[str] = set()
-    cand, already, repeats = [], 0, 0
-    for i, k in enumerate(pl.keys):
-        if k in known:
-            already += 1
-        elif k in seen:
-            repeats += 1
-        else:
-            seen.add(k)
-            cand.append(i)
-    if not cand:
-        raise FeatXError(f"{pool}: all {len(pl.paths)} images are already in {lab_path} (matched by "
-                         "content); nothing left to suggest")
-    if n > len(cand):
-        raise FeatXError(f"-n {n} is more than the {len(cand)} unlabelled images in {pool} "
-                         f"({already} of its {len(pl.paths)} are labelled already); ask for at most "
-                         f"{len(cand)}")
+    cand, already, repeats = _candidates(pl, lab, pool, lab_path, n)
     cand_idx = np.asarray(cand)
     t1 = time.perf_counter()
     Xc = pl.X[cand_idx]
-    h = None
-    if head is not None:
-        h = head if isinstance(head, Head) else load_head(head)
-        if h.fingerprint != lab.fingerprint:
-            raise MismatchError(f"head {h.path or ''} was trained on backbone fingerprint {h.fingerprint}, "
-                                f"{lab_path} has {lab.fingerprint}; fit a head on this table "
-                                "(featx fit-head) or leave --head out")
-        trained_on = (h.meta.get("train") or {}).get("embeddings")
-        if trained_on and Path(str(trained_on)) != lab_path.resolve():
-            log.warning("head %s was fitted on %s, not on %s: its view of what is uncertain may be "
-                        "out of date", h.path, trained_on, lab_path)
+    h = None if head is None else _head_file(head, lab, lab_path)
     picks, groups, proba, rep = rank(lab.X, lab.labels, Xc, n, strategy, seed=seed, C=C, head=h,
                                      progress=progress)
     secs["fit+choose"] = time.perf_counter() - t1
@@ -395,6 +367,43 @@ def rank(X_labelled: np.ndarray, labels, X_pool: np.ndarray, n: int, strategy: s
     progress(strategy, n, n)
     rep["pipeline"] = pipe
     return picks, groups, proba, rep
+
+
+def _candidates(pl: Pool, lab: EmbeddingTable, pool, lab_path: Path, n: int) -> tuple[list[int], int, int]:
+    """Pool rows whose content is not labelled yet, each content once: (rows, labelled, repeats)."""
+    known = set(lab.keys)
+    seen: set[str] = set()
+    cand, already, repeats = [], 0, 0
+    for i, k in enumerate(pl.keys):
+        if k in known:
+            already += 1
+        elif k in seen:
+            repeats += 1
+        else:
+            seen.add(k)
+            cand.append(i)
+    if not cand:
+        raise FeatXError(f"{pool}: all {len(pl.paths)} images are already in {lab_path} (matched by "
+                         "content); nothing left to suggest")
+    if n > len(cand):
+        raise FeatXError(f"-n {n} is more than the {len(cand)} unlabelled images in {pool} "
+                         f"({already} of its {len(pl.paths)} are labelled already); ask for at most "
+                         f"{len(cand)}")
+    return cand, already, repeats
+
+
+def _head_file(head: str | os.PathLike | Head, lab: EmbeddingTable, lab_path: Path) -> Head:
+    """The head file given to suggest, checked against the labelled table."""
+    h = head if isinstance(head, Head) else load_head(head)
+    if h.fingerprint != lab.fingerprint:
+        raise MismatchError(f"head {h.path or ''} was trained on backbone fingerprint {h.fingerprint}, "
+                            f"{lab_path} has {lab.fingerprint}; fit a head on this table "
+                            "(featx fit-head) or leave --head out")
+    trained_on = (h.meta.get("train") or {}).get("embeddings")
+    if trained_on and Path(str(trained_on)) != lab_path.resolve():
+        log.warning("head %s was fitted on %s, not on %s: its view of what is uncertain may be "
+                    "out of date", h.path, trained_on, lab_path)
+    return h
 
 
 def _reason(strategy: str, margin: float, entropy: float, group: int, first: str, second: str) -> str:
