@@ -444,6 +444,8 @@ def write_suggestions(result: SuggestResult, out: str | os.PathLike, *, layout: 
             for c in result.classes:
                 (folder / _safe(c)).mkdir(exist_ok=True)
             for r, row in enumerate(result.rows):
+                if "://" in row["path"]:  # a URL pool row: nothing local to copy, the CSV names it
+                    continue
                 src = Path(row["path"])
                 dst = folder / f"{row['rank']:04d}_{_safe(src.name)}"
                 if layout == "link":
