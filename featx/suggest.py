@@ -232,7 +232,8 @@ def select(proba: np.ndarray, n: int, strategy: str = "margin", *, seed: int = 0
             picks.append(members[np.argmin(d[members])])
             groups.append(c)
     # an empty cluster (rare) is filled with the least-margin candidates not picked
-    rest = [i for i in range(len(cand)) if i not in set(picks)]
+    taken = set(picks)
+    rest = [i for i in range(len(cand)) if i not in taken]
     while len(picks) < n:
         picks.append(rest.pop(0))
         groups.append(-1)
