@@ -68,7 +68,7 @@ class ClassCurve:
     c: float  # error floor: recall levels off at 1 - c
     recall_now: float  # measured at the largest size
     recall_doubled: float  # predicted at twice the largest size
-    doubled_low: float  # the spread of that prediction over seeds
+    doubled_low: float  # the range of that prediction over the seeds' own fits (and the mean's)
     doubled_high: float
     needed: int | None  # images for the target recall (None: unreachable per the fit)
     flags: list[str] = field(default_factory=list)
@@ -214,8 +214,8 @@ def sufficiency(table: str | os.PathLike, *, test: str | os.PathLike | None = No
     if ones:
         raise FeatXError(f"{path}: class{'es' if len(ones) > 1 else ''} {', '.join(ones)} "
                          f"ha{'ve' if len(ones) > 1 else 's'} one image; a curve needs at least two")
-    X_test, codes_test, train_counts, test_counts, split, where = _held_out(
-        t, path, test, codes, counts, classes, holdout)
+    X_test, codes_test, split, train_counts, test_counts, where = _held_out(t, path, test, classes, codes,
+                                                                            counts, holdout)
     cap = int(train_counts.min()) if max_per_class is None else int(max_per_class)
     sizes = sorted(set(sizes)) if sizes else default_sizes(cap)
     if sizes[0] < 1:
@@ -229,10 +229,10 @@ def sufficiency(table: str | os.PathLike, *, test: str | os.PathLike | None = No
     return SufficiencyResult(curves, target, seeds, sizes, where, C, time.perf_counter() - t0)
 
 
-def _held_out(t, path: Path, test, codes: np.ndarray, counts: np.ndarray, classes: list[str],
-              holdout: float):
-    """(X_test, test codes, train counts, test counts, holdout split or None, where) for
-    ``sufficiency``: the rows of ``test`` whose class is in the table, or ``holdout`` per class."""
+def _held_out(t, path: Path, test, classes: list[str], codes: np.ndarray, counts: np.ndarray,
+              holdout: float) -> tuple[np.ndarray, np.ndarray, float | None, np.ndarray, np.ndarray, str]:
+    """Where recall is measured: (X_test, codes_test, split share or None, training and
+    held-out counts per class, a description)."""
     if test is not None:
         tt = read_table(test)
         if tt.fingerprint and t.fingerprint and tt.fingerprint != t.fingerprint:
@@ -258,7 +258,7 @@ def _held_out(t, path: Path, test, codes: np.ndarray, counts: np.ndarray, classe
         test_counts = np.array([min(round(k * holdout), k - 1) for k in counts])
         train_counts = counts - test_counts
         where = f"a held-out {holdout:.0%} of each class of the table, per seed"
-    return X_test, codes_test, train_counts, test_counts, split, where
+    return X_test, codes_test, split, train_counts, test_counts, where
 
 
 def _class_curve(label: str, images: int, test_images: int, sizes: list[int], rec: np.ndarray,
@@ -303,8 +303,8 @@ def _class_curve(label: str, images: int, test_images: int, sizes: list[int], re
     return ClassCurve(label, images, test_images, [int(v) for v in n], [round(float(v), 4) for v in mean],
                       [round(float(v), 4) for v in std], a, b, c,
                       round(now, 4), round(min(doubled, 1.0), 4),
-                      round(min(min(per_seed, default=doubled), 1.0), 4),
-                      round(min(max(per_seed, default=doubled), 1.0), 4),
+                      round(min(min([*per_seed, doubled]), 1.0), 4),
+                      round(min(max([*per_seed, doubled]), 1.0), 4),
                       None if need is None else math.ceil(need), flags)
 
 

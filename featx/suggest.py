@@ -221,7 +221,8 @@ def select(proba: np.ndarray, n: int, strategy: str = "margin", *, seed: int = 0
             picks.append(members[np.argmin(d[members])])
             groups.append(c)
     # an empty cluster (rare) is filled with the least-margin candidates not picked
-    rest = [i for i in range(len(cand)) if i not in set(picks)]
+    taken = set(picks)
+    rest = [i for i in range(len(cand)) if i not in taken]
     while len(picks) < n:
         picks.append(rest.pop(0))
         groups.append(-1)
@@ -272,29 +273,6 @@ def _labelled_table(labelled: str | os.PathLike) -> tuple[EmbeddingTable, Path]:
     return t, path
 
 
-def _candidates(pl: Pool, lab: EmbeddingTable, lab_path: Path, pool,
-                n: int) -> tuple[list[int], int, int]:
-    """(indices of the pool's rows whose content is not labelled yet, each content once;
-    how many are labelled already; how many repeat earlier pool content)."""
-    known = set(lab.keys)
-    seen: set[str] = set()
-    cand, already = [], 0
-    for i, k in enumerate(pl.keys):
-        if k in known:
-            already += 1
-        elif k not in seen:
-            seen.add(k)
-            cand.append(i)
-    if not cand:
-        raise FeatXError(f"{pool}: all {len(pl.paths)} images are already in {lab_path} (matched by "
-                         "content); nothing left to suggest")
-    if n > len(cand):
-        raise FeatXError(f"-n {n} is more than the {len(cand)} unlabelled images in {pool} "
-                         f"({already} of its {len(pl.paths)} are labelled already); ask for at most "
-                         f"{len(cand)}")
-    return cand, already, len(pl.keys) - already - len(cand)
-
-
 def suggest(pool: str | os.PathLike, labelled: str | os.PathLike, n: int, *, strategy: str = "margin",
             seed: int = 0, C: float | str = "auto", head: str | os.PathLike | Head | None = None,
             backbone: str | os.PathLike | Backbone | None = None,
@@ -329,21 +307,11 @@ def suggest(pool: str | os.PathLike, labelled: str | os.PathLike, n: int, *, str
     if pl.X.shape[1] != lab.X.shape[1]:
         raise MismatchError(f"{pool} has {pl.X.shape[1]}-dim embeddings, {lab_path} "
                             f"{lab.X.shape[1]}-dim; extract both with the same backbone")
-    cand, already, repeats = _candidates(pl, lab, lab_path, pool, n)
+    cand, already, repeats = _candidates(pl, lab, pool, lab_path, n)
     cand_idx = np.asarray(cand)
     t1 = time.perf_counter()
     Xc = pl.X[cand_idx]
-    h = None
-    if head is not None:
-        h = head if isinstance(head, Head) else load_head(head)
-        if h.fingerprint != lab.fingerprint:
-            raise MismatchError(f"head {h.path or ''} was trained on backbone fingerprint {h.fingerprint}, "
-                                f"{lab_path} has {lab.fingerprint}; fit a head on this table "
-                                "(featx fit-head) or leave --head out")
-        trained_on = (h.meta.get("train") or {}).get("embeddings")
-        if trained_on and Path(str(trained_on)) != lab_path.resolve():
-            log.warning("head %s was fitted on %s, not on %s: its view of what is uncertain may be "
-                        "out of date", h.path, trained_on, lab_path)
+    h = None if head is None else _head_file(head, lab, lab_path)
     picks, groups, proba, rep = rank(lab.X, lab.labels, Xc, n, strategy, seed=seed, C=C, head=h,
                                      progress=progress)
     secs["fit+choose"] = time.perf_counter() - t1
@@ -391,6 +359,43 @@ def rank(X_labelled: np.ndarray, labels, X_pool: np.ndarray, n: int, strategy: s
     return picks, groups, proba, rep
 
 
+def _candidates(pl: Pool, lab: EmbeddingTable, pool, lab_path: Path, n: int) -> tuple[list[int], int, int]:
+    """Pool rows whose content is not labelled yet, each content once: (rows, labelled, repeats)."""
+    known = set(lab.keys)
+    seen: set[str] = set()
+    cand, already, repeats = [], 0, 0
+    for i, k in enumerate(pl.keys):
+        if k in known:
+            already += 1
+        elif k in seen:
+            repeats += 1
+        else:
+            seen.add(k)
+            cand.append(i)
+    if not cand:
+        raise FeatXError(f"{pool}: all {len(pl.paths)} images are already in {lab_path} (matched by "
+                         "content); nothing left to suggest")
+    if n > len(cand):
+        raise FeatXError(f"-n {n} is more than the {len(cand)} unlabelled images in {pool} "
+                         f"({already} of its {len(pl.paths)} are labelled already); ask for at most "
+                         f"{len(cand)}")
+    return cand, already, repeats
+
+
+def _head_file(head: str | os.PathLike | Head, lab: EmbeddingTable, lab_path: Path) -> Head:
+    """The head file given to suggest, checked against the labelled table."""
+    h = head if isinstance(head, Head) else load_head(head)
+    if h.fingerprint != lab.fingerprint:
+        raise MismatchError(f"head {h.path or ''} was trained on backbone fingerprint {h.fingerprint}, "
+                            f"{lab_path} has {lab.fingerprint}; fit a head on this table "
+                            "(featx fit-head) or leave --head out")
+    trained_on = (h.meta.get("train") or {}).get("embeddings")
+    if trained_on and Path(str(trained_on)) != lab_path.resolve():
+        log.warning("head %s was fitted on %s, not on %s: its view of what is uncertain may be "
+                    "out of date", h.path, trained_on, lab_path)
+    return h
+
+
 def _reason(strategy: str, margin: float, entropy: float, group: int, first: str, second: str) -> str:
     if strategy == "random":
         return "random draw (baseline)"
@@ -429,6 +434,8 @@ def write_suggestions(result: SuggestResult, out: str | os.PathLike, *, layout: 
             for c in result.classes:
                 (folder / _safe(c)).mkdir(exist_ok=True)
             for r, row in enumerate(result.rows):
+                if "://" in row["path"]:  # a URL pool row: nothing local to copy, the CSV names it
+                    continue
                 src = Path(row["path"])
                 dst = folder / f"{row['rank']:04d}_{_safe(src.name)}"
                 if layout == "link":
