@@ -367,6 +367,10 @@ def test_a_time_budget_chooses_the_epochs_from_the_first_steps(data, tmp_path):
     assert r.summary.plan == plans[0] and r.summary.epochs_trained == 1 and r.summary.epochs == 1
     saved = json.loads((r.run_dir / "config.json").read_text())["config"]
     assert saved["epochs"] == 1 and saved["time_budget"] == 1.0  # --resume continues the chosen run
+    one_step = []  # an epoch of a single step still gets a plan (not the cap of epochs)
+    r = finetune(data, out=tmp_path / "one", device="cpu", on_plan=one_step.append,
+                 **dict(TINY, batch_size=16, epochs=4, unfreeze=0, patience=None, time_budget=1.0))
+    assert len(one_step) == 1 and one_step[0]["epochs"] == 1 and r.summary.epochs_trained == 1
     with pytest.raises(FeatXError, match="time_budget must be > 0"):
         finetune(data, out=tmp_path / "c", device="cpu", **dict(TINY, time_budget=0.0))
 

@@ -177,7 +177,8 @@ def run_epoch(net: FineTuneNet, loader, dev: torch.device, loss_fn, optimizer, s
 
     ``on_steps=(k, f)`` calls ``f(steps, images, seconds)`` once, after step ``k``
     (or at the end of a shorter epoch), timed from the end of the first step so
-    that one-off warm-up costs do not count: what a time budget plans with.
+    that one-off warm-up costs do not count: what a time budget plans with. An
+    epoch of a single step reports that step, warm-up included.
     """
     train_mode(net, bn_stats)
     total = len(loader)
@@ -210,6 +211,8 @@ def run_epoch(net: FineTuneNet, loader, dev: torch.device, loss_fn, optimizer, s
                 on_steps[1](b - b_first, n - n_first, time.perf_counter() - t_first)
                 on_steps = None
     secs = time.perf_counter() - t0
+    if on_steps is not None and n:  # an epoch of one step: plan with all of it, warm-up included
+        on_steps[1](total, n, secs)
     return {"train_loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1), "images": n,
             "seconds": secs, "images_per_second": n / secs if secs > 0 else 0.0}
 
