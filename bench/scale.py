@@ -281,11 +281,12 @@ def plot(results: Path, out: Path) -> list[Path]:
     if runs:
         fig, ax = plt.subplots(figsize=(6, 3.6))
         for name, rows in runs.items():
-            n = [r["rows"] for r in rows]
             tag = name.removeprefix("curve-")
-            ax.plot(n, [r["us_per_image"] for r in rows], "o-", label=f"{tag}: wall")
-            if all("cpu_us_per_image" in r for r in rows):
-                ax.plot(n, [r["cpu_us_per_image"] for r in rows], "s--", label=f"{tag}: CPU of the process")
+            wall = [(r["rows"], r["us_per_image"]) for r in rows if r.get("us_per_image") is not None]
+            ax.plot(*zip(*wall, strict=True), "o-", label=f"{tag}: wall")
+            cpu = [(r["rows"], r["cpu_us_per_image"]) for r in rows if r.get("cpu_us_per_image") is not None]
+            if cpu:
+                ax.plot(*zip(*cpu, strict=True), "s--", label=f"{tag}: CPU of the process")
         ax.set_xscale("log")
         ax.set_ylim(bottom=0)
         ax.set_xlabel("images (files, store rows, table rows)")
