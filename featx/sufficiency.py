@@ -23,7 +23,6 @@ measured size), ``unreachable`` (the fitted floor is above the target), ``noisy-
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
@@ -37,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from featx.atomic import save_figure, write_text
+from featx.csvout import csv_writer
 from featx.embed.table import read_table
 from featx.errors import FeatXError, MismatchError
 from featx.heads.fit import encode_labels, make_head, one_blas_thread
@@ -321,7 +321,7 @@ def write_sufficiency(result: SufficiencyResult, out_dir: str | os.PathLike) -> 
     except OSError as e:
         raise FeatXError(f"cannot create {out}: {e.strerror or e}") from None
     buf = io.StringIO(newline="")
-    w = csv.writer(buf)
+    w = csv_writer(buf)
     w.writerow(CSV_COLUMNS)
     for c in result.classes:
         more = None if c.needed is None else max(0, c.needed - c.images)

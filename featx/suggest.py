@@ -27,7 +27,6 @@ ten lines would also pin scikit-learn against featx's own choice.
 
 from __future__ import annotations
 
-import csv
 import io
 import logging
 import os
@@ -41,6 +40,7 @@ import numpy as np
 from featx.atomic import write_text
 from featx.backbones.artifact import Backbone
 from featx.backbones.resolve import table_backbone
+from featx.csvout import csv_writer
 from featx.embed.scan import display_path, is_table_file, resolve_item_path
 from featx.embed.table import EmbeddingTable, read_table
 from featx.engines.files import collect_files, shared
@@ -446,7 +446,7 @@ def write_suggestions(result: SuggestResult, out: str | os.PathLike, *, layout: 
         except OSError as e:
             raise FeatXError(f"cannot write {folder}: {e.strerror or e} ({e.filename})") from None
     buf = io.StringIO(newline="")
-    w = csv.writer(buf, delimiter="\t" if out.suffix.lower() == ".tsv" else ",")
+    w = csv_writer(buf, delimiter="\t" if out.suffix.lower() == ".tsv" else ",")
     w.writerow(CSV_COLUMNS)
     for row, name in zip(result.rows, names, strict=True):
         w.writerow([row["rank"], display_path(row["path"]), "", row["reason"], f"{row['margin']:.6f}",

@@ -7,7 +7,6 @@ atomically.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
@@ -22,8 +21,10 @@ from featx.atomic import write_text
 from featx.audit.labels import K_VOTE, knn_proba, label_issues
 from featx.audit.outliers import K_OUTLIER, outliers
 from featx.audit.page import render_page
+from featx.csvout import csv_writer
 from featx.embed.scan import display_path
 from featx.embed.table import EmbeddingTable
+from featx.embed.table_checks import require_finite
 from featx.errors import FeatXError
 from featx.heads.oof import OOFResult, oof_proba
 from featx.progress import ProgressFn, no_progress
@@ -64,17 +65,9 @@ class AuditResult:
     files: list[Path] = field(default_factory=list)
 
 
-def _check_finite(t: EmbeddingTable, name: str) -> None:
-    bad = ~np.isfinite(t.X).all(axis=1)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise FeatXError(f"{name}: {int(bad.sum())} row(s) have NaN or inf embeddings (e.g. "
-                         f"{display_path(t.paths[i])}); re-extract the table with `featx extract`")
-
-
 def _csv(columns: list[str], rows: list[dict]) -> str:
     buf = io.StringIO(newline="")
-    w = csv.writer(buf)
+    w = csv_writer(buf)
     w.writerow(columns)
     for r in rows:
         w.writerow(["" if r[c] is None else f"{r[c]:.6f}" if isinstance(r[c], float) else
@@ -194,12 +187,12 @@ def _inputs(table, test, threshold, relabel) -> tuple[EmbeddingTable, str, Embed
     if not t.labelled:
         raise FeatXError(f"{name}: the images have no labels; audit a table extracted from an "
                          "ImageFolder tree (root/<class>/<image>)")
-    _check_finite(t, name)
+    require_finite(t, name)
     u, u_name = None, None
     if test is not None:
         u, u_name = load_table(test)
         check_same_backbone(t, name, u, u_name)
-        _check_finite(u, u_name)
+        require_finite(u, u_name)
     if threshold is not None and not -1.0 <= threshold <= 1.0:
         raise FeatXError(f"threshold is a cosine similarity, between -1 and 1; got {threshold}")
     return t, name, u, u_name, fixes
