@@ -109,6 +109,8 @@ def test_interrupted_run_resumes_without_redoing(image_folder, lite0, tmp_path):
 
 
 def _featx(*args, env=None):
+    # the extract calls below pass --features last: they check the `lite0` fixture's store
+    # (the card's last export), and `featx extract` defaults to multi features
     return [sys.executable, "-m", "featx.cli", *args]
 
 
@@ -137,7 +139,7 @@ def test_sigkill_at_several_points_then_resume(points, many_images, lite0, tmp_p
         points = sorted(random.Random().sample(range(1, 28), 6))
     store = tmp_path / "s"
     env = {**os.environ, "FEATX_HOME": str(featx_home)}
-    args = _featx("extract", str(many_images), "--out", str(tmp_path / "k.parquet"), "--store", str(store),
+    args = _featx("extract", "--features", "last", str(many_images), "--out", str(tmp_path / "k.parquet"), "--store", str(store),
                   "--batch-size", "4", "--shard-size", "4", "--workers", "1", "--device", "cpu", "-q")
     ns = store / lite0.fingerprint
     kept: dict[str, int] = {}
@@ -172,7 +174,7 @@ def test_two_concurrent_runs_share_a_store(many_images, lite0, tmp_path, featx_h
     other = tmp_path / "other"
     shutil.copytree(many_images / "a", other / "a")  # overlapping content
     env = {**os.environ, "FEATX_HOME": str(featx_home)}
-    procs = [subprocess.Popen(_featx("extract", str(root), "--out", str(tmp_path / f"{i}.parquet"),
+    procs = [subprocess.Popen(_featx("extract", "--features", "last", str(root), "--out", str(tmp_path / f"{i}.parquet"),
                                      "--store", str(store), "--shard-size", "16", "--device", "cpu", "-q"),
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
              for i, root in enumerate([many_images, other])]
@@ -206,7 +208,7 @@ def test_two_extracts_writing_the_same_out_leave_one_whole_table(lite0, tmp_path
     out = tmp_path / "same.parquet"
     env = {**os.environ, "FEATX_HOME": str(featx_home)}
     for rnd in range(8):
-        procs = [subprocess.Popen(_featx("extract", str(r), "--out", str(out), "--store", str(store),
+        procs = [subprocess.Popen(_featx("extract", "--features", "last", str(r), "--out", str(out), "--store", str(store),
                                          "--device", "cpu", "-q"),
                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for r in roots]
         for p in procs:
@@ -299,7 +301,7 @@ def test_real_subprocess_all_bad(tmp_path, featx_home):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "x.jpg").write_bytes(b"junk")
     env = {**os.environ, "FEATX_HOME": str(featx_home)}
-    p = subprocess.run(_featx("extract", str(tmp_path / "d"), "--out", str(tmp_path / "o.parquet")),
+    p = subprocess.run(_featx("extract", "--features", "last", str(tmp_path / "d"), "--out", str(tmp_path / "o.parquet")),
                        env=env, capture_output=True, text=True)
     assert p.returncode == 1 and "could be embedded" in p.stderr
 
@@ -316,7 +318,7 @@ def test_full_disk_gives_clear_error_and_keeps_store_valid(many_images, lite0, t
 
     store = tmp_path / "s"
     env = {**os.environ, "FEATX_HOME": str(featx_home)}
-    args = _featx("extract", str(many_images), "--out", str(tmp_path / "t.parquet"), "--store", str(store),
+    args = _featx("extract", "--features", "last", str(many_images), "--out", str(tmp_path / "t.parquet"), "--store", str(store),
                   "--batch-size", "8", "--shard-size", "64", "--device", "cpu", "-q")
 
     def limit():

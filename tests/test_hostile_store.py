@@ -159,7 +159,8 @@ def test_tampered_meta_file_is_a_clear_error(lite0, tmp_path, image_folder, cont
     (root / lite0.fingerprint / "meta.json").write_bytes(content)
     with pytest.raises(FeatXError, match=r"meta\.json"):
         EmbeddingStore(lite0, root)
-    r = CliRunner().invoke(main, ["extract", str(image_folder), "--store", str(root), "--device", "cpu",
+    # --features last: the namespace tampered with above is the last export's (extract defaults to multi)
+    r = CliRunner().invoke(main, ["extract", str(image_folder), "--features", "last", "--store", str(root), "--device", "cpu",
                                   "--out", str(tmp_path / "t.parquet")])
     assert r.exit_code == 1 and "meta.json" in r.output
     assert isinstance(r.exception, SystemExit)  # a featx error, rendered; not a traceback

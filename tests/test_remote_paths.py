@@ -227,8 +227,9 @@ def test_cli_extracts_a_file_url_listing_in_a_real_process(data, tmp_path):
     folder, emb, _ = data
     urls = [_file_url(folder / r) for r in emb]
     pd.DataFrame({"path": urls}).to_csv(tmp_path / "list.csv", index=False)
+    # --features last: compared with the lite0 fixture's embeddings (extract defaults to multi)
     run = subprocess.run([sys.executable, "-m", "featx.cli", "extract", str(tmp_path / "list.csv"),
-                          "--out", str(tmp_path / "t.parquet"), "--device", "cpu", "-q"],
+                          "--features", "last", "--out", str(tmp_path / "t.parquet"), "--device", "cpu", "-q"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     from featx.embed.table import read_table

@@ -37,8 +37,9 @@ def test_csv_listing_gives_the_same_embeddings_as_the_folder(loose, lite0, tmp_p
     rows = rows[::-1]  # the table's order, not sorted order, is kept
     pd.DataFrame(rows).to_csv(base / "list.csv", index=False)
     ref = extract(folder, lite0, out=tmp_path / "ref.parquet", device="cpu").table
-    r = CliRunner().invoke(main, ["extract", str(base / "list.csv"), "--out", str(tmp_path / "t.parquet"),
-                                  "--device", "cpu", "-q"])
+    # --features last: compared with the lite0 fixture's embeddings (extract defaults to multi)
+    r = CliRunner().invoke(main, ["extract", str(base / "list.csv"), "--features", "last", "--out",
+                                  str(tmp_path / "t.parquet"), "--device", "cpu", "-q"])
     assert r.exit_code == 0, r.output
     t = read_table(tmp_path / "t.parquet")
     assert t.paths == [row["path"] for row in rows] and t.labels == [row["label"] for row in rows]
