@@ -248,6 +248,17 @@ def compare(train, test=None, *, out: str | os.PathLike = "report", per_class="5
                      + "; ".join(f"{p} ({why})" for p, why in frozen.failed[:5])
                      + (", ..." if len(frozen.failed) > 5 else ""))
     config = _config(cfg, card, frozen, files.classes, test_source, str(torch_device(device)))
+    rows = _run_all(sizes, methods, files, testf, frozen, cfg, config, notes, out, seed, device, store,
+                    keep_runs, progress)
+    result = CompareResult(rows, out, config, notes=notes)
+    result.files = write_report(out, rows, config, notes)
+    return result
+
+
+def _run_all(sizes, methods, files, testf, frozen, cfg, config: dict, notes: list[str], out: Path,
+             seed: int, device: str, store, keep_runs: bool, progress: ProgressFn) -> list[dict]:
+    """Every (size, method) run of ``compare``, in order; runs a previous compare with the same
+    settings finished are kept, and compare.json is rewritten after each run."""
     done = finished_runs(out / "compare.json", config)
     rows: list[dict] = []
     total, k, t0 = len(sizes) * len(methods), 0, time.perf_counter()
@@ -276,9 +287,7 @@ def compare(train, test=None, *, out: str | os.PathLike = "report", per_class="5
             rows.append(row)
             step(f"{method} @ {n_label}/class", 1, 1)
             write_json(out / "compare.json", _report(rows, config, notes))  # partial results survive a kill
-    result = CompareResult(rows, out, config, notes=notes)
-    result.files = write_report(out, rows, config, notes)
-    return result
+    return rows
 
 
 # settings that do not change a run's result: a rerun on another device still resumes

@@ -23,7 +23,6 @@ def base_backbone(card: BackboneCard, module, weights_sha: str, weights: str | N
     """
     from featx.backbones.artifact import cached_sidecar, load_export
     from featx.backbones.export import export_dir_for, write_export
-    from featx.backbones.features import recorded_features
     from featx.backbones.resolve import resolve_backbone
 
     features = "last" if recipe is None else recipe.name
@@ -34,7 +33,7 @@ def base_backbone(card: BackboneCard, module, weights_sha: str, weights: str | N
     if recipe is not None:
         dest = dest.with_name(f"{dest.name}-{features}")
     side = cached_sidecar(dest)  # a damaged or half-written export is made again
-    if side is not None and side.card_digest == card.digest() and recorded_features(side.extra) == features:
+    if side is not None and side.card_digest == card.digest() and side.feature_recipe == features:
         return load_export(dest)
     torch = require("torch", "torch")
     suffix = "" if recipe is None else f"-{features}"
