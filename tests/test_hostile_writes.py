@@ -207,9 +207,11 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary(evaluated, two_heads, c
     assert not [p.name for p in (evaluated / "out").iterdir()], "nothing half-written, no temporary"
 
 
-def test_a_full_disk_during_export_is_one_line(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_a_full_disk_during_export_is_one_line(tmp_path, precision):
     env = {**os.environ, "FEATX_HOME": str(tmp_path / "home")}
-    r = run_with_file_limit(1 << 20, "export", "efficientnet_lite0", cwd=tmp_path, env=env)
+    r = run_with_file_limit(1 << 20, "export", "efficientnet_lite0", "--precision", precision, cwd=tmp_path,
+                            env=env)
     full_disk_line(r, str(tmp_path / "home" / "backbones"))
     assert not list((tmp_path / "home" / "backbones").iterdir())
 
