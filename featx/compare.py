@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,6 +143,9 @@ def _embed_frozen(card, files: LabelledFiles, testf: LabelledFiles, largest: int
     used = files.subset(per_class_subset(files.labels, largest, seed))
     t0 = time.perf_counter()
     tr = emb.files(used.paths, progress=progress)
+    if tr.failures and largest is not None:  # topping up a class needs its other files' readability
+        used = files
+        tr = emb.files(used.paths, progress=progress)
     te = emb.files(testf.paths, progress=progress)
     seconds = time.perf_counter() - t0
     # seconds per image when actually computed (a cached rerun would otherwise report ~0)
@@ -151,6 +155,22 @@ def _embed_frozen(card, files: LabelledFiles, testf: LabelledFiles, largest: int
     ok_te = te.ok
     return _Frozen(bb, emb.store, dict(zip(used.paths, tr.keys, strict=True)), te.rows(),
                    testf.labels[ok_te], ok_te, per_image, seconds, tr.failures + te.failures)
+
+
+def _readable_draw(files: LabelledFiles, drawn, n: int | None, key_of: dict) -> list[int]:
+    """The drawn indices whose files are readable, each class topped up (in file order) from its
+    readable files not drawn when unreadable ones left it short of ``n``; the draw itself when
+    every drawn file is readable."""
+    ok = [int(i) for i in drawn if key_of.get(files.paths[i]) is not None]
+    if n is None or len(ok) == len(drawn):
+        return ok
+    have = Counter(files.labels[i] for i in ok)
+    taken = {int(i) for i in drawn}
+    for i, (p, label) in enumerate(zip(files.paths, files.labels, strict=True)):
+        if have[label] < n and i not in taken and key_of.get(p) is not None:
+            ok.append(i)
+            have[label] += 1
+    return sorted(ok)
 
 
 def _frozen_row(frozen: _Frozen, sub: LabelledFiles, seed: int) -> tuple[float, float, dict]:
@@ -263,8 +283,7 @@ def _run_all(sizes, methods, files, testf, frozen, cfg, config: dict, notes: lis
     rows: list[dict] = []
     total, k, t0 = len(sizes) * len(methods), 0, time.perf_counter()
     for n in sizes:
-        sub = files.subset(per_class_subset(files.labels, n, seed))
-        sub = sub.subset([i for i, p in enumerate(sub.paths) if frozen.key_of.get(p) is not None])
+        sub = files.subset(_readable_draw(files, per_class_subset(files.labels, n, seed), n, frozen.key_of))
         n_label = "all" if n is None else n
         for method in methods:
             k += 1

@@ -39,3 +39,20 @@ def test_unreadable_training_files_are_left_out_and_named(tmp_path):
     assert "2 unreadable files left out of every method" in notes and "broken.jpg" in notes, notes
     (row,) = [r for r in doc["rows"] if r["method"] == "frozen"]
     assert row["train_images"] == 8 and 0.0 <= row["accuracy"] <= 1.0
+
+
+def test_a_size_is_drawn_from_the_readable_files(tmp_path):
+    """A class whose drawn images were all unreadable used to vanish from the row ("a head needs
+    at least 2 classes"); each size is drawn from the readable files."""
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    test = make_image_folder(tmp_path / "test", per_class=2)
+    for cls in ("cat", "thing"):
+        for j in range(6):  # twice the readable images: a draw of 1 a class hits one most of the time
+            (data / cls / f"a{j}-broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    out = tmp_path / "report"
+    for seed in ("0", "1", "2"):
+        run_cli("compare", str(data), "--test", str(test), "--per-class", "1", "--seed", seed,
+                "--out", str(out / seed), *SMALL)
+        (row,) = [r for r in json.loads((out / seed / "compare.json").read_text())["rows"]
+                  if r["method"] == "frozen"]
+        assert row["train_images"] == 2, row
