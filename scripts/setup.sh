@@ -19,11 +19,18 @@ fi
 INDEX="$(bash scripts/torch_index.sh)"
 if [ -n "$INDEX" ] && ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if [ -n "${FEATX_TORCH_INDEX:-}" ]; then WHY="as FEATX_TORCH_INDEX says"; else WHY="no NVIDIA GPU found: the CPU build"; fi
-  echo "installing torch from $INDEX ($WHY)" >&2
-  if ! .venv/bin/python -m pip install -q --timeout 15 --retries 1 torch torchvision --index-url "$INDEX"; then
-    echo "note: $INDEX cannot be reached; pip's default torch is installed instead, with its CUDA" \
-         "libraries (about 3 GB, unused without a GPU). To avoid them, install a CPU wheel of torch" \
-         "into .venv first (pip install FILE.whl), then run this script again." >&2
+  # only an index that answers: pip's own config may add local wheels, and a local CPU torch
+  # beside PyPI's torchvision does not import ("operator torchvision::nms does not exist")
+  if .venv/bin/python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1].rstrip('/') + '/torch/', timeout=10)" "$INDEX" 2>/dev/null; then
+    echo "installing torch from $INDEX ($WHY)" >&2
+    .venv/bin/python -m pip install -q --timeout 15 --retries 1 torch torchvision --index-url "$INDEX" || true
+  fi
+  if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
+    .venv/bin/python -m pip uninstall -q -y torch torchvision >/dev/null 2>&1 || true
+    echo "note: no CPU build of torch + torchvision from $INDEX (not reachable from here); pip's" \
+         "default torch is installed instead, with its CUDA libraries (about 3 GB, unused without a" \
+         "GPU). To avoid them, install a matching CPU torch + torchvision into .venv first, then" \
+         "run this script again." >&2
   fi
 fi
 .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
