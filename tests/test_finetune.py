@@ -358,18 +358,19 @@ def test_a_fine_tune_that_loses_to_the_probe_exports_the_probe(data, tmp_path):
 
 def test_a_time_budget_chooses_the_epochs_from_the_first_steps(data, tmp_path):
     plans = []
-    # 8 images at batch 1: the plan is made after the first steps of epoch 1; a one-second budget
-    # fits one epoch whatever the machine, so the run must stop there although epochs=5 was allowed
+    # 8 images at batch 1: the plan is made after the first steps of epoch 1; a 10 ms budget
+    # fits one epoch whatever the machine (at least one is always run), so the run must stop there
+    # although epochs=5 was allowed
     r = finetune(data, out=tmp_path / "b", device="cpu", on_plan=plans.append,
-                 **dict(TINY, batch_size=1, epochs=5, unfreeze=0, patience=None, time_budget=1.0))
+                 **dict(TINY, batch_size=1, epochs=5, unfreeze=0, patience=None, time_budget=0.01))
     assert len(plans) == 1 and plans[0]["epochs"] == 1 and plans[0]["epochs_cap"] == 5
     assert plans[0]["images_per_second"] > 0 and plans[0]["seconds_per_epoch"] > 0
     assert r.summary.plan == plans[0] and r.summary.epochs_trained == 1 and r.summary.epochs == 1
     saved = json.loads((r.run_dir / "config.json").read_text())["config"]
-    assert saved["epochs"] == 1 and saved["time_budget"] == 1.0  # --resume continues the chosen run
+    assert saved["epochs"] == 1 and saved["time_budget"] == 0.01  # --resume continues the chosen run
     one_step = []  # an epoch of a single step still gets a plan (not the cap of epochs)
     r = finetune(data, out=tmp_path / "one", device="cpu", on_plan=one_step.append,
-                 **dict(TINY, batch_size=16, epochs=4, unfreeze=0, patience=None, time_budget=1.0))
+                 **dict(TINY, batch_size=16, epochs=4, unfreeze=0, patience=None, time_budget=0.01))
     assert len(one_step) == 1 and one_step[0]["epochs"] == 1 and r.summary.epochs_trained == 1
     with pytest.raises(FeatXError, match="time_budget must be > 0"):
         finetune(data, out=tmp_path / "c", device="cpu", **dict(TINY, time_budget=0.0))

@@ -29,7 +29,8 @@ def _embed_actor_pids() -> list[int]:
                     title = f.read()
             except OSError:
                 continue
-            if title.startswith(b"ray::MapWorker(MapBatches(EmbedActor))"):
+            # EmbedActor (GPU clusters) or DecodeEmbedActor (CPU: decode and embed in one actor)
+            if title.startswith(b"ray::MapWorker(MapBatches(") and b"EmbedActor))" in title:
                 pids.append(int(p))
     return pids
 

@@ -65,7 +65,7 @@ def test_fit_head_defaults_to_the_table_in_this_folder(flow, tmp_path, monkeypat
     assert s["embeddings"] == str((tmp_path / "t.featx.parquet").resolve())
     assert Path(s["head_file"]) == Path("head.joblib") and (tmp_path / "head.joblib").is_file()
     r = run("fit-head", "--embeddings", str(tmp_path / "t.featx.parquet"), "--C", "-1", ok=False)
-    assert r.exit_code == 2 and "C must be > 0" in r.output
+    assert r.exit_code == 2 and "must be > 0" in r.output
 
 
 def test_predict_csv_json_and_bad_files(flow, head, lite0):

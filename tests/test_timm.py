@@ -103,7 +103,7 @@ def test_timm_backbone_works_everywhere_a_backbone_is_named(checkpoints, tmp_pat
     data = make_image_folder(tmp_path / "data")
     name, ckpt = MODELS[0], checkpoints[MODELS[0]]
     out = tmp_path / "t.parquet"
-    _cli("extract", str(data), "--backbone", f"timm:{name}", "--weights", str(ckpt),
+    _cli("extract", str(data), "--backbone", f"timm:{name}", "--weights", str(ckpt), "--features", "last",
          "--out", str(out), "--store", str(tmp_path / "s"), "--device", "cpu", "-q")
     t = read_table(out)
     assert t.X.shape == (8, 512) and np.isfinite(t.X).all()

@@ -51,8 +51,8 @@ def weights_file(card: BackboneCard, weights: str | os.PathLike | None = None) -
         return local
     try:
         return _download(src)
-    except FeatXError:
-        raise
+    except FeatXError as e:  # name the backbone and the source in front of the reason
+        raise FeatXError(f"could not get the published weights of {card.name!r} ({src}): {e}") from None
     except Exception as e:
         raise FeatXError(
             f"could not get the published weights of {card.name!r} ({src}): {type(e).__name__}: "
@@ -88,8 +88,8 @@ def unreachable(url: str, timeout: float = PROBE_SECONDS) -> str | None:
 def _check_reachable(url: str) -> None:
     why = unreachable(url)
     if why:
-        raise FeatXError(f"the published weights are not on this machine and {why}. On a machine "
-                         "without internet, download them elsewhere and pass the file with --weights PATH.")
+        raise FeatXError(f"they are not on this machine and {why}. On a machine without internet, "
+                         "download them elsewhere and pass the file with --weights PATH.")
 
 
 def _download(src: WeightsSource) -> str:
