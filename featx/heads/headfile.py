@@ -352,11 +352,12 @@ def load_head(path: str | os.PathLike, trust: bool = False) -> Head:
     in place in the data format.
     """
     header, payload, p = read_header(path, trust=trust)
-    keys = None
+    keys, novelty, conformal = None, None, None
     if header["format"] == FORMAT:
-        arrays = _arrays(p, payload)
+        arrays = _arrays(p, payload)  # read once: the model, training keys and extras share them
         pipeline = _build(p, header, arrays)
         keys = _train_keys(p, arrays)
+        novelty, conformal = _extras(p, header, arrays)
     else:
         pipeline = _load_legacy(p, header, payload)
     bb = header["backbone"]
@@ -368,7 +369,6 @@ def load_head(path: str | os.PathLike, trust: bool = False) -> Head:
         pre = Preprocess.from_dict(header["preprocess"], stored=True)
     except Exception as e:  # a damaged spec: whatever Preprocess raises on it
         raise HeadFileError(f"{p}: damaged featx head file (preprocessing: {e})") from None
-    novelty, conformal = _extras(p, header, payload)
     return Head(pipeline=pipeline, classes=[str(c) for c in header["classes"]],
                 fingerprint=str(bb.get("fingerprint", "")), backbone_dir=str(bdir or ""),
                 preprocess=pre, meta=header, path=p, train_keys=keys, novelty=novelty,
@@ -385,11 +385,10 @@ def _train_keys(p: Path, arrays: dict[str, np.ndarray]) -> np.ndarray | None:
     return a
 
 
-def _extras(p: Path, header: dict, payload: bytes) -> tuple[Novelty | None, Conformal | None]:
-    """The novelty sample and conformal scores of a head that has them (heads before have not)."""
-    if header.get("format") != FORMAT or not ("novelty" in header or "conformal" in header):
+def _extras(p: Path, header: dict, arrays: dict[str, np.ndarray]) -> tuple[Novelty | None, Conformal | None]:
+    """The novelty sample and conformal scores of a data head that has them (heads before have not)."""
+    if not ("novelty" in header or "conformal" in header):
         return None, None
-    arrays = _arrays(p, payload)
     try:
         nov = Novelty.from_record(header["novelty"], arrays, header["backbone"]["dim"]) \
             if "novelty" in header else None
