@@ -42,6 +42,7 @@ def main() -> None:
 
     from featx.backbones.resolve import resolve_backbone
     from featx.embed.scan import scan
+    from featx.engines.ray import connect
     from featx.extract import extract as local_extract
 
     folder = args.folder or fashion_folder(args.images)
@@ -54,7 +55,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="featx-bench-"))
     t = time.perf_counter()
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    connect(None, args.cpus)  # featx's own local start (worker niceness as the CLI's)
     ray_start = time.perf_counter() - t
     ratios = []
     try:

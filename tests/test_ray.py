@@ -172,3 +172,21 @@ def test_ray_hash_tasks_use_the_stat_cache_too(cluster, lite0, image_folder, tmp
     assert again.stats.embedded == 0 and again.stats.cached == 8  # the edited file: hashed, found
     assert again.table.keys[again.table.paths.index("cat/cat_0.jpg")] == \
         again.table.keys[again.table.paths.index("thing/thing_0.jpg")]
+
+
+def test_a_local_ray_started_by_featx_runs_its_workers_at_the_callers_priority(tmp_path):
+    """Ray's default worker niceness (15) made a featx-started local Ray lose the CPU to any
+    normal-priority process on the machine; featx starts its workers at the driver's priority."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os\nfrom featx.engines.ray import connect\nray, started = connect(None, 1)\n"
+            "assert started\nprint(os.nice(0), ray.get(ray.remote(lambda: os.nice(0)).remote()))\n"
+            "ray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_worker_niceness")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    driver, worker = map(int, r.stdout.split()[-2:])
+    assert worker == driver, r.stdout
