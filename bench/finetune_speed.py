@@ -19,6 +19,10 @@ is reported with the absolute images/s (which drift with the load).
   channels_last in memory).
 - ``bf16``: bf16 autocast on CPU (only worth it where the CPU has AVX-512 BF16 or
   AMX: ``grep -o 'avx512_bf16\\|amx_bf16' /proc/cpuinfo``).
+- ``uK``: only the top K card blocks train (``--unfreeze K``); the frozen early blocks,
+  the widest activations, run forward only.
+- ``compile``: ``torch.compile`` of the network; its compile time is reported apart
+  (a run must amortise it).
 
 Each variant starts from the same weights (restored before its turn), so no
 variant trains a network the others do not.
@@ -84,10 +88,24 @@ def main() -> None:
         if "cache" in v:
             [datasets[v][i] for i in range(len(files))]
 
+    base_k = tl.resolve_unfreeze(card, unfreeze)
+    compiled: dict[str, object] = {}
+
+    def model_for(v: str):
+        parts = v.split("+")
+        k = next((int(t[1:]) for t in parts if t[:1] == "u" and t[1:].isdigit()), None)
+        tl.set_trainable(net, card, k if k is not None else base_k)
+        if "compile" not in parts:
+            return net
+        if v not in compiled:
+            compiled[v] = torch.compile(net)
+        return compiled[v]
+
     def steps(v: str, n: int) -> float:
         """Seconds for ``n`` training steps of variant ``v`` (batches read through its dataset)."""
         ds = datasets[v]
         net.to(memory_format=torch.channels_last if "cl" in v.split("+") else torch.contiguous_format)
+        model = model_for(v)
         opt = torch.optim.AdamW(tl.param_groups(net, 1e-3, 1e-4, 0.05))
         ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if "bf16" in v else contextlib.nullcontext
         tl.train_mode(net)
@@ -95,7 +113,7 @@ def main() -> None:
         for s in range(n):
             x, y = collate([ds[i] for i in range(s * a.batch_size, (s + 1) * a.batch_size)])
             with ctx():
-                loss = loss_fn(net(x).float(), y)
+                loss = loss_fn(model(x).float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -109,7 +127,10 @@ def main() -> None:
     for r in range(a.rounds):
         for v in variants:
             net.load_state_dict(start)
-            steps(v, 1)  # untimed: first-call costs (oneDNN primitives, allocations)
+            t_first = time.perf_counter()
+            steps(v, 1)  # untimed: first-call costs (oneDNN primitives, allocations, compiling)
+            if r == 0 and "compile" in v:
+                print(f"  {v}: first step (compile) {time.perf_counter() - t_first:.1f} s", flush=True)
             net.load_state_dict(start)
             secs = steps(v, a.steps)
             rates[v].append(a.steps * a.batch_size / secs)

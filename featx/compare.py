@@ -259,7 +259,7 @@ def compare(train, test=None, *, out: str | os.PathLike = "report", per_class="5
     out.mkdir(parents=True, exist_ok=True)
     cfg = FinetuneConfig(backbone=backbone, unfreeze=unfreeze, epochs=epochs, lr=lr, backbone_lr=backbone_lr,
                          crop_scale=crop_scale, batch_size=batch_size, input_size=input_size, seed=seed,
-                         val_fraction=0.0, patience=None)
+                         val_fraction=0.0, patience=None, features="last")  # as the frozen row's probe
     card = card_for(cfg)
     cfg.validate(card)
     frozen = _embed_frozen(card, files, testf, sizes[-1], seed, device, store, progress)

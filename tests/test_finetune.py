@@ -30,7 +30,9 @@ from featx.finetune.data import ImageDataset, labelled_files, random_box
 from featx.finetune.loop import set_trainable, train_mode
 from featx.sampling import stratified_split
 
-TINY = {"input_size": 64, "batch_size": 4, "epochs": 1, "unfreeze": 1, "lp_C": 1.0}
+# "last": these tests look inside the plain backbone (its blocks, its export); the multi-layer
+# default is covered by test_lp_ft_from_the_multi_layer_probe and test_finetune_default_features
+TINY = {"input_size": 64, "batch_size": 4, "epochs": 1, "unfreeze": 1, "lp_C": 1.0, "features": "last"}
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +97,7 @@ def test_fold_head_and_linear_as_logreg_match_sklearn():
 
 def test_unfreeze_blocks_and_frozen_batchnorm(data):
     files = labelled_files(data)
-    init = init_network(FinetuneConfig(input_size=64), files, lp=False)
+    init = init_network(FinetuneConfig(input_size=64, features="last"), files, lp=False)
     net, card = init.net, init.card
     bb = net.features.backbone
     assert set_trainable(net, card, 0) == sum(p.numel() for p in net.head.parameters())
@@ -138,7 +140,7 @@ def test_run_exports_backbone_head_and_classifier(run, data):
         assert (d / f).is_file(), f
     assert json.loads((d / "status.json").read_text())["state"] == "done"
     bb = resolve_backbone(d)  # the run dir is a backbone like any other
-    base = resolve_backbone(_lp_backbone_dir(card_for(FinetuneConfig(input_size=64))))
+    base = resolve_backbone(_lp_backbone_dir(card_for(FinetuneConfig(input_size=64, features="last"))))
     assert bb.fingerprint != base.fingerprint
     assert bb.meta["parity"]["max_rel_diff"] <= 1e-4 and bb.preprocess.input_size == 64
     # the head file + exported backbone reproduce the in-memory network
@@ -226,7 +228,7 @@ def test_cli_resume_refuses_options_it_would_ignore(data, tmp_path):
 
 
 def test_frozen_blocks_do_not_move(run, data):
-    ref = init_network(FinetuneConfig(input_size=64), labelled_files(data), lp=False).net
+    ref = init_network(FinetuneConfig(input_size=64, features="last"), labelled_files(data), lp=False).net
     got = run.net.features.backbone
     want = ref.features.backbone
     # block 6 is frozen: weights and BN running statistics unchanged
@@ -347,7 +349,7 @@ def test_a_fine_tune_that_loses_to_the_probe_exports_the_probe(data, tmp_path):
     from featx.finetune.data import LabelledFiles
 
     train = LabelledFiles.from_dict(json.loads((r.run_dir / "split.json").read_text())["train"])
-    init = init_network(FinetuneConfig(input_size=64, lp_C=1.0), train, device="cpu")  # the run's probe
+    init = init_network(FinetuneConfig(input_size=64, lp_C=1.0, features="last"), train, device="cpu")  # the run's probe
     files = labelled_files(data)
     pix = torch.from_numpy(np.stack([load_image(p, r.preprocess) for p in files.paths]))
     with torch.no_grad():

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from featx.backbones.features import DEFAULT_FEATURES
 from featx.cli.options import (
     AutoOrFloat,
     Progress,
@@ -156,7 +157,7 @@ _RUN_OPTIONS = ("train", "val", "backbone", "weights", "unfreeze", "epochs", "lr
               help="C of the LP probe (auto: cross-validated; a number skips the CV on big sets).")
 @click.option("--input-size", type=click.IntRange(16, 1024), default=None,
               help="Override the card's input size (smaller = faster on CPU, less accurate).")
-@click.option("--features", type=click.Choice(["last", "multi"]), default="last", show_default=True,
+@click.option("--features", type=click.Choice(["last", "multi"]), default=DEFAULT_FEATURES, show_default=True,
               help="What the linear layer reads: the backbone's pooled output, or pooled intermediate "
                    "stages too (multi: LP-FT starts from the multi-layer probe of `fit-head`).")
 @click.option("--crop-scale", type=click.FloatRange(0, 1, min_open=True), default=0.08, show_default=True,

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from featx.backbones.cards import DEFAULT_BACKBONE, BackboneCard, get_card
+from featx.backbones.features import DEFAULT_FEATURES
 from featx.errors import FeatXError
 
 FINETUNE_FORMAT = 2  # 2: split.json records each file's content key
@@ -44,8 +45,9 @@ class FinetuneConfig:
     # seconds for the whole run: epochs (at most ``epochs``) are chosen from the speed of the first steps
     time_budget: float | None = None
     # the embedding the linear layer reads: "last" (the pooled output) or "multi" (Head2Toe-style pooled
-    # stages, featx.backbones.features): LP-FT then starts from the multi-layer probe
-    features: str = "last"
+    # stages, featx.backbones.features): LP-FT then starts from the multi-layer probe. The default is
+    # extract's, so the probe a run must beat (and keeps when it cannot) is fit-head's default head
+    features: str = DEFAULT_FEATURES
 
     def __post_init__(self) -> None:
         if isinstance(self.weights, os.PathLike):  # a Path to a checkpoint is as good as its string
@@ -60,7 +62,8 @@ class FinetuneConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise FeatXError(f"{source}: unknown options {unknown} (edited, or written by a newer featx)")
-        cfg = cls(**d)
+        # a run saved before the option existed read the pooled output: resume it as it was
+        cfg = cls(**{"features": "last", **d})
         try:
             cfg.validate_types()
         except FeatXError as e:
