@@ -43,7 +43,7 @@ __all__ = ["FILES", "AuditResult", "audit"]
 
 #: weight of the neighbours' leave-one-out vote beside the logistic head's out-of-fold
 #: probabilities (see docs/audit.md for what each gave on Fashion-MNIST with planted noise)
-VOTE_WEIGHT = 0.5
+VOTE_WEIGHT = 0.25
 PROBABILITIES = (f"{1 - VOTE_WEIGHT:g} x logistic out-of-fold + {VOTE_WEIGHT:g} x leave-one-out vote of the "
                  f"{K_VOTE} nearest images")
 FILES = {"labels": "label_issues.csv", "duplicates": "duplicates.csv", "outliers": "outliers.csv",

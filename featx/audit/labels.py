@@ -9,7 +9,7 @@ from featx.errors import require
 __all__ = ["K_VOTE", "knn_proba", "label_issues"]
 
 #: neighbours whose labels vote in ``knn_proba``
-K_VOTE = 20
+K_VOTE = 40
 
 
 def knn_proba(index: np.ndarray, codes: np.ndarray, n_classes: int, k: int = K_VOTE) -> np.ndarray:
