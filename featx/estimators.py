@@ -545,14 +545,12 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         return self
 
     def _embed_fitted(self, X) -> np.ndarray:
-        from featx.errors import MismatchError
+        from featx.backbones.resolve import check_fingerprint
 
         check_is_fitted(self)
-        fp = self._resolve().fingerprint
-        if fp != self.backbone_fingerprint_:
-            raise MismatchError(f"this classifier was fitted on backbone fingerprint "
-                                f"{self.backbone_fingerprint_}, but backbone={self.backbone!r} is now "
-                                f"{fp}; refit it")
+        check_fingerprint(self._resolve(), self.backbone_fingerprint_,
+                          "this classifier was fitted on another backbone",
+                          f"backbone={self.backbone!r} has changed since fit; refit it")
         return self._embed(X)
 
     def predict_proba(self, X) -> np.ndarray:

@@ -46,10 +46,10 @@ import numpy as np
 
 from featx import __version__
 from featx.atomic import write_bytes
-from featx.backbones.artifact import Backbone, load_export, with_decoder
+from featx.backbones.artifact import Backbone
 from featx.backbones.cards import Preprocess
-from featx.backbones.resolve import resolve_backbone
-from featx.errors import FeatXError, MismatchError
+from featx.backbones.resolve import check_fingerprint, recorded_backbone
+from featx.errors import FeatXError
 from featx.heads.codec import CodecError, decode, encode
 from featx.heads.conformal import Conformal
 from featx.heads.novelty import Novelty
@@ -96,14 +96,12 @@ class Head:
 
     def check_backbone(self, bb: Backbone) -> None:
         """Refuse a backbone other than the one the head was trained on."""
-        if bb.fingerprint != self.fingerprint:
-            raise MismatchError(
-                f"head {self.path or ''} was trained on backbone {self.backbone_name!r} "
-                f"(fingerprint {self.fingerprint}), but the backbone given is {bb.name!r} "
-                f"(fingerprint {bb.fingerprint}). Embeddings of different backbones are not "
-                "comparable: use the head's own backbone (omit --backbone) or fit a new head "
-                "on embeddings from this backbone."
-            )
+        check_fingerprint(bb, self.fingerprint, *self._mismatch())
+
+    def _mismatch(self) -> tuple[str, str]:
+        return (f"head {self.path or ''} was trained on backbone {self.backbone_name!r}",
+                "use the head's own backbone (omit --backbone) or fit a new head on embeddings "
+                "from this backbone.")
 
 
 def head_path(path: str | os.PathLike) -> Path:
@@ -565,19 +563,10 @@ def head_backbone(head: Head, override: str | os.PathLike | Backbone | None = No
     """The backbone a head runs on: ``override`` if given (and it must match), else the
     head's recorded export directory, else its card re-exported; fingerprint always checked.
     Images are decoded as they were for the head (its ``preprocess.decoder``)."""
-    if override is not None:
-        bb = with_decoder(resolve_backbone(override), head.preprocess.decoder)
-        head.check_backbone(bb)
-        return bb
-    if head.backbone_dir and (Path(head.backbone_dir) / "model.json").is_file():
-        bb = with_decoder(load_export(head.backbone_dir), head.preprocess.decoder)
-        head.check_backbone(bb)
-        return bb
     card = head.meta.get("backbone", {}).get("card")
     name = card.get("name") if isinstance(card, dict) else card
-    if name:
-        bb = with_decoder(resolve_backbone(name), head.preprocess.decoder)
-        head.check_backbone(bb)
-        return bb
-    raise FeatXError(f"head {head.path}: its backbone directory {head.backbone_dir} is gone; "
-                     "pass the backbone it was trained on with --backbone DIR")
+    bdir = head.backbone_dir if head.backbone_dir and (Path(head.backbone_dir) / "model.json").is_file() else None
+    made, fix = head._mismatch()
+    return recorded_backbone(head.fingerprint, [bdir, name], override, head.preprocess.decoder, made, fix,
+                             missing=f"head {head.path}: its backbone directory {head.backbone_dir} is "
+                                     "gone; pass the backbone it was trained on with --backbone DIR")
