@@ -30,8 +30,8 @@ import numpy as np
 from featx.atomic import result_file, write_text
 from featx.backbones.resolve import table_backbone
 from featx.csvout import csv_writer
-from featx.embed.scan import display_path, is_table_file, resolve_item_path
-from featx.embed.table import EmbeddingTable, read_table
+from featx.embed.scan import display_path, is_table_file
+from featx.embed.table import EmbeddingTable, image_paths, read_table
 from featx.embed.table_checks import require_fingerprint, require_finite, require_same_backbone
 from featx.engines.files import collect_files, embed_paths
 from featx.errors import FeatXError, MismatchError, require
@@ -239,12 +239,6 @@ def is_embeddings_table(path: str | os.PathLike) -> bool:
         return False
 
 
-def full_path(t: EmbeddingTable, p: str) -> str:
-    """A table row's file: its path under the table's recorded data root."""
-    root = t.meta.get("root")
-    return p if not root else resolve_item_path(root, p)
-
-
 def check_same_backbone(a: EmbeddingTable, a_name: str, b: EmbeddingTable, b_name: str) -> None:
     """Refuse to compare embeddings of two backbones (see ``featx.embed.table_checks``)."""
     require_same_backbone(a, a_name, b, b_name)
@@ -276,7 +270,7 @@ def embed_query(query, t: EmbeddingTable, t_name: str, *, backbone, device: str,
         check_same_backbone(t, t_name, q, q_name)
         if backbone is not None:  # refused by table_backbone when it is not the table's
             table_backbone(t.meta, Path(t_name), backbone)
-        return Query([full_path(q, p) for p in q.paths], list(q.labels), q.X, keys=list(q.keys))
+        return Query(image_paths(q, query), list(q.labels), q.X, keys=list(q.keys))
     inputs = list(query) if isinstance(query, (list, tuple)) else [query]
     require_fingerprint(t, t_name)  # files are embedded with its backbone: it must be known
     bb = table_backbone(t.meta, Path(t_name), backbone)
@@ -362,7 +356,7 @@ def neighbors(query, table: str | os.PathLike | EmbeddingTable, k: int = 10, *,
     if len(q.X) == 0:
         raise FeatXError(f"none of the query images could be read: {q.failures[:3]}")
     res = search(q.X, t.X, k, index=index, ef=ef, progress=progress)
-    return NeighborsResult(q.files, q.labels, [full_path(t, p) for p in t.paths], list(t.labels),
+    return NeighborsResult(q.files, q.labels, image_paths(t, table), list(t.labels),
                            res, q.failures, t_name)
 
 
@@ -520,8 +514,8 @@ def duplicates(table: str | os.PathLike | EmbeddingTable,
     a, b, sim = _sorted_pairs(pairs)
     same = np.array([t.keys[i] == u.keys[j] for i, j in zip(a, b, strict=True)], bool)
     capped = int(np.sum(res.similarity[:, -1] >= threshold)) if res.similarity.shape[1] else 0
-    result = DuplicatesResult(a, b, sim, same, [full_path(t, p) for p in t.paths], list(t.labels),
-                              None if within else [full_path(u, p) for p in u.paths],
+    result = DuplicatesResult(a, b, sim, same, image_paths(t, table), list(t.labels),
+                              None if within else image_paths(u, across),
                               None if within else list(u.labels), threshold, res,
                               clusters(a, b, len(t), None if within else len(u)), capped=capped,
                               table=t_name, across=u_name, calibration=calibration)

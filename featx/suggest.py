@@ -41,8 +41,8 @@ from featx.atomic import write_text
 from featx.backbones.artifact import Backbone
 from featx.backbones.resolve import table_backbone
 from featx.csvout import csv_writer
-from featx.embed.scan import display_path, is_table_file, resolve_item_path
-from featx.embed.table import EmbeddingTable, read_table
+from featx.embed.scan import display_path, is_table_file
+from featx.embed.table import EmbeddingTable, image_paths, read_table
 from featx.engines.files import collect_files, shared
 from featx.errors import FeatXError, MismatchError
 from featx.heads.fit import fit_head, one_blas_thread
@@ -128,8 +128,7 @@ def load_pool(pool: str | os.PathLike, bb: Backbone, *, store: str | os.PathLike
         raise FeatXError(f"{p}: no such pool (a folder, a listing or a featx table)")
     if p.is_file() and _is_embeddings_table(p):
         t = read_table(p)
-        root = t.meta.get("root") or str(p.parent)
-        paths = [q if "://" in q else os.path.abspath(q) for q in (resolve_item_path(root, q) for q in t.paths)]
+        paths = [q if "://" in q else os.path.abspath(q) for q in image_paths(t, p)]
         X = t.X if t.X is not None else np.zeros((0, bb.dim), np.float32)
         return Pool(paths, list(t.keys), X, t.fingerprint)
     if not (p.is_dir() or is_table_file(p)):

@@ -23,7 +23,7 @@ from featx.audit.outliers import K_OUTLIER, outliers
 from featx.audit.page import render_page
 from featx.csvout import csv_writer
 from featx.embed.scan import display_path
-from featx.embed.table import EmbeddingTable
+from featx.embed.table import EmbeddingTable, image_paths
 from featx.embed.table_checks import require_finite
 from featx.errors import FeatXError
 from featx.heads.oof import OOFResult, oof_proba
@@ -32,7 +32,6 @@ from featx.similarity import (
     DuplicatesResult,
     check_same_backbone,
     duplicates,
-    full_path,
     load_table,
     search,
 )
@@ -84,10 +83,11 @@ def _nearest_distinct(res, keys: list[str]) -> np.ndarray:
     return np.where(other.any(axis=1), sim, np.float32(-2.0))
 
 
-def _pairs(d: DuplicatesResult, t: EmbeddingTable, u: EmbeddingTable | None) -> list[dict]:
+def _pairs(d: DuplicatesResult, t: EmbeddingTable, u: EmbeddingTable | None, v_files: list[str]) -> list[dict]:
+    """``v_files``: where the images of the second table (``u``, else ``t``) are."""
     v = t if u is None else u
     return [{"scope": "within" if u is None else "test", "path_a": t.paths[a], "label_a": t.labels[a],
-             "path_b": v.paths[b], "label_b": v.labels[b], "file_b": full_path(v, v.paths[b]),
+             "path_b": v.paths[b], "label_b": v.labels[b], "file_b": v_files[b],
              "similarity": float(s), "identical": bool(same)}
             for a, b, s, same in zip(d.a.tolist(), d.b.tolist(), d.similarity, d.identical, strict=True)]
 
@@ -148,8 +148,9 @@ def audit(table: str | os.PathLike | EmbeddingTable, test: str | os.PathLike | E
     outs = outliers(res.index, res.similarity, t.paths, t.labels)
     times["duplicates_outliers"] = time.perf_counter() - tick
 
-    pairs = _pairs(dups, t, None)
-    leak_pairs = _pairs(leaks, t, u) if leaks is not None else []
+    t_files = image_paths(t, table)
+    pairs = _pairs(dups, t, None, t_files)
+    leak_pairs = _pairs(leaks, t, u, image_paths(u, test)) if leaks is not None else []
     summary = {
         "table": name, "test": u_name, "rows": len(t), "classes": oof.classes,
         "label_issues": sum(r["flagged"] for r in rows),
@@ -165,7 +166,7 @@ def audit(table: str | os.PathLike | EmbeddingTable, test: str | os.PathLike | E
         "relabel": None if fixes is None else {k: fixes[k] for k in ("file", "relabelled", "dropped")},
     }
     page = render_page(summary, oof.classes, [r for r in rows if r["flagged"]], pairs, leak_pairs, outs,
-                       {p: full_path(t, p) for p in t.paths})
+                       dict(zip(t.paths, t_files, strict=True)))
     times["total"] = time.perf_counter() - t0
     summary["seconds"] = {k: round(v, 3) for k, v in times.items()}
     files = _write(out, rows, pairs + leak_pairs, outs, page, summary)
