@@ -330,16 +330,8 @@ def clean_temporaries(folder: Path) -> int:
     Any temporary older than a day; a shard temporary as soon as its writer process is
     gone and it has been untouched for ``DEAD_WRITER_GRACE_S``.
     """
-    n = clean_stale_temporaries(folder, STALE_AFTER_S)
-    n += _dead_writers_temporaries(folder, time.time())
-    now = time.time()
-    for pattern in LEGACY_TEMPORARIES:
-        for p in folder.glob(pattern):
-            with contextlib.suppress(OSError):
-                if now - p.stat().st_mtime > STALE_AFTER_S:
-                    p.unlink()
-                    n += 1
-    return n
+    n = _dead_writers_temporaries(folder, time.time())
+    return n + clean_stale_temporaries(folder, STALE_AFTER_S, (f".*{TMP_SUFFIX}", *LEGACY_TEMPORARIES))
 
 
 # ---------------------------------------------------------------- the store
