@@ -32,7 +32,7 @@ from featx.heads.headfile import Head, key_digests, load_head
 from featx.modelcard import record_evaluation
 from featx.predict import PredictResult, predict
 from featx.progress import ProgressFn, no_progress
-from featx.similarity import DEFAULT_THRESHOLD
+from featx.similarity.near_duplicates import DEFAULT_THRESHOLD
 
 __all__ = ["EvalResult", "calibration", "compute_metrics", "evaluate", "training_overlap"]
 
@@ -129,7 +129,7 @@ def training_overlap(head: Head, keys: list[str], X: np.ndarray | None,
         notes.append("the head records no training keys (fitted before featx recorded them)")
     near_checked = table is not None and table.X is not None and len(table) > 0 and X is not None
     if near_checked and n:
-        from featx.similarity import search
+        from featx.similarity.topk import search
 
         sim = search(np.asarray(X, np.float32), table.X, k=1, index="exact").similarity[:, 0]
         near = (sim >= threshold) & ~exact

@@ -28,13 +28,9 @@ from featx.embed.table_checks import require_finite
 from featx.errors import FeatXError
 from featx.heads.oof import OOFResult, oof_proba
 from featx.progress import ProgressFn, no_progress
-from featx.similarity import (
-    DuplicatesResult,
-    check_same_backbone,
-    duplicates,
-    load_table,
-    search,
-)
+from featx.similarity.near_duplicates import DuplicatesResult, duplicates
+from featx.similarity.tables import check_same_backbone, load_table
+from featx.similarity.topk import search
 
 log = logging.getLogger(__name__)
 
