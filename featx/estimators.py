@@ -393,7 +393,7 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
     >>> clf = FeatXClassifier(C="auto").fit(["a/1.jpg", "b/1.jpg", ...], ["a", "b", ...])  # doctest: +SKIP
     >>> clf.predict(["new.jpg"])                                # doctest: +SKIP
     array(['a'], dtype='<U1')
-    >>> clf.save_head("head.joblib")    # for featx predict / evaluate  # doctest: +SKIP
+    >>> clf.save_head("head.featx")    # for featx predict / evaluate  # doctest: +SKIP
     """
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, head: str = "logreg",
@@ -680,7 +680,7 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         Parameters
         ----------
         path : str or path-like
-            The head file to write (``head.joblib``).
+            The head file to write (``head.featx``).
 
         Returns
         -------

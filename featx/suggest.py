@@ -47,7 +47,6 @@ from featx.engines.files import collect_files, shared
 from featx.errors import FeatXError, MismatchError
 from featx.heads.fit import fit_head, one_blas_thread
 from featx.heads.headfile import Head, load_head
-from featx.heads.proba import head_class_columns, head_proba
 from featx.progress import ProgressFn, no_progress
 
 __all__ = ["STRATEGIES", "Pool", "SuggestResult", "check_destination", "load_pool", "rank", "select", "suggest",
@@ -119,7 +118,7 @@ def load_pool(pool: str | os.PathLike, bb: Backbone, *, store: str | os.PathLike
               progress: ProgressFn = no_progress) -> Pool:
     """The pool's embeddings: a featx table as it is, a folder or listing embedded with ``bb``.
 
-    Folders and listings go through the embedding store (``featx.predict.embed_paths``), so
+    Folders and listings go through the embedding store (``featx.engines.files.embed_paths``), so
     images already extracted are not run again and the ones embedded here are cached for the
     ``featx extract`` of the next round.
     """
@@ -344,11 +343,11 @@ def rank(X_labelled: np.ndarray, labels, X_pool: np.ndarray, n: int, strategy: s
         pipe, rep = fit_head(X_labelled, labels, C=C, seed=seed, progress=progress)
     else:
         pipe = head.pipeline
-        rep = {"classes": head_class_columns(head), "C": (head.meta.get("train") or {}).get("C"),
+        rep = {"classes": head.class_columns(), "C": (head.meta.get("train") or {}).get("C"),
                "cv_score_mean": (head.meta.get("train") or {}).get("cv_score_mean")}
     progress("score", 0, len(X_pool))
     with one_blas_thread():
-        proba = head_proba(head, X_pool) if head is not None else \
+        proba = head.proba(X_pool) if head is not None else \
             np.asarray(pipe.predict_proba(X_pool), np.float64)
     progress("score", len(X_pool), len(X_pool))
     progress(strategy, 0, n)

@@ -134,7 +134,7 @@ def test_augmentation_is_deterministic_and_inside_the_image(data):
 def test_run_exports_backbone_head_and_classifier(run, data):
     d = run.run_dir
     for f in ("config.json", "split.json", "last.pt", "best.pt", "metrics.csv", "metrics.json",
-              "curve.png", "head.joblib", "classifier.onnx", "summary.json", "backbone/model.onnx"):
+              "curve.png", "head.featx", "classifier.onnx", "summary.json", "backbone/model.onnx"):
         assert (d / f).is_file(), f
     assert json.loads((d / "status.json").read_text())["state"] == "done"
     bb = resolve_backbone(d)  # the run dir is a backbone like any other

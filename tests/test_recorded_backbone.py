@@ -59,7 +59,7 @@ def test_table_head_and_estimator_refuse_another_backbone_alike(lite0, other, ta
     assert table_backbone(t.meta, table.out, None).fingerprint == lite0.fingerprint
 
     pipe = LogisticRegression(max_iter=200).fit(t.X, t.labels)
-    head = load_head(save_head(tmp_path / "head.joblib", pipe, sorted(set(t.labels)), lite0, {}))
+    head = load_head(save_head(tmp_path / "head.featx", pipe, sorted(set(t.labels)), lite0, {}))
     with pytest.raises(MismatchError) as e:
         head_backbone(head, override=other)
     assert "was trained on backbone" in _refusal(e, lite0, other)
@@ -81,7 +81,7 @@ def test_a_head_whose_export_is_broken_falls_back_to_its_card(lite0, table, tmp_
     shutil.copytree(lite0.onnx_path.parent, mine)
     t = table.table
     pipe = LogisticRegression(max_iter=200).fit(t.X, t.labels)
-    head = load_head(save_head(tmp_path / "head.joblib", pipe, sorted(set(t.labels)), load_export(mine), {}))
+    head = load_head(save_head(tmp_path / "head.featx", pipe, sorted(set(t.labels)), load_export(mine), {}))
     assert head.backbone_dir == str(mine)
     with open(mine / "model.onnx", "ab") as f:
         f.write(b"tampered")
