@@ -113,7 +113,7 @@ def audit(table: str | os.PathLike | EmbeddingTable, test: str | os.PathLike | E
     file naming paths not in the table or labels that are not classes.
     """
     t0 = time.perf_counter()
-    t, name, u, u_name, fixes = _inputs(table, test, threshold, relabel)
+    t, name, u, u_name, fixes, t_files = _inputs(table, test, threshold, relabel)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FeatXError(f"{out} exists and is not a folder; pass --out DIR")
@@ -144,7 +144,6 @@ def audit(table: str | os.PathLike | EmbeddingTable, test: str | os.PathLike | E
     outs = outliers(res.index, res.similarity, t.paths, t.labels)
     times["duplicates_outliers"] = time.perf_counter() - tick
 
-    t_files = image_paths(t, table)
     pairs = _pairs(dups, t, None, t_files)
     leak_pairs = _pairs(leaks, t, u, image_paths(u, test)) if leaks is not None else []
     summary = {
@@ -170,9 +169,9 @@ def audit(table: str | os.PathLike | EmbeddingTable, test: str | os.PathLike | E
 
 
 def _inputs(table, test, threshold, relabel) -> tuple[EmbeddingTable, str, EmbeddingTable | None,
-                                                     str | None, dict | None]:
+                                                     str | None, dict | None, list[str]]:
     """The table (corrected by ``relabel``) and the test table, checked (labels, finite rows,
-    one backbone); the relabel record."""
+    one backbone); the relabel record; where the table's images are (``image_paths``)."""
     t, name = load_table(table)
     fixes = None
     if relabel is not None:
@@ -192,7 +191,7 @@ def _inputs(table, test, threshold, relabel) -> tuple[EmbeddingTable, str, Embed
         require_finite(u, u_name)
     if threshold is not None and not -1.0 <= threshold <= 1.0:
         raise FeatXError(f"threshold is a cosine similarity, between -1 and 1; got {threshold}")
-    return t, name, u, u_name, fixes
+    return t, name, u, u_name, fixes, image_paths(t, table)
 
 
 def _write(out: Path, rows: list[dict], pairs: list[dict], outs: list[dict], page: str,
