@@ -70,10 +70,10 @@ def test_lp_init_reproduces_the_head_before_any_step(data):
 
 
 def _lp_backbone_dir(card):
+    from featx.backbones.cards.weights import file_sha256, weights_file
     from featx.backbones.export import export_dir_for
-    from featx.backbones.zoo import file_sha256, weights_file
 
-    return export_dir_for(card, file_sha256(weights_file(card)))
+    return export_dir_for(card, file_sha256(weights_file(card.weights_source, card.name)))
 
 
 def test_fold_head_and_linear_as_logreg_match_sklearn():
