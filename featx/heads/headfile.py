@@ -138,8 +138,8 @@ def head_path(path: str | os.PathLike) -> Path:
     (run) directory holding ``head.featx`` (else ``head.joblib``)."""
     p = Path(path)
     if p.is_dir():
-        p = p / HEAD_FILE if (p / HEAD_FILE).is_file() or not (p / LEGACY_HEAD_FILE).is_file() \
-            else p / LEGACY_HEAD_FILE
+        legacy = p / LEGACY_HEAD_FILE
+        p = legacy if legacy.is_file() and not (p / HEAD_FILE).is_file() else p / HEAD_FILE
     if not p.is_file():
         raise HeadFileError(f"{path}: no such head file (expected a head file written by `featx fit-head` "
                             f"(*.featx, or *.joblib from earlier featx), or a run directory containing "
