@@ -53,7 +53,7 @@ def photos() -> dict[str, np.ndarray]:
 
 def _fmnist(bb, fmnist: Path | None, per_class: int):
     from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist
-    from featx.predict import embed_arrays, embed_paths
+    from featx.engines.files import embed_arrays, embed_paths
 
     rng = np.random.default_rng(0)
     if fmnist is not None:
@@ -79,7 +79,7 @@ def _fmnist(bb, fmnist: Path | None, per_class: int):
 
 
 def data_set(name: str, bb, fmnist: Path | None):
-    from featx.predict import embed_arrays
+    from featx.engines.files import embed_arrays
     from featx.sampling import stratified_split
 
     if name.startswith("fm"):
@@ -168,7 +168,7 @@ def main() -> None:
 
 
 def _photo_embeddings(photo: dict, bb) -> np.ndarray:
-    from featx.predict import embed_arrays
+    from featx.engines.files import embed_arrays
 
     return embed_arrays([a if a.ndim == 3 else np.stack([a] * 3, -1) for a in
                          (np.asarray(v, np.uint8) if v.dtype != bool else v.astype(np.uint8) * 255

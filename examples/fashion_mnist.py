@@ -10,7 +10,7 @@ It writes the official splits as PNG folders, runs the same steps as the CLI
 
     featx extract examples/out/fashion_mnist/train
     featx fit-head --C auto                  # at each training-set size
-    featx evaluate head.joblib examples/out/fashion_mnist/test
+    featx evaluate head.featx examples/out/fashion_mnist/test
 
 and fits the raw-pixel baseline (the same scaler + L2 logistic regression, C by the
 same CV, on the 784 pixels) on exactly the same images. Only the images the sizes
@@ -135,7 +135,7 @@ def main() -> None:
                   f"(C={rep['C']:g}, CV {rep['cv_score_mean']:.4f} +- {rep['cv_score_std']:.4f})",
                   flush=True)
             if kind == "featx" and per_class is None:
-                head = save_head(out / "head.joblib", pipe, rep["classes"], train_bb, rep)
+                head = save_head(out / "head.featx", pipe, rep["classes"], train_bb, rep)
         rows.append(result)
 
     if None in sizes:

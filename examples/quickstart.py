@@ -6,7 +6,7 @@ to scikit-image's bundled photos), then runs
 
     featx extract data/train
     featx fit-head                      # the one *.featx.parquet in this folder; C by CV
-    featx evaluate head.joblib data/test
+    featx evaluate head.featx data/test
 
 and prints the test accuracy and where the confusion-matrix PNG is.
 Run: .venv/bin/python examples/quickstart.py
@@ -67,7 +67,7 @@ def main() -> None:
     train, test = make_data()
     featx("extract", str(train), "--out", "train.featx.parquet", "-q")
     featx("fit-head", "--C", "auto")  # CV folds shrink to fit the smallest class
-    featx("evaluate", "head.joblib", str(test), "--out-dir", "eval", "-q")
+    featx("evaluate", "head.featx", str(test), "--out-dir", "eval", "-q")
     m = json.loads((OUT / "eval" / "metrics.json").read_text())
     print(f"\ntest accuracy {m['accuracy']:.1%} on {m['n']} images "
           f"({len(m['labels'])} classes, head fitted on {count(train)} images)")

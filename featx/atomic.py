@@ -69,12 +69,15 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
 
 
-def clean_stale_temporaries(folder: str | os.PathLike, older_than_s: float = 86400.0) -> int:
-    """Remove temporaries of killed writers in ``folder``; returns how many were removed."""
+def clean_stale_temporaries(folder: str | os.PathLike, older_than_s: float = 86400.0,
+                            patterns: tuple[str, ...] = (f".*{TMP_SUFFIX}",)) -> int:
+    """Remove temporaries of killed writers in ``folder``: files matching one of ``patterns``
+    (``atomic_path``'s temporaries by default; the store adds the names older featx used)
+    untouched for ``older_than_s``. Returns how many were removed."""
     n = 0
     now = time.time()
     with contextlib.suppress(OSError):
-        for p in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        for p in (q for pattern in patterns for q in Path(folder).glob(pattern)):
             with contextlib.suppress(OSError):
                 if now - p.stat().st_mtime > older_than_s:
                     p.unlink()

@@ -189,7 +189,7 @@ def command_for(row: dict, train: str | None) -> str:
     opts += f" --crop {row['crop']}" if row["crop"] != "center" else ""
     data = train or "TRAIN"
     return (f"featx extract {data}{opts} -o train.featx.parquet && "
-            "featx fit-head -e train.featx.parquet --C auto -o head.joblib")
+            "featx fit-head -e train.featx.parquet --C auto -o head.featx")
 
 
 def _pct(v: float | None) -> str:
@@ -224,7 +224,7 @@ def write_features_report(res: FeatureComparison) -> dict:
     lines += ["", f"**Use {best['backbone']} with {best['features']} features and crop {best['crop']}**: the "
               f"best CV accuracy ({_pct(best['cv_accuracy'])}; within {100 * TIE:.1f} points the faster "
               "extraction wins). To make it:", "", f"    {cmd}", "",
-              "Then `featx predict head.joblib IMAGES` (the head records its backbone).", "",
+              "Then `featx predict head.featx IMAGES` (the head records its backbone).", "",
               "![CV accuracy vs extraction time](features.png)", ""]
     write_text(out / "features.md", "\n".join(lines))
     return {"json": str(out / "features.json"), "markdown": str(out / "features.md"),

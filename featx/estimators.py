@@ -393,7 +393,7 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
     >>> clf = FeatXClassifier(C="auto").fit(["a/1.jpg", "b/1.jpg", ...], ["a", "b", ...])  # doctest: +SKIP
     >>> clf.predict(["new.jpg"])                                # doctest: +SKIP
     array(['a'], dtype='<U1')
-    >>> clf.save_head("head.joblib")    # for featx predict / evaluate  # doctest: +SKIP
+    >>> clf.save_head("head.featx")    # for featx predict / evaluate  # doctest: +SKIP
     """
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, head: str = "logreg",
@@ -545,14 +545,12 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         return self
 
     def _embed_fitted(self, X) -> np.ndarray:
-        from featx.errors import MismatchError
+        from featx.backbones.resolve import check_fingerprint
 
         check_is_fitted(self)
-        fp = self._resolve().fingerprint
-        if fp != self.backbone_fingerprint_:
-            raise MismatchError(f"this classifier was fitted on backbone fingerprint "
-                                f"{self.backbone_fingerprint_}, but backbone={self.backbone!r} is now "
-                                f"{fp}; refit it")
+        check_fingerprint(self._resolve(), self.backbone_fingerprint_,
+                          "this classifier was fitted on another backbone",
+                          f"backbone={self.backbone!r} has changed since fit; refit it")
         return self._embed(X)
 
     def predict_proba(self, X) -> np.ndarray:
@@ -682,7 +680,7 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         Parameters
         ----------
         path : str or path-like
-            The head file to write (``head.joblib``).
+            The head file to write (``head.featx``).
 
         Returns
         -------

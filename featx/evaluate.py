@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featx.atomic import save_figure, write_text
+from featx.atomic import figure, write_text
 from featx.backbones.artifact import Backbone
 from featx.error_analysis import confused_pairs, write_error_analysis
 from featx.errors import FeatXError
@@ -32,7 +32,7 @@ from featx.heads.headfile import Head, key_digests, load_head
 from featx.modelcard import record_evaluation
 from featx.predict import PredictResult, predict
 from featx.progress import ProgressFn, no_progress
-from featx.similarity import DEFAULT_THRESHOLD
+from featx.similarity.near_duplicates import DEFAULT_THRESHOLD
 
 __all__ = ["EvalResult", "calibration", "compute_metrics", "evaluate", "training_overlap"]
 
@@ -129,7 +129,7 @@ def training_overlap(head: Head, keys: list[str], X: np.ndarray | None,
         notes.append("the head records no training keys (fitted before featx recorded them)")
     near_checked = table is not None and table.X is not None and len(table) > 0 and X is not None
     if near_checked and n:
-        from featx.similarity import search
+        from featx.similarity.topk import search
 
         sim = search(np.asarray(X, np.float32), table.X, k=1, index="exact").similarity[:, 0]
         near = (sim >= threshold) & ~exact
@@ -160,39 +160,23 @@ def _training_table(head: Head):
     return t, []
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed, and never pop up a window
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_confusion(cm: np.ndarray, labels: list[str], path: Path, title: str) -> Path:
     """Write a confusion matrix (counts, rows = true class) as a PNG."""
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    plt = _pyplot()
     n = len(labels)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * n + 2), max(3.5, 0.6 * n + 1.5)), dpi=100)
-    try:
+    with figure(path, figsize=(max(4.0, 0.6 * n + 2), max(3.5, 0.6 * n + 1.5)), dpi=100) as (_fig, ax):
         ConfusionMatrixDisplay(cm, display_labels=labels).plot(
             ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45 if n > 4 else "horizontal",
             values_format="d")
         ax.set_title(title)
-    except BaseException:
-        plt.close(fig)
-        raise
-    return save_figure(fig, path)
+    return Path(path)
 
 
 def plot_reliability(cal: dict, path: Path, title: str) -> Path:
     """Write a reliability diagram: accuracy per confidence bin against the diagonal."""
-    plt = _pyplot()
-    fig, (ax, hist) = plt.subplots(2, 1, figsize=(4.5, 5.5), dpi=100, sharex=True,
-                                   gridspec_kw={"height_ratios": [3, 1]})
-    try:
+    with figure(path, nrows=2, ncols=1, figsize=(4.5, 5.5), dpi=100, sharex=True,
+                gridspec_kw={"height_ratios": [3, 1]}) as (_fig, (ax, hist)):
         width = 1.0 / cal["n_bins"]
         bins = cal["bins"]
         ax.bar([b["lo"] for b in bins], [b["accuracy"] for b in bins], width=width, align="edge",
@@ -207,10 +191,7 @@ def plot_reliability(cal: dict, path: Path, title: str) -> Path:
                  edgecolor="black", color="tab:gray")
         hist.set(xlabel="confidence (top-class probability)", ylabel="images")
         hist.yaxis.get_major_locator().set_params(integer=True)
-    except BaseException:
-        plt.close(fig)
-        raise
-    return save_figure(fig, path)
+    return Path(path)
 
 
 def check_out_dir(out: Path, head: Head, root: Path, force: bool) -> None:

@@ -122,7 +122,7 @@ def fit_table(table: str | os.PathLike | None = None, *, head: str = "logreg",
               command: str | None = None, segment: str = "auto",
               relabel: str | os.PathLike | None = None,
               progress: ProgressFn = no_progress) -> FitTableResult:
-    """Fit a head on an embeddings table; write ``out`` (default ./head.joblib) and its report.
+    """Fit a head on an embeddings table; write ``out`` (default ./head.featx) and its report.
 
     ``table`` defaults to ``find_table()``. ``head="sgd-logreg"`` streams the table
     (memory for one shard; ``C`` is ignored, alpha is chosen on a held-out split).

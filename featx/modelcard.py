@@ -10,7 +10,7 @@ called ``a|b`` cannot break a table.
 
 Where the cards go:
 
-- a head file ``NAME.joblib`` gets ``NAME.README.md`` beside it (not ``README.md``: a
+- a head file ``NAME.featx`` gets ``NAME.README.md`` beside it (not ``README.md``: a
   head is written to the working folder by default, which often holds the user's own
   README, and several heads may share a folder);
 - a fine-tuning run directory gets ``README.md`` (the folder is the run's own); it is
@@ -333,7 +333,7 @@ def _records(section: str) -> list[dict]:
 # ---- head cards -----------------------------------------------------------------------------------
 
 def head_card_path(head_file: str | os.PathLike) -> Path:
-    """Where the card of a head file goes: ``head.joblib`` -> ``head.README.md`` beside it."""
+    """Where the card of a head file goes: ``head.featx`` -> ``head.README.md`` beside it."""
     p = Path(head_file)
     return p.with_name(p.stem + HEAD_CARD_SUFFIX)
 
@@ -377,7 +377,7 @@ def write_head_card(head_file: str | os.PathLike, backbone: Backbone, report: Ma
 
 def _card_of(head_file: Path) -> Path | None:
     """The card of a head: ``NAME.README.md`` beside it, or the run's README.md for a
-    fine-tuning run's ``head.joblib``."""
+    fine-tuning run's ``head.featx``."""
     own = head_card_path(head_file)
     if own.is_file():
         return own
@@ -466,7 +466,7 @@ def render_run_card(run_dir: str | os.PathLike, card: BackboneCard, config: Mapp
                  ("files left out (unreadable)", str(data.get("skipped", 0)))]
     lines = [f"# Fine-tuning run {md_escape(run_dir.name)}", "",
              f"{md_escape(card.name)} fine-tuned on {len(classes)} classes with featx (LP-FT). "
-             "`backbone/` is the exported ONNX backbone, `head.joblib` its head and "
+             "`backbone/` is the exported ONNX backbone, `head.featx` its head and "
              "`classifier.onnx` the whole network; `metrics.csv` and `curve.png` the epochs.", "",
              *_backbone_section(None, card)]
     if backbone is not None:

@@ -39,8 +39,8 @@ import numpy as np
 
 from featx.atomic import figure, write_text
 from featx.embed.images import thumbnail
-from featx.embed.scan import display_path, is_table_file, resolve_item_path
-from featx.embed.table import EmbeddingTable, read_table
+from featx.embed.scan import display_path
+from featx.embed.table import EmbeddingTable, image_paths, read_table
 from featx.errors import FeatXError, require
 from featx.progress import ProgressFn, no_progress
 from featx.sampling import spread_over_classes, stratified_split
@@ -132,7 +132,7 @@ def plot_embeddings(table: str | os.PathLike | EmbeddingTable, out_dir: str | os
     drawn = [groups[i] for i in keep]
     classes = _class_order(t, drawn)
     paths = [t.paths[i] for i in keep]
-    files = _image_files(t, name, paths)
+    files = image_paths(t, table, paths)
     thumbs = _thumbnails(files, spread_over_classes(drawn, max_thumbnails, seed), thumb_px, progress)
     stem = f"{_stem(name)}.{chosen}"  # the method in the name: maps by two methods sit side by side
     title = f"{name.name}: {_METHOD_TITLES[chosen]}, {len(keep)} of {len(t)} images"
@@ -271,15 +271,6 @@ def _class_order(t: EmbeddingTable, drawn: list[str]) -> list[str]:
     listed = [display_path(c) for c in t.meta.get("classes") or [] if display_path(c) in present]
     rest = sorted(present - set(listed) - {UNLABELLED})
     return listed + rest + ([UNLABELLED] if UNLABELLED in present else [])
-
-
-def _image_files(t: EmbeddingTable, name: Path, paths: list[str]) -> list[str | None]:
-    """Where each image is on disk: table paths are relative to the data root it records."""
-    root = t.meta.get("root")
-    base = Path(root) if root else name.parent
-    if is_table_file(base):  # extracted from a CSV/Parquet listing: paths start at its folder
-        base = base.parent
-    return [resolve_item_path(base, p) for p in paths]
 
 
 def _thumbnails(files: list[str | None], chosen: list[int], px: int, progress: ProgressFn) -> list[str]:

@@ -19,15 +19,12 @@ from featx.backbones.artifact import Backbone
 from featx.csvout import csv_writer
 from featx.embed.flip import TTA, flipped_embeddings
 from featx.embed.scan import display_path
-from featx.engines.files import array_key, collect_files, embed_arrays, embed_paths, runtime, shared
+from featx.engines.files import collect_files, shared
 from featx.errors import FeatXError
 from featx.heads.headfile import Head, head_backbone, load_head
-from featx.heads.proba import head_class_columns, head_proba
 from featx.progress import ProgressFn, no_progress
 
-# the front door's names (featx.engines.files) stay importable from here for older callers
-__all__ = ["PredictResult", "array_key", "collect_files", "embed_arrays", "embed_paths", "predict",
-           "runtime", "write_predictions"]
+__all__ = ["PredictResult", "predict", "write_predictions"]
 
 
 @dataclass
@@ -126,26 +123,24 @@ def predict(head: Head | str | os.PathLike, inputs: list[str | os.PathLike], *,
     if not files:
         raise FeatXError(f"no images found in {', '.join(map(str, inputs))}")
     single_dir = inputs[0] if len(inputs) == 1 and Path(inputs[0]).is_dir() else None
-    done = shared(bb, device, store).files(files, batch_size=batch_size, workers=workers,
-                                           data_root=single_dir, progress=progress)
+    door = shared(bb, device, store)
+    done = door.files(files, batch_size=batch_size, workers=workers, data_root=single_dir, progress=progress)
     X, ok, failures = done.rows(), done.ok, list(done.failures)
     keys = [str(done.keys[i]) for i in ok]
     if tta not in TTA:
         raise FeatXError(f"tta must be one of {', '.join(TTA)}, got {tta!r}")
-    proba = head_proba(h, X)
+    proba = h.proba(X)
     if tta == "flip" and len(ok):
-        enc, _ = runtime(bb, device, store)
-        flipped = flipped_embeddings([files[i] for i in ok], enc, batch_size=batch_size, workers=workers,
+        flipped = flipped_embeddings([files[i] for i in ok], door.encoder, batch_size=batch_size, workers=workers,
                                      progress=progress)
-        proba = (proba + head_proba(h, flipped)) / 2
-    classes = head_class_columns(h)
+        proba = (proba + h.proba(flipped)) / 2
+    classes = h.class_columns()
     labels: list[str | None] = [classes[j] for j in proba.argmax(axis=1)] if len(proba) else []
     if min_proba is not None and len(proba):
         labels = [lab if p >= min_proba else None for lab, p in zip(labels, proba.max(axis=1),
                                                                      strict=True)]
-    enc, _ = runtime(bb, device, store)
     result = PredictResult([files[i] for i in ok], labels, proba, classes, skipped + failures,
-                           [truth[i] for i in ok], enc.provider, min_proba, keys, X)
+                           [truth[i] for i in ok], door.encoder.provider, min_proba, keys, X)
     return flag_and_sets(result, h, X, unknown=unknown, unknown_quantile=unknown_quantile,
                          coverage=coverage)
 

@@ -41,13 +41,12 @@ from featx.atomic import write_text
 from featx.backbones.artifact import Backbone
 from featx.backbones.resolve import table_backbone
 from featx.csvout import csv_writer
-from featx.embed.scan import display_path, is_table_file, resolve_item_path
-from featx.embed.table import EmbeddingTable, read_table
+from featx.embed.scan import display_path, is_table_file
+from featx.embed.table import EmbeddingTable, image_paths, read_table
 from featx.engines.files import collect_files, shared
 from featx.errors import FeatXError, MismatchError
 from featx.heads.fit import fit_head, one_blas_thread
 from featx.heads.headfile import Head, load_head
-from featx.heads.proba import head_class_columns, head_proba
 from featx.progress import ProgressFn, no_progress
 
 __all__ = ["STRATEGIES", "Pool", "SuggestResult", "check_destination", "load_pool", "rank", "select", "suggest",
@@ -119,7 +118,7 @@ def load_pool(pool: str | os.PathLike, bb: Backbone, *, store: str | os.PathLike
               progress: ProgressFn = no_progress) -> Pool:
     """The pool's embeddings: a featx table as it is, a folder or listing embedded with ``bb``.
 
-    Folders and listings go through the embedding store (``featx.predict.embed_paths``), so
+    Folders and listings go through the embedding store (``featx.engines.files.embed_paths``), so
     images already extracted are not run again and the ones embedded here are cached for the
     ``featx extract`` of the next round.
     """
@@ -128,8 +127,7 @@ def load_pool(pool: str | os.PathLike, bb: Backbone, *, store: str | os.PathLike
         raise FeatXError(f"{p}: no such pool (a folder, a listing or a featx table)")
     if p.is_file() and _is_embeddings_table(p):
         t = read_table(p)
-        root = t.meta.get("root") or str(p.parent)
-        paths = [q if "://" in q else os.path.abspath(q) for q in (resolve_item_path(root, q) for q in t.paths)]
+        paths = [q if "://" in q else os.path.abspath(q) for q in image_paths(t, p)]
         X = t.X if t.X is not None else np.zeros((0, bb.dim), np.float32)
         return Pool(paths, list(t.keys), X, t.fingerprint)
     if not (p.is_dir() or is_table_file(p)):
@@ -345,11 +343,11 @@ def rank(X_labelled: np.ndarray, labels, X_pool: np.ndarray, n: int, strategy: s
         pipe, rep = fit_head(X_labelled, labels, C=C, seed=seed, progress=progress)
     else:
         pipe = head.pipeline
-        rep = {"classes": head_class_columns(head), "C": (head.meta.get("train") or {}).get("C"),
+        rep = {"classes": head.class_columns(), "C": (head.meta.get("train") or {}).get("C"),
                "cv_score_mean": (head.meta.get("train") or {}).get("cv_score_mean")}
     progress("score", 0, len(X_pool))
     with one_blas_thread():
-        proba = head_proba(head, X_pool) if head is not None else \
+        proba = head.proba(X_pool) if head is not None else \
             np.asarray(pipe.predict_proba(X_pool), np.float64)
     progress("score", len(X_pool), len(X_pool))
     progress(strategy, 0, n)

@@ -102,3 +102,30 @@ def test_compare_features_plot_is_written_through_the_one_helper(tmp_path):
     assert set(plt.get_fignums()) == before and list(tmp_path.iterdir()) == []
     ok = [{**bad[0], "crop": "center"}]
     assert plot_features(tmp_path, ok, ok[0]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_finetune_curve_is_written_through_the_one_helper(tmp_path):
+    """curve.png was left open when drawing failed (no close on an error)."""
+    import matplotlib.pyplot as plt
+
+    from featx.finetune.runlog import plot_curve
+
+    before = set(plt.get_fignums())
+    row = {"epoch": 1, "train_loss": 1.0, "val_loss": 1.1, "train_acc": 0.5, "val_acc": 0.4}
+    assert plot_curve(tmp_path, [row], 1).read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(KeyError):
+        plot_curve(tmp_path / "x", [{"epoch": 1, "train_loss": 1.0}], 1)  # no val_loss
+    assert set(plt.get_fignums()) == before
+
+
+def test_the_store_sweeps_its_old_temporary_names_through_the_one_helper(tmp_path):
+    from featx.embed.store import LEGACY_TEMPORARIES, clean_temporaries
+
+    assert clean_stale_temporaries(tmp_path, patterns=LEGACY_TEMPORARIES) == 0
+    names = [".a.parquet.x.featx-tmp", ".tmp-shard-3.parquet", "meta.1.tmp", "keep.parquet"]
+    past = time.time() - 3 * 86400
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+        os.utime(tmp_path / n, (past, past))
+    assert clean_temporaries(tmp_path) == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.parquet"]

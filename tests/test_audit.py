@@ -273,9 +273,9 @@ def test_fit_head_relabel_records_the_changes(dataset, tmp_path):
     rel = write_relabel(tmp_path / "relabel.csv", [(planted["wrong"], "relabel", "cat"),
                                                   (planted["outlier"], "drop", "")])
     r = run_cli("fit-head", "--embeddings", str(table), "--relabel", str(rel), "--out",
-                str(tmp_path / "head.joblib"), "--C", "1.0", "-q")
+                str(tmp_path / "head.featx"), "--C", "1.0", "-q")
     assert "1 relabelled, 1 dropped" in r.output
-    rep = json.loads((tmp_path / "head.joblib.report.json").read_text())
+    rep = json.loads((tmp_path / "head.featx.report.json").read_text())
     assert rep["relabel"]["changes"] == [{"path": planted["wrong"], "from": "rocket", "to": "cat"}]
     assert rep["relabel"]["dropped_paths"] == [planted["outlier"]]
     assert rep["class_counts"] == {"cat": 9, "coffee": 8, "rocket": 8} and rep["n_train"] == 25
@@ -292,7 +292,7 @@ def test_fit_head_relabel_records_the_changes(dataset, tmp_path):
 ])
 def test_bad_relabel_file_is_one_line_and_writes_no_head(dataset, tmp_path, rows, message):
     rel = write_relabel(tmp_path / "relabel.csv", rows)
-    head = tmp_path / "head.joblib"
+    head = tmp_path / "head.featx"
     r = run_cli("fit-head", "--embeddings", str(dataset[0]), "--relabel", str(rel), "--out", str(head),
                 "--C", "1.0", "-q", ok=False)
     assert r.exit_code == 1
@@ -336,7 +336,7 @@ def test_page_picks_download_relabel_and_refit(dataset, tmp_path):
             browser.close()
     assert read_csv(rel) == [{"path": planted["wrong"], "action": "relabel", "label": "cat"},
                              {"path": other, "action": "relabel", "label": "rocket"}]
-    r = fit_table(table, relabel=rel, out=tmp_path / "head.joblib", C=1.0)
+    r = fit_table(table, relabel=rel, out=tmp_path / "head.featx", C=1.0)
     changes = {(c["path"], c["from"], c["to"]) for c in r.report["relabel"]["changes"]}
     assert changes == {(planted["wrong"], "rocket", "cat"), (other, "coffee", "rocket")}
     assert r.report["class_counts"] == {"cat": 9, "coffee": 8, "rocket": 9}

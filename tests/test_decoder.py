@@ -256,7 +256,7 @@ def test_head_keeps_the_decoder_it_was_fitted_with(tmp_path, lite0):
     data = make_image_folder(tmp_path / "data")
     r = extract(data, lite0, decoder="simplejpeg", store=tmp_path / "s", device="cpu", write=False)
     pipe = make_pipeline(LogisticRegression(max_iter=200)).fit(r.table.X, r.table.labels)
-    path = save_head(tmp_path / "head.joblib", pipe, sorted(set(r.table.labels)), r.backbone, {})
+    path = save_head(tmp_path / "head.featx", pipe, sorted(set(r.table.labels)), r.backbone, {})
     head = load_head(path)
     for bb in (head_backbone(head), head_backbone(head, override=lite0)):
         assert bb.preprocess.decoder == "simplejpeg" and bb.fingerprint == r.backbone.fingerprint

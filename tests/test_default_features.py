@@ -77,7 +77,7 @@ def test_the_default_flow_beats_raw_pixels_on_digits(digits):
     from featx.predict import predict
 
     work, _, test, raw, _ = digits
-    r = fit_table(work / "train.featx.parquet", out=work / "head.joblib")
+    r = fit_table(work / "train.featx.parquet", out=work / "head.featx")
     rep = r.report
     assert rep["segment"] in ("all", "last") and set(rep["segment_cv"]) == {"all", "last"}
     best = max(rep["segment_cv"], key=lambda k: (rep["segment_cv"][k], k == "all"))

@@ -47,7 +47,7 @@ def test_an_offline_timm_export_says_so_at_once():
     from huggingface_hub import constants
 
     from featx.backbones.cards import get_card
-    from featx.backbones.zoo import unreachable, weights_file
+    from featx.backbones.cards.weights import unreachable, weights_file
     from featx.errors import FeatXError
 
     if unreachable(constants.ENDPOINT) is None:
@@ -57,5 +57,5 @@ def test_an_offline_timm_export_says_so_at_once():
         pytest.skip("these weights are cached here")
     t = time.perf_counter()
     with pytest.raises(FeatXError, match=r"not on this machine and .* cannot be reached .*--weights PATH"):
-        weights_file(card)
+        weights_file(card.weights_source, card.name)
     assert time.perf_counter() - t < 10

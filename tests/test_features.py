@@ -185,7 +185,7 @@ def test_cli_extract_multi_then_fit_head_and_predict(lite0_multi, image_folder, 
     assert r.exit_code == 0, r.output
     t = read_table(table)
     assert t.X.shape == (8, 4880) and t.fingerprint == lite0_multi.fingerprint
-    head = tmp_path / "head.joblib"
+    head = tmp_path / "head.featx"
     r = CliRunner().invoke(main, ["fit-head", "-e", str(table), "--C", "1.0", "--out", str(head), "--json"])
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(main, ["predict", str(head), str(image_folder), "--json"])

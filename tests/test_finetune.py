@@ -72,10 +72,10 @@ def test_lp_init_reproduces_the_head_before_any_step(data):
 
 
 def _lp_backbone_dir(card):
+    from featx.backbones.cards.weights import file_sha256, weights_file
     from featx.backbones.export import export_dir_for
-    from featx.backbones.zoo import file_sha256, weights_file
 
-    return export_dir_for(card, file_sha256(weights_file(card)))
+    return export_dir_for(card, file_sha256(weights_file(card.weights_source, card.name)))
 
 
 def test_fold_head_and_linear_as_logreg_match_sklearn():
@@ -136,7 +136,7 @@ def test_augmentation_is_deterministic_and_inside_the_image(data):
 def test_run_exports_backbone_head_and_classifier(run, data):
     d = run.run_dir
     for f in ("config.json", "split.json", "last.pt", "best.pt", "metrics.csv", "metrics.json",
-              "curve.png", "head.joblib", "classifier.onnx", "summary.json", "backbone/model.onnx"):
+              "curve.png", "head.featx", "classifier.onnx", "summary.json", "backbone/model.onnx"):
         assert (d / f).is_file(), f
     assert json.loads((d / "status.json").read_text())["state"] == "done"
     bb = resolve_backbone(d)  # the run dir is a backbone like any other

@@ -130,7 +130,7 @@ def test_sigkill_mid_training_then_resume(data, tmp_path, featx_home):
     for a, b in zip(first[:killed_at], rows[:killed_at], strict=True):
         assert a["train_loss"] == b["train_loss"]
     assert json.loads(status.read_text())["state"] == "done"
-    assert (run / "backbone" / "model.onnx").is_file() and (run / "head.joblib").is_file()
+    assert (run / "backbone" / "model.onnx").is_file() and (run / "head.featx").is_file()
 
 
 def test_workers_is_a_deprecated_name_for_loader_workers(tmp_path):

@@ -50,8 +50,8 @@ def test_fit_head_reads_the_table_here_not_the_last_extract(data, tmp_path, monk
     r = run("fit-head", "--C", "1")
     table = (tmp_path / "a" / "train.featx.parquet").resolve()
     assert r.output.splitlines()[0] == f"table: {table}"
-    assert "on 30 images" in r.output and f"wrote head: {Path('head.joblib')}" in r.output
-    s = json.loads((tmp_path / "a" / "head.joblib.report.json").read_text())
+    assert "on 30 images" in r.output and f"wrote head: {Path('head.featx')}" in r.output
+    s = json.loads((tmp_path / "a" / "head.featx.report.json").read_text())
     assert s["embeddings"] == str(table) and s["n_train"] == 30
 
 
@@ -66,7 +66,7 @@ def test_fit_head_without_one_table_here_says_what_to_do(data, tmp_path, monkeyp
     assert r.exit_code == 1
     assert "2 embeddings tables in" in r.output
     assert "test.featx.parquet, train.featx.parquet" in r.output and "--embeddings" in r.output
-    assert not (tmp_path / "head.joblib").exists()
+    assert not (tmp_path / "head.featx").exists()
 
 
 def test_split_names_as_classes_get_a_warning(data, tmp_path, monkeypatch):
@@ -85,16 +85,16 @@ def test_fit_head_does_not_overwrite_another_tables_head(data, tmp_path, monkeyp
     run("extract", str(data["train"]), "--out", "t1.parquet", "-q")
     run("extract", str(data["test"]), "--out", "t2.parquet", "-q")
     run("fit-head", "-e", "t1.parquet", "--C", "1")
-    first = Path("head.joblib").read_bytes()
+    first = Path("head.featx").read_bytes()
     r = run("fit-head", "-e", "t2.parquet", "--C", "1", ok=False)
     assert r.exit_code == 1
-    assert f"head.joblib already exists and holds a head trained on {(tmp_path / 't1.parquet').resolve()}" \
+    assert f"head.featx already exists and holds a head trained on {(tmp_path / 't1.parquet').resolve()}" \
         in r.output and "--force" in r.output
-    assert Path("head.joblib").read_bytes() == first
+    assert Path("head.featx").read_bytes() == first
     r = run("fit-head", "-e", "t1.parquet", "--C", "0.5")  # a refit of the same table is normal
     assert "replaced this table's previous head" in r.output
     run("fit-head", "-e", "t2.parquet", "--C", "1", "--force")
-    assert json.loads(Path("head.joblib.report.json").read_text())["embeddings"].endswith("t2.parquet")
+    assert json.loads(Path("head.featx.report.json").read_text())["embeddings"].endswith("t2.parquet")
     Path("notes.txt").write_text("mine")
     r = run("fit-head", "-e", "t2.parquet", "--C", "1", "--out", "notes.txt", ok=False)
     assert "not a featx head" in r.output and Path("notes.txt").read_text() == "mine"
@@ -186,4 +186,4 @@ def test_ctrl_c_stops_fit_head_with_its_own_message(fm_embeddings, lite0, tmp_pa
     assert proc.returncode == 130, (out, err)
     assert "interrupted: no head was written" in err
     assert "embedded so far" not in err and "Traceback" not in err
-    assert not (tmp_path / "head.joblib").exists()
+    assert not (tmp_path / "head.featx").exists()

@@ -21,7 +21,6 @@ from featx.engines.files import embed_arrays
 from featx.errors import FeatXError
 from featx.heads.fit import C_GRID, fit_head
 from featx.heads.headfile import HeadFileError, load_head, read_header, save_head
-from featx.heads.proba import head_proba
 from featx.sampling import per_class_subset
 
 from .helpers import needs_fashion_mnist
@@ -140,8 +139,8 @@ def test_head_file_round_trip(tmp_path, lite0, fitted, test):
     assert h.meta["train"]["C"] == 0.1 and h.meta["versions"]["sklearn"]
     assert h.meta["format"] == 2 and [s["kind"] for s in h.meta["model"]["steps"]] == [
         "standard_scaler", "logistic_regression"]
-    np.testing.assert_array_equal(head_proba(h, test[0]), pipe.predict_proba(test[0]))
-    # a directory holding head.joblib is a head too (fine-tuning run directories)
+    np.testing.assert_array_equal(h.proba(test[0]), pipe.predict_proba(test[0]))
+    # a directory holding head.featx is a head too (fine-tuning run directories)
     (tmp_path / "run").mkdir()
     # a caller's summary may hold numpy values and paths: stored as plain JSON
     summary = {"epochs": np.int64(3), "loss": np.float32(0.25), "curve": np.arange(3), "dir": tmp_path}
@@ -211,7 +210,7 @@ def test_missing_head_file_names_the_path(tmp_path):
     with pytest.raises(HeadFileError, match=r"nope\.joblib: no such head file"):
         load_head(tmp_path / "nope.joblib")
     with pytest.raises(HeadFileError, match="no such head file"):
-        load_head(tmp_path)  # a directory without head.joblib
+        load_head(tmp_path)  # a directory without head.featx
 
 
 @settings(max_examples=200, deadline=None)

@@ -231,3 +231,25 @@ def test_non_finite_arrays_are_refused_naming_the_image(tmp_path):
     # the good image was stored; the bad one was not
     st = EmbeddingStore(bb, tmp_path / "s")
     assert len(st.keys()) == 1
+
+
+def test_a_shard_from_a_newer_featx_is_refused_not_quarantined(lite0, tmp_path, monkeypatch):
+    """The footer's version was written and never read: a newer featx's shard in a shared store
+    would have been read by the old rules."""
+    import featx.embed.store as store_mod
+    from featx.embed.store import NewerShardError, read_shard
+
+    keys = [f"{i:064x}" for i in range(3)]
+    X = np.random.default_rng(0).standard_normal((3, lite0.dim)).astype(np.float32)
+    monkeypatch.setattr(store_mod, "SHARD_META_VERSION", store_mod.SHARD_META_VERSION + 1)
+    shard = EmbeddingStore(lite0, tmp_path / "s").write(keys, X)
+    monkeypatch.undo()
+    with pytest.raises(NewerShardError, match=f"{shard.name}: written by a newer featx") as e:
+        read_shard(shard, lite0.dim)
+    assert e.value.path == shard
+    with pytest.raises(StoreError, match="newer featx"):
+        EmbeddingStore(lite0, tmp_path / "s").get(keys)
+    assert shard.is_file() and not (shard.parent / "quarantine").exists()
+    r = CliRunner().invoke(main, ["cache", "verify", "--store", str(tmp_path / "s")])
+    assert r.exit_code != 0 and "newer featx" in r.output and r.output.count("\n") <= 2, r.output
+    assert shard.is_file()

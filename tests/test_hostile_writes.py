@@ -76,9 +76,9 @@ def test_killed_writers_shard_temporary_goes_on_the_next_run(image_folder, lite0
 @pytest.fixture(scope="module")
 def two_heads(lite0, tmp_path_factory):
     """Two real heads on real photo embeddings whose one-file classifiers differ (class names)."""
+    from featx.engines.files import embed_arrays
     from featx.heads.fit import fit_head
     from featx.heads.headfile import save_head
-    from featx.predict import embed_arrays
 
     from .helpers import photos
 

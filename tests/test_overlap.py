@@ -29,7 +29,7 @@ def fitted(lite0, tmp_path_factory):
     work = tmp_path_factory.mktemp("overlap")
     train = make_image_folder(work / "data" / "train", per_class=4)
     extract(train, out=work / "train.featx.parquet")
-    r = fit_table(work / "train.featx.parquet", C=1.0, out=work / "head.joblib")
+    r = fit_table(work / "train.featx.parquet", C=1.0, out=work / "head.featx")
     return work, train, r
 
 
@@ -135,7 +135,7 @@ def test_the_cli_prints_the_overlap_beside_the_numbers(fitted, tmp_path, monkeyp
 def test_fit_head_warns_when_the_table_is_a_test_split(lite0, tmp_path):
     test = make_image_folder(tmp_path / "data" / "test", per_class=2)
     extract(test, out=tmp_path / "test.featx.parquet")
-    r = fit_table(tmp_path / "test.featx.parquet", C=1.0, out=tmp_path / "head.joblib")
+    r = fit_table(tmp_path / "test.featx.parquet", C=1.0, out=tmp_path / "head.featx")
     assert any("a test or validation split by its name" in w and str(test) in w for w in r.warnings)
     train = make_image_folder(tmp_path / "data" / "train", per_class=2)
     extract(train, out=tmp_path / "train.featx.parquet")

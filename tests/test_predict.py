@@ -40,7 +40,7 @@ def flow(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def head(flow):
-    out = flow["dir"] / "head.joblib"
+    out = flow["dir"] / "head.featx"
     r = run("fit-head", "--embeddings", str(flow["table"]), "--C", "auto", "--cv", "3",
             "--out", str(out))
     assert "C = " in r.output and "auto: 3-fold CV" in r.output
@@ -48,7 +48,7 @@ def head(flow):
 
 
 def test_fit_head_writes_head_and_report(flow, head):
-    rep = json.loads(head.with_name("head.joblib.report.json").read_text())
+    rep = json.loads(head.with_name("head.featx.report.json").read_text())
     assert rep["classes"] == ["bag", "t-shirt", "trouser"]
     assert rep["n_train"] == 30 and rep["C_auto"] and rep["cv_score_std"] >= 0
     h = load_head(head)
@@ -63,7 +63,7 @@ def test_fit_head_defaults_to_the_table_in_this_folder(flow, tmp_path, monkeypat
     r = run("fit-head", "--C", "1", "--json")
     s = json.loads(r.output)
     assert s["embeddings"] == str((tmp_path / "t.featx.parquet").resolve())
-    assert Path(s["head_file"]) == Path("head.joblib") and (tmp_path / "head.joblib").is_file()
+    assert Path(s["head_file"]) == Path("head.featx") and (tmp_path / "head.featx").is_file()
     r = run("fit-head", "--embeddings", str(tmp_path / "t.featx.parquet"), "--C", "-1", ok=False)
     assert r.exit_code == 2 and "must be > 0" in r.output
 
@@ -143,11 +143,11 @@ def test_tampered_head_is_refused_by_the_cli(flow, head, tmp_path):
 
 
 def test_run_directory_with_its_own_backbone(flow, head, lite0, tmp_path):
-    """The fine-tuning layout: run/backbone/ (an export) + run/head.joblib; the run can move."""
+    """The fine-tuning layout: run/backbone/ (an export) + run/head.featx; the run can move."""
     run_dir = tmp_path / "runs" / "ft1"
     shutil.copytree(lite0.onnx_path.parent, run_dir / "backbone")
     h = load_head(head)
-    save_head(run_dir / "head.joblib", h.pipeline, h.classes, load_export(run_dir / "backbone"),
+    save_head(run_dir / "head.featx", h.pipeline, h.classes, load_export(run_dir / "backbone"),
               {"source": "test"})
     moved = tmp_path / "elsewhere"
     shutil.move(str(run_dir), moved)

@@ -117,9 +117,9 @@ def test_the_block_writes_what_its_comments_say(readme_run):
     assert sorted(p.name for p in folder.glob("*.featx.parquet")) == ["train.featx.parquet"]
     fit = next(v for k, v in outputs.items() if k.startswith("featx fit-head"))
     assert "2 classes" in fit
-    report = json.loads((folder / "head.joblib.report.json").read_text())
+    report = json.loads((folder / "head.featx.report.json").read_text())
     assert report["classes"] == ["cat", "thing"]  # not a train-vs-test classifier
-    assert (folder / "head.joblib").is_file()
+    assert (folder / "head.featx").is_file()
     rows = (folder / "predictions.csv").read_text().splitlines()
     assert rows[0].startswith("path,label,probability") and len(rows) == 3
     metrics = json.loads((folder / "test.eval" / "metrics.json").read_text())  # ./test.eval/
@@ -164,10 +164,10 @@ def test_frozen_path_runs_without_torch_once_exported(readme_run, tmp_path):
     for args in (["models"],
                  ["extract", "data/test", "--out", str(out / "test.featx.parquet"), "-q"],
                  ["fit-head", "--embeddings", "train.featx.parquet", "--C", "1.0",
-                  "--out", str(out / "head.joblib")],
-                 ["predict", str(out / "head.joblib"), "new_images/", "-q"],
-                 ["evaluate", str(out / "head.joblib"), "data/test", "--out-dir", str(out / "eval"), "-q"],
-                 ["export-classifier", str(out / "head.joblib"), "--out", str(out / "c.onnx")]):
+                  "--out", str(out / "head.featx")],
+                 ["predict", str(out / "head.featx"), "new_images/", "-q"],
+                 ["evaluate", str(out / "head.featx"), "data/test", "--out-dir", str(out / "eval"), "-q"],
+                 ["export-classifier", str(out / "head.featx"), "--out", str(out / "c.onnx")]):
         r = run_featx(args, folder, python=python)
         assert r.returncode == 0, f"featx {shlex.join(args)} without torch:\n{r.stdout}\n{r.stderr}"
     # the first use of a card exports it from PyTorch: that, and only that, needs the extra

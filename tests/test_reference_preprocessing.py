@@ -71,11 +71,11 @@ def classifier(lite0, tmp_path_factory) -> tuple[Path, Path]:
     runner = CliRunner()
     for args in (["extract", str(data), "--out", str(tmp / "train.featx.parquet"), "-q"],
                  ["fit-head", "--embeddings", str(tmp / "train.featx.parquet"), "--C", "1.0",
-                  "--out", str(tmp / "head.joblib")],
-                 ["export-classifier", str(tmp / "head.joblib"), "--out", str(tmp / "classifier.onnx")]):
+                  "--out", str(tmp / "head.featx")],
+                 ["export-classifier", str(tmp / "head.featx"), "--out", str(tmp / "classifier.onnx")]):
         r = runner.invoke(main, args)
         assert r.exit_code == 0, r.output
-    return tmp / "head.joblib", tmp / "classifier.onnx"
+    return tmp / "head.featx", tmp / "classifier.onnx"
 
 
 def test_reference_pixels_are_featx_pixels(camera_photos, lite0):

@@ -206,7 +206,7 @@ def test_predict_and_evaluate_write_the_urls(data, lite0, tmp_path, memfs):
     pd.DataFrame({"path": urls, "label": [labels[r] for r in rels]}).to_csv(tmp_path / "l.csv", index=False)
     X = np.stack([emb[r] for r in rels])
     pipe, rep = fit_head(X, [labels[r] for r in rels], C=1.0)
-    head = save_head(tmp_path / "head.joblib", pipe, rep["classes"], lite0, rep)
+    head = save_head(tmp_path / "head.featx", pipe, rep["classes"], lite0, rep)
 
     res = predict(head, [tmp_path / "l.csv"], device="cpu")
     assert res.files == urls and res.true_labels == [labels[r] for r in rels]

@@ -161,7 +161,7 @@ def test_cli_round_and_refusal_to_overwrite_to_label(loop, tmp_path):
 def test_head_file_of_the_table_gives_the_same_choice(loop, tmp_path):
     from featx.fit_table import fit_table
 
-    head = fit_table(loop["table"], out=tmp_path / "head.joblib").head_file
+    head = fit_table(loop["table"], out=tmp_path / "head.featx").head_file
     fitted = suggest(loop["pool"], loop["table"], 5, seed=0)
     given = suggest(loop["pool"], loop["table"], 5, seed=0, head=head)
     assert [r["path"] for r in given.rows] == [r["path"] for r in fitted.rows]

@@ -135,7 +135,7 @@ def test_evaluate_reads_a_labelled_listing(loose, lite0, tmp_path):
     pd.DataFrame(rows).to_csv(base / "list.csv", index=False)
     t = extract_folder(folder, lite0, device="cpu", write=False).table
     pipe, rep = fit_head(t.X, t.labels, C=1.0)
-    head = save_head(tmp_path / "head.joblib", pipe, rep["classes"], lite0, rep)
+    head = save_head(tmp_path / "head.featx", pipe, rep["classes"], lite0, rep)
     on_folder = evaluate(head, folder, out_dir=tmp_path / "a", device="cpu")
     on_table = evaluate(head, base / "list.csv", out_dir=tmp_path / "b", device="cpu")
     assert on_table.metrics["accuracy"] == on_folder.metrics["accuracy"]
@@ -154,7 +154,7 @@ def test_evaluate_cli_takes_a_listing_and_refuses_one_without_labels(loose, lite
     pd.DataFrame({"path": [r["path"] for r in rows]}).to_csv(base / "nolabels.csv", index=False)
     t = extract(folder, lite0, device="cpu", write=False).table
     pipe, rep = fit_head(t.X, t.labels, C=1.0)
-    head = save_head(tmp_path / "head.joblib", pipe, rep["classes"], lite0, rep)
+    head = save_head(tmp_path / "head.featx", pipe, rep["classes"], lite0, rep)
     monkeypatch.chdir(tmp_path)
     r = CliRunner().invoke(main, ["evaluate", str(head), str(base / "list.csv"), "--device", "cpu", "-q"])
     assert r.exit_code == 0, r.output

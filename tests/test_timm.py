@@ -108,7 +108,7 @@ def test_timm_backbone_works_everywhere_a_backbone_is_named(checkpoints, tmp_pat
     t = read_table(out)
     assert t.X.shape == (8, 512) and np.isfinite(t.X).all()
     assert t.fingerprint == resolve_backbone(f"timm:{name}", weights=ckpt).fingerprint
-    head = tmp_path / "head.joblib"
+    head = tmp_path / "head.featx"
     _cli("fit-head", "--embeddings", str(out), "--C", "1", "--out", str(head))
     r = _cli("predict", str(head), str(data), "--out", str(tmp_path / "p.csv"))
     assert (tmp_path / "p.csv").read_text().count("\n") == 9, r.output

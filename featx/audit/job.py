@@ -23,19 +23,14 @@ from featx.audit.outliers import K_OUTLIER, outliers
 from featx.audit.page import render_page
 from featx.csvout import csv_writer
 from featx.embed.scan import display_path
-from featx.embed.table import EmbeddingTable
+from featx.embed.table import EmbeddingTable, image_paths
 from featx.embed.table_checks import require_finite
 from featx.errors import FeatXError
 from featx.heads.oof import OOFResult, oof_proba
 from featx.progress import ProgressFn, no_progress
-from featx.similarity import (
-    DuplicatesResult,
-    check_same_backbone,
-    duplicates,
-    full_path,
-    load_table,
-    search,
-)
+from featx.similarity.near_duplicates import DuplicatesResult, duplicates
+from featx.similarity.tables import check_same_backbone, load_table
+from featx.similarity.topk import search
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +79,11 @@ def _nearest_distinct(res, keys: list[str]) -> np.ndarray:
     return np.where(other.any(axis=1), sim, np.float32(-2.0))
 
 
-def _pairs(d: DuplicatesResult, t: EmbeddingTable, u: EmbeddingTable | None) -> list[dict]:
+def _pairs(d: DuplicatesResult, t: EmbeddingTable, u: EmbeddingTable | None, v_files: list[str]) -> list[dict]:
+    """``v_files``: where the images of the second table (``u``, else ``t``) are."""
     v = t if u is None else u
     return [{"scope": "within" if u is None else "test", "path_a": t.paths[a], "label_a": t.labels[a],
-             "path_b": v.paths[b], "label_b": v.labels[b], "file_b": full_path(v, v.paths[b]),
+             "path_b": v.paths[b], "label_b": v.labels[b], "file_b": v_files[b],
              "similarity": float(s), "identical": bool(same)}
             for a, b, s, same in zip(d.a.tolist(), d.b.tolist(), d.similarity, d.identical, strict=True)]
 
@@ -117,7 +113,7 @@ def audit(table: str | os.PathLike | EmbeddingTable, test: str | os.PathLike | E
     file naming paths not in the table or labels that are not classes.
     """
     t0 = time.perf_counter()
-    t, name, u, u_name, fixes = _inputs(table, test, threshold, relabel)
+    t, name, u, u_name, fixes, t_files = _inputs(table, test, threshold, relabel)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FeatXError(f"{out} exists and is not a folder; pass --out DIR")
@@ -148,8 +144,8 @@ def audit(table: str | os.PathLike | EmbeddingTable, test: str | os.PathLike | E
     outs = outliers(res.index, res.similarity, t.paths, t.labels)
     times["duplicates_outliers"] = time.perf_counter() - tick
 
-    pairs = _pairs(dups, t, None)
-    leak_pairs = _pairs(leaks, t, u) if leaks is not None else []
+    pairs = _pairs(dups, t, None, t_files)
+    leak_pairs = _pairs(leaks, t, u, image_paths(u, test)) if leaks is not None else []
     summary = {
         "table": name, "test": u_name, "rows": len(t), "classes": oof.classes,
         "label_issues": sum(r["flagged"] for r in rows),
@@ -165,7 +161,7 @@ def audit(table: str | os.PathLike | EmbeddingTable, test: str | os.PathLike | E
         "relabel": None if fixes is None else {k: fixes[k] for k in ("file", "relabelled", "dropped")},
     }
     page = render_page(summary, oof.classes, [r for r in rows if r["flagged"]], pairs, leak_pairs, outs,
-                       {p: full_path(t, p) for p in t.paths})
+                       dict(zip(t.paths, t_files, strict=True)))
     times["total"] = time.perf_counter() - t0
     summary["seconds"] = {k: round(v, 3) for k, v in times.items()}
     files = _write(out, rows, pairs + leak_pairs, outs, page, summary)
@@ -173,9 +169,9 @@ def audit(table: str | os.PathLike | EmbeddingTable, test: str | os.PathLike | E
 
 
 def _inputs(table, test, threshold, relabel) -> tuple[EmbeddingTable, str, EmbeddingTable | None,
-                                                     str | None, dict | None]:
+                                                     str | None, dict | None, list[str]]:
     """The table (corrected by ``relabel``) and the test table, checked (labels, finite rows,
-    one backbone); the relabel record."""
+    one backbone); the relabel record; where the table's images are (``image_paths``)."""
     t, name = load_table(table)
     fixes = None
     if relabel is not None:
@@ -195,7 +191,7 @@ def _inputs(table, test, threshold, relabel) -> tuple[EmbeddingTable, str, Embed
         require_finite(u, u_name)
     if threshold is not None and not -1.0 <= threshold <= 1.0:
         raise FeatXError(f"threshold is a cosine similarity, between -1 and 1; got {threshold}")
-    return t, name, u, u_name, fixes
+    return t, name, u, u_name, fixes, image_paths(t, table)
 
 
 def _write(out: Path, rows: list[dict], pairs: list[dict], outs: list[dict], page: str,

@@ -1,10 +1,12 @@
 """Backbones: cards (architecture + weights + preprocessing), export to ONNX, and the artifact.
 
-Its modules sit on four floors of the import contract, with ``featx.embed`` between
-the second and third (docs/architecture.md). Bottom up: ``cards`` (the TOML cards ship
-as package data; ``cards.timm_hub`` makes a card for any ``timm:NAME``); ``artifact``
+Its modules sit on five floors of the import contract, with ``featx.embed`` between
+the third and fourth (docs/architecture.md). Bottom up: ``cards`` (the TOML cards ship
+as package data; ``cards.weights``: where a card's weights come from, fetched, read,
+hashed; ``cards.timm_hub`` makes a card for any ``timm:NAME``); ``families`` (one module
+per family: how it builds, loads, beheads and stages a model); ``artifact``
 (Backbone, the typed model.json ``Sidecar``, fingerprint, load, build-and-publish),
-``zoo`` (torch builders), ``same_pad`` (TF "SAME" padding as a module), ``features``
+``zoo`` (build a card's torch model through its family), ``same_pad`` (TF "SAME" padding as a module), ``features``
 (the ``last`` / ``multi`` feature recipes), ``flops`` (FLOPs counted from an ONNX
 graph); then ``export`` (torch -> ONNX), ``onnx_import`` (a user's ONNX file),
 ``quantize`` (int8); and ``resolve`` (name | directory | file -> Backbone; the
@@ -21,7 +23,7 @@ _EXPORTS = {
     "load_export": "featx.backbones.artifact",
     "fingerprint_of": "featx.backbones.artifact",
     "BackboneCard": "featx.backbones.cards",
-    "WeightsSource": "featx.backbones.cards",
+    "WeightsSource": "featx.backbones.cards.weights",
     "Preprocess": "featx.backbones.cards",
     "get_card": "featx.backbones.cards",
     "list_cards": "featx.backbones.cards",

@@ -240,10 +240,11 @@ def export_card(card: BackboneCard, weights: str | os.PathLike | None = None,
     ``crop="none"`` sees whole images: each in its own directory. A cached export whose
     model.json is damaged is exported again.
     """
-    from featx.backbones.zoo import build, file_sha256, weights_file
+    from featx.backbones.cards.weights import file_sha256, weights_file
+    from featx.backbones.zoo import build
 
     check_features(features)
-    wfile = weights_file(card, weights)
+    wfile = weights_file(card.weights_source, card.name, weights)
     wsha = file_sha256(wfile)
     crop = card.preprocess.crop
     suffix = "".join(f"-{v}" for v in (f"crop-{crop}", features, precision)

@@ -13,9 +13,9 @@ into one fixed-length vector: still one output, still uint8 NHWC in, so the
 store, the heads and the tables need no change. For efficientnet_lite0 at
 224 px: 784 + 4 x 704 + 1280 = 4880 dims.
 
-Stages per card family (``stage_names``): timm EfficientNet / MobileNetV3
-(the Lite cards): each of ``blocks``; other timm models: their
-``feature_info`` modules; torchvision ResNet: ``layer1``-``layer4``;
+Stages come from the card's family (``stage_names``, ``featx.backbones.families``):
+timm EfficientNet / MobileNetV3 (the Lite cards): each of ``blocks``; other timm
+models: their ``feature_info`` modules; torchvision ResNet: ``layer1``-``layer4``;
 torchvision EfficientNet / MobileNet / ConvNeXt: the last module of each run
 of equal-shaped ``features`` (the stem and, for EfficientNet / MobileNet, the
 head conv, whose average is the last layer, left out). The recipe, with every
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from featx.backbones.cards import FEATURES, BackboneCard
+from featx.backbones.families import family, probe_shapes
 from featx.errors import ExportError, require
 
 # What `featx extract` exports a card with when no --features is given: multi won on every data
@@ -92,45 +93,10 @@ def check_features(features: str) -> str:
 
 
 
-def _probe(model, names: list[str], input_size: int) -> dict[str, tuple[int, ...]]:
-    """Output shapes of the modules ``names`` for one image at ``input_size``."""
-    torch = require("torch", "torch")
-    shapes: dict[str, tuple[int, ...]] = {}
-    hooks = [model.get_submodule(n).register_forward_hook(
-        lambda _m, _a, out, n=n: shapes.__setitem__(n, tuple(out.shape))) for n in names]
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 3, input_size, input_size))
-    finally:
-        for h in hooks:
-            h.remove()
-    return shapes
-
-
-def _last_of_runs(names: list[str], shapes: dict[str, tuple[int, ...]]) -> list[str]:
-    """The last module of each run of modules with the same output shape (one per stage)."""
-    return [n for i, n in enumerate(names) if i + 1 == len(names) or shapes[names[i + 1]] != shapes[n]]
-
-
 def stage_names(model, card: BackboneCard) -> list[str]:
-    """The modules whose outputs are a card's stages, shallow to deep (see the module docstring)."""
-    if card.family == "timm":
-        if hasattr(model, "blocks") and hasattr(model, "conv_head"):  # timm EfficientNet / MobileNetV3
-            return [f"blocks.{i}" for i in range(len(model.blocks))]
-        info = getattr(model, "feature_info", None)
-        if info:
-            return [d["module"] for d in info]
-    arch = card.arch
-    if arch.startswith(("resnet", "resnext", "wide_resnet")):
-        return ["layer1", "layer2", "layer3", "layer4"]
-    if arch.startswith(("efficientnet", "mobilenet", "convnext")):
-        n = len(model.features)
-        # features.0 is the stem; EfficientNet's and MobileNet's last one is the head conv, whose
-        # average is the last-layer embedding already
-        names = [f"features.{i}" for i in range(1, n if arch.startswith("convnext") else n - 1)]
-        return _last_of_runs(names, _probe(model, names, card.preprocess.input_size))
-    raise ExportError(f"features='multi' has no recipe for {card.name!r} (arch {arch}); it knows timm "
-                      "models, torchvision resnet*, efficientnet*, mobilenet*, convnext*")
+    """The modules whose outputs are a card's stages, shallow to deep (its family's
+    ``stage_names``: featx.backbones.families)."""
+    return family(card).stage_names(model, card)
 
 
 def make_recipe(model, card: BackboneCard) -> FeatureRecipe:
@@ -138,7 +104,7 @@ def make_recipe(model, card: BackboneCard) -> FeatureRecipe:
     stages = stage_names(model, card)
     if len(stages) < GRID_STAGES:
         raise ExportError(f"{card.name}: features='multi' needs at least {GRID_STAGES} stages, found {stages}")
-    shapes = _probe(model, stages, card.preprocess.input_size)
+    shapes = probe_shapes(model, stages, card.preprocess.input_size)
     bad = {n: s for n, s in shapes.items() if len(s) != 4 or s[2] != s[3]}
     if bad:
         raise ExportError(f"{card.name}: features='multi' pools square NCHW feature maps; these stages "

@@ -29,6 +29,7 @@ from featx.backbones.artifact import (
     fingerprint_of,
 )
 from featx.backbones.cards import Preprocess
+from featx.backbones.cards.weights import file_sha256
 from featx.backbones.export import INPUT_NAME, OUTPUT_NAME
 from featx.backbones.features import (
     GRID,
@@ -38,7 +39,6 @@ from featx.backbones.features import (
     grid_cells,
     layer_recipe,
 )
-from featx.backbones.zoo import file_sha256
 from featx.errors import FeatXError
 from featx.paths import exports_dir
 

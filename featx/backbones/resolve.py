@@ -74,28 +74,58 @@ def export_backbone(spec: str | os.PathLike | None = None, weights: str | os.Pat
     return load_export(export_card(card, weights, force=force, precision=precision, features=features or "last"))
 
 
+def check_fingerprint(bb: Backbone, fingerprint: str, made: str, fix: str) -> Backbone:
+    """``bb`` if it is the backbone something was made with: its recorded ``fingerprint``
+    (empty: not recorded, nothing to check). ``made`` says what was made with which backbone
+    ("head h.featx was trained on backbone 'x'"), ``fix`` what to do about a mismatch."""
+    if fingerprint and bb.fingerprint != fingerprint:
+        raise MismatchError(f"{made} (fingerprint {fingerprint}), but the backbone given is {bb.name!r} "
+                            f"(fingerprint {bb.fingerprint}). Embeddings of different backbones are not "
+                            f"comparable: {fix}")
+    return bb
+
+
+def recorded_backbone(fingerprint: str, recorded: Sequence[str | os.PathLike | None],
+                      override: str | os.PathLike | Backbone | None, decoder: str | None,
+                      made: str, fix: str, missing: str) -> Backbone:
+    """The backbone a head, table or estimator was made with, fingerprint-checked.
+
+    ``override`` (what the user passed) if given; else the first of the ``recorded``
+    specs (export directory, then card name: None entries skipped) that resolves; a
+    recorded one that does not (its directory gone) gives way to the next, since the
+    fingerprint proves whichever is used is the same network. Images are decoded with
+    ``decoder`` (part of the fingerprint, carried by no spec). ``missing``: the error
+    when nothing is recorded.
+    """
+    if override is not None:
+        return check_fingerprint(with_decoder(resolve_backbone(override), decoder), fingerprint, made, fix)
+    specs = [s for s in recorded if s]
+    if not specs:
+        raise FeatXError(missing)
+    for i, spec in enumerate(specs):
+        try:
+            bb = with_decoder(resolve_backbone(spec), decoder)
+        except FeatXError:
+            if i == len(specs) - 1:
+                raise
+            continue
+        return check_fingerprint(bb, fingerprint, made, fix)
+    raise AssertionError("unreachable")  # the last spec returns or raises
+
+
 def table_backbone(meta: dict, table: Path, override: str | os.PathLike | Backbone | None) -> Backbone:
-    """The backbone that made a table: ``override``, or the export its metadata names; JPEGs
-    decoded with the decoder the table records (``extract --decoder``)."""
-    spec = override or meta.get("backbone_path") or meta.get("backbone")
-    if not spec:
-        raise FeatXError(f"{table}: no backbone recorded; pass --backbone")
+    """The backbone that made a table: ``override``, or the export its metadata names (its
+    card re-exported when the directory is gone); JPEGs decoded with the decoder the table
+    records (``extract --decoder``)."""
     # the JPEG decoder travels with the table's preprocessing (extract --decoder): part of the
     # fingerprint, and no --backbone value carries it
     pre = meta.get("preprocess")
     decoder = pre.get("decoder") if isinstance(pre, dict) else None
-    try:
-        bb = with_decoder(resolve_backbone(spec), decoder)
-    except FeatXError:
-        if override or not meta.get("backbone"):
-            raise
-        bb = with_decoder(resolve_backbone(meta["backbone"]), decoder)  # export dir gone: re-export the card
-    fp = meta.get("fingerprint", "")
-    if fp and bb.fingerprint != fp:
-        raise MismatchError(f"{table} was extracted with backbone fingerprint {fp}, but {spec} has "
-                            f"{bb.fingerprint}; pass the backbone that made it with --backbone, "
-                            "or extract again")
-    return bb
+    return recorded_backbone(
+        meta.get("fingerprint", ""), [meta.get("backbone_path"), meta.get("backbone")], override, decoder,
+        made=f"{table} was extracted with backbone {meta.get('backbone') or '?'!r}",
+        fix="pass the backbone that made it with --backbone, or extract again",
+        missing=f"{table}: no backbone recorded; pass --backbone")
 
 
 def _check_variant(bb: Backbone, features: str | None, crop: str | None, where: str) -> Backbone:

@@ -69,7 +69,7 @@ def _card_row(c) -> dict:
 
 
 def _list_timm(pattern: str, as_json: bool) -> None:
-    from featx.backbones.cards.timm_hub import list_pretrained
+    from featx.backbones.cards import list_pretrained
 
     rows = list_pretrained(pattern)
     if as_json:

@@ -68,7 +68,7 @@ def _failure_lines(failures: list[tuple[str, str]], report: str | None = None) -
                    "vector or its last segment (the backbone's own pooled output); auto scores both "
                    "by the same CV as --C auto and keeps the better.")
 @click.option("--out", "-o", type=click.Path(dir_okay=True, path_type=Path), default=None,
-              help="Head file to write (or a directory for DIR/head.joblib). Default: ./head.joblib")
+              help="Head file to write (or a directory for DIR/head.featx). Default: ./head.featx")
 @click.option("--force", is_flag=True,
               help="Replace --out even if it holds a head of another table (or another file).")
 @click.option("--relabel", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,

@@ -67,7 +67,7 @@ def neighbors_cmd(query, table, k, index, out, show, backbone, device, store, ba
     another backbone is refused.
     """
     from featx.embed.scan import display_path
-    from featx.similarity import neighbors, write_neighbors
+    from featx.similarity.neighbours import neighbors, write_neighbors
 
     with progress_bar(quiet or as_json) as p:
         r = neighbors(list(query), table, k, index=index, backbone=backbone, device=device, store=store,
@@ -115,7 +115,7 @@ def duplicates_cmd(table, across, threshold, per_image, index, out, show, backbo
                    as_json) -> None:
     """Near-duplicate images within TABLE, or between TABLE and TABLE2 (train/test leakage)."""
     from featx.embed.scan import display_path
-    from featx.similarity import duplicates, write_duplicates
+    from featx.similarity.near_duplicates import duplicates, write_duplicates
 
     with progress_bar(quiet or as_json) as p:
         r = duplicates(table, across, "auto" if threshold is None else threshold, index=index,

@@ -43,6 +43,10 @@ bytes, checksum mismatch, NaN) is moved to ``quarantine/`` with a warning naming
 never served; if it cannot be moved (read-only store) it is skipped. ``featx cache verify``
 checks a whole store.
 
+A footer's ``version`` above ``SHARD_META_VERSION`` (a newer featx wrote the shard into a
+shared store) stops the run with ``NewerShardError`` naming the shard: the shard is not
+damaged, so it is not quarantined, and this featx cannot know what its footer means.
+
 **Shards from before checksums** (written by earlier featx, no ``featx.shard`` footer, no
 page CRCs) are accepted after the structural checks (schema, dim, no nulls, finite values):
 recomputing every cached embedding on upgrade would cost hours on a big store, and these
@@ -105,6 +109,19 @@ class DamagedShardError(StoreError):
         super().__init__(f"{path}: {reason}")
         self.path = Path(path)
         self.reason = reason
+
+
+class NewerShardError(StoreError):
+    """A shard whose footer has a version above ``SHARD_META_VERSION``: written by a newer
+    featx into a shared store. Not damage (so never quarantined, which would destroy the
+    newer featx's cache) and not readable here (its footer may mean something else): the
+    run stops with one line naming the shard."""
+
+    def __init__(self, path: str | os.PathLike, version: object) -> None:
+        super().__init__(f"{path}: written by a newer featx (shard version {version}; this featx reads "
+                         f"version {SHARD_META_VERSION}); upgrade featx, or give this one its own --store")
+        self.path = Path(path)
+        self.version = version
 
 
 class NonFiniteEmbeddingError(StoreError):
@@ -172,13 +189,19 @@ def _check_schema(schema: pa.Schema, dim: int) -> str | None:
     return None
 
 
-def _footer(schema: pa.Schema, rows: int, dim: int) -> dict | str | None:
-    """The shard's ``featx.shard`` footer (None: a shard from before checksums), or why it is bad."""
+def _footer(path: Path, schema: pa.Schema, rows: int, dim: int) -> dict | str | None:
+    """The shard's ``featx.shard`` footer (None: a shard from before checksums), or why it is
+    bad; NewerShardError when a newer featx wrote it."""
     raw = (schema.metadata or {}).get(SHARD_META_KEY)
     if raw is None:
         return None
     try:
         meta = json.loads(raw)
+        version = meta["version"]
+        if type(version) is not int:
+            return f"unreadable featx.shard footer (version {version!r})"
+        if version > SHARD_META_VERSION:
+            raise NewerShardError(path, version)
         ok = (meta["rows"], meta["dim"], meta["sha256_key"], meta["sha256_embedding"])
     except (ValueError, KeyError, TypeError):
         return "unreadable featx.shard footer"
@@ -192,7 +215,7 @@ def _open_checked(path: Path, dim: int) -> tuple[pq.ParquetFile, dict | None]:
     f = pq.ParquetFile(path, page_checksum_verification=True)
     why = _check_schema(f.schema_arrow, dim)
     if why is None:
-        meta = _footer(f.schema_arrow, f.metadata.num_rows, dim)
+        meta = _footer(path, f.schema_arrow, f.metadata.num_rows, dim)
         if not isinstance(meta, str):
             return f, meta
         why = meta
@@ -330,16 +353,8 @@ def clean_temporaries(folder: Path) -> int:
     Any temporary older than a day; a shard temporary as soon as its writer process is
     gone and it has been untouched for ``DEAD_WRITER_GRACE_S``.
     """
-    n = clean_stale_temporaries(folder, STALE_AFTER_S)
-    n += _dead_writers_temporaries(folder, time.time())
-    now = time.time()
-    for pattern in LEGACY_TEMPORARIES:
-        for p in folder.glob(pattern):
-            with contextlib.suppress(OSError):
-                if now - p.stat().st_mtime > STALE_AFTER_S:
-                    p.unlink()
-                    n += 1
-    return n
+    n = _dead_writers_temporaries(folder, time.time())
+    return n + clean_stale_temporaries(folder, STALE_AFTER_S, (f".*{TMP_SUFFIX}", *LEGACY_TEMPORARIES))
 
 
 # ---------------------------------------------------------------- the store

@@ -27,7 +27,13 @@ import pyarrow.parquet as pq
 
 from featx.atomic import atomic_path
 from featx.embed import arrow
-from featx.embed.scan import check_listing_types, display_path, is_utf8
+from featx.embed.scan import (
+    check_listing_types,
+    display_path,
+    is_table_file,
+    is_utf8,
+    resolve_item_path,
+)
 from featx.embed.store import embeddings_of
 from featx.errors import FeatXError
 
@@ -54,6 +60,29 @@ class EmbeddingTable:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+
+def image_root(t: EmbeddingTable, table: str | os.PathLike | EmbeddingTable | None = None) -> str | None:
+    """The folder a table's relative ``path`` values start from: the data root it records (a
+    listing file, CSV/Parquet, stands for its folder); a table that records none (written by
+    hand) starts from its own file's folder; an in-memory one (``table`` not a path) from
+    nowhere (its paths are used as they are)."""
+    root = t.meta.get("root")
+    if root:
+        return str(Path(root).parent) if is_table_file(root) else str(root)
+    if isinstance(table, (str, os.PathLike)):
+        return str(Path(table).parent)
+    return None
+
+
+def image_paths(t: EmbeddingTable, table: str | os.PathLike | EmbeddingTable | None = None,
+                paths: Iterable[str] | None = None) -> list[str]:
+    """Where each row's image is on disk (``paths``: some of ``t.paths``; all of them by
+    default); ``table`` is what the table was read from (see ``image_root``). The one rule for
+    every job that opens a table's images (neighbours, duplicates, audit, plot, suggest)."""
+    root = image_root(t, table)
+    rows = t.paths if paths is None else paths
+    return list(rows) if root is None else [resolve_item_path(root, p) for p in rows]
 
 
 def write_table(path: str | os.PathLike, t: EmbeddingTable,

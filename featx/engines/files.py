@@ -33,7 +33,7 @@ from featx.errors import FeatXError
 from featx.progress import ProgressFn, no_progress
 
 __all__ = ["Embedded", "FileEmbedder", "LocalEngine", "array_key", "collect_files", "embed_arrays",
-           "embed_paths", "runtime", "shared"]
+           "embed_paths", "shared"]
 
 
 @dataclass
@@ -147,13 +147,6 @@ def shared(bb: Backbone, device: str = "auto", store: str | os.PathLike | None =
         return _SHARED[key]
 
 
-def runtime(bb: Backbone, device: str = "auto",
-            store: str | os.PathLike | None = None) -> tuple[Encoder, EmbeddingStore]:
-    """The shared encoder and store of (backbone, device, store) in this process (``shared``)."""
-    e = shared(bb, device, store)
-    return e.encoder, e.store
-
-
 def collect_files(inputs: list[str | os.PathLike]) -> tuple[list[str], list[str | None], list[tuple[str, str]]]:
     """Files from image files, folders (recursively) and CSV/TSV/Parquet tables of paths;
     returns (files, labels, skipped).
@@ -186,7 +179,7 @@ def embed_paths(files: list[str], bb: Backbone, *, device: str = "auto",
                 store: str | os.PathLike | None = None, batch_size: int = 32,
                 workers: int | None = None, data_root: str | os.PathLike | None = None,
                 progress: ProgressFn = no_progress) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
-    """Embeddings of the readable ``files`` (shared runtime): (X, indices of those files, failures).
+    """Embeddings of the readable ``files`` (the ``shared`` FileEmbedder): (X, indices of those files, failures).
 
     With ``data_root`` (the one folder the files come from), the stat record that
     ``featx extract`` keeps for that folder is used, so unchanged files are not re-read.
@@ -207,7 +200,7 @@ def array_key(a: np.ndarray) -> str:
 def embed_arrays(images, bb: Backbone, *, device: str = "auto",
                  store: str | os.PathLike | None = None, batch_size: int = 32,
                  shard_size: int = 2048) -> np.ndarray:
-    """Embeddings of uint8 images through the shared runtime (``FileEmbedder.arrays``)."""
+    """Embeddings of uint8 images through the ``shared`` FileEmbedder (``FileEmbedder.arrays``)."""
     return shared(bb, device, store).arrays(images, batch_size=batch_size, shard_size=shard_size)
 
 

@@ -12,7 +12,7 @@ A run directory holds everything::
     config.json   split.json   last.pt (resumable)   best.pt
     metrics.csv   metrics.json   curve.png   lp_head.json
     backbone/     model.onnx + model.json: a backbone like any other (new fingerprint)
-    head.joblib   the fine-tuned linear layer as a featx head for `featx predict`
+    head.featx    the fine-tuned linear layer as a featx head for `featx predict`
     classifier.onnx + classifier.json: uint8 pixels -> class probabilities, one file
     summary.json  status.json
 """

@@ -39,7 +39,7 @@ def linear_as_logreg(W: np.ndarray, b: np.ndarray):
 
 def export_run(net, run_dir: Path, classes: list[str], history: list[dict], best_epoch: int,
                card: BackboneCard, cfg: FinetuneConfig, weights_sha: str) -> tuple[Backbone, Path]:
-    """Write backbone/ (parity-checked ONNX, new fingerprint), head.joblib and classifier.onnx.
+    """Write backbone/ (parity-checked ONNX, new fingerprint), head.featx and classifier.onnx.
 
     Returns the new backbone and the head file.
     """
@@ -61,10 +61,10 @@ def export_run(net, run_dir: Path, classes: list[str], history: list[dict], best
     W = net.head.weight.detach().numpy()
     b = net.head.bias.detach().numpy()
     pipe = linear_as_logreg(W, b)
-    from featx.heads.headfile import save_head
+    from featx.heads.headfile import HEAD_FILE, save_head
 
     best = next((h for h in history if h["epoch"] == best_epoch), {})
-    head_path = save_head(run_dir / "head.joblib", pipe, classes, backbone, {
+    head_path = save_head(run_dir / HEAD_FILE, pipe, classes, backbone, {
         "head": "finetuned-linear", "source": "featx finetune", "n_train": None,
         "best_epoch": best_epoch, "val_acc": best.get("val_acc"), "unfreeze": cfg.unfreeze})
     from featx.heads.headfile import load_head

@@ -6,7 +6,7 @@ import csv
 import json
 from pathlib import Path
 
-from featx.atomic import atomic_path, write_text
+from featx.atomic import atomic_path, figure, write_text
 
 
 def write_json(path: Path, obj) -> None:
@@ -35,30 +35,21 @@ def plot_curve(run_dir: Path, history: list[dict], best_epoch: int) -> Path | No
     """curve.png: loss and accuracy per epoch, train and validation."""
     if not history:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ep = [h["epoch"] for h in history]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    a1.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
-    a1.plot(ep, [h["val_loss"] for h in history], "s-", label="validation")
-    a1.set_xlabel("epoch")
-    a1.set_ylabel("loss")
-    a2.plot(ep, [h["train_acc"] for h in history], "o-", label="train")
-    a2.plot(ep, [h["val_acc"] for h in history], "s-", label="validation")
-    a2.set_xlabel("epoch")
-    a2.set_ylabel("accuracy")
-    for a in (a1, a2):
-        a.axvline(best_epoch, color="grey", ls=":", label=f"best (epoch {best_epoch})")
-        a.grid(alpha=0.3)
-        a.legend()
-    fig.suptitle(f"featx finetune: {run_dir.name}")
-    fig.tight_layout()
     out = run_dir / "curve.png"
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    with figure(out, nrows=1, ncols=2, figsize=(10, 4), dpi=100) as (fig, (a1, a2)):
+        a1.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
+        a1.plot(ep, [h["val_loss"] for h in history], "s-", label="validation")
+        a1.set_xlabel("epoch")
+        a1.set_ylabel("loss")
+        a2.plot(ep, [h["train_acc"] for h in history], "o-", label="train")
+        a2.plot(ep, [h["val_acc"] for h in history], "s-", label="validation")
+        a2.set_xlabel("epoch")
+        a2.set_ylabel("accuracy")
+        for a in (a1, a2):
+            a.axvline(best_epoch, color="grey", ls=":", label=f"best (epoch {best_epoch})")
+            a.grid(alpha=0.3)
+            a.legend()
+        fig.suptitle(f"featx finetune: {run_dir.name}")
     return out
 

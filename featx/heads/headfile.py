@@ -1,6 +1,7 @@
 """Head files: a fitted head as data (arrays + JSON), the class names and the backbone it belongs to.
 
-Layout (one file, conventionally ``*.joblib`` for continuity; it holds no pickle)::
+Layout (one file, ``*.featx``: a featx head; ``head.featx`` in a run directory; it holds no
+pickle. Heads of earlier featx were named ``*.joblib``, and are read by any name)::
 
     FEATX-HEAD\\n                 magic line
     <header length>\\n            decimal byte count of the JSON header
@@ -46,10 +47,10 @@ import numpy as np
 
 from featx import __version__
 from featx.atomic import write_bytes
-from featx.backbones.artifact import Backbone, load_export, with_decoder
+from featx.backbones.artifact import Backbone
 from featx.backbones.cards import Preprocess
-from featx.backbones.resolve import resolve_backbone
-from featx.errors import FeatXError, MismatchError
+from featx.backbones.resolve import check_fingerprint, recorded_backbone
+from featx.errors import FeatXError
 from featx.heads.codec import CodecError, decode, encode
 from featx.heads.conformal import Conformal
 from featx.heads.novelty import Novelty
@@ -59,7 +60,9 @@ log = logging.getLogger(__name__)
 MAGIC = b"FEATX-HEAD\n"
 FORMAT = 2
 LEGACY_FORMAT = 1
-HEAD_FILE = "head.joblib"
+HEAD_FILE = "head.featx"
+#: the name earlier featx gave a run directory's head (a legacy pickle, or a data head then)
+LEGACY_HEAD_FILE = "head.joblib"
 KEY_ENV = "FEATX_HEAD_KEY"
 TRUST_ENV = "FEATX_TRUST_HEADS"
 MAX_HEADER = 16 * 1024 * 1024
@@ -94,26 +97,53 @@ class Head:
     def backbone_name(self) -> str:
         return self.meta.get("backbone", {}).get("name", "")
 
+    def class_columns(self) -> list[str]:
+        """Class name of each ``predict_proba`` column (heads are trained on codes 0..K-1,
+        but a pipeline built elsewhere may carry the names themselves)."""
+        cls = getattr(self.pipeline, "classes_", None)
+        if cls is None:
+            return list(self.classes)
+        out = []
+        for c in np.asarray(cls).tolist():
+            if isinstance(c, (int, np.integer)) and 0 <= int(c) < len(self.classes):
+                out.append(self.classes[int(c)])
+            else:
+                out.append(str(c))
+        return out
+
+    def proba(self, X: np.ndarray) -> np.ndarray:
+        """Probabilities (N, K) of embeddings ``X``, columns in ``class_columns()`` order."""
+        from threadpoolctl import threadpool_limits
+
+        if X.shape[1:] != (self.meta.get("backbone", {}).get("dim", X.shape[1]),):
+            raise FeatXError(f"embeddings have dim {X.shape[1]}, the head expects "
+                             f"{self.meta['backbone']['dim']}")
+        if len(X) == 0:
+            return np.zeros((0, len(self.class_columns())))
+        with threadpool_limits(limits=1):  # one BLAS thread: small matrices, many callers
+            return np.asarray(self.pipeline.predict_proba(X), dtype=np.float64)
+
     def check_backbone(self, bb: Backbone) -> None:
         """Refuse a backbone other than the one the head was trained on."""
-        if bb.fingerprint != self.fingerprint:
-            raise MismatchError(
-                f"head {self.path or ''} was trained on backbone {self.backbone_name!r} "
-                f"(fingerprint {self.fingerprint}), but the backbone given is {bb.name!r} "
-                f"(fingerprint {bb.fingerprint}). Embeddings of different backbones are not "
-                "comparable: use the head's own backbone (omit --backbone) or fit a new head "
-                "on embeddings from this backbone."
-            )
+        check_fingerprint(bb, self.fingerprint, *self._mismatch())
+
+    def _mismatch(self) -> tuple[str, str]:
+        return (f"head {self.path or ''} was trained on backbone {self.backbone_name!r}",
+                "use the head's own backbone (omit --backbone) or fit a new head on embeddings "
+                "from this backbone.")
 
 
 def head_path(path: str | os.PathLike) -> Path:
-    """A head file, or a (run) directory holding ``head.joblib``."""
+    """A head file (any name: ``*.featx``, or ``*.joblib`` written by earlier featx), or a
+    (run) directory holding ``head.featx`` (else ``head.joblib``)."""
     p = Path(path)
     if p.is_dir():
-        p = p / HEAD_FILE
+        legacy = p / LEGACY_HEAD_FILE
+        p = legacy if legacy.is_file() and not (p / HEAD_FILE).is_file() else p / HEAD_FILE
     if not p.is_file():
-        raise HeadFileError(f"{path}: no such head file (expected a head .joblib written by "
-                            "`featx fit-head`, or a run directory containing head.joblib)")
+        raise HeadFileError(f"{path}: no such head file (expected a head file written by `featx fit-head` "
+                            f"(*.featx, or *.joblib from earlier featx), or a run directory containing "
+                            f"{HEAD_FILE})")
     return p
 
 
@@ -210,7 +240,7 @@ def head_bytes(pipeline, classes: list[str], backbone: Backbone, train_summary: 
 def save_head(path: str | os.PathLike, pipeline, classes: list[str], backbone: Backbone,
               train_summary: dict, novelty: Novelty | None = None,
               conformal: Conformal | None = None, *, train_keys=None) -> Path:
-    """Write a head file (atomically); a directory gets ``head.joblib`` inside it.
+    """Write a head file (atomically); a directory gets ``head.featx`` inside it.
 
     The pipeline must be one featx builds (see ``featx.heads.codec.KINDS``); it is
     stored as arrays, never pickled. ``train_keys`` (the content keys of the training
@@ -345,7 +375,7 @@ def _build(p: Path, header: dict, arrays: dict[str, np.ndarray]):
 
 
 def load_head(path: str | os.PathLike, trust: bool = False) -> Head:
-    """Load a head file (or a directory containing ``head.joblib``).
+    """Load a head file (or a directory containing ``head.featx``, or an earlier ``head.joblib``).
 
     A data head (format 2) loads anywhere, no key needed. A legacy pickle head is
     checked as before (``trust`` as in ``read_header``), unpickled once and rewritten
@@ -565,19 +595,10 @@ def head_backbone(head: Head, override: str | os.PathLike | Backbone | None = No
     """The backbone a head runs on: ``override`` if given (and it must match), else the
     head's recorded export directory, else its card re-exported; fingerprint always checked.
     Images are decoded as they were for the head (its ``preprocess.decoder``)."""
-    if override is not None:
-        bb = with_decoder(resolve_backbone(override), head.preprocess.decoder)
-        head.check_backbone(bb)
-        return bb
-    if head.backbone_dir and (Path(head.backbone_dir) / "model.json").is_file():
-        bb = with_decoder(load_export(head.backbone_dir), head.preprocess.decoder)
-        head.check_backbone(bb)
-        return bb
     card = head.meta.get("backbone", {}).get("card")
     name = card.get("name") if isinstance(card, dict) else card
-    if name:
-        bb = with_decoder(resolve_backbone(name), head.preprocess.decoder)
-        head.check_backbone(bb)
-        return bb
-    raise FeatXError(f"head {head.path}: its backbone directory {head.backbone_dir} is gone; "
-                     "pass the backbone it was trained on with --backbone DIR")
+    bdir = head.backbone_dir if head.backbone_dir and (Path(head.backbone_dir) / "model.json").is_file() else None
+    made, fix = head._mismatch()
+    return recorded_backbone(head.fingerprint, [bdir, name], override, head.preprocess.decoder, made, fix,
+                             missing=f"head {head.path}: its backbone directory {head.backbone_dir} is "
+                                     "gone; pass the backbone it was trained on with --backbone DIR")

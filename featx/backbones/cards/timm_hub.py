@@ -1,4 +1,4 @@
-"""What timm says about one of its models: card fields, weights location, the pretrained listing.
+"""What timm says about one of its models: card fields, stages, where its weights are published.
 
 ``timm:NAME`` names any timm model (``timm:resnet50.a1_in1k``,
 ``timm:vit_small_patch14_dinov2``). Nothing here is a second table: the
@@ -6,7 +6,9 @@ preprocessing is ``timm.data.resolve_data_config`` of the weight set's
 ``pretrained_cfg``; the embedding dim and the unfreezable stages come from the
 model timm builds with ``num_classes=0`` on the meta device (no memory, no
 weights). This module returns plain data; ``featx.backbones.cards`` turns it
-into a BackboneCard, so it needs nothing from there (no import circle).
+into a BackboneCard (and lists the pretrained weight sets, ``list_pretrained``), and
+``featx.backbones.cards.weights`` finds and fetches the files, so it needs nothing from
+either (no import circle).
 """
 
 from __future__ import annotations
@@ -198,26 +200,3 @@ def cached_weights(name: str) -> str | None:
     except Exception as e:  # no timm / hub library: not offline, whatever the reason
         log.debug("no cached weights for %s: %s", name, e)
     return None
-
-
-def list_pretrained(pattern: str = "*") -> list[TimmWeights]:
-    """timm's pretrained weight sets whose ``arch.tag`` matches the wildcard ``pattern``."""
-    timm = require("timm", "torch")
-    from timm.data import resolve_data_config
-    from timm.models import get_pretrained_cfg
-
-    pattern = model_name(pattern)
-    # a bare architecture lists all its weight sets
-    filters = [pattern] if any(c in pattern for c in "*?[") else [pattern, f"{pattern}.*"]
-    out = []
-    for name in timm.list_models(filters, pretrained=True):
-        cfg = get_pretrained_cfg(name).to_dict()
-        data = resolve_data_config(pretrained_cfg=cfg)
-        _, h, w = data["input_size"]
-        out.append(TimmWeights(
-            name=PREFIX + name, input_size=int(h), interpolation=data["interpolation"],
-            crop_pct=float(data["crop_pct"]), license=cfg.get("license") or "",
-            offline=cached_weights(name) is not None,
-            unsupported=unsupported_reason(h, w, data.get("crop_mode") or SUPPORTED_CROP_MODE),
-        ))
-    return out
