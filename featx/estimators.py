@@ -167,8 +167,9 @@ def embed_images(X, backbone, *, device: str = "auto", store=None, batch_size: i
     who : str
         Name used in error messages.
     features, crop : str or None
-        Which export of a card (``"last"``/``"multi"``, ``"center"``/``"none"``); None: the
-        backbone's own.
+        Which export of a card (``"last"``/``"multi"``, ``"center"``/``"none"``); None: for a
+        card, ``featx extract``'s default (multi, ``featx.backbones.features.DEFAULT_FEATURES``),
+        for an export directory or ONNX file its own.
 
     Returns
     -------
@@ -176,11 +177,11 @@ def embed_images(X, backbone, *, device: str = "auto", store=None, batch_size: i
         One row per image. An unreadable image raises (naming it): an estimator
         must return one row per input.
     """
-    from featx.backbones.resolve import resolve_backbone
+    from featx.backbones.resolve import card_features, resolve_backbone
     from featx.engines.files import embed_arrays, embed_paths
 
     kind, items = _as_images(X, who)
-    bb = resolve_backbone(backbone, features=features, crop=crop)
+    bb = resolve_backbone(backbone, features=card_features(backbone, features), crop=crop)
     if kind != "paths":
         pixels = _pil_pixels(items) if kind == "pil" else items
         return embed_arrays(pixels, bb, device=device, store=store, batch_size=batch_size)
@@ -207,8 +208,9 @@ class FeatXEmbedder(TransformerMixin, BaseEstimator):
     backbone : str, default="efficientnet_lite0"
         Card name (``featx models``), export or fine-tuning run directory, or ONNX file.
     features : {"last", "multi"} or None, default=None
-        A card's embedding: the last layer (None: the backbone's own, ``last`` for a card)
-        or ``multi``, every stage pooled (wider; better on data unlike ImageNet).
+        A card's embedding: ``multi``, every stage pooled (None means ``featx extract``'s
+        default, multi, so the CLI's cached embeddings are shared), or ``last``, the last
+        layer's average (4x narrower). An export directory or ONNX file gives its own.
     crop : {"center", "none"} or None, default=None
         A card's preprocessing: its centre crop (None: the backbone's own) or the whole image.
     device : {"auto", "cpu", "cuda"}, default="auto"
@@ -232,7 +234,7 @@ class FeatXEmbedder(TransformerMixin, BaseEstimator):
     >>> from featx import FeatXEmbedder
     >>> E = FeatXEmbedder().transform(["cat.jpg", "dog.jpg"])   # doctest: +SKIP
     >>> E.shape                                                 # doctest: +SKIP
-    (2, 1280)
+    (2, 4880)
     >>> make_pipeline(FeatXEmbedder(), LogisticRegression()).fit(paths, y)  # doctest: +SKIP
     """
 
@@ -286,9 +288,10 @@ class FeatXEmbedder(TransformerMixin, BaseEstimator):
 
     def get_feature_names_out(self, input_features=None) -> np.ndarray:
         """``embedding0`` .. ``embedding{dim-1}``, as in a Pipeline's ``set_output``."""
-        from featx.backbones.resolve import resolve_backbone
+        from featx.backbones.resolve import card_features, resolve_backbone
 
-        dim = resolve_backbone(self.backbone, features=self.features, crop=self.crop).dim
+        dim = resolve_backbone(self.backbone, features=card_features(self.backbone, self.features),
+                               crop=self.crop).dim
         return np.asarray([f"embedding{i}" for i in range(dim)], dtype=object)
 
     def __sklearn_tags__(self):
@@ -347,7 +350,13 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         Seeds the CV splits, the solvers and fine-tuning. An int is used as given
         (the same as ``featx fit-head --seed``); None draws a fresh seed per fit.
     features, crop : str or None, default=None
-        As for ``FeatXEmbedder``: which export of a card to embed with.
+        As for ``FeatXEmbedder``: which export of a card to embed with (None: multi, as
+        ``featx extract``).
+    segment : {"auto", "all", "last"}, default="auto"
+        On a multi embedding, the columns a logreg head uses: the whole vector, or its
+        last segment (the backbone's own pooled output); ``"auto"`` (with ``C="auto"``)
+        scores both by the same CV and keeps the better, exactly as ``featx fit-head
+        --segment`` (``featx.heads.segment.choose_segment``).
     device : {"auto", "cpu", "cuda"}, default="auto"
     store : str or None, default=None
         Embedding cache directory (default ``$FEATX_HOME/store``, shared with the CLI).
@@ -399,13 +408,14 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
     def __init__(self, backbone: str = DEFAULT_BACKBONE, head: str = "logreg",
                  C: float | str = "auto", *, class_weight: str | dict | None = None, cv: int | None = None,
                  random_state=0, features: str | None = None, crop: str | None = None,
-                 device: str = "auto", store: str | None = None,
+                 segment: str = "auto", device: str = "auto", store: str | None = None,
                  batch_size: int = 32, n_jobs: int | None = None, finetune: bool = False,
                  finetune_options: dict | None = None, run_dir: str | None = None,
                  seed: int | str = DEPRECATED, workers: int | str | None = DEPRECATED) -> None:
         self.backbone = backbone
         self.features = features
         self.crop = crop
+        self.segment = segment
         self.head = head
         self.C = C
         self.class_weight = class_weight
@@ -430,7 +440,11 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
 
     def _variant(self) -> dict:
         """features/crop choose among a card's exports; a fine-tuned run's backbone is its own."""
-        return {} if getattr(self, "backbone_dir_", None) else {"features": self.features, "crop": self.crop}
+        if getattr(self, "backbone_dir_", None):
+            return {}
+        from featx.backbones.resolve import card_features
+
+        return {"features": card_features(self.backbone, self.features), "crop": self.crop}
 
     def _resolve(self):
         from featx.backbones.resolve import resolve_backbone
@@ -461,6 +475,8 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         self
         """
         from featx.heads.fit import fit_head_full
+        from featx.heads.novelty import fit_novelty
+        from featx.heads.segment import check_segment, choose_segment
 
         who = type(self).__name__
         if y is None:
@@ -491,25 +507,38 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
                 raise ImageInputError("finetune=True trains the card's own last-layer embedding on its "
                                       "own crop; features= and crop= are for frozen heads")
             return self._fit_finetune(kind, items, classes, codes, seed)
+        check_segment(self.segment)
         E = self._embed(X)
-        # the head learns codes 0..K-1: column j of predict_proba is classes_[j]
-        fit = fit_head_full(E, codes, head=self.head, C=self.C,
-                            class_weight=self.class_weight, cv=self.cv, seed=seed)
-        report = fit.report
-        if weights is not None:
-            _refit_weighted(fit.pipeline, E, codes, weights)
-            # the refit replaces the temperature that was folded into the weights
-            report.update(sample_weight=True,
-                          train_accuracy=float(np.mean(fit.pipeline.predict(E) == codes)),
-                          calibration={"method": "none", "reason": "refitted with sample_weight"})
+        bb = self._resolve()
+        conformal = {}  # id(report) -> that fit's conformal scores
+
+        def fit(cols: np.ndarray) -> tuple[object, dict]:
+            # the head learns codes 0..K-1: column j of predict_proba is classes_[j]
+            f = fit_head_full(cols, codes, head=self.head, C=self.C, class_weight=self.class_weight,
+                              cv=self.cv, seed=seed, novelty=False)
+            if weights is not None:
+                _refit_weighted(f.pipeline, cols, codes, weights)
+                # the refit replaces the temperature that was folded into the weights
+                f.report.update(sample_weight=True,
+                                train_accuracy=float(np.mean(f.pipeline.predict(cols) == codes)),
+                                calibration={"method": "none", "reason": "refitted with sample_weight"})
+            conformal[id(f.report)] = f.conformal
+            return f.pipeline, f.report
+
+        # fit-head's own choice between the whole multi vector and its last segment
+        pipeline, report = choose_segment(E, bb.meta.get("features"), self.head, self.C, self.segment,
+                                          fit, bb.name)
+        novelty = fit_novelty(E, seed=seed)  # of the whole rows: what predict gives the head
+        report["novelty"] = {"method": "knn-cosine", "sample_rows": len(novelty.sample),
+                             "quantile": novelty.quantile, "threshold": novelty.threshold()}
         report["classes"] = [str(c) for c in classes]
         self.classes_ = classes
-        self.pipeline_ = fit.pipeline
+        self.pipeline_ = pipeline
         self.report_ = report
-        self.novelty_ = fit.novelty
+        self.novelty_ = novelty
         # conformal scores come from the unweighted search's out-of-fold probabilities
-        self.conformal_ = fit.conformal if weights is None else None
-        self.backbone_fingerprint_ = self._resolve().fingerprint
+        self.conformal_ = conformal[id(report)] if weights is None else None
+        self.backbone_fingerprint_ = bb.fingerprint
         return self
 
     def _fit_finetune(self, kind: str, items, classes: np.ndarray, codes: np.ndarray, seed: int):

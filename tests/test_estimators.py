@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
@@ -169,7 +170,8 @@ def test_embedder(arrays, lite0):
     X = arrays[0][:4]
     emb = FeatXEmbedder()
     E = emb.transform(X)  # stateless: no fit needed
-    assert E.dtype == np.float32 and E.shape == (4, 1280)
+    assert E.dtype == np.float32 and E.shape == (4, 4880)  # multi, as `featx extract`
+    assert FeatXEmbedder(features="last").transform(X).shape == (4, 1280)
     np.testing.assert_array_equal(emb.fit_transform(X), E)
     assert emb.get_feature_names_out()[:2].tolist() == ["embedding0", "embedding1"]
     # grayscale (N, H, W) and RGB (N, H, W, 3) of the same pixels embed identically
@@ -177,7 +179,9 @@ def test_embedder(arrays, lite0):
 
 
 @needs_fashion_mnist
-def test_classifier_on_paths_shares_the_cli_cache(tmp_path, lite0):
+def test_classifier_on_paths_shares_the_cli_cache(tmp_path):
+    """A default `featx extract` then a default FeatXClassifier: one export, one embedding per image."""
+    from featx.backbones.resolve import resolve_backbone
     from featx.datasets import write_image_folder
     from featx.embed.scan import scan
     from featx.embed.store import EmbeddingStore
@@ -186,27 +190,49 @@ def test_classifier_on_paths_shares_the_cli_cache(tmp_path, lite0):
     idx = per_class_subset(y, 4, seed=11)
     idx = idx[np.isin(y[idx], KEEP)]
     root = write_image_folder(tmp_path / "imgs", x[idx], y[idx], FASHION_MNIST_CLASSES)
-    # the estimators embed with the card's `last` features (features=None); `featx extract`
-    # defaults to multi, so the CLI is asked for last here
-    r = CliRunner().invoke(main, ["extract", str(root), "--features", "last", "--out", str(tmp_path / "t.parquet"),
-                                  "-q"])
+    r = CliRunner().invoke(main, ["extract", str(root), "--out", str(tmp_path / "t.parquet"), "-q"])
     assert r.exit_code == 0, r.output
-    n = len(EmbeddingStore(lite0).keys())
+    from featx.embed.table import read_table
+
+    meta = read_table(tmp_path / "t.parquet").meta
+    bb = resolve_backbone(meta["backbone_path"])
+    store = EmbeddingStore(bb)
+    n = len(store.keys())
     items = scan(root).items
     paths = [str(root / it.path) for it in items]
     labels = [it.label for it in items]
     clf = FeatXClassifier(C=1.0).fit(paths, labels)
-    assert len(EmbeddingStore(lite0).keys()) == n  # every image came from the cache
+    # the same export as the CLI's default (multi), and every image came from the cache
+    assert clf.backbone_fingerprint_ == bb.fingerprint == meta["fingerprint"]
+    assert bb.dim == 4880 and len(EmbeddingStore(bb).keys()) == n
     assert clf.classes_.tolist() == ["bag", "sandal", "trouser"]
     assert clf.score(paths, labels) == 1.0
     # and a fitted estimator is a head file the CLI can use
     hp = clf.save_head(tmp_path / "h.joblib")
     r = CliRunner().invoke(main, ["predict", str(hp), str(root), "--json"])
     assert r.exit_code == 0, r.output
-    import json
-
     got = {p["path"]: p["label"] for p in json.loads(r.output)["predictions"]}
     assert [got[p] for p in paths] == clf.predict(paths).tolist()
+
+
+def test_classifier_chooses_the_segment_as_fit_head_does(arrays):
+    """segment= is fit-head's --segment: the same CV choice, a widened last-segment head."""
+    from featx.backbones.resolve import resolve_backbone
+    from featx.heads.segment import last_segment
+
+    xtr, ytr, xte, _ = arrays
+    cols = last_segment(resolve_backbone("efficientnet_lite0", features="multi").meta["features"])
+    last = FeatXClassifier(segment="last", C=1.0).fit(xtr, ytr)
+    assert last.report_["segment"] == "last" and last.report_["segment_columns"] == [cols.start, cols.stop]
+    coef = last.pipeline_[-1].coef_
+    assert coef.shape[1] == 4880 and not coef[:, :cols.start].any()  # widened: other columns weigh 0
+    narrow = FeatXClassifier(features="last", C=1.0).fit(xtr, ytr)
+    np.testing.assert_allclose(last.predict_proba(xte), narrow.predict_proba(xte), atol=1e-3)
+    auto = FeatXClassifier().fit(xtr, ytr)  # C="auto", segment="auto": both scored
+    assert set(auto.report_["segment_cv"]) == {"all", "last"}
+    assert FeatXClassifier(C=1.0).fit(xtr, ytr).report_["segment"] == "all"
+    with pytest.raises(FeatXError, match="unknown segment 'middle'"):
+        FeatXClassifier(segment="middle").fit(xtr, ytr)
 
 
 def test_bad_input_is_refused_clearly(tmp_path):
@@ -282,7 +308,7 @@ def test_pil_images_embed_like_the_same_pixels(lite0, tmp_path):
     pil = [Image.fromarray(a) for a in arrays]
     emb = FeatXEmbedder()
     E = emb.transform(pil)
-    assert E.shape == (3, 1280) and E.dtype == np.float32
+    assert E.shape == (3, 4880) and E.dtype == np.float32
     np.testing.assert_allclose(E, emb.transform(arrays), atol=1e-5)
     # PNG files of the same pixels decode to the same pixels
     paths = []
