@@ -13,10 +13,12 @@ CLI or by another estimator, e.g. a GridSearchCV clone) is never run again.
 
 from __future__ import annotations
 
+import logging
 import numbers
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
@@ -26,6 +28,9 @@ from sklearn.utils.validation import check_is_fitted
 
 from featx.backbones.cards import DEFAULT_BACKBONE
 from featx.errors import FeatXError
+from featx.progress import LogProgress, ProgressFn, Watch, no_progress
+
+log = logging.getLogger(__name__)
 
 __all__ = ["FeatXClassifier", "FeatXEmbedder", "ImageInputError", "embed_images"]
 
@@ -146,9 +151,54 @@ def _renamed(est, old: str, new: str, default):
     return value_old
 
 
+def progress_of(verbose, who: str) -> Watch:
+    """The progress callback of an estimator call: ``verbose`` 0 reports nothing, 1 logs
+    a line per stage and at most one every 10 s, 2 or more logs every report (featx's
+    log, logger ``featx.estimators`` at INFO: library code never prints)."""
+    if isinstance(verbose, bool) or not isinstance(verbose, numbers.Integral) or verbose < 0:
+        raise ImageInputError(f"verbose must be an integer >= 0, got {verbose!r}")
+    if verbose == 0:
+        return Watch()
+    return Watch(LogProgress(log, every=10.0 if verbose == 1 else 0.0, prefix=f"{who}: "))
+
+
+def interrupted_message(call: str, watch: Watch, fitting: bool = False) -> str:
+    """What Ctrl-C in an estimator's ``call`` left behind, from the last progress it reported."""
+    stage = watch.last[0] if watch.last else None
+    embed = watch.seen.get("embed")
+    if embed is not None and stage == "embed" and embed[0] < embed[1]:
+        done, total = embed
+        said = (f"{call} interrupted while embedding: {done} of the {total} images not cached before "
+                "are in the embedding store (the others were cached already); the same call "
+                "again embeds only the rest")
+    elif embed is not None or stage in ("choose C", "fit"):
+        said = (f"{call} interrupted after embedding: every image's embedding is in the embedding "
+                "store; the same call again starts from them")
+    elif stage is not None and stage.split(" ")[0] in ("epoch", "validate", "lp-init", "model", "check", "export"):
+        said = f"{call} interrupted while fine-tuning; the run directory keeps its last checkpoint"
+    elif stage == "hash":
+        said = f"{call} interrupted while reading the image files; nothing new was embedded"
+    else:
+        said = (f"{call} interrupted before any image was embedded (the first use of a backbone "
+                "exports it to ONNX)")
+    if fitting:
+        said += "; the estimator was not changed (a previous fit, if any, is kept)"
+    return said + "."
+
+
+@contextmanager
+def interruptible(call: str, watch: Watch, fitting: bool = False) -> Iterator[None]:
+    """Ctrl-C inside the block becomes one KeyboardInterrupt that says what was kept."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted_message(call, watch, fitting)) from None
+
+
 def embed_images(X, backbone, *, device: str = "auto", store=None, batch_size: int = 32,
                  workers: int | None = None, who: str = "FeatXEmbedder",
-                 features: str | None = None, crop: str | None = None) -> np.ndarray:
+                 features: str | None = None, crop: str | None = None,
+                 progress: ProgressFn = no_progress) -> np.ndarray:
     """Embeddings of a batch of images, in input order, via the shared cache.
 
     Parameters
@@ -170,6 +220,9 @@ def embed_images(X, backbone, *, device: str = "auto", store=None, batch_size: i
         Which export of a card (``"last"``/``"multi"``, ``"center"``/``"none"``); None: for a
         card, ``featx extract``'s default (multi, ``featx.backbones.features.DEFAULT_FEATURES``),
         for an export directory or ONNX file its own.
+    progress : callable
+        A ``featx.progress`` callback: "backbone", then "hash" (paths only) and "embed"
+        (the images not in the store yet, as they are stored).
 
     Returns
     -------
@@ -181,12 +234,14 @@ def embed_images(X, backbone, *, device: str = "auto", store=None, batch_size: i
     from featx.engines.files import embed_arrays, embed_paths
 
     kind, items = _as_images(X, who)
+    progress("backbone", 0, 0)
     bb = resolve_backbone(backbone, features=card_features(backbone, features), crop=crop)
     if kind != "paths":
         pixels = _pil_pixels(items) if kind == "pil" else items
-        return embed_arrays(pixels, bb, device=device, store=store, batch_size=batch_size)
+        return embed_arrays(pixels, bb, device=device, store=store, batch_size=batch_size,
+                            progress=progress)
     E, _, failures = embed_paths(list(items), bb, device=device, store=store,
-                                  batch_size=batch_size, workers=workers)
+                                  batch_size=batch_size, workers=workers, progress=progress)
     if failures:
         shown = "; ".join(f"{p}: {why}" for p, why in failures[:3])
         more = f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""
@@ -224,8 +279,15 @@ class FeatXEmbedder(TransformerMixin, BaseEstimator):
         Threads that read and decode image files. None or -1: every core (featx's
         default, unlike scikit-learn's one job); -2: all but one; arrays and PIL
         images are already decoded and do not use them.
+    verbose : int, default=0
+        Progress of ``transform``: 0 none; 1 a log line per stage ("embed 96/300 (32%),
+        25.1/s, ETA 8 s") and at most one every 10 s; 2 every batch. Lines go to the
+        ``featx.estimators`` logger at INFO (``logging.basicConfig(level="INFO")`` shows them).
     workers : int, deprecated
         Old name of ``n_jobs``; still works, with a FutureWarning.
+
+    Ctrl-C during ``transform`` raises a KeyboardInterrupt that says how many images were
+    embedded; they stay in the store, so the same call again embeds only the rest.
 
     Examples
     --------
@@ -241,7 +303,7 @@ class FeatXEmbedder(TransformerMixin, BaseEstimator):
     def __init__(self, backbone: str = DEFAULT_BACKBONE, *, features: str | None = None,
                  crop: str | None = None, device: str = "auto",
                  store: str | None = None, batch_size: int = 32, n_jobs: int | None = None,
-                 workers: int | str | None = DEPRECATED) -> None:
+                 verbose: int = 0, workers: int | str | None = DEPRECATED) -> None:
         self.backbone = backbone
         self.features = features
         self.crop = crop
@@ -249,6 +311,7 @@ class FeatXEmbedder(TransformerMixin, BaseEstimator):
         self.store = store
         self.batch_size = batch_size
         self.n_jobs = n_jobs
+        self.verbose = verbose
         self.workers = workers
 
     def _threads(self) -> int | None:
@@ -282,9 +345,12 @@ class FeatXEmbedder(TransformerMixin, BaseEstimator):
         ndarray of shape (n_images, dim), float32
             In input order. An unreadable file raises, naming it.
         """
-        return embed_images(X, self.backbone, device=self.device, store=self.store,
-                            batch_size=self.batch_size, workers=self._threads(),
-                            who=type(self).__name__, features=self.features, crop=self.crop)
+        who = type(self).__name__
+        watch = progress_of(self.verbose, who)
+        with interruptible(f"{who}.transform", watch):
+            return embed_images(X, self.backbone, device=self.device, store=self.store,
+                                batch_size=self.batch_size, workers=self._threads(), who=who,
+                                features=self.features, crop=self.crop, progress=watch)
 
     def get_feature_names_out(self, input_features=None) -> np.ndarray:
         """``embedding0`` .. ``embedding{dim-1}``, as in a Pipeline's ``set_output``."""
@@ -373,10 +439,18 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
     run_dir : str or None, default=None
         Where the fine-tuning run is written (default: a new directory under
         ``$FEATX_HOME/runs``).
+    verbose : int, default=0
+        Progress of ``fit`` and prediction: 0 none; 1 a log line per stage (embed, choose C,
+        epochs) and at most one every 10 s, with rate and ETA; 2 every report. Lines go to
+        the ``featx.estimators`` logger at INFO (``logging.basicConfig(level="INFO")``).
     seed : int, deprecated
         Old name of ``random_state``; still works, with a FutureWarning.
     workers : int, deprecated
         Old name of ``n_jobs``; still works, with a FutureWarning.
+
+    Ctrl-C during ``fit`` or a prediction raises a KeyboardInterrupt that says how far it
+    got: the images embedded so far stay in the store (the same call again embeds only the
+    rest), and an interrupted ``fit`` leaves the estimator as it was.
 
     Attributes
     ----------
@@ -410,7 +484,7 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
                  random_state=0, features: str | None = None, crop: str | None = None,
                  segment: str = "auto", device: str = "auto", store: str | None = None,
                  batch_size: int = 32, n_jobs: int | None = None, finetune: bool = False,
-                 finetune_options: dict | None = None, run_dir: str | None = None,
+                 finetune_options: dict | None = None, run_dir: str | None = None, verbose: int = 0,
                  seed: int | str = DEPRECATED, workers: int | str | None = DEPRECATED) -> None:
         self.backbone = backbone
         self.features = features
@@ -428,6 +502,7 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         self.finetune = finetune
         self.finetune_options = finetune_options
         self.run_dir = run_dir
+        self.verbose = verbose
         self.seed = seed
         self.workers = workers
 
@@ -451,10 +526,10 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
 
         return resolve_backbone(self._fitted_backbone(), **self._variant())
 
-    def _embed(self, X) -> np.ndarray:
+    def _embed(self, X, progress: ProgressFn = no_progress) -> np.ndarray:
         return embed_images(X, self._fitted_backbone(), device=self.device, store=self.store,
                             batch_size=self.batch_size, workers=self._threads(),
-                            who=type(self).__name__, **self._variant())
+                            who=type(self).__name__, progress=progress, **self._variant())
 
     def fit(self, X, y, sample_weight=None):
         """Embed the images and fit the head (or fine-tune) on their labels.
@@ -474,9 +549,7 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         -------
         self
         """
-        from featx.heads.fit import fit_head_full
-        from featx.heads.novelty import fit_novelty
-        from featx.heads.segment import check_segment, choose_segment
+        from featx.heads.segment import check_segment
 
         who = type(self).__name__
         if y is None:
@@ -500,22 +573,39 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         weights = _sample_weight(sample_weight, len(y))
         if weights is not None and self.finetune:
             raise ImageInputError("sample_weight is for frozen heads; finetune=True does not take it")
-        for attr in ("backbone_dir_", "run_dir_"):  # a refit starts from the card again
-            self.__dict__.pop(attr, None)
         if self.finetune:
             if self.features not in (None, "last") or self.crop not in (None, "center"):
                 raise ImageInputError("finetune=True trains the card's own last-layer embedding on its "
                                       "own crop; features= and crop= are for frozen heads")
-            return self._fit_finetune(kind, items, classes, codes, seed)
-        check_segment(self.segment)
-        E = self._embed(X)
+        else:
+            check_segment(self.segment)
+        watch = progress_of(self.verbose, who)
+        # a refit starts from the card again; an interrupted or failed one restores them
+        kept = {a: self.__dict__.pop(a) for a in ("backbone_dir_", "run_dir_") if a in self.__dict__}
+        try:
+            with interruptible(f"{who}.fit", watch, fitting=True):
+                if self.finetune:
+                    return self._fit_finetune(kind, items, classes, codes, seed, watch)
+                return self._fit_frozen(X, classes, codes, weights, seed, watch)
+        except BaseException:
+            self.__dict__.update(kept)
+            raise
+
+    def _fit_frozen(self, X, classes: np.ndarray, codes: np.ndarray, weights: np.ndarray | None,
+                    seed: int, progress: ProgressFn):
+        """Embed, fit the head (on the columns ``segment`` picks), then set the fitted state."""
+        from featx.heads.fit import fit_head_full
+        from featx.heads.novelty import fit_novelty
+        from featx.heads.segment import choose_segment
+
+        E = self._embed(X, progress)
         bb = self._resolve()
         conformal = {}  # id(report) -> that fit's conformal scores
 
         def fit(cols: np.ndarray) -> tuple[object, dict]:
             # the head learns codes 0..K-1: column j of predict_proba is classes_[j]
             f = fit_head_full(cols, codes, head=self.head, C=self.C, class_weight=self.class_weight,
-                              cv=self.cv, seed=seed, novelty=False)
+                              cv=self.cv, seed=seed, progress=progress, novelty=False)
             if weights is not None:
                 _refit_weighted(f.pipeline, cols, codes, weights)
                 # the refit replaces the temperature that was folded into the weights
@@ -532,6 +622,7 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         report["novelty"] = {"method": "knn-cosine", "sample_rows": len(novelty.sample),
                              "quantile": novelty.quantile, "threshold": novelty.threshold()}
         report["classes"] = [str(c) for c in classes]
+        # the fitted state is set only here, all at once: an interrupted fit leaves none of it
         self.classes_ = classes
         self.pipeline_ = pipeline
         self.report_ = report
@@ -541,7 +632,8 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         self.backbone_fingerprint_ = bb.fingerprint
         return self
 
-    def _fit_finetune(self, kind: str, items, classes: np.ndarray, codes: np.ndarray, seed: int):
+    def _fit_finetune(self, kind: str, items, classes: np.ndarray, codes: np.ndarray, seed: int,
+                      progress: ProgressFn = no_progress):
         """LP-FT through featx.finetune; the run's head becomes ``pipeline_``."""
         import tempfile
 
@@ -560,7 +652,7 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
             out = tempfile.mkdtemp(prefix="estimator-", dir=home() / "runs")
         opts = {"seed": seed, "batch_size": self.batch_size, **(self.finetune_options or {})}
         run = finetune(data, out=out, device=self.device, store=self.store, backbone=self.backbone,
-                       **opts)
+                       progress=progress, **opts)
         head = load_head(run.head_path)
         if head.classes != sorted(set(names)):
             raise ImageInputError(f"fine-tuning returned classes {head.classes}, expected {len(classes)}")
@@ -582,7 +674,10 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
             raise MismatchError(f"this classifier was fitted on backbone fingerprint "
                                 f"{self.backbone_fingerprint_}, but backbone={self.backbone!r} is now "
                                 f"{fp}; refit it")
-        return self._embed(X)
+        who = type(self).__name__
+        watch = progress_of(self.verbose, who)
+        with interruptible(f"{who} prediction", watch):
+            return self._embed(X, watch)
 
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities.

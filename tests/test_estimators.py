@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -233,6 +235,62 @@ def test_classifier_chooses_the_segment_as_fit_head_does(arrays):
     assert FeatXClassifier(C=1.0).fit(xtr, ytr).report_["segment"] == "all"
     with pytest.raises(FeatXError, match="unknown segment 'middle'"):
         FeatXClassifier(segment="middle").fit(xtr, ytr)
+
+
+class _StopAt(logging.Handler):
+    """Ctrl-C at the progress line that matches ``pattern``: a real interrupt mid-run."""
+
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def emit(self, record) -> None:
+        if self.pattern.search(record.getMessage()):
+            raise KeyboardInterrupt
+
+
+def test_verbose_progress_and_ctrl_c_keep_what_was_embedded(arrays, caplog):
+    """verbose= logs progress (no print); Ctrl-C keeps the embedded images and leaves no half fit."""
+    from featx.backbones.resolve import resolve_backbone
+    from featx.embed.store import EmbeddingStore
+    from featx.engines.files import array_key
+
+    xtr, ytr, _, _ = arrays
+    X = 255 - xtr  # negatives: images no other test has embedded
+    store = EmbeddingStore(resolve_backbone("efficientnet_lite0", features="multi"))
+    keys = [array_key(a) for a in X]
+    assert not store.stored(keys)
+    logger = logging.getLogger("featx.estimators")
+    caplog.set_level(logging.INFO, logger="featx.estimators")
+    stop = _StopAt(r"embed 8/24\b")
+    logger.addHandler(stop)
+    clf = FeatXClassifier(C=1.0, batch_size=4, verbose=2)
+    try:
+        with pytest.raises(KeyboardInterrupt, match=r"fit interrupted while embedding: 8 of the 24 images "
+                                                    r".* in the embedding store.*the estimator was not changed"):
+            clf.fit(X, ytr)
+    finally:
+        logger.removeHandler(stop)
+    assert len(store.stored(keys)) == 8  # the batches done are kept
+    assert not hasattr(clf, "classes_")  # and nothing of a half fit
+    caplog.clear()
+    clf.fit(X, ytr)  # the same call again embeds only the other 16
+    lines = [r.getMessage() for r in caplog.records]
+    assert "FeatXClassifier: embed 0/16 (0%)" in lines and any(m.startswith("FeatXClassifier: embed 16/16") for m in lines)
+    assert len(store.stored(keys)) == 24 and (clf.predict(X) == ytr).mean() > 0.8
+    # a refit interrupted keeps the previous fit whole
+    fitted = (clf.classes_, clf.pipeline_, clf.backbone_fingerprint_)
+    stop = _StopAt(r"embed 4/24\b")
+    logger.addHandler(stop)
+    try:
+        with pytest.raises(KeyboardInterrupt, match="a previous fit, if any, is kept"):
+            clf.fit(np.ascontiguousarray(X[:, ::-1]), ytr)
+    finally:
+        logger.removeHandler(stop)
+    assert all(a is b for a, b in zip((clf.classes_, clf.pipeline_, clf.backbone_fingerprint_), fitted,
+                                      strict=True))
+    with pytest.raises(ImageInputError, match="verbose must be an integer >= 0"):
+        FeatXEmbedder(verbose=-1).transform(X[:1])
 
 
 def test_bad_input_is_refused_clearly(tmp_path):

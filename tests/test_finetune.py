@@ -185,8 +185,15 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(data, tmp_path):
     # another process still training it
     with FileLock(str(tmp_path / "b" / ".lock")), pytest.raises(FeatXError, match="another featx process"):
         finetune(resume=tmp_path / "b", device="cpu", export=False)
-    resumed = finetune(resume=tmp_path / "b", device="cpu", export=False)
+    stages = []
+    resumed = finetune(resume=tmp_path / "b", device="cpu", export=False,
+                       progress=lambda stage, done, total: stages.append((stage, done, total)))
     assert [h["epoch"] for h in resumed.history] == [1, 2]
+    # the bar names the epoch it trains, a resumed run's too (issue 27 item 10), and validation
+    # counts images
+    assert {s for s, _, _ in stages if s.startswith("epoch")} == {"epoch 2/2"}
+    val = [(d, t) for s, d, t in stages if s == "validate"]
+    assert val[-1] == (2, 2)  # the 2 validation images, not the number of batches
     for h1, h2 in zip(straight.history, resumed.history, strict=True):
         assert h1["train_loss"] == pytest.approx(h2["train_loss"], rel=1e-5)
         assert h1["val_loss"] == pytest.approx(h2["val_loss"], rel=1e-5)

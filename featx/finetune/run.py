@@ -509,7 +509,8 @@ def _epoch(job: TrainJob, model: _Model, trainer: _Trainer, epoch: int) -> dict:
     if cfg.time_budget is not None and job.plan is None and epoch == 1 and not job.resumed:
         on_steps = (PLAN_STEPS, _planner(job, trainer, time.perf_counter() - job.t_start))
     row = {"epoch": epoch, **tl.run_epoch(model.net, loader, job.dev, t.loss_fn, t.optimizer, t.scheduler,
-                                          job.progress, model.bn_stats, on_steps)}
+                                          job.progress, model.bn_stats, on_steps,
+                                          stage=f"epoch {epoch}/{cfg.epochs}")}
     if row["images"] == 0:
         raise FeatXError(f"epoch {epoch}: none of the {len(job.data.train)} training images could be read "
                          f"(under {job.data.train.root}); did the data change during the run?")
