@@ -30,7 +30,7 @@ import numpy as np
 from featx.atomic import result_file, write_text
 from featx.backbones.resolve import table_backbone
 from featx.csvout import csv_writer
-from featx.embed.scan import display_path, is_table_file, resolve_item_path
+from featx.embed.scan import display_path, is_table_file, output_path, resolve_item_path
 from featx.embed.table import EmbeddingTable, read_table
 from featx.embed.table_checks import require_fingerprint, require_finite, require_same_backbone
 from featx.engines.files import collect_files, embed_paths
@@ -377,7 +377,12 @@ def _csv(rows: list[dict], columns: Sequence[str], tsv: bool) -> str:
 
 
 def _printable(rows: list[dict], keys: Sequence[str]) -> list[dict]:
-    return [{**r, **{c: display_path(r[c]) for c in keys if r[c] is not None}} for r in rows]
+    # path columns absolute (featx.embed.scan.output_path: the one rule of every output)
+    return [{**r, **{c: (output_path if c in PATH_COLUMNS else display_path)(r[c]) for c in keys
+                     if r[c] is not None}} for r in rows]
+
+
+PATH_COLUMNS = frozenset({"query", "path", "path_a", "path_b"})
 
 
 def write_neighbors(result: NeighborsResult, out: str | os.PathLike) -> Path:
@@ -386,7 +391,7 @@ def write_neighbors(result: NeighborsResult, out: str | os.PathLike) -> Path:
     rows = _printable(result.rows(), ("query", "path", "query_label", "label"))
     if suffix == ".json":
         doc = {**result.summary(), "neighbors": rows,
-               "failures": [{"path": display_path(p), "reason": r} for p, r in result.failures]}
+               "failures": [{"path": output_path(p), "reason": r} for p, r in result.failures]}
         return write_text(out, json.dumps(doc, indent=2))
     cols = ("query", "query_label", "rank", "path", "label", "similarity")
     return write_text(out, _csv(rows, cols, suffix == ".tsv"))
