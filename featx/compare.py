@@ -26,6 +26,7 @@ import numpy as np
 
 from featx.atomic import figure, write_text
 from featx.backbones.cards import DEFAULT_BACKBONE
+from featx.backbones.features import DEFAULT_FEATURES
 from featx.compare_features import time_embedding
 from featx.errors import FeatXError
 from featx.finetune.data import LabelledFiles, labelled_files
@@ -247,7 +248,8 @@ def compare(train, test=None, *, out: str | os.PathLike = "report", per_class="5
     if probes:
         from featx.compare_features import compare_features
 
-        fc = compare_features(train, test, backbones=backbones or (backbone,), features=features or ("last",),
+        # the probes embed as featx extract does unless told: its default feature set
+        fc = compare_features(train, test, backbones=backbones or (backbone,), features=features or (DEFAULT_FEATURES,),
                               crops=crops or ("center",), out=out, seed=seed, device=device, store=store,
                               batch_size=batch_size, test_per_class=test_per_class, progress=progress)
         if not methods:

@@ -109,3 +109,10 @@ def test_the_first_export_shows_and_ctrl_c_there_says_what_happened(capsys):
     assert "backbone was being exported" in said and "embedded so far is saved" not in said
     assert "embedded so far is saved" in interrupted_message("extract", "embed")
     assert "resumes after them" in interrupted_message("compare", "[3/9] epoch")
+
+
+def test_probes_default_to_extracts_features(lite0, tmp_path):
+    """--backbones alone scores each backbone as `featx extract` would embed with it (multi)."""
+    data = make_image_folder(tmp_path / "data")
+    r = compare(data, backbones=("efficientnet_lite0",), methods=(), out=tmp_path / "report", device="cpu")
+    assert [(row["features"], row["dim"]) for row in r.rows] == [("multi", 4880)]

@@ -44,7 +44,7 @@ def probe_options(f):
                      help="Crops to compare as frozen probes (see --features).")(f)
     f = click.option("--features", default=None, metavar="last,multi",
                      help="Feature recipes to compare as frozen probes, each scored by CV on TRAIN "
-                          "(report: features.md).")(f)
+                          "(report: features.md). Default: extract's (multi).")(f)
     return click.option("--backbones", default=None, metavar="A,B,...",
                          help="Backbone cards to compare as frozen probes (see --features).")(f)
 
