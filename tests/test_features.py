@@ -155,7 +155,7 @@ def test_export_crop_none_is_the_same_graph_under_another_fingerprint(lite0):
 
     from featx.cli import main
 
-    r = CliRunner().invoke(main, ["export", "efficientnet_lite0", "--crop", "none", "--json"])
+    r = CliRunner().invoke(main, ["export", "efficientnet_lite0", "--features", "last", "--crop", "none", "--json"])
     assert r.exit_code == 0, r.output
     import json
 
