@@ -26,6 +26,7 @@ import numpy as np
 
 from featx.atomic import figure, write_text
 from featx.backbones.cards import DEFAULT_BACKBONE
+from featx.backbones.features import DEFAULT_FEATURES
 from featx.compare_features import time_embedding
 from featx.errors import FeatXError
 from featx.finetune.data import LabelledFiles, labelled_files
@@ -247,7 +248,8 @@ def compare(train, test=None, *, out: str | os.PathLike = "report", per_class="5
     if probes:
         from featx.compare_features import compare_features
 
-        fc = compare_features(train, test, backbones=backbones or (backbone,), features=features or ("last",),
+        # the probes embed as featx extract does unless told: its default feature set
+        fc = compare_features(train, test, backbones=backbones or (backbone,), features=features or (DEFAULT_FEATURES,),
                               crops=crops or ("center",), out=out, seed=seed, device=device, store=store,
                               batch_size=batch_size, test_per_class=test_per_class, progress=progress)
         if not methods:
@@ -281,32 +283,91 @@ def _run_all(sizes, methods, files, testf, frozen, cfg, config: dict, notes: lis
     settings finished are kept, and compare.json is rewritten after each run."""
     done = finished_runs(out / "compare.json", config)
     rows: list[dict] = []
-    total, k, t0 = len(sizes) * len(methods), 0, time.perf_counter()
-    for n in sizes:
-        sub = files.subset(_readable_draw(files, per_class_subset(files.labels, n, seed), n, frozen.key_of))
+    subs = [(n, files.subset(_readable_draw(files, per_class_subset(files.labels, n, seed), n, frozen.key_of)))
+            for n in sizes]
+    runs = [(n, sub, method) for n, sub in subs for method in methods]
+    total, t0 = len(runs), time.perf_counter()
+    clock = RunClock([(m, run_work(m, len(sub), cfg.epochs)) for n, sub, m in runs
+                      if (m, "all" if n is None else n) not in done])
+    kept = total - len(clock.todo)
+    clock.report(progress, kept, total)
+    for k, (n, sub, method) in enumerate(runs, start=1):
         n_label = "all" if n is None else n
-        for method in methods:
-            k += 1
-            if (method, n_label) in done:  # a rerun after Ctrl-C does not train finished runs again
-                rows.append(done[(method, n_label)])
-                log.info("%s @ %s/class: kept from the previous run", method, n_label)
-                continue
-            # every stage of this run, the trainer's epochs included, says which run of how many
-            step = _numbered(progress, k, total)
-            step(f"{method} @ {n_label}/class", 0, 1)
-            if method == "frozen":
-                acc, secs, extra = _frozen_row(frozen, sub, seed)
-            else:
-                acc, secs, extra = _trained_row(method, sub, testf, frozen, out / "runs" / f"{method}-{n_label}",
-                                                cfg, device, store, keep_runs, step)
-            row = {"per_class": n_label, "train_images": len(sub), "method": method,
-                   "accuracy": acc, "seconds": round(secs, 3), **extra}
-            log.info("run %d/%d, %s @ %s/class: accuracy %.4f in %.1f s (%.0f s so far)", k, total, method,
-                     n_label, acc, secs, time.perf_counter() - t0)
-            rows.append(row)
-            step(f"{method} @ {n_label}/class", 1, 1)
-            write_json(out / "compare.json", _report(rows, config, notes))  # partial results survive a kill
+        if (method, n_label) in done:  # a rerun after Ctrl-C does not train finished runs again
+            rows.append(done[(method, n_label)])
+            log.info("%s @ %s/class: kept from the previous run", method, n_label)
+            continue
+        # every stage of this run, the trainer's epochs included, says which run of how many
+        step = _numbered(progress, k, total)
+        step(f"{method} @ {n_label}/class", 0, 1)
+        if method == "frozen":
+            acc, secs, extra = _frozen_row(frozen, sub, seed)
+        else:
+            acc, secs, extra = _trained_row(method, sub, testf, frozen, out / "runs" / f"{method}-{n_label}",
+                                            cfg, device, store, keep_runs, step)
+        row = {"per_class": n_label, "train_images": len(sub), "method": method,
+               "accuracy": acc, "seconds": round(secs, 3), **extra}
+        log.info("run %d/%d, %s @ %s/class: accuracy %.4f in %.1f s (%.0f s so far)", k, total, method,
+                 n_label, acc, secs, time.perf_counter() - t0)
+        rows.append(row)
+        step(f"{method} @ {n_label}/class", 1, 1)
+        write_json(out / "compare.json", _report(rows, config, notes))  # partial results survive a kill
+        clock.finished(method, run_work(method, len(sub), cfg.epochs), secs)
+        clock.report(progress, kept + clock.n_done, total)
     return rows
+
+
+def run_work(method: str, images: int, epochs: int) -> float:
+    """A run's cost in the units its method's time scales with: training images x epochs for a
+    trained method, training images for the frozen probe (its embeddings are cached)."""
+    return float(images * (1 if method == "frozen" else epochs))
+
+
+class RunClock:
+    """The ETA of a whole compare: the runs still to train, each at the seconds per unit of
+    work (``run_work``) its method has taken so far in this invocation.
+
+    A trained method not timed yet is taken at the trained methods' rate; the frozen probe
+    (a logistic fit on cached embeddings) at its own, else as free. No trained run timed
+    yet while one is to come: the ETA is unknown.
+    """
+
+    def __init__(self, todo: list[tuple[str, float]]) -> None:
+        self.todo = todo  # (method, work) of every run this invocation trains, in order
+        self.n_done = 0
+        self.spent: dict[str, list[float]] = {}  # method -> [seconds, work]
+        self.t0 = time.perf_counter()
+
+    def finished(self, method: str, work: float, seconds: float) -> None:
+        sw = self.spent.setdefault(method, [0.0, 0.0])
+        sw[0] += seconds
+        sw[1] += work
+        self.n_done += 1
+
+    def _rate(self, method: str) -> float | None:
+        if method in self.spent and self.spent[method][1] > 0:
+            return self.spent[method][0] / self.spent[method][1]
+        if method == "frozen":
+            return 0.0
+        trained = [sw for m, sw in self.spent.items() if m != "frozen" and sw[1] > 0]
+        return sum(s for s, _ in trained) / sum(w for _, w in trained) if trained else None
+
+    def eta(self) -> float | None:
+        """Seconds left for the runs not done; None while it cannot be estimated."""
+        left = 0.0
+        for method, work in self.todo[self.n_done:]:
+            rate = self._rate(method)
+            if rate is None:
+                return None
+            left += rate * work
+        return left
+
+    def report(self, progress: ProgressFn, runs_done: int, runs: int) -> None:
+        """``progress("runs k/n", elapsed s, elapsed + ETA s)``: the whole compare, in seconds
+        (total 0 while the ETA is unknown); k counts runs kept from a previous compare too."""
+        elapsed = time.perf_counter() - self.t0
+        eta = self.eta()
+        progress(f"runs {runs_done}/{runs}", round(elapsed), 0 if eta is None else round(elapsed + eta))
 
 
 # settings that do not change a run's result: a rerun on another device still resumes

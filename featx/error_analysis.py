@@ -32,7 +32,7 @@ from featx.atomic import figure, write_text
 from featx.csvout import csv_writer
 from featx.embed.images import thumbnail
 from featx.embed.remote import is_url
-from featx.embed.scan import display_path
+from featx.embed.scan import display_path, output_path
 
 __all__ = ["image_outcomes", "thumbnail", "write_error_analysis"]
 
@@ -66,7 +66,7 @@ def write_predictions_csv(rows: list[dict], path: Path) -> Path:
     buf = io.StringIO(newline="")
     cols = ["path", "true", "predicted", "probability", "true_probability", "loss", "correct"]
     w = csv_writer(buf)
-    rows = [{**r, "path": display_path(r["path"])} for r in rows]  # non-UTF-8 names as \\xNN
+    rows = [{**r, "path": output_path(r["path"])} for r in rows]  # absolute, non-UTF-8 names as \\xNN
     w.writerow(cols)
     for r in rows:
         r = {**r, **{k: "" if r[k] is None else f"{r[k]:.6f}" for k in ("probability", "true_probability", "loss")}}

@@ -13,10 +13,12 @@ CLI or by another estimator, e.g. a GridSearchCV clone) is never run again.
 
 from __future__ import annotations
 
+import logging
 import numbers
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
@@ -26,6 +28,9 @@ from sklearn.utils.validation import check_is_fitted
 
 from featx.backbones.cards import DEFAULT_BACKBONE
 from featx.errors import FeatXError
+from featx.progress import LogProgress, ProgressFn, Watch, no_progress
+
+log = logging.getLogger(__name__)
 
 __all__ = ["FeatXClassifier", "FeatXEmbedder", "ImageInputError", "embed_images"]
 
@@ -146,9 +151,54 @@ def _renamed(est, old: str, new: str, default):
     return value_old
 
 
+def progress_of(verbose, who: str) -> Watch:
+    """The progress callback of an estimator call: ``verbose`` 0 reports nothing, 1 logs
+    a line per stage and at most one every 10 s, 2 or more logs every report (featx's
+    log, logger ``featx.estimators`` at INFO: library code never prints)."""
+    if isinstance(verbose, bool) or not isinstance(verbose, numbers.Integral) or verbose < 0:
+        raise ImageInputError(f"verbose must be an integer >= 0, got {verbose!r}")
+    if verbose == 0:
+        return Watch()
+    return Watch(LogProgress(log, every=10.0 if verbose == 1 else 0.0, prefix=f"{who}: "))
+
+
+def interrupted_message(call: str, watch: Watch, fitting: bool = False) -> str:
+    """What Ctrl-C in an estimator's ``call`` left behind, from the last progress it reported."""
+    stage = watch.last[0] if watch.last else None
+    embed = watch.seen.get("embed")
+    if embed is not None and stage == "embed" and embed[0] < embed[1]:
+        done, total = embed
+        said = (f"{call} interrupted while embedding: {done} of the {total} images not cached before "
+                "are in the embedding store (the others were cached already); the same call "
+                "again embeds only the rest")
+    elif embed is not None or stage in ("choose C", "fit"):
+        said = (f"{call} interrupted after embedding: every image's embedding is in the embedding "
+                "store; the same call again starts from them")
+    elif stage is not None and stage.split(" ")[0] in ("epoch", "validate", "lp-init", "model", "check", "export"):
+        said = f"{call} interrupted while fine-tuning; the run directory keeps its last checkpoint"
+    elif stage == "hash":
+        said = f"{call} interrupted while reading the image files; nothing new was embedded"
+    else:
+        said = (f"{call} interrupted before any image was embedded (the first use of a backbone "
+                "exports it to ONNX)")
+    if fitting:
+        said += "; the estimator was not changed (a previous fit, if any, is kept)"
+    return said + "."
+
+
+@contextmanager
+def interruptible(call: str, watch: Watch, fitting: bool = False) -> Iterator[None]:
+    """Ctrl-C inside the block becomes one KeyboardInterrupt that says what was kept."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted_message(call, watch, fitting)) from None
+
+
 def embed_images(X, backbone, *, device: str = "auto", store=None, batch_size: int = 32,
                  workers: int | None = None, who: str = "FeatXEmbedder",
-                 features: str | None = None, crop: str | None = None) -> np.ndarray:
+                 features: str | None = None, crop: str | None = None,
+                 progress: ProgressFn = no_progress) -> np.ndarray:
     """Embeddings of a batch of images, in input order, via the shared cache.
 
     Parameters
@@ -167,8 +217,12 @@ def embed_images(X, backbone, *, device: str = "auto", store=None, batch_size: i
     who : str
         Name used in error messages.
     features, crop : str or None
-        Which export of a card (``"last"``/``"multi"``, ``"center"``/``"none"``); None: the
-        backbone's own.
+        Which export of a card (``"last"``/``"multi"``, ``"center"``/``"none"``); None: for a
+        card, ``featx extract``'s default (multi, ``featx.backbones.features.DEFAULT_FEATURES``),
+        for an export directory or ONNX file its own.
+    progress : callable
+        A ``featx.progress`` callback: "backbone", then "hash" (paths only) and "embed"
+        (the images not in the store yet, as they are stored).
 
     Returns
     -------
@@ -176,16 +230,18 @@ def embed_images(X, backbone, *, device: str = "auto", store=None, batch_size: i
         One row per image. An unreadable image raises (naming it): an estimator
         must return one row per input.
     """
-    from featx.backbones.resolve import resolve_backbone
+    from featx.backbones.resolve import card_features, resolve_backbone
     from featx.engines.files import embed_arrays, embed_paths
 
     kind, items = _as_images(X, who)
-    bb = resolve_backbone(backbone, features=features, crop=crop)
+    progress("backbone", 0, 0)
+    bb = resolve_backbone(backbone, features=card_features(backbone, features), crop=crop)
     if kind != "paths":
         pixels = _pil_pixels(items) if kind == "pil" else items
-        return embed_arrays(pixels, bb, device=device, store=store, batch_size=batch_size)
+        return embed_arrays(pixels, bb, device=device, store=store, batch_size=batch_size,
+                            progress=progress)
     E, _, failures = embed_paths(list(items), bb, device=device, store=store,
-                                  batch_size=batch_size, workers=workers)
+                                  batch_size=batch_size, workers=workers, progress=progress)
     if failures:
         shown = "; ".join(f"{p}: {why}" for p, why in failures[:3])
         more = f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""
@@ -207,8 +263,9 @@ class FeatXEmbedder(TransformerMixin, BaseEstimator):
     backbone : str, default="efficientnet_lite0"
         Card name (``featx models``), export or fine-tuning run directory, or ONNX file.
     features : {"last", "multi"} or None, default=None
-        A card's embedding: the last layer (None: the backbone's own, ``last`` for a card)
-        or ``multi``, every stage pooled (wider; better on data unlike ImageNet).
+        A card's embedding: ``multi``, every stage pooled (None means ``featx extract``'s
+        default, multi, so the CLI's cached embeddings are shared), or ``last``, the last
+        layer's average (4x narrower). An export directory or ONNX file gives its own.
     crop : {"center", "none"} or None, default=None
         A card's preprocessing: its centre crop (None: the backbone's own) or the whole image.
     device : {"auto", "cpu", "cuda"}, default="auto"
@@ -222,8 +279,15 @@ class FeatXEmbedder(TransformerMixin, BaseEstimator):
         Threads that read and decode image files. None or -1: every core (featx's
         default, unlike scikit-learn's one job); -2: all but one; arrays and PIL
         images are already decoded and do not use them.
+    verbose : int, default=0
+        Progress of ``transform``: 0 none; 1 a log line per stage ("embed 96/300 (32%),
+        25.1/s, ETA 8 s") and at most one every 10 s; 2 every batch. Lines go to the
+        ``featx.estimators`` logger at INFO (``logging.basicConfig(level="INFO")`` shows them).
     workers : int, deprecated
         Old name of ``n_jobs``; still works, with a FutureWarning.
+
+    Ctrl-C during ``transform`` raises a KeyboardInterrupt that says how many images were
+    embedded; they stay in the store, so the same call again embeds only the rest.
 
     Examples
     --------
@@ -232,14 +296,14 @@ class FeatXEmbedder(TransformerMixin, BaseEstimator):
     >>> from featx import FeatXEmbedder
     >>> E = FeatXEmbedder().transform(["cat.jpg", "dog.jpg"])   # doctest: +SKIP
     >>> E.shape                                                 # doctest: +SKIP
-    (2, 1280)
+    (2, 4880)
     >>> make_pipeline(FeatXEmbedder(), LogisticRegression()).fit(paths, y)  # doctest: +SKIP
     """
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, *, features: str | None = None,
                  crop: str | None = None, device: str = "auto",
                  store: str | None = None, batch_size: int = 32, n_jobs: int | None = None,
-                 workers: int | str | None = DEPRECATED) -> None:
+                 verbose: int = 0, workers: int | str | None = DEPRECATED) -> None:
         self.backbone = backbone
         self.features = features
         self.crop = crop
@@ -247,6 +311,7 @@ class FeatXEmbedder(TransformerMixin, BaseEstimator):
         self.store = store
         self.batch_size = batch_size
         self.n_jobs = n_jobs
+        self.verbose = verbose
         self.workers = workers
 
     def _threads(self) -> int | None:
@@ -280,15 +345,19 @@ class FeatXEmbedder(TransformerMixin, BaseEstimator):
         ndarray of shape (n_images, dim), float32
             In input order. An unreadable file raises, naming it.
         """
-        return embed_images(X, self.backbone, device=self.device, store=self.store,
-                            batch_size=self.batch_size, workers=self._threads(),
-                            who=type(self).__name__, features=self.features, crop=self.crop)
+        who = type(self).__name__
+        watch = progress_of(self.verbose, who)
+        with interruptible(f"{who}.transform", watch):
+            return embed_images(X, self.backbone, device=self.device, store=self.store,
+                                batch_size=self.batch_size, workers=self._threads(), who=who,
+                                features=self.features, crop=self.crop, progress=watch)
 
     def get_feature_names_out(self, input_features=None) -> np.ndarray:
         """``embedding0`` .. ``embedding{dim-1}``, as in a Pipeline's ``set_output``."""
-        from featx.backbones.resolve import resolve_backbone
+        from featx.backbones.resolve import card_features, resolve_backbone
 
-        dim = resolve_backbone(self.backbone, features=self.features, crop=self.crop).dim
+        dim = resolve_backbone(self.backbone, features=card_features(self.backbone, self.features),
+                               crop=self.crop).dim
         return np.asarray([f"embedding{i}" for i in range(dim)], dtype=object)
 
     def __sklearn_tags__(self):
@@ -347,7 +416,13 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         Seeds the CV splits, the solvers and fine-tuning. An int is used as given
         (the same as ``featx fit-head --seed``); None draws a fresh seed per fit.
     features, crop : str or None, default=None
-        As for ``FeatXEmbedder``: which export of a card to embed with.
+        As for ``FeatXEmbedder``: which export of a card to embed with (None: multi, as
+        ``featx extract``).
+    segment : {"auto", "all", "last"}, default="auto"
+        On a multi embedding, the columns a logreg head uses: the whole vector, or its
+        last segment (the backbone's own pooled output); ``"auto"`` (with ``C="auto"``)
+        scores both by the same CV and keeps the better, exactly as ``featx fit-head
+        --segment`` (``featx.heads.segment.choose_segment``).
     device : {"auto", "cpu", "cuda"}, default="auto"
     store : str or None, default=None
         Embedding cache directory (default ``$FEATX_HOME/store``, shared with the CLI).
@@ -364,10 +439,18 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
     run_dir : str or None, default=None
         Where the fine-tuning run is written (default: a new directory under
         ``$FEATX_HOME/runs``).
+    verbose : int, default=0
+        Progress of ``fit`` and prediction: 0 none; 1 a log line per stage (embed, choose C,
+        epochs) and at most one every 10 s, with rate and ETA; 2 every report. Lines go to
+        the ``featx.estimators`` logger at INFO (``logging.basicConfig(level="INFO")``).
     seed : int, deprecated
         Old name of ``random_state``; still works, with a FutureWarning.
     workers : int, deprecated
         Old name of ``n_jobs``; still works, with a FutureWarning.
+
+    Ctrl-C during ``fit`` or a prediction raises a KeyboardInterrupt that says how far it
+    got: the images embedded so far stay in the store (the same call again embeds only the
+    rest), and an interrupted ``fit`` leaves the estimator as it was.
 
     Attributes
     ----------
@@ -399,13 +482,14 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
     def __init__(self, backbone: str = DEFAULT_BACKBONE, head: str = "logreg",
                  C: float | str = "auto", *, class_weight: str | dict | None = None, cv: int | None = None,
                  random_state=0, features: str | None = None, crop: str | None = None,
-                 device: str = "auto", store: str | None = None,
+                 segment: str = "auto", device: str = "auto", store: str | None = None,
                  batch_size: int = 32, n_jobs: int | None = None, finetune: bool = False,
-                 finetune_options: dict | None = None, run_dir: str | None = None,
+                 finetune_options: dict | None = None, run_dir: str | None = None, verbose: int = 0,
                  seed: int | str = DEPRECATED, workers: int | str | None = DEPRECATED) -> None:
         self.backbone = backbone
         self.features = features
         self.crop = crop
+        self.segment = segment
         self.head = head
         self.C = C
         self.class_weight = class_weight
@@ -418,6 +502,7 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         self.finetune = finetune
         self.finetune_options = finetune_options
         self.run_dir = run_dir
+        self.verbose = verbose
         self.seed = seed
         self.workers = workers
 
@@ -430,17 +515,21 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
 
     def _variant(self) -> dict:
         """features/crop choose among a card's exports; a fine-tuned run's backbone is its own."""
-        return {} if getattr(self, "backbone_dir_", None) else {"features": self.features, "crop": self.crop}
+        if getattr(self, "backbone_dir_", None):
+            return {}
+        from featx.backbones.resolve import card_features
+
+        return {"features": card_features(self.backbone, self.features), "crop": self.crop}
 
     def _resolve(self):
         from featx.backbones.resolve import resolve_backbone
 
         return resolve_backbone(self._fitted_backbone(), **self._variant())
 
-    def _embed(self, X) -> np.ndarray:
+    def _embed(self, X, progress: ProgressFn = no_progress) -> np.ndarray:
         return embed_images(X, self._fitted_backbone(), device=self.device, store=self.store,
                             batch_size=self.batch_size, workers=self._threads(),
-                            who=type(self).__name__, **self._variant())
+                            who=type(self).__name__, progress=progress, **self._variant())
 
     def fit(self, X, y, sample_weight=None):
         """Embed the images and fit the head (or fine-tune) on their labels.
@@ -460,7 +549,7 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         -------
         self
         """
-        from featx.heads.fit import fit_head_full
+        from featx.heads.segment import check_segment
 
         who = type(self).__name__
         if y is None:
@@ -484,35 +573,67 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         weights = _sample_weight(sample_weight, len(y))
         if weights is not None and self.finetune:
             raise ImageInputError("sample_weight is for frozen heads; finetune=True does not take it")
-        for attr in ("backbone_dir_", "run_dir_"):  # a refit starts from the card again
-            self.__dict__.pop(attr, None)
         if self.finetune:
             if self.features not in (None, "last") or self.crop not in (None, "center"):
                 raise ImageInputError("finetune=True trains the card's own last-layer embedding on its "
                                       "own crop; features= and crop= are for frozen heads")
-            return self._fit_finetune(kind, items, classes, codes, seed)
-        E = self._embed(X)
-        # the head learns codes 0..K-1: column j of predict_proba is classes_[j]
-        fit = fit_head_full(E, codes, head=self.head, C=self.C,
-                            class_weight=self.class_weight, cv=self.cv, seed=seed)
-        report = fit.report
-        if weights is not None:
-            _refit_weighted(fit.pipeline, E, codes, weights)
-            # the refit replaces the temperature that was folded into the weights
-            report.update(sample_weight=True,
-                          train_accuracy=float(np.mean(fit.pipeline.predict(E) == codes)),
-                          calibration={"method": "none", "reason": "refitted with sample_weight"})
+        else:
+            check_segment(self.segment)
+        watch = progress_of(self.verbose, who)
+        # a refit starts from the card again; an interrupted or failed one restores them
+        kept = {a: self.__dict__.pop(a) for a in ("backbone_dir_", "run_dir_") if a in self.__dict__}
+        try:
+            with interruptible(f"{who}.fit", watch, fitting=True):
+                if self.finetune:
+                    return self._fit_finetune(kind, items, classes, codes, seed, watch)
+                return self._fit_frozen(X, classes, codes, weights, seed, watch)
+        except BaseException:
+            self.__dict__.update(kept)
+            raise
+
+    def _fit_frozen(self, X, classes: np.ndarray, codes: np.ndarray, weights: np.ndarray | None,
+                    seed: int, progress: ProgressFn):
+        """Embed, fit the head (on the columns ``segment`` picks), then set the fitted state."""
+        from featx.heads.fit import fit_head_full
+        from featx.heads.novelty import fit_novelty
+        from featx.heads.segment import choose_segment
+
+        E = self._embed(X, progress)
+        bb = self._resolve()
+        conformal = {}  # id(report) -> that fit's conformal scores
+
+        def fit(cols: np.ndarray) -> tuple[object, dict]:
+            # the head learns codes 0..K-1: column j of predict_proba is classes_[j]
+            f = fit_head_full(cols, codes, head=self.head, C=self.C, class_weight=self.class_weight,
+                              cv=self.cv, seed=seed, progress=progress, novelty=False)
+            if weights is not None:
+                _refit_weighted(f.pipeline, cols, codes, weights)
+                # the refit replaces the temperature that was folded into the weights
+                f.report.update(sample_weight=True,
+                                train_accuracy=float(np.mean(f.pipeline.predict(cols) == codes)),
+                                calibration={"method": "none", "reason": "refitted with sample_weight"})
+            conformal[id(f.report)] = f.conformal
+            return f.pipeline, f.report
+
+        # fit-head's own choice between the whole multi vector and its last segment
+        pipeline, report = choose_segment(E, bb.meta.get("features"), self.head, self.C, self.segment,
+                                          fit, bb.name)
+        novelty = fit_novelty(E, seed=seed)  # of the whole rows: what predict gives the head
+        report["novelty"] = {"method": "knn-cosine", "sample_rows": len(novelty.sample),
+                             "quantile": novelty.quantile, "threshold": novelty.threshold()}
         report["classes"] = [str(c) for c in classes]
+        # the fitted state is set only here, all at once: an interrupted fit leaves none of it
         self.classes_ = classes
-        self.pipeline_ = fit.pipeline
+        self.pipeline_ = pipeline
         self.report_ = report
-        self.novelty_ = fit.novelty
+        self.novelty_ = novelty
         # conformal scores come from the unweighted search's out-of-fold probabilities
-        self.conformal_ = fit.conformal if weights is None else None
-        self.backbone_fingerprint_ = self._resolve().fingerprint
+        self.conformal_ = conformal[id(report)] if weights is None else None
+        self.backbone_fingerprint_ = bb.fingerprint
         return self
 
-    def _fit_finetune(self, kind: str, items, classes: np.ndarray, codes: np.ndarray, seed: int):
+    def _fit_finetune(self, kind: str, items, classes: np.ndarray, codes: np.ndarray, seed: int,
+                      progress: ProgressFn = no_progress):
         """LP-FT through featx.finetune; the run's head becomes ``pipeline_``."""
         import tempfile
 
@@ -531,7 +652,7 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
             out = tempfile.mkdtemp(prefix="estimator-", dir=home() / "runs")
         opts = {"seed": seed, "batch_size": self.batch_size, **(self.finetune_options or {})}
         run = finetune(data, out=out, device=self.device, store=self.store, backbone=self.backbone,
-                       **opts)
+                       progress=progress, **opts)
         head = load_head(run.head_path)
         if head.classes != sorted(set(names)):
             raise ImageInputError(f"fine-tuning returned classes {head.classes}, expected {len(classes)}")
@@ -551,7 +672,10 @@ class FeatXClassifier(ClassifierMixin, BaseEstimator):
         check_fingerprint(self._resolve(), self.backbone_fingerprint_,
                           "this classifier was fitted on another backbone",
                           f"backbone={self.backbone!r} has changed since fit; refit it")
-        return self._embed(X)
+        who = type(self).__name__
+        watch = progress_of(self.verbose, who)
+        with interruptible(f"{who} prediction", watch):
+            return self._embed(X, watch)
 
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities.

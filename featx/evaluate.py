@@ -26,6 +26,7 @@ import numpy as np
 
 from featx.atomic import figure, write_text
 from featx.backbones.artifact import Backbone
+from featx.embed.scan import output_path
 from featx.error_analysis import confused_pairs, write_error_analysis
 from featx.errors import FeatXError
 from featx.heads.headfile import Head, key_digests, load_head
@@ -257,7 +258,7 @@ def evaluate(head: Head | str | os.PathLike, root: str | os.PathLike, *,
               "head_sha256": h.meta.get("content_sha256") or h.meta.get("payload_sha256"),
               "failed": len(res.failures),
               "flagged_unknown": res.n_unknown if res.unknown else None,
-              "failures": [{"path": p, "reason": r} for p, r in res.failures],
+              "failures": [{"path": output_path(p), "reason": r} for p, r in res.failures],
               "backbone": h.backbone_name, "fingerprint": h.fingerprint,
               "tta": tta})  # a flip-averaged accuracy says so
     if out_dir is None:

@@ -7,8 +7,7 @@ import time
 from pathlib import Path
 
 from featx.backbones.artifact import Backbone, with_decoder
-from featx.backbones.features import DEFAULT_FEATURES
-from featx.backbones.resolve import resolve_backbone
+from featx.backbones.resolve import card_features, resolve_backbone
 from featx.embed.store import EmbeddingStore
 from featx.embed.table import check_table_overwrite
 from featx.engines.files import LocalEngine
@@ -33,15 +32,6 @@ def _engine(engine: str | Engine, address: str | None) -> Engine:
     if address is not None:
         raise FeatXError("address is for engine='ray'")
     return LocalEngine()
-
-
-def card_features(backbone: str | os.PathLike | Backbone | None, features: str | None) -> str | None:
-    """``features``, or the default feature set when ``backbone`` names a card (or is None)."""
-    if features is not None or isinstance(backbone, Backbone):
-        return features
-    spec = os.fspath(backbone) if backbone is not None else ""
-    made = spec and (Path(spec).is_dir() or spec.lower().endswith(".onnx") or "/" in spec or os.sep in spec)
-    return None if made else DEFAULT_FEATURES
 
 
 def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | None = None, *,

@@ -16,15 +16,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from featx.atomic import write_text
 from featx.backbones.artifact import Backbone
 from featx.backbones.resolve import table_backbone
 from featx.errors import FeatXError
 from featx.heads.headfile import HEAD_FILE, json_default, peek_header, save_head
 from featx.heads.kinds import check_head_kind
-from featx.heads.segment import SEGMENTS
+from featx.heads.segment import check_segment
 from featx.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
@@ -33,8 +31,6 @@ __all__ = ["HELD_OUT_NAMES", "SPLIT_NAMES", "FitTableResult", "find_table", "fit
            "held_out_warning", "split_name_warning"]
 
 TABLE_SUFFIX = ".featx.parquet"
-# the last segment must beat the whole multi vector by more than this CV accuracy to be kept
-SEGMENT_TIE = 0.001
 SPLIT_NAMES = frozenset({"train", "training", "test", "testing", "val", "valid", "validation", "dev"})
 # folder names of splits kept out of training: a head fitted on one makes its evaluation a lie
 HELD_OUT_NAMES = frozenset({"test", "testing", "tests", "val", "valid", "validation", "eval",
@@ -143,8 +139,7 @@ def fit_table(table: str | os.PathLike | None = None, *, head: str = "logreg",
     if out_path.is_dir():
         out_path = out_path / HEAD_FILE
     replaced = check_overwrite(out_path, path, force)
-    if segment not in SEGMENTS:
-        raise FeatXError(f"unknown segment {segment!r}; expected one of {', '.join(SEGMENTS)}")
+    check_segment(segment)
     fixes = None
     if relabel is not None:
         from featx.relabel import read_relabel
@@ -232,6 +227,7 @@ def _fit_in_memory(t, bb: Backbone, head: str, C, class_weight, cv: int | None, 
     """
     from featx.heads.fit import fit_head_full
     from featx.heads.novelty import fit_novelty
+    from featx.heads.segment import choose_segment
 
     extras.update(novelty=fit_novelty(t.X, seed=seed), conformal=None)
     conformal = {}  # id(report) -> that fit's conformal scores
@@ -242,51 +238,9 @@ def _fit_in_memory(t, bb: Backbone, head: str, C, class_weight, cv: int | None, 
         conformal[id(f.report)] = f.conformal
         return f.pipeline, f.report
 
-    pipe, rep = _choose_segment(t, bb, head, C, segment, fit)
+    pipe, rep = choose_segment(t.X, bb.meta.get("features"), head, C, segment, fit, bb.name)
     extras["conformal"] = conformal[id(rep)]
     return pipe, rep
-
-
-def _choose_segment(t, bb: Backbone, head: str, C, segment: str, fit) -> tuple[object, dict]:
-    """The head on all columns or on the last segment of a multi table (``fit_table``'s
-    ``segment``); ``fit(X)`` fits one and returns (pipeline, report)."""
-    from featx.heads.segment import last_segment, widen
-
-    cols = last_segment(bb.meta.get("features"))
-    if segment == "last" and (cols is None or head != "logreg"):
-        raise FeatXError("--segment last needs a logreg head on a multi table (`featx extract "
-                         f"--features multi`); this is a {head} head on {bb.name} "
-                         f"({'multi' if cols is not None else 'last'} features)")
-    if cols is None or head != "logreg" or segment == "all" or (segment == "auto" and C != "auto"):
-        pipe, rep = fit(t.X)
-        if cols is not None:
-            rep["segment"] = "all"
-        return pipe, rep
-    narrow = np.ascontiguousarray(t.X[:, cols])
-    if segment == "last":
-        pipe, rep = fit(narrow)
-        scores = None
-    else:
-        pipe_all, rep_all = fit(t.X)
-        pipe, rep = fit(narrow)
-        scores = {"all": rep_all["cv_score_mean"], "last": rep["cv_score_mean"]}
-        if scores["last"] <= scores["all"] + SEGMENT_TIE:
-            rep_all.update(segment="all", segment_cv=scores)
-            return pipe_all, rep_all
-    try:
-        wide = widen(pipe, cols, int(t.X.shape[1]))
-    except FeatXError:
-        if scores is None:
-            raise
-        # a head kind widen cannot rewrite: keep the whole vector rather than fail the fit
-        log.warning("the last segment scored better, but this head cannot be widened; using all columns")
-        rep_all.update(segment="all", segment_cv=scores)
-        return pipe_all, rep_all
-    rep.update(segment="last", segment_columns=[cols.start, cols.stop], dim=int(t.X.shape[1]),
-               segment_dim=cols.stop - cols.start)
-    if scores:
-        rep["segment_cv"] = scores
-    return wide, rep
 
 
 def _relabelled(t, fixes, path: Path):

@@ -18,7 +18,7 @@ from featx.atomic import result_file, write_text
 from featx.backbones.artifact import Backbone
 from featx.csvout import csv_writer
 from featx.embed.flip import TTA, flipped_embeddings
-from featx.embed.scan import display_path
+from featx.embed.scan import output_path
 from featx.engines.files import collect_files, shared
 from featx.errors import FeatXError
 from featx.heads.headfile import Head, head_backbone, load_head
@@ -79,7 +79,8 @@ class PredictResult:
     def rows(self, k: int = 3) -> list[dict]:
         out = []
         for i, (f, lab) in enumerate(zip(self.files, self.labels, strict=True)):
-            row = {"path": f, "label": lab, "probability": float(self.proba[i].max()),
+            # "label" is the deprecated old name of "predicted" (one release)
+            row = {"path": f, "predicted": lab, "label": lab, "probability": float(self.proba[i].max()),
                    "abstained": lab is None,
                    "top": [{"class": c, "probability": p} for c, p in self.top_k(i, k)]}
             if self.unknown:
@@ -179,18 +180,20 @@ def write_predictions(result: PredictResult, out: str | os.PathLike, top_k: int 
         doc = {"classes": result.classes, "min_proba": result.min_proba,
                "unknown_quantile": result.unknown_quantile,
                "unknown_threshold": result.unknown_threshold, "coverage": result.coverage,
-               "predictions": [{**r, "path": display_path(r["path"])} for r in result.rows(k)],
-               "failures": [{"path": display_path(p), "reason": r} for p, r in result.failures]}
+               "predictions": [{**r, "path": output_path(r["path"])} for r in result.rows(k)],
+               "failures": [{"path": output_path(p), "reason": r} for p, r in result.failures]}
         return write_text(out, json.dumps(doc, indent=2))
     buf = io.StringIO(newline="")
     w = csv_writer(buf, delimiter="\t" if suffix == ".tsv" else ",")
-    head = ["path", "label", "probability"]
+    # `predicted`, as evaluate's predictions.csv (featx's `label` is a given label); the old
+    # `label` column stays, last, for one release (docs/heads.md)
+    head = ["path", "predicted", "probability"]
     for j in range(1, k + 1):
         head += [f"top{j}_class", f"top{j}_probability"]
     extra = (["unknown", "novelty"] if result.unknown else []) + (["set"] if result.sets is not None else [])
-    w.writerow([*head, *extra, "error"])
+    w.writerow([*head, *extra, "error", "label"])
     for i, (path, lab) in enumerate(zip(result.files, result.labels, strict=True)):
-        row = [display_path(path), lab or "", f"{result.proba[i].max():.6f}"]
+        row = [output_path(path), lab or "", f"{result.proba[i].max():.6f}"]
         for c, p in result.top_k(i, k):
             row += [c, f"{p:.6f}"]
         row += ["", ""] * (k - len(result.top_k(i, k)))
@@ -198,7 +201,7 @@ def write_predictions(result: PredictResult, out: str | os.PathLike, top_k: int 
             row += ["true" if result.unknown[i] else "false", f"{result.novelty[i]:.6f}"]
         if result.sets is not None:
             row.append("|".join(result.prediction_set(i)))
-        w.writerow([*row, ""])
+        w.writerow([*row, "", lab or ""])
     for path, why in result.failures:
-        w.writerow([display_path(path), "", ""] + [""] * (2 * k + len(extra)) + [why])
+        w.writerow([output_path(path), "", ""] + [""] * (2 * k + len(extra)) + [why, ""])
     return write_text(out, buf.getvalue())

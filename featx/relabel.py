@@ -100,8 +100,8 @@ def apply_relabel(rel: Relabel, paths: list[str], labels: list, *, root: str | N
     missing = [img for img in [*rel.labels, *sorted(rel.drop)] if img not in where]
     if missing:
         raise FeatXError(f"{rel.file}: {len(missing)} path(s) not in {table}, e.g. {missing[0]!r} "
-                         f"(row {rel.rows[missing[0]]}); paths are the table's `path` column, as "
-                         "featx audit writes them")
+                         f"(row {rel.rows[missing[0]]}); paths are files as featx audit writes them "
+                         "(absolute), or the table's own `path` column")
     bad = [(img, lab) for img, lab in rel.labels.items() if lab not in classes]
     if bad:
         img, lab = bad[0]

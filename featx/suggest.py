@@ -41,7 +41,7 @@ from featx.atomic import write_text
 from featx.backbones.artifact import Backbone
 from featx.backbones.resolve import table_backbone
 from featx.csvout import csv_writer
-from featx.embed.scan import display_path, is_table_file
+from featx.embed.scan import is_table_file, output_path
 from featx.embed.table import EmbeddingTable, image_paths, read_table
 from featx.engines.files import collect_files, shared
 from featx.errors import FeatXError, MismatchError
@@ -94,7 +94,7 @@ class SuggestResult:
                 "pool": self.pool_size, "already_labelled": self.already_labelled,
                 "repeats_in_pool": self.repeats, "labelled": self.labelled, "classes": self.classes,
                 "head": self.head, "seconds": self.seconds,
-                "failures": [{"path": display_path(p), "reason": r} for p, r in self.failures],
+                "failures": [{"path": output_path(p), "reason": r} for p, r in self.failures],
                 "csv": str(self.csv) if self.csv else None,
                 "to_label": str(self.to_label) if self.to_label else None}
 
@@ -447,10 +447,10 @@ def write_suggestions(result: SuggestResult, out: str | os.PathLike, *, layout: 
     w = csv_writer(buf, delimiter="\t" if out.suffix.lower() == ".tsv" else ",")
     w.writerow(CSV_COLUMNS)
     for row, name in zip(result.rows, names, strict=True):
-        w.writerow([row["rank"], display_path(row["path"]), "", row["reason"], f"{row['margin']:.6f}",
+        w.writerow([row["rank"], output_path(row["path"]), "", row["reason"], f"{row['margin']:.6f}",
                     f"{row['entropy']:.6f}", row["predicted"], f"{row['probability']:.6f}",
                     row["runner_up"], f"{row['runner_up_probability']:.6f}", row["cluster"], row["key"],
-                    display_path(name)])
+                    output_path(name) if name else ""])
     result.csv = write_text(out, buf.getvalue())
     result.to_label = folder if layout != "none" else None
     return result

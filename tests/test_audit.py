@@ -160,17 +160,22 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def under(table: Path, path: str) -> str:
+    """A CSV's path (absolute, as every featx output writes it) under the table's data folder."""
+    return Path(path).relative_to(table.parent.resolve() / "data").as_posix()
+
+
 def test_audit_finds_the_wrong_label_and_the_outlier(dataset, tmp_path):
     table, planted = dataset
     r = audit(table, out_dir=tmp_path / "out")
     names = sorted(f.name for f in r.files)
     assert names == ["audit.html", "audit.json", "duplicates.csv", "label_issues.csv", "outliers.csv"]
     issues = read_csv(tmp_path / "out" / "label_issues.csv")
-    assert issues[0]["path"] == planted["wrong"]
+    assert under(table, issues[0]["path"]) == planted["wrong"]
     assert (issues[0]["given"], issues[0]["suggested"], issues[0]["flagged"]) == ("rocket", "cat", "True")
     assert [int(x["rank"]) for x in issues] == list(range(1, 27))
     outs = read_csv(tmp_path / "out" / "outliers.csv")
-    assert outs[0]["path"] == planted["outlier"] and outs[0]["flagged"] == "True"
+    assert under(table, outs[0]["path"]) == planted["outlier"] and outs[0]["flagged"] == "True"
     summary = json.loads((tmp_path / "out" / "audit.json").read_text())
     assert summary["rows"] == 26 and summary["label_issues"] >= 1
     assert summary["threshold"]["calibration"]["copies"] == 26 * len(ALTERATIONS)
@@ -186,9 +191,9 @@ def test_audit_after_relabel_shows_the_issue_gone(dataset, tmp_path):
                 "--threshold", "0.99", "-q")
     assert "25 images, 3 classes" in r.output and "1 relabelled, 1 dropped" in r.output
     issues = read_csv(tmp_path / "out" / "label_issues.csv")
-    fixed = next(x for x in issues if x["path"] == planted["wrong"])
+    fixed = next(x for x in issues if under(table, x["path"]) == planted["wrong"])
     assert fixed["given"] == "cat" and fixed["flagged"] == "False"
-    assert planted["outlier"] not in {x["path"] for x in read_csv(tmp_path / "out" / "outliers.csv")}
+    assert planted["outlier"] not in {under(table, x["path"]) for x in read_csv(tmp_path / "out" / "outliers.csv")}
 
 
 def test_oof_probabilities_never_saw_their_row(dataset):
@@ -315,16 +320,18 @@ def test_page_picks_download_relabel_and_refit(dataset, tmp_path):
     run_cli("audit", str(table), "--out", str(out), "--threshold", "0.99", "-q")
     # a second, ordinary image: relabel a coffee crop to rocket
     other = "coffee/coffee_0.jpg"
+    data = table.parent.resolve() / "data"  # the page names files absolute, as the CSVs do
+    wrong_file, other_file = str(data / planted["wrong"]), str(data / other)
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
                                      args=["--no-sandbox"])
         try:
             page = browser.new_page(accept_downloads=True)
             page.goto((out / "audit.html").as_uri())
-            page.locator(f"select.fix[data-path='{planted['wrong']}']").first.select_option("relabel:cat")
-            page.locator(f"select.fix[data-path='{other}']").first.select_option("relabel:rocket")
+            page.locator(f"select.fix[data-path='{wrong_file}']").first.select_option("relabel:cat")
+            page.locator(f"select.fix[data-path='{other_file}']").first.select_option("relabel:rocket")
             # the same image in another section follows the choice
-            synced = page.locator(f"select.fix[data-path='{planted['wrong']}']")
+            synced = page.locator(f"select.fix[data-path='{wrong_file}']")
             assert all(v == "relabel:cat" for v in synced.evaluate_all("els => els.map(e => e.value)"))
             assert page.locator("#count").inner_text() == "2 image(s) chosen"
             with page.expect_download() as dl:
@@ -334,8 +341,8 @@ def test_page_picks_download_relabel_and_refit(dataset, tmp_path):
             dl.value.save_as(rel)
         finally:
             browser.close()
-    assert read_csv(rel) == [{"path": planted["wrong"], "action": "relabel", "label": "cat"},
-                             {"path": other, "action": "relabel", "label": "rocket"}]
+    assert read_csv(rel) == [{"path": wrong_file, "action": "relabel", "label": "cat"},
+                             {"path": other_file, "action": "relabel", "label": "rocket"}]
     r = fit_table(table, relabel=rel, out=tmp_path / "head.featx", C=1.0)
     changes = {(c["path"], c["from"], c["to"]) for c in r.report["relabel"]["changes"]}
     assert changes == {(planted["wrong"], "rocket", "cat"), (other, "coffee", "rocket")}

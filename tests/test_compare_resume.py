@@ -30,6 +30,29 @@ def test_each_epoch_gets_a_fresh_numbered_bar(capsys):
     p.close()
 
 
+def test_the_whole_compare_has_an_eta():
+    """RunClock: each method's seconds per unit of work (images x epochs) prices the runs left."""
+    from featx.compare import RunClock, run_work
+
+    todo = [("frozen", run_work("frozen", 8, 5)), ("lpft", run_work("lpft", 8, 5)),
+            ("frozen", run_work("frozen", 16, 5)), ("lpft", run_work("lpft", 16, 5))]
+    clock = RunClock(todo)
+    assert clock.eta() is None  # nothing timed, and a trained run to come
+    clock.finished("frozen", 8.0, 2.0)
+    assert clock.eta() is None  # the frozen probe's speed says nothing of training
+    clock.finished("lpft", 40.0, 10.0)
+    assert clock.eta() == pytest.approx(16 * 0.25 + 80 * 0.25)
+    seen = []
+    clock.report(lambda s, d, t: seen.append((s, d, t)), 2, 4)
+    assert seen[0][0] == "runs 2/4" and seen[0][2] - seen[0][1] == 24
+    clock.finished("frozen", 16.0, 4.0)
+    clock.finished("lpft", 80.0, 20.0)
+    assert clock.eta() == 0.0
+    assert RunClock([("scratch", 10.0)]).eta() is None
+    only_frozen = RunClock([("frozen", 10.0)])
+    assert only_frozen.eta() == 0.0  # a logistic fit on cached embeddings: as good as free
+
+
 def test_frozen_compare_resumes_finished_rows(lite0, tmp_path):
     data = make_image_folder(tmp_path / "data")
     test = make_image_folder(tmp_path / "test", per_class=2)
@@ -40,6 +63,7 @@ def test_frozen_compare_resumes_finished_rows(lite0, tmp_path):
     again = compare(data, test, progress=lambda s, d, t: seen.append(s), **opts)
     assert again.rows == first.rows  # kept as they were, seconds and all: nothing retrained
     assert not any("frozen @" in s for s in seen)
+    assert [s for s in seen if s.startswith("runs ")] == ["runs 2/2"]  # both kept: done at once
     other = compare(data, test, **{**opts, "seed": 1})  # other settings: nothing is reused
     assert [r["seconds"] for r in other.rows] != [r["seconds"] for r in first.rows]
     saved = json.loads((out / "compare.json").read_text())
@@ -85,3 +109,10 @@ def test_the_first_export_shows_and_ctrl_c_there_says_what_happened(capsys):
     assert "backbone was being exported" in said and "embedded so far is saved" not in said
     assert "embedded so far is saved" in interrupted_message("extract", "embed")
     assert "resumes after them" in interrupted_message("compare", "[3/9] epoch")
+
+
+def test_probes_default_to_extracts_features(lite0, tmp_path):
+    """--backbones alone scores each backbone as `featx extract` would embed with it (multi)."""
+    data = make_image_folder(tmp_path / "data")
+    r = compare(data, backbones=("efficientnet_lite0",), methods=(), out=tmp_path / "report", device="cpu")
+    assert [(row["features"], row["dim"]) for row in r.rows] == [("multi", 4880)]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -169,7 +172,8 @@ def test_embedder(arrays, lite0):
     X = arrays[0][:4]
     emb = FeatXEmbedder()
     E = emb.transform(X)  # stateless: no fit needed
-    assert E.dtype == np.float32 and E.shape == (4, 1280)
+    assert E.dtype == np.float32 and E.shape == (4, 4880)  # multi, as `featx extract`
+    assert FeatXEmbedder(features="last").transform(X).shape == (4, 1280)
     np.testing.assert_array_equal(emb.fit_transform(X), E)
     assert emb.get_feature_names_out()[:2].tolist() == ["embedding0", "embedding1"]
     # grayscale (N, H, W) and RGB (N, H, W, 3) of the same pixels embed identically
@@ -177,7 +181,9 @@ def test_embedder(arrays, lite0):
 
 
 @needs_fashion_mnist
-def test_classifier_on_paths_shares_the_cli_cache(tmp_path, lite0):
+def test_classifier_on_paths_shares_the_cli_cache(tmp_path):
+    """A default `featx extract` then a default FeatXClassifier: one export, one embedding per image."""
+    from featx.backbones.resolve import resolve_backbone
     from featx.datasets import write_image_folder
     from featx.embed.scan import scan
     from featx.embed.store import EmbeddingStore
@@ -186,27 +192,105 @@ def test_classifier_on_paths_shares_the_cli_cache(tmp_path, lite0):
     idx = per_class_subset(y, 4, seed=11)
     idx = idx[np.isin(y[idx], KEEP)]
     root = write_image_folder(tmp_path / "imgs", x[idx], y[idx], FASHION_MNIST_CLASSES)
-    # the estimators embed with the card's `last` features (features=None); `featx extract`
-    # defaults to multi, so the CLI is asked for last here
-    r = CliRunner().invoke(main, ["extract", str(root), "--features", "last", "--out", str(tmp_path / "t.parquet"),
-                                  "-q"])
+    r = CliRunner().invoke(main, ["extract", str(root), "--out", str(tmp_path / "t.parquet"), "-q"])
     assert r.exit_code == 0, r.output
-    n = len(EmbeddingStore(lite0).keys())
+    from featx.embed.table import read_table
+
+    meta = read_table(tmp_path / "t.parquet").meta
+    bb = resolve_backbone(meta["backbone_path"])
+    store = EmbeddingStore(bb)
+    n = len(store.keys())
     items = scan(root).items
     paths = [str(root / it.path) for it in items]
     labels = [it.label for it in items]
     clf = FeatXClassifier(C=1.0).fit(paths, labels)
-    assert len(EmbeddingStore(lite0).keys()) == n  # every image came from the cache
+    # the same export as the CLI's default (multi), and every image came from the cache
+    assert clf.backbone_fingerprint_ == bb.fingerprint == meta["fingerprint"]
+    assert bb.dim == 4880 and len(EmbeddingStore(bb).keys()) == n
     assert clf.classes_.tolist() == ["bag", "sandal", "trouser"]
     assert clf.score(paths, labels) == 1.0
     # and a fitted estimator is a head file the CLI can use
     hp = clf.save_head(tmp_path / "h.joblib")
     r = CliRunner().invoke(main, ["predict", str(hp), str(root), "--json"])
     assert r.exit_code == 0, r.output
-    import json
-
     got = {p["path"]: p["label"] for p in json.loads(r.output)["predictions"]}
     assert [got[p] for p in paths] == clf.predict(paths).tolist()
+
+
+def test_classifier_chooses_the_segment_as_fit_head_does(arrays):
+    """segment= is fit-head's --segment: the same CV choice, a widened last-segment head."""
+    from featx.backbones.resolve import resolve_backbone
+    from featx.heads.segment import last_segment
+
+    xtr, ytr, xte, _ = arrays
+    cols = last_segment(resolve_backbone("efficientnet_lite0", features="multi").meta["features"])
+    last = FeatXClassifier(segment="last", C=1.0).fit(xtr, ytr)
+    assert last.report_["segment"] == "last" and last.report_["segment_columns"] == [cols.start, cols.stop]
+    coef = last.pipeline_[-1].coef_
+    assert coef.shape[1] == 4880 and not coef[:, :cols.start].any()  # widened: other columns weigh 0
+    narrow = FeatXClassifier(features="last", C=1.0).fit(xtr, ytr)
+    np.testing.assert_allclose(last.predict_proba(xte), narrow.predict_proba(xte), atol=1e-3)
+    auto = FeatXClassifier().fit(xtr, ytr)  # C="auto", segment="auto": both scored
+    assert set(auto.report_["segment_cv"]) == {"all", "last"}
+    assert FeatXClassifier(C=1.0).fit(xtr, ytr).report_["segment"] == "all"
+    with pytest.raises(FeatXError, match="unknown segment 'middle'"):
+        FeatXClassifier(segment="middle").fit(xtr, ytr)
+
+
+class _StopAt(logging.Handler):
+    """Ctrl-C at the progress line that matches ``pattern``: a real interrupt mid-run."""
+
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def emit(self, record) -> None:
+        if self.pattern.search(record.getMessage()):
+            raise KeyboardInterrupt
+
+
+def test_verbose_progress_and_ctrl_c_keep_what_was_embedded(arrays, caplog):
+    """verbose= logs progress (no print); Ctrl-C keeps the embedded images and leaves no half fit."""
+    from featx.backbones.resolve import resolve_backbone
+    from featx.embed.store import EmbeddingStore
+    from featx.engines.files import array_key
+
+    xtr, ytr, _, _ = arrays
+    X = 255 - xtr  # negatives: images no other test has embedded
+    store = EmbeddingStore(resolve_backbone("efficientnet_lite0", features="multi"))
+    keys = [array_key(a) for a in X]
+    assert not store.stored(keys)
+    logger = logging.getLogger("featx.estimators")
+    caplog.set_level(logging.INFO, logger="featx.estimators")
+    stop = _StopAt(r"embed 8/24\b")
+    logger.addHandler(stop)
+    clf = FeatXClassifier(C=1.0, batch_size=4, verbose=2)
+    try:
+        with pytest.raises(KeyboardInterrupt, match=r"fit interrupted while embedding: 8 of the 24 images "
+                                                    r".* in the embedding store.*the estimator was not changed"):
+            clf.fit(X, ytr)
+    finally:
+        logger.removeHandler(stop)
+    assert len(store.stored(keys)) == 8  # the batches done are kept
+    assert not hasattr(clf, "classes_")  # and nothing of a half fit
+    caplog.clear()
+    clf.fit(X, ytr)  # the same call again embeds only the other 16
+    lines = [r.getMessage() for r in caplog.records]
+    assert "FeatXClassifier: embed 0/16 (0%)" in lines and any(m.startswith("FeatXClassifier: embed 16/16") for m in lines)
+    assert len(store.stored(keys)) == 24 and (clf.predict(X) == ytr).mean() > 0.8
+    # a refit interrupted keeps the previous fit whole
+    fitted = (clf.classes_, clf.pipeline_, clf.backbone_fingerprint_)
+    stop = _StopAt(r"embed 4/24\b")
+    logger.addHandler(stop)
+    try:
+        with pytest.raises(KeyboardInterrupt, match="a previous fit, if any, is kept"):
+            clf.fit(np.ascontiguousarray(X[:, ::-1]), ytr)
+    finally:
+        logger.removeHandler(stop)
+    assert all(a is b for a, b in zip((clf.classes_, clf.pipeline_, clf.backbone_fingerprint_), fitted,
+                                      strict=True))
+    with pytest.raises(ImageInputError, match="verbose must be an integer >= 0"):
+        FeatXEmbedder(verbose=-1).transform(X[:1])
 
 
 def test_bad_input_is_refused_clearly(tmp_path):
@@ -282,7 +366,7 @@ def test_pil_images_embed_like_the_same_pixels(lite0, tmp_path):
     pil = [Image.fromarray(a) for a in arrays]
     emb = FeatXEmbedder()
     E = emb.transform(pil)
-    assert E.shape == (3, 1280) and E.dtype == np.float32
+    assert E.shape == (3, 4880) and E.dtype == np.float32
     np.testing.assert_allclose(E, emb.transform(arrays), atol=1e-5)
     # PNG files of the same pixels decode to the same pixels
     paths = []

@@ -293,8 +293,15 @@ def test_cli_models_and_export(lite0):
     r = CliRunner().invoke(main, ["models", "--json"])
     rows = {m["name"]: m for m in json.loads(r.stdout)}
     assert rows["efficientnet_lite0"]["offline"] is True and rows["resnet50"]["dim"] == 2048
-    r = CliRunner().invoke(main, ["export", "efficientnet_lite0", "--json"])
+    r = CliRunner().invoke(main, ["export", "efficientnet_lite0", "--features", "last", "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["fingerprint"] == lite0.fingerprint
+    # with no --features, export gives what extract and the estimators use by default: multi
+    from featx.backbones.resolve import resolve_backbone
+
+    r = CliRunner().invoke(main, ["export", "efficientnet_lite0", "--json"])
+    got = json.loads(r.stdout)
+    assert r.exit_code == 0 and got["dim"] == 4880 and got["features"] == "multi"
+    assert got["fingerprint"] == resolve_backbone("efficientnet_lite0", features="multi").fingerprint
 
 
 def test_real_subprocess_all_bad(tmp_path, featx_home):

@@ -155,7 +155,7 @@ def test_export_crop_none_is_the_same_graph_under_another_fingerprint(lite0):
 
     from featx.cli import main
 
-    r = CliRunner().invoke(main, ["export", "efficientnet_lite0", "--crop", "none", "--json"])
+    r = CliRunner().invoke(main, ["export", "efficientnet_lite0", "--features", "last", "--crop", "none", "--json"])
     assert r.exit_code == 0, r.output
     import json
 
@@ -205,7 +205,7 @@ def test_estimators_features_multi(lite0_multi, image_folder, tmp_path):
     emb = FeatXEmbedder(features="multi")
     E = emb.transform(paths)
     assert E.shape == (8, 4880) and len(emb.get_feature_names_out()) == 4880
-    np.testing.assert_allclose(E[:, -1280:], FeatXEmbedder().transform(paths), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(E[:, -1280:], FeatXEmbedder(features="last").transform(paths), rtol=1e-4, atol=1e-4)
     assert clone(emb).get_params()["features"] == "multi"
     clf = FeatXClassifier(features="multi", C=1.0).fit(paths, y)
     assert clf.backbone_fingerprint_ == lite0_multi.fingerprint

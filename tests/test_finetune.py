@@ -7,6 +7,7 @@ well under a minute or two of CPU time.
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -175,11 +176,15 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(data, tmp_path):
     def stop(row):
         raise KeyboardInterrupt
 
+    t0 = time.perf_counter()
     with pytest.raises(FinetuneInterrupted) as e:
         finetune(data, out=tmp_path / "b", on_epoch=stop, **opts)
+    first = time.perf_counter() - t0
     assert e.value.epoch == 1
     status = json.loads((tmp_path / "b" / "status.json").read_text())
+    first_recorded = status.pop("seconds")
     assert status == {"state": "interrupted", "epoch": 1, "epochs": 2}
+    assert 0.5 * first <= first_recorded <= first + 0.01  # the interrupted invocation's wall time (rounded)
     with pytest.raises(FeatXError, match="--resume"):
         finetune(data, out=tmp_path / "b", **opts)
     from filelock import FileLock
@@ -187,8 +192,20 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(data, tmp_path):
     # another process still training it
     with FileLock(str(tmp_path / "b" / ".lock")), pytest.raises(FeatXError, match="another featx process"):
         finetune(resume=tmp_path / "b", device="cpu", export=False)
-    resumed = finetune(resume=tmp_path / "b", device="cpu", export=False)
+    stages = []
+    t0 = time.perf_counter()
+    resumed = finetune(resume=tmp_path / "b", device="cpu", export=False,
+                       progress=lambda stage, done, total: stages.append((stage, done, total)))
+    second = time.perf_counter() - t0
     assert [h["epoch"] for h in resumed.history] == [1, 2]
+    # the run's time is both invocations', not only the resumed one's (issue 27 item 11)
+    assert resumed.summary["seconds"] >= first_recorded + 0.5 * second
+    assert resumed.summary["seconds_this_invocation"] <= second
+    assert json.loads((tmp_path / "b" / "status.json").read_text())["seconds"] >= first_recorded
+    # the bar names the epoch it trains, a resumed run's too (item 10), and validation counts images
+    assert {s for s, _, _ in stages if s.startswith("epoch")} == {"epoch 2/2"}
+    val = [(d, t) for s, d, t in stages if s == "validate"]
+    assert val[-1] == (2, 2)  # the 2 validation images, not the number of batches
     for h1, h2 in zip(straight.history, resumed.history, strict=True):
         assert h1["train_loss"] == pytest.approx(h2["train_loss"], rel=1e-5)
         assert h1["val_loss"] == pytest.approx(h2["val_loss"], rel=1e-5)
@@ -214,7 +231,9 @@ def test_resume_with_more_epochs_extends_a_finished_run(data, tmp_path):
     want = 0.5 * (1 + np.cos(np.pi * (2 * steps) / (3 * steps))) * 1e-3
     assert three.history[1]["lr_head"] == pytest.approx(want, rel=0.05)
     assert json.loads((run / "config.json").read_text())["config"]["epochs"] == 3
-    assert json.loads((run / "status.json").read_text()) == {"state": "done", "epoch": 3, "epochs": 3}
+    status = json.loads((run / "status.json").read_text())
+    assert status.pop("seconds") >= three.summary["seconds"] > 0  # both invocations' wall time
+    assert status == {"state": "done", "epoch": 3, "epochs": 3}
 
 
 def test_cli_resume_refuses_options_it_would_ignore(data, tmp_path):

@@ -83,6 +83,11 @@ def test_compare_cli_writes_table_and_curve(data, tmp_path):
     assert all(x["accuracy"] >= 0.75 for x in frozen)
     assert all(x["embed_seconds"] > 0 for x in frozen)  # priced even when the embeddings are cached
     assert all(0 <= x["accuracy"] <= 1 and x["seconds"] > 0 for x in rows)
+    # the whole compare: runs done of all, elapsed and the time left, a line after every run
+    lines = [x for x in r.stderr.splitlines() if x.startswith("compare: ")]
+    assert lines[0].startswith("compare: 0 of 4 runs done, ") and lines[0].endswith("time left unknown until a run is timed")
+    assert [x.split(" runs done")[0] for x in lines] == [f"compare: {k} of 4" for k in range(5)]
+    assert lines[2].endswith(" left") and "about" in lines[2] and lines[-1].endswith("about 0 s left")
     md = (out / "compare.md").read_text()
     assert "| 2 | 4 |" in md and "LP-FT" in md
     assert (out / "learning_curve.png").stat().st_size > 10_000

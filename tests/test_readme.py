@@ -121,7 +121,7 @@ def test_the_block_writes_what_its_comments_say(readme_run):
     assert report["classes"] == ["cat", "thing"]  # not a train-vs-test classifier
     assert (folder / "head.featx").is_file()
     rows = (folder / "predictions.csv").read_text().splitlines()
-    assert rows[0].startswith("path,label,probability") and len(rows) == 3
+    assert rows[0].startswith("path,predicted,probability") and rows[0].endswith(",label") and len(rows) == 3
     metrics = json.loads((folder / "test.eval" / "metrics.json").read_text())  # ./test.eval/
     assert metrics["n"] == 6 and metrics["accuracy"] >= 0.5
     assert (folder / "test.eval" / "confusion_matrix.png").is_file()

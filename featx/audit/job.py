@@ -22,7 +22,7 @@ from featx.audit.labels import K_VOTE, knn_proba, label_issues
 from featx.audit.outliers import K_OUTLIER, outliers
 from featx.audit.page import render_page
 from featx.csvout import csv_writer
-from featx.embed.scan import display_path
+from featx.embed.scan import output_path
 from featx.embed.table import EmbeddingTable, image_paths
 from featx.embed.table_checks import require_finite
 from featx.errors import FeatXError
@@ -61,13 +61,19 @@ class AuditResult:
 
 
 def _csv(columns: list[str], rows: list[dict]) -> str:
+    """The rows as CSV; their ``path*`` columns hold files (``_files``), written absolute."""
     buf = io.StringIO(newline="")
     w = csv_writer(buf)
     w.writerow(columns)
     for r in rows:
         w.writerow(["" if r[c] is None else f"{r[c]:.6f}" if isinstance(r[c], float) else
-                    display_path(r[c]) if c.startswith("path") else r[c] for c in columns])
+                    output_path(r[c]) if c.startswith("path") else r[c] for c in columns])
     return buf.getvalue()
+
+
+def _files(rows: list[dict], files_of: dict[str, str]) -> list[dict]:
+    """``rows`` with their table path (relative to the table's data root) as the file it names."""
+    return [{**r, "path": files_of[r["path"]]} for r in rows]
 
 
 def _nearest_distinct(res, keys: list[str]) -> np.ndarray:
@@ -160,11 +166,13 @@ def audit(table: str | os.PathLike | EmbeddingTable, test: str | os.PathLike | E
         "outliers": sum(r["flagged"] for r in outs),
         "relabel": None if fixes is None else {k: fixes[k] for k in ("file", "relabelled", "dropped")},
     }
-    page = render_page(summary, oof.classes, [r for r in rows if r["flagged"]], pairs, leak_pairs, outs,
-                       dict(zip(t.paths, t_files, strict=True)))
+    files_of = dict(zip(t.paths, t_files, strict=True))
+    page = render_page(summary, oof.classes, [r for r in rows if r["flagged"]], pairs, leak_pairs, outs, files_of)
     times["total"] = time.perf_counter() - t0
     summary["seconds"] = {k: round(v, 3) for k, v in times.items()}
-    files = _write(out, rows, pairs + leak_pairs, outs, page, summary)
+    # the CSVs name files, as every featx output does (absolute), not paths under a data root
+    files = _write(out, _files(rows, files_of), [{**p, "path_a": files_of[p["path_a"]], "path_b": p["file_b"]}
+                                                for p in pairs + leak_pairs], _files(outs, files_of), page, summary)
     return AuditResult(out, summary, rows, dups, leaks, outs, oof, files)
 
 

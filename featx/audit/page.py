@@ -15,7 +15,7 @@ import html
 import io
 from collections.abc import Sequence
 
-from featx.embed.scan import display_path
+from featx.embed.scan import display_path, output_path
 from featx.error_analysis import thumbnail
 
 __all__ = ["THUMB", "render_page"]
@@ -86,7 +86,8 @@ def _card(path: str, full: str, lines: Sequence[str], classes: Sequence[str] | N
     uri = _data_uri(full, thumbs)
     img = f"<img src='{uri}' alt='{e(display_path(path), quote=True)}'>" if uri else "<p>(unreadable)</p>"
     text = "".join(f"<div>{e(x)}</div>" for x in lines)
-    pick = _picker(path, classes) if classes is not None else "<div class=note>(test set)</div>"
+    # relabel.csv names the file, as label_issues.csv does (fit-head --relabel takes either form)
+    pick = _picker(output_path(full), classes) if classes is not None else "<div class=note>(test set)</div>"
     return f"<div class=card>{img}<div>{e(display_path(path))}</div>{text}{pick}</div>"
 
 

@@ -14,9 +14,24 @@ from pathlib import Path
 from featx.backbones.artifact import SIDECAR, Backbone, load_export, with_decoder
 from featx.backbones.cards import DEFAULT_BACKBONE, Preprocess, get_card
 from featx.backbones.export import export_card
-from featx.backbones.features import check_features
+from featx.backbones.features import DEFAULT_FEATURES, check_features
 from featx.backbones.onnx_import import import_onnx
 from featx.errors import FeatXError, MismatchError, UnknownBackboneError
+
+
+def card_features(backbone: str | os.PathLike | Backbone | None, features: str | None) -> str | None:
+    """``features``, or ``DEFAULT_FEATURES`` (multi) when ``backbone`` names a card (or is None).
+
+    The one place a user-facing default turns into a feature set: ``featx extract``,
+    ``featx export NAME`` and the estimators all ask it, so they embed with the same export
+    and share cached embeddings. A ready-made backbone (export or run directory, ONNX file,
+    Backbone) keeps its own features (None).
+    """
+    if features is not None or isinstance(backbone, Backbone):
+        return features
+    spec = os.fspath(backbone) if backbone is not None else ""
+    made = spec and (Path(spec).is_dir() or spec.lower().endswith(".onnx") or "/" in spec or os.sep in spec)
+    return None if made else DEFAULT_FEATURES
 
 
 def resolve_backbone(spec: str | os.PathLike | Backbone | None = None,

@@ -123,7 +123,8 @@ def export_cmd(name: str, weights: str | None, preprocess: str | None, force: bo
     and prints how much it changes the embeddings; pass its directory as --backbone to any command.
     """
     from featx.backbones.cards import Preprocess
-    from featx.backbones.resolve import export_backbone
+    from featx.backbones.features import DEFAULT_FEATURES
+    from featx.backbones.resolve import card_features, export_backbone
 
     if quantize and calibrate is None:
         raise click.UsageError("--quantize int8 needs --calibrate DIR (a folder of your images)")
@@ -133,13 +134,15 @@ def export_cmd(name: str, weights: str | None, preprocess: str | None, force: bo
         raise click.UsageError("--precision applies to backbone cards; your ONNX file is used as it is")
     pre = Preprocess.from_dict(_read_spec(preprocess)) if preprocess else None
     names = [n.strip() for n in layers.split(",") if n.strip()] if layers is not None else None
+    features = card_features(name, features)  # a card exports extract's default (multi) unless told
     bb = export_backbone(name, weights, pre, force=force, precision=precision, features=features, crop=crop,
                          layers=names)
     side = bb.sidecar
     summary = {"name": bb.name, "onnx": str(bb.onnx_path), "dim": bb.dim, "fingerprint": bb.fingerprint,
                "parity": asdict(side.parity) if side.parity else {}, "preprocess": bb.preprocess.to_dict(),
                "precision": side.precision, "features": side.feature_recipe}
-    variant = precision != "fp32" or features not in (None, "last") or crop not in (None, "center")
+    # not what `--backbone NAME` gives: say to pass the directory
+    variant = precision != "fp32" or features not in (None, DEFAULT_FEATURES) or crop not in (None, "center")
     lines = [f"{bb.name}: {bb.onnx_path}" + ("  (use it as --backbone)" if variant else ""),
              f"  dim {bb.dim}, input {bb.preprocess.input_size}px uint8 NHWC, {side.precision}, "
              f"fingerprint {bb.fingerprint}"]

@@ -233,6 +233,28 @@ def finetune_cmd(train, val, out, resume, backbone, weights, unfreeze, epochs, t
     emit(r.summary.to_dict(), as_json, _finetune_lines(r.summary, device))
 
 
+def run_line(stage: str, elapsed: int, total: int) -> str:
+    """compare's whole-run report ("runs 3/9", seconds elapsed, elapsed + ETA) as a line."""
+    from featx.progress import eta_text
+
+    k, n = stage.rsplit(" ", 1)[-1].split("/")
+    left = f"about {eta_text(total - elapsed)} left" if total else "time left unknown until a run is timed"
+    return f"compare: {k} of {n} runs done, {eta_text(elapsed)} elapsed, {left}"
+
+
+def with_run_lines(bar: Progress, quiet: bool):
+    """The progress callback of ``featx compare``: the bar draws each run's stages; the whole
+    compare (``runs k/n``) is a line of its own after every run, above the bar."""
+    def report(stage: str, done: int, total: int) -> None:
+        if not stage.startswith("runs "):
+            bar(stage, done, total)
+        elif not quiet:
+            from tqdm import tqdm
+
+            tqdm.write(run_line(stage, done, total), file=sys.stderr)
+    return report
+
+
 def _resume_options(ctx: click.Context, epochs: int) -> dict:
     """With --resume only --epochs may be given (to extend the run); any other run option is refused."""
     given = [n for n in _RUN_OPTIONS if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT)]
@@ -336,7 +358,8 @@ def compare_cmd(ctx, train, test, per_class, methods, out, backbone, epochs, unf
                     backbone=backbone, epochs=epochs, unfreeze=unfreeze,
                     lr=lr, backbone_lr=backbone_lr, crop_scale=crop_scale, batch_size=batch_size,
                     input_size=input_size,
-                    test_per_class=test_per_class, seed=seed, device=device, store=store, progress=p)
+                    test_per_class=test_per_class, seed=seed, device=device, store=store,
+                    progress=with_run_lines(p, quiet))
     finally:
         p.close()
     lines = [(out / "features.md").read_text().split("\n\n![")[0], ""] if probes else []

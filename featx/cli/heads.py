@@ -183,6 +183,7 @@ def _streaming_lines(rep: dict) -> list[str]:
 def predict_cmd(head, inputs, out, top_k, min_proba, unknown_quantile, no_unknown, coverage, backbone,
                 store, batch_size, workers, device, tta, quiet, as_json):
     """Predict the class of every image in INPUTS (files or folders) with HEAD (file or run dir)."""
+    from featx.embed.scan import output_path
     from featx.predict import predict, write_predictions
 
     with progress_bar(quiet) as p:
@@ -193,17 +194,19 @@ def predict_cmd(head, inputs, out, top_k, min_proba, unknown_quantile, no_unknow
     if out:
         write_predictions(r, out, top_k)
     k = min(top_k, len(r.classes))
+    rows = r.rows(k)
     summary = {"images": len(r.files), "failed": len(r.failures), "abstained": r.abstained,
                "min_proba": min_proba, "unknown": r.n_unknown if r.unknown else None,
                "unknown_quantile": r.unknown_quantile, "unknown_threshold": r.unknown_threshold,
                "coverage": coverage, "out": str(out) if out else None,
-               "predictions": r.rows(k),
-               "failures": [{"path": f, "reason": why} for f, why in r.failures]}
+               # --json names files as every featx output file does (absolute); the terminal as given
+               "predictions": [{**row, "path": output_path(row["path"])} for row in rows],
+               "failures": [{"path": output_path(f), "reason": why} for f, why in r.failures]}
     lines = [f"device: {r.provider} (asked: {device})"]
     if not out:
-        for row in summary["predictions"][:50]:
+        for row in rows[:50]:
             tops = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in row["top"])
-            label = "unknown" if row.get("unknown") and not no_unknown else row["label"] or "?"
+            label = "unknown" if row.get("unknown") and not no_unknown else row["predicted"] or "?"
             sets = f"\tset {{{', '.join(row['set'])}}}" if "set" in row else ""
             lines.append(f"{row['path']}\t{label}\t[{tops}]{sets}")
         if len(r.files) > 50:

@@ -44,7 +44,7 @@ def probe_options(f):
                      help="Crops to compare as frozen probes (see --features).")(f)
     f = click.option("--features", default=None, metavar="last,multi",
                      help="Feature recipes to compare as frozen probes, each scored by CV on TRAIN "
-                          "(report: features.md).")(f)
+                          "(report: features.md). Default: extract's (multi).")(f)
     return click.option("--backbones", default=None, metavar="A,B,...",
                          help="Backbone cards to compare as frozen probes (see --features).")(f)
 
@@ -79,6 +79,15 @@ def last_stage() -> str | None:
     return _LAST_STAGE[0]
 
 
+def _stage_name(stage: str) -> str:
+    """A stage's name without its place: "[3/9] epoch 2/5" -> "epoch", "choose C" -> "choose C"."""
+    name = stage.split("] ", 1)[-1]
+    words = name.split(" ")
+    if len(words) > 1 and words[-1].replace("/", "").isdigit():
+        name = " ".join(words[:-1])
+    return name
+
+
 class Progress:
     """Renders the library's progress callback: a bar on a terminal, nothing otherwise."""
 
@@ -94,8 +103,8 @@ class Progress:
             return
         from tqdm import tqdm
 
-        # a stage may carry a prefix ("[3/9] epoch"): the unit goes by its last word
-        kind = stage.rsplit(" ", 1)[-1]
+        # a stage may carry a prefix ("[3/9] epoch 2/5"): the unit goes by its name
+        kind = _stage_name(stage)
         if stage != self.stage:
             self.close()
             self.stage, self.passes = stage, 1
@@ -120,7 +129,8 @@ class Progress:
             self.bar.refresh()
 
     def _desc(self) -> str:
-        """The bar's label: the stage, and for epochs which one ("epoch 3")."""
+        """The bar's label: the stage, and for epochs which one ("epoch 3") where the stage
+        does not say (the library names it: "epoch 3/10")."""
         if self.stage is not None and self.stage.endswith("epoch"):
             return f"{self.stage} {self.passes}"
         return self.stage or ""

@@ -107,6 +107,17 @@ def display_path(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+def output_path(path: str) -> str:
+    """How every CSV and JSON file featx writes names an image: its absolute path (a URL as
+    it is), printable (``display_path``).
+
+    One rule for every output (predict, evaluate, audit, duplicates, neighbors, suggest):
+    the file opens from any folder, and the output reads back as a listing (whose relative
+    paths would start at the listing's own folder, not at the folder the command ran in).
+    """
+    return display_path(path if is_url(path) else os.path.abspath(path))
+
+
 def is_utf8(path: str) -> bool:
     """True if ``path`` has no undecodable bytes (no surrogate escapes from ``os.fsdecode``)."""
     try:

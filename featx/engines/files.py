@@ -98,12 +98,13 @@ class FileEmbedder:
                                   draft=draft, shard_size=shard_size, stat_cache=cache, progress=progress)
         return Embedded(keys, stats, self.store)
 
-    def arrays(self, images, *, batch_size: int = 32, shard_size: int = 2048) -> np.ndarray:
+    def arrays(self, images, *, batch_size: int = 32, shard_size: int = 2048,
+               progress: ProgressFn = no_progress) -> np.ndarray:
         """Embeddings of uint8 images (an (N,H,W) / (N,H,W,3) array or a list of (H,W[,3]) arrays).
 
         Cached in the store under a hash of each image's pixels. An image for which the
         backbone gives NaN or inf is not stored, and a FeatXError names it (after the
-        others are stored).
+        others are stored). Reports ``progress("embed", stored, not yet stored)``.
         """
         encoder, st, bb = self.encoder, self.store, self.backbone
         keys = [array_key(a) for a in images]
@@ -115,6 +116,7 @@ class FileEmbedder:
         items = list(todo.items())
         refused: list[int] = []
         # the writer flushes when the block ends, even by an error or Ctrl-C: keep what is embedded
+        progress("embed", 0, len(items))
         with ShardWriter(st, shard_size) as writer:
             for start in range(0, len(items), batch_size):
                 batch = items[start:start + batch_size]
@@ -122,6 +124,7 @@ class FileEmbedder:
                                                bb.preprocess) for _, i in batch])
                 bad = writer.add([k for k, _ in batch], encoder(pixels))
                 refused.extend(batch[j][1] for j in bad)
+                progress("embed", start + len(batch), len(items))
         if refused:
             which = ", ".join(map(str, refused[:10])) + (" ..." if len(refused) > 10 else "")
             raise FeatXError(f"image{'s' if len(refused) > 1 else ''} {which}: the backbone gave NaN or inf "
@@ -199,9 +202,10 @@ def array_key(a: np.ndarray) -> str:
 
 def embed_arrays(images, bb: Backbone, *, device: str = "auto",
                  store: str | os.PathLike | None = None, batch_size: int = 32,
-                 shard_size: int = 2048) -> np.ndarray:
+                 shard_size: int = 2048, progress: ProgressFn = no_progress) -> np.ndarray:
     """Embeddings of uint8 images through the ``shared`` FileEmbedder (``FileEmbedder.arrays``)."""
-    return shared(bb, device, store).arrays(images, batch_size=batch_size, shard_size=shard_size)
+    return shared(bb, device, store).arrays(images, batch_size=batch_size, shard_size=shard_size,
+                                            progress=progress)
 
 
 class LocalEngine:

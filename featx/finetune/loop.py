@@ -172,8 +172,12 @@ def autocast(dev: torch.device):
 
 def run_epoch(net: FineTuneNet, loader, dev: torch.device, loss_fn, optimizer, scheduler,
               progress: Callable[[str, int, int], None], bn_stats: bool = False,
-              on_steps: tuple[int, Callable[[int, int, float], None]] | None = None) -> dict:
+              on_steps: tuple[int, Callable[[int, int, float], None]] | None = None,
+              stage: str = "epoch") -> dict:
     """One training epoch; returns loss, accuracy, images and images/s.
+
+    Reports ``progress(stage, batches done, batches)``; the run names the epoch in
+    ``stage`` ("epoch 3/10"), so a bar shows which one, a resumed run's included.
 
     ``on_steps=(k, f)`` calls ``f(steps, images, seconds)`` once, after step ``k``
     (or at the end of a shorter epoch), timed from the end of the first step so
@@ -185,7 +189,7 @@ def run_epoch(net: FineTuneNet, loader, dev: torch.device, loss_fn, optimizer, s
     n = correct = 0
     loss_sum = 0.0
     t0 = time.perf_counter()
-    progress("epoch", 0, total)
+    progress(stage, 0, total)
     t_first = n_first = None
     for b, batch in enumerate(loader):
         if batch is None:
@@ -203,7 +207,7 @@ def run_epoch(net: FineTuneNet, loader, dev: torch.device, loss_fn, optimizer, s
         n += len(y)
         loss_sum += float(loss.detach()) * len(y)
         correct += int((logits.argmax(1) == y).sum())
-        progress("epoch", b + 1, total)
+        progress(stage, b + 1, total)
         if on_steps is not None:
             if t_first is None:
                 t_first, n_first, b_first = time.perf_counter(), n, b
@@ -221,10 +225,16 @@ def run_epoch(net: FineTuneNet, loader, dev: torch.device, loss_fn, optimizer, s
 def predict_logits(net: FineTuneNet, loader, dev: torch.device,
                    progress: Callable[[str, int, int], None] | None = None,
                    stage: str = "validate") -> tuple[np.ndarray, np.ndarray]:
-    """(logits float32 (N, K), labels) over a centre-crop loader, in inference mode."""
+    """(logits float32 (N, K), labels) over a centre-crop loader, in inference mode.
+
+    Reports ``progress(stage, images, all images)``: images, not batches, so a rate
+    reads as images per second.
+    """
     net.eval()
     outs, ys = [], []
-    total = len(loader)
+    per_batch = getattr(loader, "batch_size", None)
+    images = len(getattr(loader, "dataset", ())) if per_batch else 0
+    total = images or len(loader)
     for b, batch in enumerate(loader):
         if batch is not None:
             x, y = batch
@@ -233,7 +243,8 @@ def predict_logits(net: FineTuneNet, loader, dev: torch.device,
             outs.append(logits.float().cpu().numpy())
             ys.append(y.numpy())
         if progress:
-            progress(stage, b + 1, total)
+            # the images the loader has gone through (an unreadable one is dropped from its batch)
+            progress(stage, min(total, (b + 1) * per_batch) if images else b + 1, total)
     k = net.head.out_features
     if not outs:
         return np.zeros((0, k), np.float32), np.zeros(0, np.int64)

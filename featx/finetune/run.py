@@ -10,6 +10,7 @@ long list of positional arguments.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -70,6 +71,9 @@ class RunSummary(Mapping):
     probe_val_acc: float | None = None  # the LP probe (the network before any step) on the validation split
     kept_probe: bool = False  # no epoch beat the probe on validation: the export is the probe
     plan: dict | None = None  # how a time budget chose the epochs (``time_budget``)
+    # ``seconds`` is the whole run's wall time, summed over its invocations (--resume);
+    # this is the last invocation's alone
+    seconds_this_invocation: float | None = None
 
     def __getitem__(self, key: str) -> Any:
         if key not in self._names():
@@ -178,6 +182,11 @@ class TrainJob:
     command: str | None = None  # the command line, for the run's model card
     plan: dict | None = None  # what a time budget chose, once the first steps are timed
     on_plan: Callable[[dict], None] | None = None
+    seconds_before: float = 0.0  # wall time of the run's earlier invocations (a resumed run)
+
+    def seconds(self) -> float:
+        """The run's wall time so far: earlier invocations plus this one."""
+        return self.seconds_before + time.perf_counter() - self.t_start
 
 
 def _skip_summary(skipped: list[Skipped], what: str) -> str:
@@ -309,13 +318,24 @@ def finetune(data=None, *, val=None, out: str | os.PathLike | None = None,
         ckpt, extended = None, False
     job = TrainJob(cfg, card, tl.resolve_unfreeze(card, cfg.unfreeze), run_data, run_dir, dev, device,
                    loader_workers, store, export, progress, on_epoch, t_start, ckpt, resume is not None, extended,
-                   command, on_plan=on_plan)
+                   command, on_plan=on_plan, seconds_before=_seconds_before(run_dir) if resume is not None else 0.0)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_run(run_dir)
     try:
         return _train(job)
     finally:
         lock.release()
+
+
+def _seconds_before(run_dir: Path) -> float:
+    """The wall time the run's earlier invocations recorded in status.json (0 when none did:
+    a run from an older featx, or one stopped before its first status)."""
+    try:
+        seconds = json.loads((run_dir / "status.json").read_text()).get("seconds")
+    except (OSError, ValueError, AttributeError):
+        return 0.0
+    ok = isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and 0 <= seconds < float("inf")
+    return float(seconds) if ok else 0.0
 
 
 def _lock_run(run_dir: Path):
@@ -374,9 +394,11 @@ class _State:
 
 
 def _status(job: TrainJob, state: str, epoch: int, **extra) -> None:
+    """status.json: the run's state, and its wall time so far (every invocation), which a
+    --resume reads back so the summary's ``seconds`` covers the whole run."""
     skipped = job.data.skipped
     write_json(job.run_dir / "status.json", {
-        "state": state, "epoch": epoch, "epochs": job.cfg.epochs, **extra,
+        "state": state, "epoch": epoch, "epochs": job.cfg.epochs, "seconds": round(job.seconds(), 2), **extra,
         **({"skipped": len(skipped), "skipped_files": [{"path": p, "reason": r} for p, r in
                                                         skipped[:STATUS_SKIPPED]]} if skipped else {})})
 
@@ -509,7 +531,8 @@ def _epoch(job: TrainJob, model: _Model, trainer: _Trainer, epoch: int) -> dict:
     if cfg.time_budget is not None and job.plan is None and epoch == 1 and not job.resumed:
         on_steps = (PLAN_STEPS, _planner(job, trainer, time.perf_counter() - job.t_start))
     row = {"epoch": epoch, **tl.run_epoch(model.net, loader, job.dev, t.loss_fn, t.optimizer, t.scheduler,
-                                          job.progress, model.bn_stats, on_steps)}
+                                          job.progress, model.bn_stats, on_steps,
+                                          stage=f"epoch {epoch}/{cfg.epochs}")}
     if row["images"] == 0:
         raise FeatXError(f"epoch {epoch}: none of the {len(job.data.train)} training images could be read "
                          f"(under {job.data.train.root}); did the data change during the run?")
@@ -649,7 +672,7 @@ def _finish(job: TrainJob, model: _Model, state: _State) -> FinetuneResult:
         result.backbone, result.head_path = export_run(result.net, run_dir, result.classes, state.history,
                                                        state.best_epoch, card, cfg, model.weights_sha)
         job.progress("export", 1, 1)
-    result.seconds = time.perf_counter() - job.t_start
+    result.seconds = job.seconds()  # every invocation of the run, a --resume's included
     result.summary = _summary(job, model, result, state.probe)
     if result.summary.kept_probe:
         log.warning("fine-tuning did not beat the linear probe on the validation split (probe %.4f, best "
@@ -672,6 +695,7 @@ def _summary(job: TrainJob, model: _Model, result: FinetuneResult, probe: dict |
         lp_train_accuracy=(model.lp_report or {}).get("train_accuracy"), device=str(job.dev),
         train_images=len(d.train), val_images=len(d.val) if d.val else 0, val_source=d.val_source,
         classes=d.train.classes, trainable_parameters=model.n_trainable, seconds=round(result.seconds, 2),
+        seconds_this_invocation=round(time.perf_counter() - job.t_start, 2),
         fingerprint=result.backbone.fingerprint if result.backbone is not None else None,
         head=str(result.head_path) if result.head_path else None,
         skipped=[{"path": p, "reason": r} for p, r in d.skipped],

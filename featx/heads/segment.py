@@ -12,16 +12,28 @@ head, and the head file, predict, evaluate and the ONNX classifier see one kind 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from featx.errors import FeatXError
 
-__all__ = ["SEGMENTS", "last_segment", "widen"]
+log = logging.getLogger(__name__)
+
+__all__ = ["SEGMENTS", "SEGMENT_TIE", "check_segment", "choose_segment", "last_segment", "widen"]
 
 SEGMENTS = ("auto", "all", "last")
+# the last segment must beat the whole multi vector by more than this CV accuracy to be kept
+SEGMENT_TIE = 0.001
+
+
+def check_segment(segment: str) -> str:
+    """``segment`` if it is one of ``SEGMENTS``, else a FeatXError naming the choices."""
+    if segment not in SEGMENTS:
+        raise FeatXError(f"unknown segment {segment!r}; expected one of {', '.join(SEGMENTS)}")
+    return segment
 
 
 def last_segment(features: Mapping[str, Any] | None) -> slice | None:
@@ -63,3 +75,53 @@ def widen(pipeline, cols: slice, dim: int):
     c.coef_ = coef
     c.n_features_in_ = dim
     return Pipeline([("scaler", s), ("clf", c)])
+
+
+def choose_segment(X: np.ndarray, features: Mapping[str, Any] | None, head: str, C, segment: str,
+                   fit: Callable[[np.ndarray], tuple[object, dict]], name: str = "this backbone"
+                   ) -> tuple[object, dict]:
+    """The head on all columns of ``X`` or on the last segment of a multi embedding.
+
+    ``features`` is the export's features record (``Backbone.meta["features"]``);
+    ``fit(X)`` fits one head and returns (pipeline, report). ``segment="auto"`` with
+    ``C="auto"`` and a logreg head on a multi embedding fits both and keeps the last
+    segment only when its CV accuracy beats the whole vector's by more than
+    ``SEGMENT_TIE``; the kept last-segment head is widened to all columns. What
+    ``featx fit-head --segment`` and ``FeatXClassifier(segment=)`` both do.
+    """
+    check_segment(segment)
+    cols = last_segment(features)
+    if segment == "last" and (cols is None or head != "logreg"):
+        raise FeatXError("--segment last needs a logreg head on a multi table (`featx extract "
+                         f"--features multi`); this is a {head} head on {name} "
+                         f"({'multi' if cols is not None else 'last'} features)")
+    if cols is None or head != "logreg" or segment == "all" or (segment == "auto" and C != "auto"):
+        pipe, rep = fit(X)
+        if cols is not None:
+            rep["segment"] = "all"
+        return pipe, rep
+    narrow = np.ascontiguousarray(X[:, cols])
+    if segment == "last":
+        pipe, rep = fit(narrow)
+        scores = None
+    else:
+        pipe_all, rep_all = fit(X)
+        pipe, rep = fit(narrow)
+        scores = {"all": rep_all["cv_score_mean"], "last": rep["cv_score_mean"]}
+        if scores["last"] <= scores["all"] + SEGMENT_TIE:
+            rep_all.update(segment="all", segment_cv=scores)
+            return pipe_all, rep_all
+    try:
+        wide = widen(pipe, cols, int(X.shape[1]))
+    except FeatXError:
+        if scores is None:
+            raise
+        # a head kind widen cannot rewrite: keep the whole vector rather than fail the fit
+        log.warning("the last segment scored better, but this head cannot be widened; using all columns")
+        rep_all.update(segment="all", segment_cv=scores)
+        return pipe_all, rep_all
+    rep.update(segment="last", segment_columns=[cols.start, cols.stop], dim=int(X.shape[1]),
+               segment_dim=cols.stop - cols.start)
+    if scores:
+        rep["segment_cv"] = scores
+    return wide, rep

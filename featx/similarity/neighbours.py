@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from featx.atomic import result_file, write_text
-from featx.embed.scan import display_path
+from featx.embed.scan import output_path
 from featx.embed.table import EmbeddingTable, image_paths
 from featx.errors import FeatXError
 from featx.progress import ProgressFn, no_progress
@@ -105,7 +105,7 @@ def write_neighbors(result: NeighborsResult, out: str | os.PathLike) -> Path:
     rows = display_paths(result.rows(), ("query", "path", "query_label", "label"))
     if suffix == ".json":
         doc = {**result.summary(), "neighbors": rows,
-               "failures": [{"path": display_path(p), "reason": r} for p, r in result.failures]}
+               "failures": [{"path": output_path(p), "reason": r} for p, r in result.failures]}
         return write_text(out, json.dumps(doc, indent=2))
     cols = ("query", "query_label", "rank", "path", "label", "similarity")
     return write_text(out, result_csv(rows, cols, suffix == ".tsv"))

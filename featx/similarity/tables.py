@@ -13,7 +13,7 @@ import numpy as np
 
 from featx.backbones.resolve import table_backbone
 from featx.csvout import csv_writer
-from featx.embed.scan import display_path, is_table_file
+from featx.embed.scan import display_path, is_table_file, output_path
 from featx.embed.table import EmbeddingTable, image_paths, read_table
 from featx.embed.table_checks import require_fingerprint, require_finite, require_same_backbone
 from featx.engines.files import collect_files, embed_paths
@@ -110,4 +110,9 @@ def result_csv(rows: list[dict], columns: Sequence[str], tsv: bool) -> str:
 
 
 def display_paths(rows: list[dict], keys: Sequence[str]) -> list[dict]:
-    return [{**r, **{c: display_path(r[c]) for c in keys if r[c] is not None}} for r in rows]
+    # path columns absolute (featx.embed.scan.output_path: the one rule of every output)
+    return [{**r, **{c: (output_path if c in PATH_COLUMNS else display_path)(r[c]) for c in keys
+                     if r[c] is not None}} for r in rows]
+
+
+PATH_COLUMNS = frozenset({"query", "path", "path_a", "path_b"})
