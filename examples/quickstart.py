@@ -67,7 +67,9 @@ def main() -> None:
     train, test = make_data()
     featx("extract", str(train), "--out", "train.featx.parquet", "-q")
     featx("fit-head", "--C", "auto")  # CV folds shrink to fit the smallest class
-    featx("evaluate", "head.featx", str(test), "--out-dir", "eval", "-q")
+    # --force: eval/ is this script's own output, refreshed on every run (a run of an older
+    # featx left an evaluation of head.joblib there, which evaluate will not overwrite unasked)
+    featx("evaluate", "head.featx", str(test), "--out-dir", "eval", "--force", "-q")
     m = json.loads((OUT / "eval" / "metrics.json").read_text())
     print(f"\ntest accuracy {m['accuracy']:.1%} on {m['n']} images "
           f"({len(m['labels'])} classes, head fitted on {count(train)} images)")

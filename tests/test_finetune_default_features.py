@@ -22,7 +22,13 @@ def test_a_fine_tune_reads_extracts_default_features():
 def test_the_cli_default_is_the_same():
     r = CliRunner().invoke(main, ["finetune", "--help"])
     assert r.exit_code == 0, r.output
-    assert f"[default: {DEFAULT_FEATURES}]" in " ".join(r.output.split()), r.output
+    assert f"`featx extract`'s: {DEFAULT_FEATURES} for a card" in " ".join(r.output.split()), r.output
+
+
+def test_a_timm_backbone_defaults_to_its_pooled_output_as_extract_does():
+    # multi pools square feature maps; a timm ViT has tokens (test_timm exports one)
+    assert FinetuneConfig(backbone="timm:vit_tiny_patch16_224").features == "last"
+    assert FinetuneConfig(backbone="timm:resnet18", features="multi").features == "multi"
 
 
 def test_a_run_saved_before_the_option_existed_resumes_with_the_pooled_output():

@@ -152,7 +152,20 @@ def audit(table: str | os.PathLike | EmbeddingTable, test: str | os.PathLike | E
 
     pairs = _pairs(dups, t, None, t_files)
     leak_pairs = _pairs(leaks, t, u, image_paths(u, test)) if leaks is not None else []
-    summary = {
+    summary = _summary(name, u_name, t, u, oof, rows, threshold, calibration, pairs, dups, leaks, outs, fixes)
+    files_of = dict(zip(t.paths, t_files, strict=True))
+    page = render_page(summary, oof.classes, [r for r in rows if r["flagged"]], pairs, leak_pairs, outs, files_of)
+    times["total"] = time.perf_counter() - t0
+    summary["seconds"] = {k: round(v, 3) for k, v in times.items()}
+    # the CSVs name files, as every featx output does (absolute), not paths under a data root
+    files = _write(out, _files(rows, files_of), [{**p, "path_a": files_of[p["path_a"]], "path_b": p["file_b"]}
+                                                for p in pairs + leak_pairs], _files(outs, files_of), page, summary)
+    return AuditResult(out, summary, rows, dups, leaks, outs, oof, files)
+
+
+def _summary(name, u_name, t, u, oof, rows, threshold, calibration, pairs, dups, leaks, outs, fixes) -> dict:
+    """``audit.json``'s findings (the timings are added by ``audit``)."""
+    return {
         "table": name, "test": u_name, "rows": len(t), "classes": oof.classes,
         "label_issues": sum(r["flagged"] for r in rows),
         "oof": oof.summary(), "probabilities": PROBABILITIES,
@@ -166,14 +179,6 @@ def audit(table: str | os.PathLike | EmbeddingTable, test: str | os.PathLike | E
         "outliers": sum(r["flagged"] for r in outs),
         "relabel": None if fixes is None else {k: fixes[k] for k in ("file", "relabelled", "dropped")},
     }
-    files_of = dict(zip(t.paths, t_files, strict=True))
-    page = render_page(summary, oof.classes, [r for r in rows if r["flagged"]], pairs, leak_pairs, outs, files_of)
-    times["total"] = time.perf_counter() - t0
-    summary["seconds"] = {k: round(v, 3) for k, v in times.items()}
-    # the CSVs name files, as every featx output does (absolute), not paths under a data root
-    files = _write(out, _files(rows, files_of), [{**p, "path_a": files_of[p["path_a"]], "path_b": p["file_b"]}
-                                                for p in pairs + leak_pairs], _files(outs, files_of), page, summary)
-    return AuditResult(out, summary, rows, dups, leaks, outs, oof, files)
 
 
 def _inputs(table, test, threshold, relabel) -> tuple[EmbeddingTable, str, EmbeddingTable | None,

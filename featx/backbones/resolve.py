@@ -25,11 +25,15 @@ def card_features(backbone: str | os.PathLike | Backbone | None, features: str |
     The one place a user-facing default turns into a feature set: ``featx extract``,
     ``featx export NAME`` and the estimators all ask it, so they embed with the same export
     and share cached embeddings. A ready-made backbone (export or run directory, ONNX file,
-    Backbone) keeps its own features (None).
+    Backbone) keeps its own features (None). A ``timm:NAME`` gets ``last``: multi pools square
+    feature maps, which a timm model need not have (a ViT's stages are tokens), and featx's
+    cards are the ones whose multi recipe is tested.
     """
     if features is not None or isinstance(backbone, Backbone):
         return features
     spec = os.fspath(backbone) if backbone is not None else ""
+    if spec.startswith("timm:"):
+        return "last"
     made = spec and (Path(spec).is_dir() or spec.lower().endswith(".onnx") or "/" in spec or os.sep in spec)
     return None if made else DEFAULT_FEATURES
 

@@ -157,9 +157,10 @@ _RUN_OPTIONS = ("train", "val", "backbone", "weights", "unfreeze", "epochs", "lr
               help="C of the LP probe (auto: cross-validated; a number skips the CV on big sets).")
 @click.option("--input-size", type=click.IntRange(16, 1024), default=None,
               help="Override the card's input size (smaller = faster on CPU, less accurate).")
-@click.option("--features", type=click.Choice(["last", "multi"]), default=DEFAULT_FEATURES, show_default=True,
+@click.option("--features", type=click.Choice(["last", "multi"]), default=None,
               help="What the linear layer reads: the backbone's pooled output, or pooled intermediate "
-                   "stages too (multi: LP-FT starts from the multi-layer probe of `fit-head`).")
+                   "stages too (multi: LP-FT starts from the multi-layer probe of `fit-head`). "
+                   f"Default: `featx extract`'s: {DEFAULT_FEATURES} for a card, last for timm:NAME.")
 @click.option("--crop-scale", type=click.FloatRange(0, 1, min_open=True), default=0.08, show_default=True,
               help="Smallest area fraction of the random training crop (1 = flips only).")
 @click.option("--bn-stats/--no-bn-stats", default=None,

@@ -13,6 +13,7 @@ import numpy as np
 
 from featx.backbones.cards import DEFAULT_BACKBONE, BackboneCard, get_card
 from featx.backbones.features import DEFAULT_FEATURES
+from featx.backbones.resolve import card_features
 from featx.errors import FeatXError
 
 FINETUNE_FORMAT = 2  # 2: split.json records each file's content key
@@ -45,11 +46,14 @@ class FinetuneConfig:
     # seconds for the whole run: epochs (at most ``epochs``) are chosen from the speed of the first steps
     time_budget: float | None = None
     # the embedding the linear layer reads: "last" (the pooled output) or "multi" (Head2Toe-style pooled
-    # stages, featx.backbones.features): LP-FT then starts from the multi-layer probe. The default is
-    # extract's, so the probe a run must beat (and keeps when it cannot) is fit-head's default head
-    features: str = DEFAULT_FEATURES
+    # stages, featx.backbones.features): LP-FT then starts from the multi-layer probe. None: extract's
+    # default for the backbone (multi for a card, last for timm:NAME), so the probe a run must beat
+    # (and keeps when it cannot) is fit-head's default head
+    features: str | None = None
 
     def __post_init__(self) -> None:
+        if self.features is None:
+            self.features = card_features(self.backbone, None) or DEFAULT_FEATURES
         if isinstance(self.weights, os.PathLike):  # a Path to a checkpoint is as good as its string
             self.weights = os.fspath(self.weights)
 
