@@ -3,12 +3,12 @@
 ``fit_streaming_head`` holds a few shards of rows at most, whatever the table's
 size. It makes one pass over the table(s) that fits a StandardScaler by
 ``partial_fit`` and, at the same time, spills every row to a random one of at most
-``MAX_BUCKETS`` bucket files in a scratch directory (an external shuffle: featx
+``MAX_BUCKETS`` bucket files (Arrow IPC) in a scratch directory (an external shuffle: featx
 tables are in folder order, i.e. sorted by class, and SGD fed one class at a time
 forgets the others); rows wait in per-bucket buffers of four shards in all, so the
-files get few, large row groups of at most ``shard_rows`` rows. Each epoch then
+files get few, large record batches of at most ``shard_rows`` rows. Each epoch then
 visits the buckets in a random order and reads each one ``shard_rows`` rows at a
-time, from row groups drawn in random order (a bucket's rows arrive in table order),
+time, from batches drawn in random order (a bucket's rows arrive in table order),
 shuffles them and calls ``SGDClassifier(loss="log_loss").partial_fit`` for every
 candidate ``alpha``; a held-out split, also read chunk by chunk, picks the alpha, the
 streaming analogue of choosing C by CV.
@@ -41,7 +41,7 @@ from featx.progress import ProgressFn, no_progress
 log = logging.getLogger(__name__)
 
 ALPHAS = (1e-4, 1e-3, 1e-2)
-# At most this many bucket files, whatever the table's size: one Parquet writer is open per
+# At most this many bucket files, whatever the table's size: one writer is open per
 # bucket during the shuffle (a million-row bucket count would pass the open-file limit)
 MAX_BUCKETS = 256
 
@@ -109,14 +109,18 @@ def _check_schemas(files: list[Path]) -> dict:
 
 
 def _chunks(files: list[Path], rows: int) -> Iterator[pa.RecordBatch]:
-    """The label and embedding columns of ``files``, in order, ``rows`` at a time at most."""
-    import pyarrow.dataset as ds
+    """The label and embedding columns of ``files``, in order, ``rows`` at a time at most.
 
-    dataset = ds.dataset([str(f) for f in files], format="parquet")
-    for batch in dataset.to_batches(columns=["label", "embedding"], batch_size=rows,
-                                    batch_readahead=0, fragment_readahead=0):
-        if batch.num_rows:
-            yield batch
+    One row group is decoded at a time. The dataset scanner and ``iter_batches`` kept every
+    row group they had read alive until the file ended (pyarrow 26: ~5 KB a 1,280-dim row,
+    11.7 GB of a 1M-row table's shuffle pass), so memory grew with the table.
+    """
+    for f in files:
+        pf = pq.ParquetFile(f)
+        for g in range(pf.num_row_groups):
+            for batch in pf.read_row_group(g, columns=["label", "embedding"]).to_batches(max_chunksize=rows):
+                if batch.num_rows:
+                    yield batch
 
 
 def _embeddings(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -160,7 +164,9 @@ def _shuffle_pass(path, files: list[Path], total: int, shard_rows: int, n_bucket
 
     scaler = StandardScaler()
     labels: set[str] = set()
-    writers: dict[int, pq.ParquetWriter] = {}
+    # Arrow IPC bucket files, not Parquet: each open ParquetWriter holds ~5 MB of buffers for a
+    # 1,280-dim column (256 buckets: 1.3 GB); an IPC writer writes each batch straight out
+    writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
     counts = np.zeros(n_buckets + 1, np.int64)  # bucket n_buckets is the held-out split
     max_rows = seen = 0
     # rows wait in per-bucket buffers (4 shards in all) and leave as row groups of at least
@@ -172,8 +178,8 @@ def _shuffle_pass(path, files: list[Path], total: int, shard_rows: int, n_bucket
     def spill(b: int) -> None:
         part = pa.concat_tables(pending.pop(b))
         if b not in writers:
-            writers[b] = pq.ParquetWriter(scratch / f"bucket-{b}.parquet", part.schema)
-        writers[b].write_table(part, row_group_size=shard_rows)  # an epoch reads whole groups
+            writers[b] = pa.ipc.new_file(str(scratch / f"bucket-{b}.arrow"), part.schema)
+        writers[b].write_table(part, max_chunksize=shard_rows)  # an epoch reads whole batches
         pending_rows[b] = 0
 
     try:
@@ -223,11 +229,11 @@ def _sgd_epochs(sh: _Shuffled, alphas: list[float], epochs: int, seed: int, scra
     def read_bucket(b: int, shuffle: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """A bucket ``shard_rows`` rows at a time; its row groups (each in table order, so
         sorted by class) are drawn in random order and their rows shuffled together."""
-        f = pq.ParquetFile(scratch / f"bucket-{b}.parquet")
-        groups = rng.permutation(f.num_row_groups) if shuffle else np.arange(f.num_row_groups)
+        f = pa.ipc.open_file(pa.OSFile(str(scratch / f"bucket-{b}.arrow")))  # read, not mapped
+        groups = rng.permutation(f.num_record_batches) if shuffle else np.arange(f.num_record_batches)
 
         def chunk(picked: list[int]) -> tuple[np.ndarray, np.ndarray]:
-            t = f.read_row_groups(picked)
+            t = pa.Table.from_batches([f.get_batch(i) for i in picked])
             y = np.array([code[v] for v in t.column("label").to_pylist()], np.int64)
             X = sh.scaler.transform(_embeddings(t.column("embedding"))).astype(np.float32)
             if shuffle:
@@ -238,7 +244,7 @@ def _sgd_epochs(sh: _Shuffled, alphas: list[float], epochs: int, seed: int, scra
         picked: list[int] = []
         rows = 0
         for g in groups:  # row groups hold at most shard_rows rows: so does every chunk
-            n = f.metadata.row_group(int(g)).num_rows
+            n = f.get_batch(int(g)).num_rows
             if picked and rows + n > sh.shard_rows:
                 yield chunk(picked)
                 picked, rows = [], 0
