@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featx.embed.table import EmbeddingTable, read_table, write_table
+from featx.embed.table import EmbeddingTable, image_paths, read_table, write_table
 
 
 def plant(src: str, dst: str, rate: float, seed: int) -> None:
@@ -34,6 +34,9 @@ def plant(src: str, dst: str, rate: float, seed: int) -> None:
 
 def score(noisy: str, audit_dir: str) -> None:
     flipped = set(Path(noisy + ".flipped.txt").read_text().split("\n")) - {""}
+    # label_issues.csv names files (absolute, as every featx output); the list has table paths
+    t = read_table(noisy)
+    flipped = {f for p, f in zip(t.paths, image_paths(t, noisy), strict=True) if p in flipped}
     with open(Path(audit_dir) / "label_issues.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     k = len(flipped)

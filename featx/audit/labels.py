@@ -8,6 +8,9 @@ from featx.errors import require
 
 __all__ = ["K_VOTE", "knn_proba", "label_issues"]
 
+#: cleanlab's pruning for the ``flagged`` cut (see ``label_issues``)
+FILTER_BY = "prune_by_class"
+
 #: neighbours whose labels vote in ``knn_proba``
 K_VOTE = 40
 
@@ -36,13 +39,15 @@ def label_issues(proba: np.ndarray, codes: np.ndarray, classes: list[str], paths
 
     ``score`` is cleanlab's label quality (the out-of-sample probability of the given label,
     ``self_confidence``; low = suspect), ``suggested`` the most probable class, and
-    ``flagged`` cleanlab's own cut (``find_label_issues``, pruned by noise rate).
+    ``flagged`` cleanlab's own cut (``find_label_issues``, ``filter_by="prune_by_class"``: over
+    ten seeds of 5% planted noise in Fashion-MNIST it found 0.913 of the flips at precision
+    0.44, where cleanlab's default ``prune_by_noise_rate`` found 0.847 at 0.43; docs/audit.md).
     """
     require("cleanlab", "audit")
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
-    flagged = find_label_issues(codes, proba, n_jobs=1)
+    flagged = find_label_issues(codes, proba, filter_by=FILTER_BY, n_jobs=1)
     score = get_label_quality_scores(codes, proba, method="self_confidence")
     suggested = proba.argmax(axis=1)
     order = np.lexsort((np.arange(len(codes)), score))
