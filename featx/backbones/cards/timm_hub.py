@@ -177,26 +177,3 @@ def weights_location(name: str) -> tuple[str | None, list[str], str | None]:
                  else ["model.safetensors", "pytorch_model.bin"])
         return repo, list(dict.fromkeys(files)), None
     return None, [], cfg.get("url") or None
-
-
-def cached_weights(name: str) -> str | None:
-    """The weights file of ``name`` if the Hugging Face hub cache already holds it."""
-    try:
-        repo, files, url = weights_location(model_name(name))
-        if repo:
-            from huggingface_hub import try_to_load_from_cache
-
-            for f in files:
-                hit = try_to_load_from_cache(repo, f)
-                if isinstance(hit, str):
-                    return hit
-        elif url:
-            import os
-
-            import torch.hub
-
-            path = os.path.join(torch.hub.get_dir(), "checkpoints", url.rsplit("/", 1)[-1])
-            return path if os.path.isfile(path) else None
-    except Exception as e:  # no timm / hub library: not offline, whatever the reason
-        log.debug("no cached weights for %s: %s", name, e)
-    return None
