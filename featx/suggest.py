@@ -46,7 +46,7 @@ from featx.embed.table import EmbeddingTable, image_paths, read_table
 from featx.engines.files import collect_files, shared
 from featx.errors import FeatXError, MismatchError
 from featx.heads.fit import fit_head, one_blas_thread
-from featx.heads.headfile import Head, load_head
+from featx.heads.headfile import Head, load_head, proba_in_blocks
 from featx.progress import ProgressFn, no_progress
 
 __all__ = ["STRATEGIES", "Pool", "SuggestResult", "check_destination", "load_pool", "rank", "select", "suggest",
@@ -308,7 +308,8 @@ def suggest(pool: str | os.PathLike, labelled: str | os.PathLike, n: int, *, str
     cand, already, repeats = _candidates(pl, lab, pool, lab_path, n)
     cand_idx = np.asarray(cand)
     t1 = time.perf_counter()
-    Xc = pl.X[cand_idx]
+    # the whole pool, not a copy of it (1 GB at 50,000 x 4,880), when every row is a candidate
+    Xc = pl.X if len(cand_idx) == len(pl.X) else pl.X[cand_idx]
     h = None if head is None else _head_file(head, lab, lab_path)
     picks, groups, proba, rep = rank(lab.X, lab.labels, Xc, n, strategy, seed=seed, C=C, head=h,
                                      progress=progress)
@@ -348,7 +349,7 @@ def rank(X_labelled: np.ndarray, labels, X_pool: np.ndarray, n: int, strategy: s
     progress("score", 0, len(X_pool))
     with one_blas_thread():
         proba = head.proba(X_pool) if head is not None else \
-            np.asarray(pipe.predict_proba(X_pool), np.float64)
+            proba_in_blocks(pipe, X_pool)
     progress("score", len(X_pool), len(X_pool))
     progress(strategy, 0, n)
     picks, groups = select(proba, n, strategy, seed=seed, X=X_pool, X_labelled=X_labelled)

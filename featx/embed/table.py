@@ -34,7 +34,7 @@ from featx.embed.scan import (
     is_utf8,
     resolve_item_path,
 )
-from featx.embed.store import embeddings_of
+from featx.embed.store import embeddings_of, read_embeddings
 from featx.errors import FeatXError
 
 META_KEY = b"featx"
@@ -103,7 +103,7 @@ def write_table(path: str | os.PathLike, t: EmbeddingTable,
         chunks = [X.reshape(len(t.paths), dim)]
     raw = [None if is_utf8(p) else os.fsencode(p) for p in t.paths]
     fields = [("path", pa.string()), ("label", pa.string()), ("key", pa.string()),
-              ("embedding", pa.list_(pa.float32(), dim))]
+              ("embedding", arrow.embedding_type(dim))]
     if any(b is not None for b in raw):
         fields.append(("path_bytes", pa.binary()))
     schema = pa.schema(fields, metadata={META_KEY: json.dumps(t.meta).encode()})
@@ -185,11 +185,22 @@ def read_table(path: str | os.PathLike) -> EmbeddingTable:
     if not path.exists():
         raise FeatXError(f"{path}: no such embeddings table; run `featx extract` first")
     try:
-        # a single file without pyarrow.dataset (slow to import); a directory of parts with it
-        table = pq.ParquetFile(path).read() if path.is_file() else pq.read_table(path)
+        # a single file without pyarrow.dataset (slow to import), its embeddings a row group at a
+        # time (read_embeddings); a directory of parts with pyarrow.dataset
+        if path.is_file():
+            f = pq.ParquetFile(path)
+            names = f.schema_arrow.names
+            table = f.read(columns=[c for c in names if c != "embedding"])
+            X = read_embeddings(f, path) if "embedding" in names else None
+        else:
+            table = pq.read_table(path)
+            names = table.column_names
+            X = embeddings_of(table) if "embedding" in names else None
+    except FeatXError:
+        raise
     except Exception as e:
         raise FeatXError(f"{path}: not a readable Parquet table ({e})") from None
-    missing = {"path", "key", "embedding"} - set(table.column_names)
+    missing = {"path", "key", "embedding"} - set(names)
     if missing:
         raise FeatXError(f"{path}: not a featx embeddings table (missing columns {sorted(missing)})")
     check_listing_types(path, table.schema)
@@ -205,5 +216,5 @@ def read_table(path: str | os.PathLike) -> EmbeddingTable:
                                                                      strict=True)]
     return EmbeddingTable(
         paths=paths, labels=labels,
-        keys=table.column("key").to_pylist(), X=embeddings_of(table), meta=meta,
+        keys=table.column("key").to_pylist(), X=X, meta=meta,
     )

@@ -68,6 +68,7 @@ TRUST_ENV = "FEATX_TRUST_HEADS"
 MAX_HEADER = 16 * 1024 * 1024
 MAX_ARRAYS = 256
 TRAIN_KEYS = "train.keys"  # payload array: digests of the training rows' content keys
+PROBA_BLOCK = 8192  # rows scored at a time by Head.proba
 
 
 class HeadFileError(FeatXError):
@@ -121,7 +122,7 @@ class Head:
         if len(X) == 0:
             return np.zeros((0, len(self.class_columns())))
         with threadpool_limits(limits=1):  # one BLAS thread: small matrices, many callers
-            return np.asarray(self.pipeline.predict_proba(X), dtype=np.float64)
+            return proba_in_blocks(self.pipeline, X)
 
     def check_backbone(self, bb: Backbone) -> None:
         """Refuse a backbone other than the one the head was trained on."""
@@ -131,6 +132,19 @@ class Head:
         return (f"head {self.path or ''} was trained on backbone {self.backbone_name!r}",
                 "use the head's own backbone (omit --backbone) or fit a new head on embeddings "
                 "from this backbone.")
+
+
+def proba_in_blocks(pipeline, X: np.ndarray) -> np.ndarray:
+    """``pipeline.predict_proba(X)`` as float64, ``PROBA_BLOCK`` rows at a time.
+
+    The scaler's copy and the float64 product of a 50,000 x 4,880 pool would otherwise be
+    whole-matrix temporaries (measured: 5x the CPU time, 2 GB more memory); rows are scored
+    independently, so the result is the same.
+    """
+    if len(X) == 0:
+        return np.zeros((0, len(pipeline.classes_)))
+    parts = [pipeline.predict_proba(X[i:i + PROBA_BLOCK]) for i in range(0, len(X), PROBA_BLOCK)]
+    return np.concatenate(parts).astype(np.float64, copy=False)
 
 
 def head_path(path: str | os.PathLike) -> Path:
