@@ -96,7 +96,13 @@ class EpochProgress(Progress):
         self._say(line)
 
     def plan_done(self, plan: dict) -> None:
-        if self.lines:
+        if self.lines and "first_plan" in plan:
+            self._say(f"time budget, re-planned in epoch {plan['replanned_in_epoch']} from {plan['timed_steps']} "
+                      f"steps: {plan['images_per_second']:.1f} training images/s, about "
+                      f"{plan['seconds_per_epoch']:.0f} s an epoch with validation, {plan['seconds_before_training']:.0f} s "
+                      f"spent: {plan['epochs']} epochs" + (f" (capped by --epochs; {plan['epochs_that_fit']} would fit)"
+                                                           if plan["epochs_that_fit"] > plan["epochs"] else ""))
+        elif self.lines:
             self._say(f"time budget {plan['time_budget_s']:.0f} s: {plan['images_per_second']:.1f} training "
                       f"images/s over the first {plan['timed_steps']} steps, about {plan['seconds_per_epoch']:.0f} s "
                       f"an epoch after {plan['seconds_before_training']:.0f} s of preparation: "

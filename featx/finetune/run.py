@@ -183,6 +183,7 @@ class TrainJob:
     plan: dict | None = None  # what a time budget chose, once the first steps are timed
     on_plan: Callable[[dict], None] | None = None
     seconds_before: float = 0.0  # wall time of the run's earlier invocations (a resumed run)
+    val_seconds: float | None = None  # the first epoch's validation, measured (a time budget re-plans with it)
 
     def seconds(self) -> float:
         """The run's wall time so far: earlier invocations plus this one."""
@@ -528,8 +529,12 @@ def _epoch(job: TrainJob, model: _Model, trainer: _Trainer, epoch: int) -> dict:
     cfg, t = job.cfg, trainer
     loader = make_loader(t.train_ds, cfg.batch_size, True, cfg.seed, epoch, t.workers, t.pin, t.drop_last)
     on_steps = None
-    if cfg.time_budget is not None and job.plan is None and epoch == 1 and not job.resumed:
-        on_steps = (PLAN_STEPS, _planner(job, trainer, time.perf_counter() - job.t_start))
+    if cfg.time_budget is not None and not job.resumed and epoch == (1 if job.plan is None else 2):
+        # planned from epoch 1's first 10 steps, then again from a tenth of epoch 2, with epoch 1
+        # and its validation measured: 10 steps misjudge the speed (60k Fashion-MNIST, one command
+        # twice: 155 and 249 img/s, 220 over the epochs; a 60-minute budget ended at 42)
+        steps = PLAN_STEPS if epoch == 1 else max(PLAN_STEPS, t.steps // 10)
+        on_steps = (steps, _planner(job, trainer, time.perf_counter() - job.t_start, epochs_done=epoch - 1))
     row = {"epoch": epoch, **tl.run_epoch(model.net, loader, job.dev, t.loss_fn, t.optimizer, t.scheduler,
                                           job.progress, model.bn_stats, on_steps,
                                           stage=f"epoch {epoch}/{cfg.epochs}")}
@@ -538,7 +543,9 @@ def _epoch(job: TrainJob, model: _Model, trainer: _Trainer, epoch: int) -> dict:
                          f"(under {job.data.train.root}); did the data change during the run?")
     row.update({"val_loss": float("nan"), "val_acc": float("nan")})
     if t.val_loader is not None:
+        t_val = time.perf_counter()
         row.update(tl.evaluate(model.net, t.val_loader, job.dev, t.val_loss_fn, job.progress))
+        job.val_seconds = time.perf_counter() - t_val
     lrs = {g["name"]: g["lr"] for g in t.optimizer.param_groups}
     row["lr_head"] = lrs.get("head", lrs.get("head-nodecay"))
     row["lr_backbone"] = lrs.get("backbone", lrs.get("backbone-nodecay", 0.0))
@@ -551,37 +558,45 @@ PLAN_STEPS = 10
 EXPORT_RESERVE = 0.05
 
 
-def _planner(job: TrainJob, trainer: _Trainer, spent: float) -> Callable[[int, int, float], None]:
+def _planner(job: TrainJob, trainer: _Trainer, spent: float,
+             epochs_done: int = 0) -> Callable[[int, int, float], None]:
     """The ``on_steps`` callback that turns the speed of the first steps into a number of epochs.
 
-    ``spent`` is what the run used before its first epoch (image check, LP
-    init). An epoch costs its training images at the measured rate plus the
-    validation images at a third of it (a forward pass, no backward). The
-    epochs that fit what is left, less a reserve for the export, are at
-    least 1 and at most ``cfg.epochs``; the cosine schedule is rebuilt for
-    them (still inside the first epoch's warmup, so nothing jumps).
+    ``spent`` is what the run used before this epoch (image check, LP init; in
+    the re-plan of epoch 2, epoch 1 too). An epoch costs its training images at
+    the measured rate plus its validation: measured in epoch 1 once there was
+    one, else the validation images at a third of the rate (a forward pass, no
+    backward). The epochs that fit what is left, less a reserve for the export,
+    are at least ``epochs_done + 1`` and at most the cap (``cfg.epochs`` as
+    given); the cosine schedule is rebuilt for them (inside or just after the
+    first epoch's warmup, so nothing jumps).
     """
     from featx.finetune import loop as tl
 
     cfg = job.cfg
+    first = job.plan
 
     def plan(steps: int, images: int, seconds: float) -> None:
         per_image = seconds / max(images, 1)
         n_val = len(job.data.val) if job.data.val is not None else 0
-        epoch_s = per_image * (len(job.data.train) + n_val / 3)
+        val_s = job.val_seconds if first is not None and job.val_seconds is not None else per_image * n_val / 3
+        epoch_s = per_image * len(job.data.train) + val_s
         left = cfg.time_budget * (1 - EXPORT_RESERVE) - spent
-        fits = int(left // epoch_s) if epoch_s > 0 else cfg.epochs
-        epochs = max(1, min(cfg.epochs, fits))
+        cap = first["epochs_cap"] if first is not None else cfg.epochs
+        fits = epochs_done + int(left // epoch_s) if epoch_s > 0 else cap
+        epochs = max(epochs_done + 1, min(cap, fits))
         job.plan = {"time_budget_s": cfg.time_budget, "timed_steps": steps, "images_per_second": 1 / per_image,
                     "seconds_per_epoch": round(epoch_s, 1), "seconds_before_training": round(spent, 1),
-                    "epochs_that_fit": fits, "epochs": epochs, "epochs_cap": cfg.epochs}
+                    "epochs_that_fit": fits, "epochs": epochs, "epochs_cap": cap}
+        if first is not None:
+            job.plan.update(replanned_in_epoch=epochs_done + 1, first_plan=first)
         cfg.epochs = epochs
         f = tl.warmup_cosine(epochs * trainer.steps, round(cfg.warmup_epochs * trainer.steps))
         trainer.scheduler.lr_lambdas = [f] * len(trainer.optimizer.param_groups)
         save_extended_config(job.run_dir, cfg)  # a --resume continues with the chosen epochs
-        log.info("time budget %.0f s: %.1f training images/s over %d steps, %.0f s an epoch, %.0f s "
-                 "spent before training: %d epoch%s", cfg.time_budget, 1 / per_image, steps, epoch_s, spent,
-                 epochs, "" if epochs == 1 else "s")
+        log.info("time budget %.0f s%s: %.1f training images/s over %d steps, %.0f s an epoch, %.0f s "
+                 "spent before: %d epoch%s", cfg.time_budget, "" if first is None else " (re-planned)",
+                 1 / per_image, steps, epoch_s, spent, epochs, "" if epochs == 1 else "s")
         if job.on_plan is not None:
             job.on_plan(dict(job.plan))
 
