@@ -33,17 +33,21 @@ def test_sidecar_and_parity(lite0):
 
 
 # The default backbone's export is byte-identical from one featx version to the next for the
-# same torch, onnx and onnxruntime: its fingerprint names every cached embedding and head. The
-# export saves ONNX Runtime's basic-optimised graph, so another onnxruntime may write other bytes
-# (1.32.0 does: 4eaa37b9ecc083d9, pinned with the 1.31 line on 2026-11-30, became 266ae1a5c67eeb82
-# with featx's code unchanged). Pins are kept per (torch, onnx, onnxruntime).
+# same torch, onnx and onnxruntime on the same kind of CPU: its fingerprint names every cached
+# embedding and head. The bytes depend on more than featx's code: another onnxruntime (4eaa37b9ecc083d9,
+# pinned with the 1.31 line on 2026-11-30, became 266ae1a5c67eeb82 under 1.32.0 with featx's code
+# unchanged) or another machine (the same versions on a 2-core AMD EPYC with AVX-512 BF16 give
+# 4eaa37b9ecc083d9 again, where a CPU with AVX-512 VNNI and no BF16 gave 266ae1a5c67eeb82) may write
+# others; the likely cause is the saved basic-optimised graph, whose constant folding runs ORT's
+# CPU kernels. Pins are kept per (torch, onnx,
+# onnxruntime), each the set of fingerprints measured at known-good commits; any other value fails.
 DEFAULT_FINGERPRINTS = {
-    ("2.14.1", "1.23.2", "1.32.0"): "266ae1a5c67eeb82",
+    ("2.14.1", "1.23.2", "1.32.0"): {"266ae1a5c67eeb82", "4eaa37b9ecc083d9"},
 }
 
 
-def default_fingerprint() -> str:
-    """The pinned fingerprint of the default export for the installed torch/onnx/onnxruntime."""
+def default_fingerprints() -> set[str]:
+    """The pinned fingerprints of the default export for the installed torch/onnx/onnxruntime."""
     import onnxruntime
     import torch
 
@@ -55,9 +59,9 @@ def default_fingerprint() -> str:
 
 
 def test_default_export_fingerprint_is_pinned(lite0):
-    pinned = default_fingerprint()
-    assert lite0.fingerprint == pinned
-    assert fingerprint_of(lite0.onnx_path.read_bytes(), lite0.preprocess) == pinned
+    pinned = default_fingerprints()
+    assert lite0.fingerprint in pinned
+    assert fingerprint_of(lite0.onnx_path.read_bytes(), lite0.preprocess) == lite0.fingerprint
 
 
 def test_sidecar_is_typed_and_round_trips(lite0):
