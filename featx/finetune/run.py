@@ -292,7 +292,8 @@ def finetune(data=None, *, val=None, out: str | os.PathLike | None = None,
         images once), ``verify`` (hashing them again on resume), ``embed``, ``lp-init``, ``epoch`` (batches), ``validate`` and
         ``export``; ``on_epoch(row)`` gets each epoch's metrics; with ``time_budget``
         (seconds), ``on_plan(plan)`` gets the epochs chosen from the speed of the
-        first steps (also ``summary.plan``).
+        first steps, then again from epoch 2's (``plan["first_plan"]`` holds the
+        first; the last is ``summary.plan``).
     command
         The command line, recorded in the run's model card (``RUN_DIR/README.md``,
         written when training starts and again with the final metrics at the end).
