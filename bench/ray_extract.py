@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--rounds", type=int, default=1, help="local/ray pairs, order alternated")
+    ap.add_argument("--warm", action="store_true",
+                    help="before the rounds, import featx and ONNX Runtime in every Ray worker (a task each)")
     args = ap.parse_args()
 
     import ray
@@ -57,6 +59,17 @@ def main() -> None:
     t = time.perf_counter()
     connect(None, args.cpus)  # featx's own local start (worker niceness as the CLI's)
     ray_start = time.perf_counter() - t
+    if args.warm:  # does a worker's first import explain Ray's start-up? (docs/scale.md: no)
+        @ray.remote(num_cpus=1)
+        def warm() -> int:
+            import onnxruntime  # noqa: F401
+
+            import featx.engines.ray  # noqa: F401
+            return os.getpid()
+
+        t = time.perf_counter()
+        pids = ray.get([warm.remote() for _ in range(args.cpus)])
+        print(f"warmed {len(set(pids))} workers in {time.perf_counter() - t:.1f} s", flush=True)
     ratios = []
     try:
         for rnd in range(args.rounds):  # alternate the order: the machine's load drifts
