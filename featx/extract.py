@@ -56,7 +56,7 @@ def extract(root: str | os.PathLike, backbone: str | os.PathLike | Backbone | No
         writes nothing.
     decoder : JPEG decoder, ``"simplejpeg"`` or ``"pillow"`` (default: the backbone's own,
         ``Preprocess.decoder``). Part of the fingerprint: each decoder has its own store entries.
-    engine : ``"local"`` (threads here), ``"ray"`` (Ray Data on ``address``; featx[ray]), or an
+    engine : ``"local"`` (threads here), ``"ray"`` (Ray tasks and actors on ``address``; featx[ray]), or an
         engine object such as ``featx.engines.ray.RayEngine(actors=4)``.
     keep_embeddings : False (the CLI's choice) writes the table without holding all
         embeddings in memory; ``result.table.X`` is then None.

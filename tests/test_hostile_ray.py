@@ -29,8 +29,9 @@ def _embed_actor_pids() -> list[int]:
                     title = f.read()
             except OSError:
                 continue
-            # EmbedActor (GPU clusters) or DecodeEmbedActor (CPU: decode and embed in one actor)
-            if title.startswith(b"ray::MapWorker(MapBatches(") and b"EmbedActor))" in title:
+            # EmbedActor (GPU clusters) or DecodeEmbedActor (CPU: decode and embed in one actor),
+            # idle ("ray::DecodeEmbedActor") or in a call ("ray::DecodeEmbedActor.embed")
+            if title.startswith((b"ray::EmbedActor", b"ray::DecodeEmbedActor")):
                 pids.append(int(p))
     return pids
 

@@ -57,6 +57,27 @@ def test_cli_local_ray_prints_no_token_or_progress_bar_warning(lite0, image_fold
     assert "8 images: 8 embedded" in r.stdout
     assert "Token authentication" not in r.stderr, r.stderr
     assert "Progress bars disabled" not in r.stderr, r.stderr
+    # Ray Data's actor pools printed this caution at every actor start (ray-project/ray#53727)
+    assert "constructor arguments in the object store" not in r.stderr, r.stderr
+
+
+def test_the_ray_engine_runs_without_ray_data(lite0, image_folder, tmp_path):
+    """Ray Data cost 1.5 s of imports in the driver and in every actor before the first batch
+    (2 s of a 7 s run on 2 cores; docs/scale.md): the engine uses Ray core only."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom featx.backbones.resolve import resolve_backbone\n"
+            "from featx.extract import extract\n"
+            f"r = extract({str(image_folder)!r}, resolve_backbone({lite0.name!r}), "
+            f"store={str(tmp_path / 's')!r}, write=False, device='cpu', engine='ray', workers=2)\n"
+            "print(r.stats.embedded, 'ray.data' in sys.modules)\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[-2:] == ["8", "False"], r.stdout
 
 
 def test_ray_engine_matches_local_engine(cluster, lite0, messy_folder, tmp_path):

@@ -204,7 +204,7 @@ def _guard_lines(directory: Path, g) -> list[str]:
               help="JPEG decoder (default: the backbone's, pillow). simplejpeg decodes with "
                    "libjpeg-turbo through simplejpeg; each decoder has its own store entries.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: threads on this machine; ray: Ray Data on a cluster (pip install 'featx[ray]').")
+              help="local: threads on this machine; ray: Ray tasks and actors on a cluster (pip install 'featx[ray]').")
 @click.option("--address", default=None, metavar="ADDR",
               help="Ray cluster for --engine ray: auto, HOST:PORT or ray://HOST:10001. "
                    "Default: start a local Ray.")

@@ -3,8 +3,8 @@
 ``files`` is the front door every job uses (``FileEmbedder``: files and arrays
 through the store; ``LocalEngine`` for ``featx extract``), ``local`` the threaded
 reader/encoder/writer stages, ``result`` what the engines share (``ExtractJob`` in,
-``EngineRun`` out, ``finish`` writing the table and report), ``ray`` the Ray Data
-engine (featx[ray]).
+``EngineRun`` out, ``finish`` writing the table and report), ``ray`` the Ray engine
+(tasks and actors; featx[ray]).
 """
 
 from __future__ import annotations

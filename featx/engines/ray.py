@@ -1,4 +1,4 @@
-"""Ray Data engine for ``featx extract``: the same stages as the local engine, on a cluster.
+"""Ray engine for ``featx extract``: the same stages as the local engine, on a cluster.
 
 The driver scans the folder and owns the store; the cluster does the work::
 
@@ -6,13 +6,18 @@ The driver scans the folder and owns the store; the cluster does the work::
     todo  --(tasks: decode_batch)--> uint8 pixels --(actor pool: Encoder)--> embeddings
           --driver: ShardWriter, shard by shard--> table (same as featx.extract)
 
+The stages are plain Ray tasks and actors fed by the driver, a few batches in flight per
+actor, not Ray Data: a Ray Data actor pool imports Ray Data in every actor process (1.5 s
+of CPU each) and plans an execution per stage, about 2 s of a 2,000-image run that the
+local engine finishes in 7 (docs/scale.md).
+
 Workers read files by path (``root`` must be the same path on every node) and
 preprocess with featx's own ``decode_batch``, so pixels are those of the local
 engine. Only the driver writes, so the store may sit on the driver's disk; the
 embeddings stream back through the object store (5 KB per image at dim 1,280).
 
-On one machine the driver hashes the files with the local engine's threads (a Ray Data
-run costs more than it saves there). On CPU clusters the decode and the model run in the
+On one machine the driver hashes the files with the local engine's threads (Ray tasks
+cost more than they save there). On CPU clusters the decode and the model run in the
 same actor, the local engine's reader schedule: one actor per CPU, each decoding its batch
 and embedding it with a one-thread ONNX Runtime session, one image per call
 (``READER_MODEL_BATCH``), so the pixels never cross the object store and the embeddings
@@ -24,6 +29,7 @@ of files unchanged since the last run, as in the local engine.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import re
@@ -87,27 +93,29 @@ def decode_rows(batch: dict[str, np.ndarray], root: str, pre: Preprocess,
 
 
 class EmbedActor:
-    """Ray actor: one ONNX Runtime session (a featx Encoder), built once, used for every batch."""
+    """Ray actor: one ONNX Runtime session (a featx Encoder), opened at its first batch and
+    used for every batch after.
+
+    The shipped model comes with each call (a reference, not the bytes), not with the
+    constructor: Ray warns on stderr at every start of a restartable actor whose
+    constructor arguments live in the object store, and a restarted actor opens its
+    session again from the call it retries.
+    """
 
     default_threads: int | None = None  # ORT's choice: every core of the node
     model_batch: int | None = None
 
-    def __init__(self, backbone: Backbone, device: str, threads: int | None,
-                 model: list | None) -> None:
-        # Ray reports an error raised here as a bare ActorDiedError, losing its type;
-        # keep it and raise it from the first batch, where Ray passes the cause through
-        self.error: FeatXError | None = None
+    def __init__(self, backbone: Backbone, device: str, threads: int | None) -> None:
+        self.backbone, self.device, self.threads = backbone, device, threads
         self.encoder: Encoder | None = None
-        try:
-            self.encoder = self._open(backbone, device, threads, model)
-        except FeatXError as e:
-            self.error = e
 
-    def _open(self, backbone: Backbone, device: str, threads: int | None,
-              model: list | None) -> Encoder:
+    def _open(self, model: list | None) -> Encoder:
+        if self.encoder is not None:
+            return self.encoder
         import ray
 
-        if device == "cuda" and not ray.get_gpu_ids():
+        backbone = self.backbone
+        if self.device == "cuda" and not ray.get_gpu_ids():
             raise DeviceError(f"a featx actor on {os.uname().nodename} asked for a GPU but Ray gave it none")
         if model is not None:  # shipped through the object store: no shared filesystem needed
             data = ray.get(model[0])
@@ -123,14 +131,15 @@ class EmbedActor:
                 "backbone's export directory on storage every node mounts, or ship the model (ship_model=True)"
             )
         # Encoder raises DeviceError if an explicit cuda cannot be honoured: the run stops loudly
-        enc = Encoder(backbone, device=device, threads=threads or self.default_threads,
+        enc = Encoder(backbone, device=self.device, threads=self.threads or self.default_threads,
                       model_batch=self.model_batch)
-        enc.session  # noqa: B018 -- open it now: a device problem shows at start, not mid-run
+        enc.session  # noqa: B018 -- open it now: a device problem stops the first batch
+        self.encoder = enc
         return enc
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.encoder is None:
-            raise self.error or FeatXError("the featx actor has no ONNX session")
+    def embed(self, batch: dict[str, np.ndarray], model: list | None) -> dict[str, np.ndarray]:
+        """Embed a batch of decoded pixels (rows with a reason stay zero)."""
+        self._open(model)
         return self._embed(batch)
 
     def _embed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -157,15 +166,15 @@ class DecodeEmbedActor(EmbedActor):
     default_threads = 1
     model_batch = READER_MODEL_BATCH
 
-    def __init__(self, backbone: Backbone, device: str, threads: int | None, model: list | None,
-                 root: str, draft: bool) -> None:
+    def __init__(self, backbone: Backbone, device: str, threads: int | None, root: str,
+                 draft: bool) -> None:
         self.root, self.draft = root, draft
-        super().__init__(backbone, device, threads, model)
+        super().__init__(backbone, device, threads)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.encoder is None:
-            raise self.error or FeatXError("the featx actor has no ONNX session")
-        return self._embed(decode_rows(batch, self.root, self.encoder.backbone.preprocess, self.draft))
+    def embed(self, batch: dict[str, np.ndarray], model: list | None) -> dict[str, np.ndarray]:
+        """Decode a batch of paths, then embed it."""
+        self._open(model)
+        return self._embed(decode_rows(batch, self.root, self.backbone.preprocess, self.draft))
 
 
 # ---------------------------------------------------------------- driver side
@@ -215,19 +224,6 @@ def connect_advice(address: str | None, e: BaseException) -> str:
             "local Ray for this run.")
 
 
-def _quiet_data_context() -> None:
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False  # the library never prints: progress goes to the callback
-    ctx.print_on_execution_start = False
-    from ray.util.debug import log_once
-
-    # Ray Data warns once per process that its bars are off ("Progress bars disabled ...");
-    # featx turns them off on purpose, so spend that once-only key before Ray Data does
-    log_once("ray_data_progress_manager_disabled")
-
-
 def _device_plan(ray, device: str) -> str:
     """Resolve ``device`` against the cluster: ``auto`` means cuda when the cluster has GPUs."""
     check_device_name(device)
@@ -249,8 +245,8 @@ def _unwrap(e: BaseException) -> BaseException:
         if isinstance(x, FeatXError):
             return x
         stack.extend([getattr(x, "cause", None), x.__cause__, x.__context__])
-    # Ray Data re-raises a UDF's exception as UserCodeException without the original
-    # object; the worker's traceback text still names it, so rebuild featx's error from it
+    # a worker's exception that could not be unpickled reaches the driver as text only;
+    # its traceback still names featx's error, so rebuild it from that
     m = re.search(r"featx\.errors\.(\w+): ([^\n]*)", str(e))
     cls = getattr(errors, m.group(1), None) if m else None
     if m and isinstance(cls, type) and issubclass(cls, FeatXError) and cls is not errors.ImageError:
@@ -258,27 +254,26 @@ def _unwrap(e: BaseException) -> BaseException:
     return e
 
 
-def _stream(ds, progress: ProgressFn, stage: str, total: int) -> Iterator[dict[str, np.ndarray]]:
+def _gather(ray, refs: dict, submit_next, progress: ProgressFn, stage: str,
+            total: int) -> Iterator[dict[str, np.ndarray]]:
+    """Batches as their tasks finish; ``refs`` maps each pending ref to its worker, and
+    ``submit_next(worker)`` gives that worker its next batch (a ref) or None."""
     done = 0
-    err: BaseException | None = None
     try:
-        for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        while refs:
+            (ready,), _ = ray.wait(list(refs), num_returns=1)
+            worker = refs.pop(ready)
+            b = ray.get(ready)
+            nxt = submit_next(worker)
+            if nxt is not None:
+                refs[nxt] = worker
             done += len(b["i"])
             yield b
             progress(stage, done, total)
     except FeatXError:
         raise
     except Exception as e:
-        err = _translate(e, stage)
-    if err is not None:
-        # Ray Data's failed execution sits in reference cycles that hold its actors (and
-        # their GPUs) until a garbage collection, and the traceback would keep ``ds``
-        # alive: a retry in this process would wait on those GPUs forever
-        import gc
-
-        ds = None
-        gc.collect()
-        raise err
+        raise _translate(e, stage) from None
 
 
 def _translate(e: BaseException, stage: str) -> BaseException:
@@ -315,7 +310,6 @@ class RayEngine:
         """Embed ``job``'s files on the cluster into its store (the driver writes every shard)."""
         ray, started = connect(self.address, job.workers)
         try:
-            _quiet_data_context()
             dev = _device_plan(ray, job.device)
             keys, stats, providers = _run(ray, job, dev, self)
         finally:
@@ -344,18 +338,16 @@ def _run(ray, job: ExtractJob, dev: str,
     stats.seconds_hash = time.perf_counter() - t
 
     have = job.store.stored(k for k in out.keys if k is not None)
-    todo = [{"i": i, "path": items[i].path, "key": out.keys[i]} for i in to_embed(out.keys, have)]
+    todo = to_embed(out.keys, have)
     stats.cached = sum(k is not None for k in out.keys) - len(todo)
     job.progress("embed", 0, len(todo))
 
     providers: set[str] = set()
     t1 = time.perf_counter()
     if todo:
-        # no local name holds the dataset: on a failure _stream must be able to free it
-        batches = _stream(_embed_dataset(ray, job, todo, dev, engine), job.progress, "embed", len(todo))
         # the writer flushes when the block ends, even by Ctrl-C: keep what is embedded
-        with ShardWriter(job.store, job.shard_size) as writer:
-            _collect(batches, out, writer, stats, providers)
+        with ShardWriter(job.store, job.shard_size) as writer, _EmbedPool(ray, job, dev, engine) as pool:
+            _collect(pool.run(todo, out.keys), out, writer, stats, providers)
     stats.seconds_embed = time.perf_counter() - t1
     out.drop_failed_copies()
     stats.failures = out.failure_list([it.path for it in items])
@@ -372,11 +364,10 @@ def _hash_stage(job: ExtractJob, cache: StatCache,
                 engine: RayEngine) -> tuple[FileOutcomes, list[Stat | None]]:
     """Content key (or failure reason) of every file: from the driver's stat cache where the
     file is unchanged, else hashed by Ray tasks. Returns the keys and the stat each file had."""
-    import ray.data as rd
-    from ray import nodes as ray_nodes
+    import ray
 
     items = job.found.items
-    one_node = sum(1 for n in ray_nodes() if n.get("Alive")) == 1
+    one_node = sum(1 for n in ray.nodes() if n.get("Alive")) == 1
     if engine.hash_on_driver if engine.hash_on_driver is not None else one_node:
         # one machine: the driver's threads hash as fast as Ray tasks would, without a Ray
         # Data execution and its worker processes (a third of a 2,000-image run's time)
@@ -398,13 +389,21 @@ def _hash_stage(job: ExtractJob, cache: StatCache,
     job.progress("hash", len(items) - len(rows), len(items))
     if not rows:
         return out, stats_of
-    blocks = max(1, min(len(rows) // max(1, job.batch_size), 200))
-    hashed = rd.from_items(rows, override_num_blocks=blocks).map_batches(
-        hash_rows, fn_kwargs={"root": str(job.root.resolve())}, batch_size=max(job.batch_size, 64),
-        batch_format="numpy")
+    task = ray.remote(num_cpus=1)(hash_rows)
+    root, size = str(job.root.resolve()), max(job.batch_size, 64)
+    chunks = iter([_columns(rows[j:j + size]) for j in range(0, len(rows), size)])
+    # a few chunks per CPU in flight: the cluster stays busy, the driver holds few refs
+    refs = {task.remote(c, root): None for c in itertools.islice(chunks, 4 * _cpus(ray))}
+
+    def submit_next(_: None):
+        c = next(chunks, None)
+        return None if c is None else task.remote(c, root)
+
+    hashed = _gather(ray, refs, submit_next, lambda stage, n, total: None, "hash", len(rows))
     done = len(items) - len(rows)
-    for b in _stream(hashed, lambda stage, n, total: job.progress(stage, done + n, len(items)),
-                     "hash", len(rows)):
+    for b in hashed:
+        done += len(b["i"])
+        job.progress("hash", done, len(items))
         for i, k, why in zip(b["i"], b["key"], b["reason"], strict=True):
             if why:
                 out.failures[int(i)] = str(why)
@@ -413,39 +412,76 @@ def _hash_stage(job: ExtractJob, cache: StatCache,
     return out, stats_of
 
 
-def _embed_dataset(ray, job: ExtractJob, todo: list[dict], dev: str, engine: RayEngine):
-    """The lazy Ray dataset: decode tasks feeding a pool of ONNX actors."""
-    import ray.data as rd
+def _cpus(ray) -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
-    bb, bs = job.backbone, job.batch_size
-    gpus = dev == "cuda"
-    model = [ray.put(bb.onnx_path.read_bytes())] if engine.ship_model else None
-    blocks = max(1, min(len(todo) // bs, 200))
-    rows = rd.from_items(todo, override_num_blocks=blocks)
-    root = str(job.root.resolve())
-    if not gpus:
-        # decode and embed in one actor per CPU (the local engine's readers): no pixels in
-        # the object store, no thread oversubscription between decode tasks and the model
-        # no more actors than blocks: an actor with nothing to do still costs its start-up
-        size = engine.actors or max(1, min(blocks, int(ray.cluster_resources().get("CPU", 1))))
-        return rows.map_batches(
-            DecodeEmbedActor, fn_constructor_kwargs={"backbone": bb, "device": dev, "threads": engine.threads,
-                                                     "model": model, "root": root, "draft": job.draft},
-            compute=rd.ActorPoolStrategy(size=size), batch_size=bs, batch_format="numpy", num_cpus=1,
-            memory=_session_memory(bb, one_thread=True))
-    size = engine.actors or int(ray.cluster_resources().get("GPU", 1))
-    return (rows
-            .map_batches(decode_rows, fn_kwargs={"root": root, "pre": bb.preprocess,
-                                                 "draft": job.draft},
-                         batch_size=bs, batch_format="numpy")
-            .map_batches(EmbedActor, fn_constructor_kwargs={"backbone": bb, "device": dev,
-                                                            "threads": engine.threads, "model": model},
-                         compute=rd.ActorPoolStrategy(size=size), batch_size=bs,
-                         batch_format="numpy", num_gpus=1 if gpus else 0, num_cpus=1,
-                         # an ORT session holds a few copies of the weights; asking for that
-                         # memory also keeps Ray from fusing decode into the actor, so decode
-                         # tasks run on other cores while the actor runs the model
-                         memory=_session_memory(bb)))
+
+def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
+    return {k: np.array([r[k] for r in rows], dtype=np.int64 if k == "i" else object) for k in rows[0]}
+
+
+class _EmbedPool:
+    """A pool of featx actors for one run, fed batch by batch from the driver.
+
+    CPU clusters: one ``DecodeEmbedActor`` per CPU (the local engine's readers), two
+    batches in flight each so an actor never waits for the driver. GPU clusters: one
+    ``EmbedActor`` per GPU, its batches decoded by Ray tasks on the CPUs, with as many in
+    flight per actor as keeps every CPU decoding.
+    """
+
+    def __init__(self, ray, job: ExtractJob, dev: str, engine: RayEngine) -> None:
+        self.ray, self.job, self.gpus = ray, job, dev == "cuda"
+        bb = job.backbone
+        self.model = [ray.put(bb.onnx_path.read_bytes())] if engine.ship_model else None
+        self.root = str(job.root.resolve())
+        common = {"num_cpus": 1, "max_restarts": 1, "max_task_retries": 1}
+        if self.gpus:
+            actor = ray.remote(num_gpus=1, memory=_session_memory(bb), **common)(EmbedActor)
+            self.size = engine.actors or int(ray.cluster_resources().get("GPU", 1))
+            self.args: tuple = (bb, dev, engine.threads)
+            self.in_flight = max(2, -(-_cpus(ray) // self.size))
+            self.decode = ray.remote(num_cpus=1)(decode_rows)
+        else:
+            actor = ray.remote(memory=_session_memory(bb, one_thread=True), **common)(DecodeEmbedActor)
+            self.size = engine.actors or _cpus(ray)
+            self.args = (bb, dev, engine.threads, self.root, job.draft)
+            self.in_flight = 2
+        self.actor_class = actor
+        self.actors: list = []
+
+    def run(self, todo: list[int], keys: list[str | None]) -> Iterator[dict[str, np.ndarray]]:
+        """Embedded batches of the items ``todo`` (with their content ``keys``), in the order they finish."""
+        items, bs = self.job.found.items, self.job.batch_size
+        batches = iter([_columns([{"i": i, "path": items[i].path, "key": keys[i]} for i in todo[j:j + bs]])
+                        for j in range(0, len(todo), bs)])
+        n_batches = -(-len(todo) // bs)
+        # no more actors than batches: an actor with nothing to do still costs its start-up
+        self.actors = [self.actor_class.remote(*self.args) for _ in range(min(self.size, n_batches))]
+
+        def submit_next(a: int):
+            b = next(batches, None)
+            if b is None:
+                return None
+            if self.gpus:
+                b = self.decode.remote(b, self.root, self.job.backbone.preprocess, self.job.draft)
+            return self.actors[a].embed.remote(b, self.model)
+
+        refs = {}
+        for a in range(len(self.actors)):
+            for _ in range(self.in_flight):
+                ref = submit_next(a)
+                if ref is not None:
+                    refs[ref] = a
+        yield from _gather(self.ray, refs, submit_next, self.job.progress, "embed", len(todo))
+
+    def __enter__(self) -> _EmbedPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # free the actors (and their GPUs) now, on success, failure or Ctrl-C alike
+        for a in self.actors:
+            self.ray.kill(a, no_restart=True)
+        self.actors = []
 
 
 def _collect(batches: Iterator[dict[str, np.ndarray]], out: FileOutcomes, writer: ShardWriter,
