@@ -391,7 +391,7 @@ def _hash_stage(job: ExtractJob, cache: StatCache,
         return out, stats_of
     task = ray.remote(num_cpus=1)(hash_rows)
     root, size = str(job.root.resolve()), max(job.batch_size, 64)
-    chunks = iter([_columns(rows[j:j + size]) for j in range(0, len(rows), size)])
+    chunks = (_columns(rows[j:j + size]) for j in range(0, len(rows), size))
     # a few chunks per CPU in flight: the cluster stays busy, the driver holds few refs
     refs = {task.remote(c, root): None for c in itertools.islice(chunks, 4 * _cpus(ray))}
 
@@ -452,8 +452,9 @@ class _EmbedPool:
     def run(self, todo: list[int], keys: list[str | None]) -> Iterator[dict[str, np.ndarray]]:
         """Embedded batches of the items ``todo`` (with their content ``keys``), in the order they finish."""
         items, bs = self.job.found.items, self.job.batch_size
-        batches = iter([_columns([{"i": i, "path": items[i].path, "key": keys[i]} for i in todo[j:j + bs]])
-                        for j in range(0, len(todo), bs)])
+        # made as they are sent: a driver holds a few batches, not the whole folder twice
+        batches = (_columns([{"i": i, "path": items[i].path, "key": keys[i]} for i in todo[j:j + bs]])
+                   for j in range(0, len(todo), bs))
         n_batches = -(-len(todo) // bs)
         # no more actors than batches: an actor with nothing to do still costs its start-up
         self.actors = [self.actor_class.remote(*self.args) for _ in range(min(self.size, n_batches))]
