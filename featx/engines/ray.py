@@ -29,7 +29,6 @@ of files unchanged since the last run, as in the local engine.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import os
 import re
@@ -254,12 +253,17 @@ def _unwrap(e: BaseException) -> BaseException:
     return e
 
 
-def _gather(ray, refs: dict, submit_next, progress: ProgressFn, stage: str,
+def _gather(ray, slots: list, submit_next, progress: ProgressFn, stage: str,
             total: int) -> Iterator[dict[str, np.ndarray]]:
-    """Batches as their tasks finish; ``refs`` maps each pending ref to its worker, and
-    ``submit_next(worker)`` gives that worker its next batch (a ref) or None."""
+    """Batches as their tasks finish. ``submit_next(worker)`` gives that worker its next
+    batch (a ref) or None; ``slots`` names a worker once per batch it may have in flight."""
     done = 0
     try:
+        refs = {}
+        for worker in slots:
+            ref = submit_next(worker)
+            if ref is not None:
+                refs[ref] = worker
         while refs:
             (ready,), _ = ray.wait(list(refs), num_returns=1)
             worker = refs.pop(ready)
@@ -369,8 +373,8 @@ def _hash_stage(job: ExtractJob, cache: StatCache,
     items = job.found.items
     one_node = sum(1 for n in ray.nodes() if n.get("Alive")) == 1
     if engine.hash_on_driver if engine.hash_on_driver is not None else one_node:
-        # one machine: the driver's threads hash as fast as Ray tasks would, without a Ray
-        # Data execution and its worker processes (a third of a 2,000-image run's time)
+        # one machine: the driver's threads hash as fast as Ray tasks would, without their
+        # worker processes' start-up (with Ray Data, a third of a 2,000-image run's time)
         workers = job.workers or os.cpu_count() or 1
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="featx-hash") as pool:
             return _hash_all(_paths(job), pool, workers, cache, job.progress)
@@ -392,18 +396,15 @@ def _hash_stage(job: ExtractJob, cache: StatCache,
     task = ray.remote(num_cpus=1)(hash_rows)
     root, size = str(job.root.resolve()), max(job.batch_size, 64)
     chunks = (_columns(rows[j:j + size]) for j in range(0, len(rows), size))
-    # a few chunks per CPU in flight: the cluster stays busy, the driver holds few refs
-    refs = {task.remote(c, root): None for c in itertools.islice(chunks, 4 * _cpus(ray))}
 
     def submit_next(_: None):
         c = next(chunks, None)
         return None if c is None else task.remote(c, root)
 
-    hashed = _gather(ray, refs, submit_next, lambda stage, n, total: None, "hash", len(rows))
     done = len(items) - len(rows)
-    for b in hashed:
-        done += len(b["i"])
-        job.progress("hash", done, len(items))
+    # a few chunks per CPU in flight: the cluster stays busy, the driver holds few refs
+    for b in _gather(ray, [None] * (4 * _cpus(ray)), submit_next,
+                     lambda stage, n, total: job.progress(stage, done + n, len(items)), "hash", len(rows)):
         for i, k, why in zip(b["i"], b["key"], b["reason"], strict=True):
             if why:
                 out.failures[int(i)] = str(why)
@@ -436,17 +437,16 @@ class _EmbedPool:
         self.root = str(job.root.resolve())
         common = {"num_cpus": 1, "max_restarts": 1, "max_task_retries": 1}
         if self.gpus:
-            actor = ray.remote(num_gpus=1, memory=_session_memory(bb), **common)(EmbedActor)
+            self.actor_class = ray.remote(num_gpus=1, memory=_session_memory(bb), **common)(EmbedActor)
             self.size = engine.actors or int(ray.cluster_resources().get("GPU", 1))
             self.args: tuple = (bb, dev, engine.threads)
             self.in_flight = max(2, -(-_cpus(ray) // self.size))
             self.decode = ray.remote(num_cpus=1)(decode_rows)
         else:
-            actor = ray.remote(memory=_session_memory(bb, one_thread=True), **common)(DecodeEmbedActor)
+            self.actor_class = ray.remote(memory=_session_memory(bb, one_thread=True), **common)(DecodeEmbedActor)
             self.size = engine.actors or _cpus(ray)
             self.args = (bb, dev, engine.threads, self.root, job.draft)
             self.in_flight = 2
-        self.actor_class = actor
         self.actors: list = []
 
     def run(self, todo: list[int], keys: list[str | None]) -> Iterator[dict[str, np.ndarray]]:
@@ -467,13 +467,8 @@ class _EmbedPool:
                 b = self.decode.remote(b, self.root, self.job.backbone.preprocess, self.job.draft)
             return self.actors[a].embed.remote(b, self.model)
 
-        refs = {}
-        for a in range(len(self.actors)):
-            for _ in range(self.in_flight):
-                ref = submit_next(a)
-                if ref is not None:
-                    refs[ref] = a
-        yield from _gather(self.ray, refs, submit_next, self.job.progress, "embed", len(todo))
+        slots = [a for _ in range(self.in_flight) for a in range(len(self.actors))]
+        yield from _gather(self.ray, slots, submit_next, self.job.progress, "embed", len(todo))
 
     def __enter__(self) -> _EmbedPool:
         return self
