@@ -134,6 +134,33 @@ def test_augmentation_is_deterministic_and_inside_the_image(data):
     assert len(va) == 2 + 1 and set(np.r_[tr, va]) == set(range(13))
 
 
+
+def test_random_erasing_fills_one_box_and_leaves_the_crop_alone(data, tmp_path):
+    files = labelled_files(data)
+    pre = card_for(FinetuneConfig(input_size=64)).preprocess
+    plain = ImageDataset(files, pre, train=True, seed=3)
+    erased = ImageDataset(files, pre, train=True, seed=3, erase=1.0)
+    areas = []
+    for i in range(len(files)):
+        a, b = plain[i][0], erased[i][0]
+        assert np.array_equal(erased[i][0], b)  # drawn from (seed, epoch, index) like the crop
+        diff = np.argwhere((a != b).any(axis=2))
+        assert len(diff), "erase=1 must erase every training image"
+        (top, left), (bottom, right) = diff.min(0), diff.max(0) + 1
+        outside = np.ones(a.shape[:2], bool)
+        outside[top:bottom, left:right] = False
+        assert np.array_equal(a[outside], b[outside])  # one box; the crop and flip are the same draw
+        areas.append((bottom - top) * (right - left) / (64 * 64))
+    assert min(areas) >= 0.01 and max(areas) <= 0.4
+    # erase=0 keeps a run's augmentations exactly as before (no extra draw)
+    assert all(np.array_equal(plain[i][0], ImageDataset(files, pre, train=True, seed=3, erase=0.0)[i][0])
+               for i in range(len(files)))
+    assert np.array_equal(ImageDataset(files, pre, train=False, erase=1.0)[0][0], load_image(files.paths[0], pre))
+    with pytest.raises(FeatXError, match="erase"):
+        FinetuneConfig(erase=1.5).validate(get_card("efficientnet_lite0"))
+    r = finetune(data, out=tmp_path / "er", device="cpu", erase=0.5, **TINY)
+    assert json.loads((r.run_dir / "config.json").read_text())["config"]["erase"] == 0.5
+
 def test_run_exports_backbone_head_and_classifier(run, data):
     d = run.run_dir
     for f in ("config.json", "split.json", "last.pt", "best.pt", "metrics.csv", "metrics.json",

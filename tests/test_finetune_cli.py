@@ -25,8 +25,10 @@ def invoke(*args):
 def test_finetune_then_extract_and_predict_with_the_run(data, tmp_path):
     run = tmp_path / "ft1"
     r = invoke("finetune", data, "--out", run, "--epochs", 1, "--input-size", 64, "--batch-size", 4,
-               "--unfreeze", 1, "--val-fraction", 0.25, "--device", "cpu", "--features", "last", "--json")
+               "--unfreeze", 1, "--val-fraction", 0.25, "--device", "cpu", "--features", "last", "--erase", 0.25,
+               "--json")
     assert r.exit_code == 0, r.output
+    assert json.loads((run / "config.json").read_text())["config"]["erase"] == 0.25
     s = json.loads(r.stdout)
     assert s["epochs_trained"] == 1 and s["val_images"] == 2 and s["classes"] == ["cat", "thing"]
     assert "epoch 1: train loss" in r.stderr  # per-epoch line with loss, accuracy, img/s

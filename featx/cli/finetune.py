@@ -119,7 +119,7 @@ class EpochProgress(Progress):
 # the options saved in a run's config.json; with --resume only epochs may be given
 _RUN_OPTIONS = ("train", "val", "backbone", "weights", "unfreeze", "epochs", "lr", "backbone_lr", "batch_size",
                 "weight_decay", "warmup_epochs", "label_smoothing", "class_weight", "patience",
-                "val_fraction", "no_lp_init", "lp_C", "input_size", "crop_scale", "bn_stats", "seed",
+                "val_fraction", "no_lp_init", "lp_C", "input_size", "crop_scale", "erase", "bn_stats", "seed",
                 "time_budget", "features")
 
 
@@ -169,6 +169,9 @@ _RUN_OPTIONS = ("train", "val", "backbone", "weights", "unfreeze", "epochs", "lr
                    f"Default: `featx extract`'s: {DEFAULT_FEATURES} for a card, last for timm:NAME.")
 @click.option("--crop-scale", type=click.FloatRange(0, 1, min_open=True), default=0.08, show_default=True,
               help="Smallest area fraction of the random training crop (1 = flips only).")
+@click.option("--erase", type=click.FloatRange(0, 1), default=0.0, show_default=True, metavar="P",
+              help="Chance that a training image also gets one box of random pixels (random erasing, "
+                   "2-33%% of its area).")
 @click.option("--bn-stats/--no-bn-stats", default=None,
               help="Update BatchNorm statistics in the trained blocks (default: only from scratch; "
                    "batch statistics of small augmented batches undo the LP init).")
@@ -187,7 +190,7 @@ _RUN_OPTIONS = ("train", "val", "backbone", "weights", "unfreeze", "epochs", "lr
 @json_option
 def finetune_cmd(train, val, out, resume, backbone, weights, unfreeze, epochs, time_budget, lr, backbone_lr,
                  batch_size, weight_decay, warmup_epochs, label_smoothing, class_weight, patience,
-                 val_fraction, no_lp_init, lp_C, input_size, features, crop_scale, bn_stats, seed, loader_workers,
+                 val_fraction, no_lp_init, lp_C, input_size, features, crop_scale, erase, bn_stats, seed, loader_workers,
                  old_workers, root, device, store, quiet, as_json):
     """Fine-tune a backbone on TRAIN (ImageFolder layout) and export it back to ONNX.
 
@@ -223,7 +226,8 @@ def finetune_cmd(train, val, out, resume, backbone, weights, unfreeze, epochs, t
             warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
             class_weight=None if class_weight == "none" else class_weight,
             patience=patience, val_fraction=val_fraction, lp_init=not no_lp_init, lp_C=lp_C,
-            input_size=input_size, features=features, crop_scale=crop_scale, bn_stats=bn_stats, seed=seed)
+            input_size=input_size, features=features, crop_scale=crop_scale, erase=erase, bn_stats=bn_stats,
+            seed=seed)
     p = EpochProgress(quiet)
     try:
         r = finetune(train, val=val, out=out, resume=resume, root=root, device=device,

@@ -29,6 +29,9 @@ DECODED_CACHE_BYTES = 768 * 2**20
 # RandomResizedCrop's usual ranges (torchvision/timm defaults)
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
+# random erasing's ranges (Zhong et al. 2020; torchvision's RandomErasing defaults)
+ERASE_SCALE = (0.02, 1 / 3)
+ERASE_RATIO = (0.3, 1 / 0.3)
 
 
 #: (path, reason) of a file left out of a run because it cannot be read or decoded
@@ -252,12 +255,28 @@ def random_box(w: int, h: int, rng: np.random.Generator,
     return (left, top, left + cw, top + ch)
 
 
+def random_erase(arr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``arr`` (uint8 HxWxC) with one box of uniform random pixels, in random erasing's ranges."""
+    h, w = arr.shape[:2]
+    for _ in range(10):
+        target = h * w * rng.uniform(*ERASE_SCALE)
+        ratio = math.exp(rng.uniform(math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1])))
+        eh, ew = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < eh < h and 0 < ew < w:
+            top, left = int(rng.integers(0, h - eh + 1)), int(rng.integers(0, w - ew + 1))
+            out = arr.copy()
+            out[top:top + eh, left:left + ew] = rng.integers(0, 256, (eh, ew, arr.shape[2]), dtype=np.uint8)
+            return out
+    return arr
+
+
 class ImageDataset:
     """Map-style dataset: index -> (uint8 HxWx3 array, label), or None for an unreadable file.
 
     Augmentation randomness is drawn from (seed, epoch, index), so batches
     are the same whatever the number of loader workers, and a resumed run
-    sees exactly the augmentations it would have seen.
+    sees exactly the augmentations it would have seen. ``erase`` is the chance
+    that a training image also gets one box of random pixels (``random_erase``).
 
     ``cache_bytes`` keeps what does not change between epochs in memory, up to
     that many bytes: the decoded image of a training file (its crop and flip
@@ -267,9 +286,10 @@ class ImageDataset:
     """
 
     def __init__(self, files: LabelledFiles, pre: Preprocess, train: bool, seed: int = 0,
-                 crop_scale: float = CROP_SCALE[0], cache_bytes: int = 0) -> None:
+                 crop_scale: float = CROP_SCALE[0], erase: float = 0.0, cache_bytes: int = 0) -> None:
         self.files = files
         self.crop_scale = crop_scale
+        self.erase = erase
         self.pre = pre
         self.train = train
         self.seed = seed
@@ -305,6 +325,8 @@ class ImageDataset:
                 rng = np.random.default_rng((self.seed, self.epoch, i))
                 box = random_box(img.width, img.height, rng, self.crop_scale)
                 arr = resize_crop(img, self.pre, box=box, flip=bool(rng.random() < 0.5))
+                if self.erase and rng.random() < self.erase:  # drawn last: runs without it keep their crops
+                    arr = random_erase(arr, rng)
             else:
                 arr = resize_crop(img, self.pre)
                 if self.cache_bytes:

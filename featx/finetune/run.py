@@ -480,7 +480,7 @@ def _make_trainer(job: TrainJob, net) -> _Trainer:
     # decoded once per run, not once per epoch, where the dataset lives in this process
     cache = DECODED_CACHE_BYTES if workers == 0 else 0
     train_ds = ImageDataset(train, card.preprocess, train=True, seed=cfg.seed, crop_scale=cfg.crop_scale,
-                            cache_bytes=cache)
+                            erase=cfg.erase, cache_bytes=cache)
     # drop a last batch of one: BatchNorm in training mode cannot normalise a single image
     drop_last = len(train) % cfg.batch_size == 1 and len(train) > 1
     steps = max(1, len(train) // cfg.batch_size if drop_last else -(-len(train) // cfg.batch_size))
