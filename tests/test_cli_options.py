@@ -67,3 +67,12 @@ def test_fit_head_and_finetune_refuse_a_bad_C_before_any_work(tmp_path):
     for args in (["fit-head", "--C", "zero"], ["finetune", str(tmp_path), "--lp-C", "zero"]):
         r = CliRunner().invoke(main, args)
         assert r.exit_code == 2 and "neither 'auto' nor a number" in r.output, args
+
+
+def test_help_texts_print_percent_signs_once():
+    # click does not %-format help, so an escaped "%%" reaches the user as it is written
+    runner = CliRunner()
+    for name in COMMANDS:
+        out = runner.invoke(main, [*name.split(), "--help"], terminal_width=200)
+        assert out.exit_code == 0, (name, out.output)
+        assert "%%" not in out.output, name

@@ -172,7 +172,7 @@ _RUN_OPTIONS = ("train", "val", "backbone", "weights", "unfreeze", "epochs", "lr
               help="Smallest area fraction of the random training crop (1 = flips only).")
 @click.option("--erase", type=click.FloatRange(0, 1), default=0.0, show_default=True, metavar="P",
               help="Chance that a training image also gets one box of random pixels (random erasing, "
-                   "2-33%% of its area).")
+                   "2-33% of its area).")
 @click.option("--bn-stats/--no-bn-stats", default=None,
               help="Update BatchNorm statistics in the trained blocks (default: only from scratch; "
                    "batch statistics of small augmented batches undo the LP init).")
