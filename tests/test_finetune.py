@@ -492,3 +492,29 @@ def test_lp_ft_from_the_multi_layer_probe(data, tmp_path):
     np.testing.assert_allclose(p_onnx, r.predict_proba(files.paths), atol=1e-3)
     model = r.net.features.backbone.backbone  # the card's model under the multi-feature module
     assert model.conv_head.weight.requires_grad and not model.blocks[6][0].conv_pw.weight.requires_grad
+
+
+def test_weights_from_a_run_start_where_the_run_ended(run, data, tmp_path):
+    # --weights RUN/best.pt: the run's trained backbone (plain or under the multi-feature module), so a
+    # second run can go on at a larger input size; the dropped ImageNet classifier is all that is filled
+    from featx.backbones.zoo import build
+
+    card = card_for(FinetuneConfig(input_size=64, features="last"))
+    trained = {k: v for k, v in run.net.features.backbone.state_dict().items()}
+    model, _, _ = build(card, run.run_dir / "best.pt")
+    got = model.state_dict()
+    assert set(got) == set(trained)
+    assert all(torch.equal(got[k], trained[k]) for k in trained)
+    base, _, _ = build(card)
+    assert not all(torch.equal(base.state_dict()[k], trained[k]) for k in trained)  # it did train
+    # a multi-feature run's last.pt ("model" inside), one tensor marked so the wrong one would show
+    init = init_network(FinetuneConfig(input_size=64, features="multi", lp_init=False), labelled_files(data))
+    with torch.no_grad():
+        init.net.features.backbone.backbone.conv_stem.weight.add_(1.0)
+    torch.save({"model": init.net.state_dict(), "epoch": 1}, tmp_path / "last.pt")
+    model, _, _ = build(card, tmp_path / "last.pt")
+    assert torch.equal(model.conv_stem.weight, init.net.features.backbone.backbone.conv_stem.weight)
+    # and a fine-tune from it at another size starts from those weights
+    cfg = FinetuneConfig(input_size=72, features="last", lp_init=False, weights=run.run_dir / "best.pt")
+    net = init_network(cfg, labelled_files(data)).net
+    assert torch.equal(net.features.backbone.conv_head.weight, trained["conv_head.weight"])

@@ -11,7 +11,12 @@ import logging
 import os
 
 from featx.backbones.cards import BackboneCard
-from featx.backbones.cards.weights import file_sha256, load_state_dict, weights_file
+from featx.backbones.cards.weights import (
+    file_sha256,
+    load_state_dict,
+    run_backbone_state,
+    weights_file,
+)
 from featx.backbones.families import family
 from featx.errors import FeatXError, require
 
@@ -37,6 +42,12 @@ def _load_weights(model, card: BackboneCard, path: str, label: str) -> None:
     """Load ``path`` into ``model``, every tensor accounted for (never a silent random init)."""
     sd = load_state_dict(path)
     target = model.state_dict()
+    run = run_backbone_state(sd)
+    if run is not None:
+        # a fine-tuned run dropped the ImageNet classifier before training; the model's own (build
+        # drops it again) fills that gap alone, so every other tensor is still checked
+        heads = tuple(c + "." for c in card.classifier.split(",") if c)
+        sd = run | {k: v for k, v in target.items() if heads and k.startswith(heads) and k not in run}
     if set(sd) != set(target) and card.key_mapping == "ordered":
         sd = _pair_by_order(card, sd, target)
     family(card).load_weights(model, card, sd, label)

@@ -21,7 +21,8 @@ def backbone_option(f):
 def weights_option(f):
     return click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
                         help="Local checkpoint (.pth or .safetensors state dict) instead of the published "
-                             "weights: how to use a card or timm:NAME without internet.")(f)
+                             "weights: how to use a card or timm:NAME without internet. A fine-tune run's best.pt "
+                             "works too: its trained backbone, e.g. to go on at a larger --input-size.")(f)
 
 
 def features_option(f):

@@ -250,3 +250,23 @@ def load_state_dict(path: str) -> dict:
     if not isinstance(sd, dict):
         raise FeatXError(f"{path}: expected a state dict, got {type(sd).__name__}")
     return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+#: where a featx fine-tune checkpoint (a run's best.pt, or last.pt's "model") keeps the card's
+#: model: under the preprocessing wrapper, and one level deeper under the multi-feature module
+RUN_PREFIX = "features.backbone."
+MULTI_PREFIX = RUN_PREFIX + "backbone."
+
+
+def run_backbone_state(sd: dict) -> dict | None:
+    """The card's model tensors from a featx fine-tune checkpoint; None when ``sd`` is not one.
+
+    So ``--weights RUN/best.pt`` starts another run (at another input size, on
+    more data) or an export from what a run trained, not from ImageNet again.
+    """
+    inner = {k.removeprefix(RUN_PREFIX): v for k, v in sd.items() if k.startswith(RUN_PREFIX)}
+    if "head.weight" not in sd or not inner:
+        return None
+    if all(k.startswith("backbone.") for k in inner):  # features="multi": the model under MultiFeatures
+        inner = {k.removeprefix("backbone."): v for k, v in inner.items()}
+    return inner
