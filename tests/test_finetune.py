@@ -518,3 +518,16 @@ def test_weights_from_a_run_start_where_the_run_ended(run, data, tmp_path):
     cfg = FinetuneConfig(input_size=72, features="last", lp_init=False, weights=run.run_dir / "best.pt")
     net = init_network(cfg, labelled_files(data)).net
     assert torch.equal(net.features.backbone.conv_head.weight, trained["conv_head.weight"])
+
+
+def test_evaluating_a_run_on_its_training_images_says_so(run, data, tmp_path):
+    # the exported head records the training images' content keys, as fit-head's does, so evaluate
+    # flags them instead of "fitted before featx recorded them"
+    from featx.evaluate import evaluate
+    from featx.heads.headfile import load_head
+
+    n_train = len(labelled_files(data)) - json.loads((run.run_dir / "summary.json").read_text())["val_images"]
+    assert load_head(run.run_dir).train_keys is not None
+    ov = evaluate(run.run_dir, data, out_dir=tmp_path / "ev").metrics["overlap"]
+    assert ov["exact_checked"] and ov["exact_by"] == "content keys recorded in the head"
+    assert ov["exact"] == n_train > 0 and not any("fitted before" in n for n in ov["notes"])

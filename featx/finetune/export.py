@@ -38,9 +38,12 @@ def linear_as_logreg(W: np.ndarray, b: np.ndarray):
 
 
 def export_run(net, run_dir: Path, classes: list[str], history: list[dict], best_epoch: int,
-               card: BackboneCard, cfg: FinetuneConfig, weights_sha: str) -> tuple[Backbone, Path]:
+               card: BackboneCard, cfg: FinetuneConfig, weights_sha: str,
+               train_keys: list[str] | None = None) -> tuple[Backbone, Path]:
     """Write backbone/ (parity-checked ONNX, new fingerprint), head.featx and classifier.onnx.
 
+    ``train_keys``, the training images' content keys, go into head.featx as
+    fit-head's do, so ``featx evaluate`` on a folder that holds them says so.
     Returns the new backbone and the head file.
     """
     import torch
@@ -65,8 +68,10 @@ def export_run(net, run_dir: Path, classes: list[str], history: list[dict], best
 
     best = next((h for h in history if h["epoch"] == best_epoch), {})
     head_path = save_head(run_dir / HEAD_FILE, pipe, classes, backbone, {
-        "head": "finetuned-linear", "source": "featx finetune", "n_train": None,
-        "best_epoch": best_epoch, "val_acc": best.get("val_acc"), "unfreeze": cfg.unfreeze})
+        "head": "finetuned-linear", "source": "featx finetune",
+        "n_train": None if train_keys is None else len(train_keys),
+        "best_epoch": best_epoch, "val_acc": best.get("val_acc"), "unfreeze": cfg.unfreeze},
+        train_keys=train_keys)
     from featx.heads.headfile import load_head
 
     export_network_classifier(net, backbone, classes, run_dir,

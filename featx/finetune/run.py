@@ -686,7 +686,8 @@ def _finish(job: TrainJob, model: _Model, state: _State) -> FinetuneResult:
     if job.export:
         job.progress("export", 0, 1)
         result.backbone, result.head_path = export_run(result.net, run_dir, result.classes, state.history,
-                                                       state.best_epoch, card, cfg, model.weights_sha)
+                                                       state.best_epoch, card, cfg, model.weights_sha,
+                                                       train_keys=job.data.train.keys)
         job.progress("export", 1, 1)
     result.seconds = job.seconds()  # every invocation of the run, a --resume's included
     result.summary = _summary(job, model, result, state.probe)
