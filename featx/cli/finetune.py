@@ -163,7 +163,7 @@ _RUN_OPTIONS = ("train", "val", "backbone", "weights", "unfreeze", "epochs", "lr
               help="C of the LP probe (auto: cross-validated; a number skips the CV on big sets).")
 @click.option("--input-size", type=click.IntRange(16, 1024), default=None,
               help="Override the card's input size. Smaller trains faster on CPU; on small images "
-                   "(28 px Fashion-MNIST) 64 px beat 96 px in the same time (docs/finetune.md).")
+                   "(28 px Fashion-MNIST) 80 px beat 64 and 96 px in an hour (docs/finetune.md).")
 @click.option("--features", type=click.Choice(["last", "multi"]), default=None,
               help="What the linear layer reads: the backbone's pooled output, or pooled intermediate "
                    "stages too (multi: LP-FT starts from the multi-layer probe of `fit-head`). "
