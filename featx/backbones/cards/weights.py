@@ -264,9 +264,9 @@ def run_backbone_state(sd: dict) -> dict | None:
     So ``--weights RUN/best.pt`` starts another run (at another input size, on
     more data) or an export from what a run trained, not from ImageNet again.
     """
-    inner = {k.removeprefix(RUN_PREFIX): v for k, v in sd.items() if k.startswith(RUN_PREFIX)}
-    if "head.weight" not in sd or not inner:
+    under = [k for k in sd if k.startswith(RUN_PREFIX)]
+    if "head.weight" not in sd or not under:
         return None
-    if all(k.startswith("backbone.") for k in inner):  # features="multi": the model under MultiFeatures
-        inner = {k.removeprefix("backbone."): v for k, v in inner.items()}
-    return inner
+    # features="multi": every tensor of the model sits under MultiFeatures
+    prefix = MULTI_PREFIX if all(k.startswith(MULTI_PREFIX) for k in under) else RUN_PREFIX
+    return {k.removeprefix(prefix): sd[k] for k in under}
