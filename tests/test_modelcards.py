@@ -181,7 +181,12 @@ def test_a_finetuning_run_has_a_card_with_its_final_metrics(tmp_path):
     assert "featx finetune data --epochs 2" in section(text, "How it was made")
     ev = evaluate(out, data, out_dir=tmp_path / "ev")  # the run's head: its card is the run's README
     text = (out / "README.md").read_text(encoding="utf-8")
-    assert table_rows(text, "Evaluations")["accuracy"] == [f"{ev.metrics['accuracy']:.4f}"]
+    # the run's head records its training images, so its own folder is no test: the card says so and
+    # adds the images disjoint from training (the validation half) as a second column
+    assert ev.metrics["overlap"]["exact"] == s.train_images and ev.metrics["disjoint"]["n"] == s.val_images
+    assert table_rows(text, "Evaluations")["accuracy"] == [f"{ev.metrics['accuracy']:.4f}",
+                                                           f"{ev.metrics['disjoint']['accuracy']:.4f}"]
+    assert "**Not a held-out test set**" in text
 
 
 def test_a_resumed_runs_card_keeps_the_command_that_started_it(tmp_path):
