@@ -500,7 +500,7 @@ def test_weights_from_a_run_start_where_the_run_ended(run, data, tmp_path):
     from featx.backbones.zoo import build
 
     card = card_for(FinetuneConfig(input_size=64, features="last"))
-    trained = {k: v for k, v in run.net.features.backbone.state_dict().items()}
+    trained = run.net.features.backbone.state_dict()
     model, _, _ = build(card, run.run_dir / "best.pt")
     got = model.state_dict()
     assert set(got) == set(trained)

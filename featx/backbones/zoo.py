@@ -47,7 +47,7 @@ def _load_weights(model, card: BackboneCard, path: str, label: str) -> None:
         # a fine-tuned run dropped the ImageNet classifier before training; the model's own (build
         # drops it again) fills that gap alone, so every other tensor is still checked
         heads = tuple(c + "." for c in card.classifier.split(",") if c)
-        sd = run | {k: v for k, v in target.items() if heads and k.startswith(heads) and k not in run}
+        sd = run | {k: v for k, v in target.items() if k.startswith(heads) and k not in run}
     if set(sd) != set(target) and card.key_mapping == "ordered":
         sd = _pair_by_order(card, sd, target)
     family(card).load_weights(model, card, sd, label)
