@@ -97,8 +97,12 @@ class Encoder:
     """
 
     def __init__(self, backbone: Backbone, device: str = "auto", threads: int | None = None,
-                 spin: bool = False, model_batch: int | None = None, io_binding: bool | None = None) -> None:
+                 spin: bool = False, model_batch: int | None = None, io_binding: bool | None = None,
+                 model: bytes | None = None) -> None:
         self.backbone = backbone
+        # the graph's bytes where backbone.onnx_path is not on this node (a Ray actor's shipped
+        # copy): ORT loads them from memory, so no temporary file outlives a killed process
+        self.model = model
         # IO binding (default: on CUDA only) copies the uint8 batch to the device once and
         # lets ORT write the embedding into a device buffer, instead of staging both per run
         self.io_binding = io_binding
@@ -120,7 +124,7 @@ class Encoder:
         if self._session is None:
             with self._open:
                 if self._session is None:
-                    self._session, self._provider = make_session(self.backbone.onnx_path, self.device,
+                    self._session, self._provider = make_session(self.model or self.backbone.onnx_path, self.device,
                                                                  self.threads, self.spin)
         return self._session
 
@@ -142,7 +146,7 @@ class Encoder:
             if self._twin is None:
                 self._twin = Encoder(self.backbone, device=self.device, threads=1,
                                      model_batch=self.model_batch or READER_MODEL_BATCH,
-                                     io_binding=self.io_binding)
+                                     io_binding=self.io_binding, model=self.model)
         return self._twin
 
     @property
