@@ -220,7 +220,8 @@ def _trained_row(method: str, sub: LabelledFiles, testf: LabelledFiles, frozen: 
 def compare(train, test=None, *, out: str | os.PathLike = "report", per_class="5,20,100,all",
             methods: tuple[str, ...] = METHODS, backbone: str = DEFAULT_BACKBONE, epochs: int = 5,
             unfreeze: int | str = 2, lr: float = 1e-3, backbone_lr: float | None = None,
-            crop_scale: float = 0.08, batch_size: int = 32, input_size: int | None = None,
+            crop_scale: float = 0.08, erase: float = 0.0, ema: float | None = None, batch_size: int = 32,
+            input_size: int | None = None,
             test_per_class: int | None = None, seed: int = 0, device: str = "auto",
             store: str | os.PathLike | None = None, keep_runs: bool = False,
             progress: ProgressFn = no_progress, backbones=None, features=None, crops=None) -> CompareResult:
@@ -260,7 +261,8 @@ def compare(train, test=None, *, out: str | os.PathLike = "report", per_class="5
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = FinetuneConfig(backbone=backbone, unfreeze=unfreeze, epochs=epochs, lr=lr, backbone_lr=backbone_lr,
-                         crop_scale=crop_scale, batch_size=batch_size, input_size=input_size, seed=seed,
+                         crop_scale=crop_scale, erase=erase, ema=ema, batch_size=batch_size,
+                         input_size=input_size, seed=seed,
                          val_fraction=0.0, patience=None, features="last")  # as the frozen row's probe
     card = card_for(cfg)
     cfg.validate(card)
@@ -402,6 +404,8 @@ def _config(cfg, card, frozen: _Frozen, classes: list[str], test_source: str, de
             "input_size": card.preprocess.input_size, "epochs": cfg.epochs, "unfreeze": cfg.unfreeze,
             "lr": cfg.lr, "backbone_lr": cfg.backbone_lr, "crop_scale": cfg.crop_scale,
             "batch_size": cfg.batch_size, "seed": cfg.seed, "device": device, "classes": classes,
+            # only when set: a compare.json written before these options still matches its runs
+            **({"erase": cfg.erase} if cfg.erase else {}), **({"ema": cfg.ema} if cfg.ema is not None else {}),
             "test_images": len(frozen.y_test), "test_source": test_source,
             "embed_seconds_total": round(frozen.seconds, 2),
             "embed_seconds_per_image": round(frozen.per_image, 5) if frozen.per_image else None}

@@ -52,3 +52,28 @@ def test_compare_says_which_rows_the_data_cannot_honour(tmp_path):
     report = json.loads((out / "compare.json").read_text())
     assert [(row["per_class"], row["train_images"]) for row in report["rows"]] == [(1, 2), (3, 5), ("all", 6)]
     assert len(report["notes"]) == 2
+
+
+def test_compare_trains_with_random_erasing_and_a_weight_average(tmp_path):
+    """compare's trained methods take finetune's --erase and --ema; a report without them keeps
+    its old config keys, so a compare.json written before the options still matches its runs."""
+    data = make_image_folder(tmp_path / "data")
+    test = make_image_folder(tmp_path / "test", per_class=2)
+    out = tmp_path / "report"
+    args = ["compare", str(data), "--test", str(test), "--per-class", "all", "--methods", "lpft", "--epochs", "1",
+            "--unfreeze", "1", "--input-size", "64", "--device", "cpu", "--out", str(out)]
+    r = CliRunner().invoke(main, [*args, "--erase", "0.5", "--ema", "0.9"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    config = json.loads((out / "compare.json").read_text())["config"]
+    assert config["erase"] == 0.5 and config["ema"] == 0.9
+    from featx.compare import compare
+
+    plain = compare(data, test, out=tmp_path / "plain", per_class="all", methods=("lpft",), epochs=1,
+                    unfreeze=1, input_size=64, device="cpu", keep_runs=True)
+    assert "erase" not in plain.config and "ema" not in plain.config
+    run_cfg = json.loads((tmp_path / "plain" / "runs" / "lpft-all" / "config.json").read_text())["config"]
+    assert run_cfg["erase"] == 0.0 and run_cfg["ema"] is None
+    compare(data, test, out=tmp_path / "kept", per_class="all", methods=("lpft",), epochs=1, unfreeze=1,
+                   input_size=64, device="cpu", keep_runs=True, erase=0.5, ema=0.9)
+    run_cfg = json.loads((tmp_path / "kept" / "runs" / "lpft-all" / "config.json").read_text())["config"]
+    assert run_cfg["erase"] == 0.5 and run_cfg["ema"] == 0.9

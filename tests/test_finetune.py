@@ -531,3 +531,54 @@ def test_evaluating_a_run_on_its_training_images_says_so(run, data, tmp_path):
     ov = evaluate(run.run_dir, data, out_dir=tmp_path / "ev").metrics["overlap"]
     assert ov["exact_checked"] and ov["exact_by"] == "content keys recorded in the head"
     assert ov["exact"] == n_train > 0 and not any("fitted before" in n for n in ov["notes"])
+
+
+def test_weight_average_follows_its_decay():
+    from featx.finetune.loop import WeightAverage
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    w0 = net[0].weight.detach().clone()
+    avg = WeightAverage(net, decay=0.5)
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+        net[1].num_batches_tracked.fill_(7)
+    avg.update(net)
+    d = min(0.5, 2 / 11)  # the warm-up decay of step 1 is below 0.5
+    torch.testing.assert_close(avg.net[0].weight, d * w0 + (1 - d) * (w0 + 1))
+    assert int(avg.net[1].num_batches_tracked) == 7  # integer buffers are copied, not averaged
+    for _ in range(30):
+        avg.update(net)
+    assert avg.steps == 31 and not avg.net[0].weight.requires_grad
+    # from step 9 on the decay is 0.5: the gap to the trained weights halves each step
+    gap = (net[0].weight.detach() - avg.net[0].weight).abs().max()
+    assert 0 < float(gap) < 1e-6 * 2 ** 10
+
+
+def test_ema_is_what_a_run_keeps_exports_and_resumes(data, tmp_path):
+    opts = dict(TINY, epochs=2, val_fraction=0, device="cpu", patience=None, ema=0.9, lr=1e-2,
+                backbone_lr=1e-2)
+    r = finetune(data, out=tmp_path / "a", **opts)
+    last = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    best = torch.load(tmp_path / "a" / "best.pt", weights_only=True)
+    assert r.best_epoch == 2 and last["ema"]["steps"] == 2 * 2  # 8 images, batches of 4, 2 epochs
+    trained, average = last["model"], last["ema"]["model"]
+    moved = [k for k, v in trained.items() if v.is_floating_point() and not torch.equal(v, average[k])]
+    assert "head.weight" in moved  # the average lags the trained weights
+    for k, v in best.items():  # best.pt (what the export is made of) is the average
+        torch.testing.assert_close(v, average[k])
+    torch.testing.assert_close(r.net.head.weight.detach(), average["head.weight"])
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["config"]["ema"] == 0.9
+
+    def stop(row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(FinetuneInterrupted):
+        finetune(data, out=tmp_path / "b", on_epoch=stop, **opts)
+    resumed = finetune(resume=tmp_path / "b", device="cpu", export=False)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    again = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["ema"]
+    assert again["steps"] == 4
+    for k, v in average.items():  # the resumed run carries on the same average
+        torch.testing.assert_close(again["model"][k], v, rtol=1e-4, atol=1e-5)
+    with pytest.raises(FeatXError, match="ema must be"):
+        finetune(data, out=tmp_path / "c", **dict(opts, ema=1.0))

@@ -119,8 +119,18 @@ class EpochProgress(Progress):
 # the options saved in a run's config.json; with --resume only epochs may be given
 _RUN_OPTIONS = ("train", "val", "backbone", "weights", "unfreeze", "epochs", "lr", "backbone_lr", "batch_size",
                 "weight_decay", "warmup_epochs", "label_smoothing", "class_weight", "patience",
-                "val_fraction", "no_lp_init", "lp_C", "input_size", "crop_scale", "erase", "bn_stats", "seed",
-                "time_budget", "features")
+                "val_fraction", "no_lp_init", "lp_C", "input_size", "crop_scale", "erase", "ema", "bn_stats",
+                "seed", "time_budget", "features")
+
+
+# training options finetune and compare share
+erase_option = click.option(
+    "--erase", type=click.FloatRange(0, 1), default=0.0, show_default=True, metavar="P",
+    help="Chance that a training image also gets one box of random pixels (random erasing, 2-33% of its area).")
+ema_option = click.option(
+    "--ema", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, metavar="DECAY",
+    help="Keep an exponential moving average of the weights (decay per step, e.g. 0.999); the average "
+         "is validated, kept and exported.")
 
 
 @click.command("finetune")
@@ -170,9 +180,8 @@ _RUN_OPTIONS = ("train", "val", "backbone", "weights", "unfreeze", "epochs", "lr
                    f"Default: `featx extract`'s: {DEFAULT_FEATURES} for a card, last for timm:NAME.")
 @click.option("--crop-scale", type=click.FloatRange(0, 1, min_open=True), default=0.08, show_default=True,
               help="Smallest area fraction of the random training crop (1 = flips only).")
-@click.option("--erase", type=click.FloatRange(0, 1), default=0.0, show_default=True, metavar="P",
-              help="Chance that a training image also gets one box of random pixels (random erasing, "
-                   "2-33% of its area).")
+@erase_option
+@ema_option
 @click.option("--bn-stats/--no-bn-stats", default=None,
               help="Update BatchNorm statistics in the trained blocks (default: only from scratch; "
                    "batch statistics of small augmented batches undo the LP init).")
@@ -191,8 +200,8 @@ _RUN_OPTIONS = ("train", "val", "backbone", "weights", "unfreeze", "epochs", "lr
 @json_option
 def finetune_cmd(train, val, out, resume, backbone, weights, unfreeze, epochs, time_budget, lr, backbone_lr,
                  batch_size, weight_decay, warmup_epochs, label_smoothing, class_weight, patience,
-                 val_fraction, no_lp_init, lp_C, input_size, features, crop_scale, erase, bn_stats, seed, loader_workers,
-                 old_workers, root, device, store, quiet, as_json):
+                 val_fraction, no_lp_init, lp_C, input_size, features, crop_scale, erase, ema, bn_stats, seed,
+                 loader_workers, old_workers, root, device, store, quiet, as_json):
     """Fine-tune a backbone on TRAIN (ImageFolder layout) and export it back to ONNX.
 
     LP-FT: a logistic-regression head fitted on cached embeddings starts the new
@@ -227,8 +236,8 @@ def finetune_cmd(train, val, out, resume, backbone, weights, unfreeze, epochs, t
             warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
             class_weight=None if class_weight == "none" else class_weight,
             patience=patience, val_fraction=val_fraction, lp_init=not no_lp_init, lp_C=lp_C,
-            input_size=input_size, features=features, crop_scale=crop_scale, erase=erase, bn_stats=bn_stats,
-            seed=seed)
+            input_size=input_size, features=features, crop_scale=crop_scale, erase=erase, ema=ema,
+            bn_stats=bn_stats, seed=seed)
     p = EpochProgress(quiet)
     try:
         r = finetune(train, val=val, out=out, resume=resume, root=root, device=device,
@@ -337,6 +346,8 @@ def _finetune_lines(s, device: str) -> list[str]:
               help="LP-FT's learning rate for the unfrozen blocks (default: lr / 10; scratch uses lr).")
 @click.option("--crop-scale", type=click.FloatRange(0, 1, min_open=True), default=0.08, show_default=True,
               help="Smallest area fraction of the random training crop.")
+@erase_option
+@ema_option
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)
 @click.option("--input-size", type=click.IntRange(16, 1024), default=None,
               help="Override the card's input size for every method (faster on CPU).")
@@ -350,7 +361,7 @@ def _finetune_lines(s, device: str) -> list[str]:
 @json_option
 @click.pass_context
 def compare_cmd(ctx, train, test, per_class, methods, out, backbone, epochs, unfreeze, lr, backbone_lr, crop_scale,
-                batch_size, input_size, test_per_class, seed, backbones, features, crops, device, store, quiet,
+                erase, ema, batch_size, input_size, test_per_class, seed, backbones, features, crops, device, store, quiet,
                 as_json):
     """Accuracy and wall time vs images per class: frozen + logreg, LP-FT, scratch.
 
@@ -368,7 +379,8 @@ def compare_cmd(ctx, train, test, per_class, methods, out, backbone, epochs, unf
         r = compare(train, test, out=out, per_class=per_class, backbones=backbones, features=features,
                     crops=crops, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                     backbone=backbone, epochs=epochs, unfreeze=unfreeze,
-                    lr=lr, backbone_lr=backbone_lr, crop_scale=crop_scale, batch_size=batch_size,
+                    lr=lr, backbone_lr=backbone_lr, crop_scale=crop_scale, erase=erase, ema=ema,
+                    batch_size=batch_size,
                     input_size=input_size,
                     test_per_class=test_per_class, seed=seed, device=device, store=store,
                     progress=with_run_lines(p, quiet))

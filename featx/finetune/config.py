@@ -42,6 +42,9 @@ class FinetuneConfig:
     input_size: int | None = None  # override the card's input size (tests, quick CPU runs)
     crop_scale: float = 0.08  # smallest area fraction of the random crop (RandomResizedCrop scale)
     erase: float = 0.0  # chance that a training image gets one box of random pixels (random erasing)
+    # decay per step of an exponential moving average of the weights; the average is what each epoch
+    # validates and the run keeps and exports. None: the trained weights themselves
+    ema: float | None = None
     bn_stats: bool | None = None  # update BatchNorm statistics of trained blocks; None: only from scratch
     seed: int = 0
     # seconds for the whole run: epochs (at most ``epochs``) are chosen from the speed of the first steps
@@ -103,6 +106,8 @@ class FinetuneConfig:
             raise FeatXError(f"crop_scale must be in (0, 1], got {self.crop_scale}")
         if not 0 <= self.erase <= 1:
             raise FeatXError(f"erase must be a probability in [0, 1], got {self.erase}")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise FeatXError(f"ema must be a decay per step in (0, 1), e.g. 0.999, got {self.ema}")
         if self.class_weight not in (None, "balanced"):
             raise FeatXError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
         if self.input_size is not None and not 16 <= self.input_size <= 1024:

@@ -153,6 +153,47 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
     return f
 
 
+class WeightAverage:
+    """Exponential moving average of a network's weights: the copy a run validates, keeps and exports.
+
+    The decay at step t is ``min(decay, (1 + t) / (10 + t))``, so the first steps follow the
+    trained weights instead of holding on to the LP-initialised start. Buffers that are not
+    floating point (BatchNorm's step count) are copied.
+    """
+
+    def __init__(self, net: nn.Module, decay: float) -> None:
+        import copy
+
+        self.net = copy.deepcopy(net).eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.decay, self.steps = decay, 0
+        self._pairs: tuple[list, list, list, list] | None = None
+
+    @torch.no_grad()
+    def update(self, net: nn.Module) -> None:
+        """One step: average ``net``'s current weights in."""
+        if self._pairs is None:  # the same tensors every step: pair them once
+            mine, theirs = self.net.state_dict(), net.state_dict()
+            floats = [k for k, v in mine.items() if v.is_floating_point()]
+            others = [k for k in mine if k not in set(floats)]
+            self._pairs = ([mine[k] for k in floats], [theirs[k] for k in floats],
+                           [mine[k] for k in others], [theirs[k] for k in others])
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        avg, cur, avg_other, cur_other = self._pairs
+        torch._foreach_lerp_(avg, cur, 1.0 - d)
+        for a, c in zip(avg_other, cur_other, strict=True):
+            a.copy_(c)
+
+    def state_dict(self) -> dict:
+        return {"model": self.net.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net.load_state_dict(state["model"])
+        self.steps = int(state["steps"])
+
+
 def to_device(net: FineTuneNet, dev: torch.device) -> FineTuneNet:
     net.to(dev)
     if dev.type == "cuda":
@@ -173,7 +214,7 @@ def autocast(dev: torch.device):
 def run_epoch(net: FineTuneNet, loader, dev: torch.device, loss_fn, optimizer, scheduler,
               progress: Callable[[str, int, int], None], bn_stats: bool = False,
               on_steps: tuple[int, Callable[[int, int, float], None]] | None = None,
-              stage: str = "epoch") -> dict:
+              stage: str = "epoch", average: WeightAverage | None = None) -> dict:
     """One training epoch; returns loss, accuracy, images and images/s.
 
     Reports ``progress(stage, batches done, batches)``; the run names the epoch in
@@ -183,6 +224,8 @@ def run_epoch(net: FineTuneNet, loader, dev: torch.device, loss_fn, optimizer, s
     (or at the end of a shorter epoch), timed from the end of the first step so
     that one-off warm-up costs do not count: what a time budget plans with. An
     epoch of a single step reports that step, warm-up included.
+
+    ``average`` (--ema) takes in the weights after every optimiser step.
     """
     train_mode(net, bn_stats)
     total = len(loader)
@@ -204,6 +247,8 @@ def run_epoch(net: FineTuneNet, loader, dev: torch.device, loss_fn, optimizer, s
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if average is not None:
+            average.update(net)
         n += len(y)
         loss_sum += float(loss.detach()) * len(y)
         correct += int((logits.argmax(1) == y).sum())
@@ -340,13 +385,16 @@ def check_checkpoint(ckpt, path: Path) -> dict:
     return ckpt
 
 
-def restore_checkpoint(ckpt: dict, path: Path, net: nn.Module, optimizer, scheduler) -> None:
-    """Load a checked last.pt into the network, optimiser, schedule and RNGs."""
+def restore_checkpoint(ckpt: dict, path: Path, net: nn.Module, optimizer, scheduler,
+                       average: WeightAverage | None = None) -> None:
+    """Load a checked last.pt into the network, optimiser, schedule, RNGs and weight average."""
     try:
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
+        if average is not None:
+            average.load_state_dict(ckpt["ema"])
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
         raise FeatXError(f"{path}: the checkpoint does not fit this run ({_first_line(e)}); it was damaged "
                          "or comes from another run. Remove it to restart the run from epoch 1") from None

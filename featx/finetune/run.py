@@ -364,6 +364,12 @@ class _Model:
     lp_report: dict | None
     n_trainable: int
     bn_stats: bool
+    average: Any | None = None  # loop.WeightAverage with --ema
+
+    @property
+    def kept(self) -> Any:
+        """The weights validated, kept as best.pt and exported: the average with --ema."""
+        return self.average.net if self.average is not None else self.net
 
 
 @dataclass
@@ -463,7 +469,9 @@ def _build_model(job: TrainJob) -> _Model:
         lp_report = read_json(run_dir / "lp_head.json", "the LP probe's report")
     n_trainable = tl.set_trainable(init.net, job.card, job.unfreeze)
     bn_stats = (not cfg.pretrained) if cfg.bn_stats is None else bool(cfg.bn_stats)
-    return _Model(tl.to_device(init.net, job.dev), init.weights_sha, lp_report, n_trainable, bn_stats)
+    net = tl.to_device(init.net, job.dev)
+    average = tl.WeightAverage(net, cfg.ema) if cfg.ema is not None else None
+    return _Model(net, init.weights_sha, lp_report, n_trainable, bn_stats, average)
 
 
 def _make_trainer(job: TrainJob, net) -> _Trainer:
@@ -500,7 +508,7 @@ def _make_trainer(job: TrainJob, net) -> _Trainer:
                     workers, pin, drop_last, steps)
 
 
-def _restore(job: TrainJob, net, trainer: _Trainer) -> _State:
+def _restore(job: TrainJob, model: _Model, trainer: _Trainer) -> _State:
     """The training state of a resumed run's checkpoint (a fresh one for a new run)."""
     from featx.finetune import loop as tl
 
@@ -508,7 +516,7 @@ def _restore(job: TrainJob, net, trainer: _Trainer) -> _State:
     if ckpt is None:
         return _State()
     path = job.run_dir / "last.pt"
-    tl.restore_checkpoint(ckpt, path, net, trainer.optimizer, trainer.scheduler)
+    tl.restore_checkpoint(ckpt, path, model.net, trainer.optimizer, trainer.scheduler, model.average)
     state = _State(ckpt["epoch"], ckpt["history"], ckpt["best_epoch"], ckpt["best_key"], ckpt["bad_epochs"])
     probe = ckpt.get("probe")
     if isinstance(probe, dict) and all(isinstance(probe.get(k), float) for k in ("val_acc", "val_loss")):
@@ -538,14 +546,14 @@ def _epoch(job: TrainJob, model: _Model, trainer: _Trainer, epoch: int) -> dict:
         on_steps = (steps, _planner(job, trainer, time.perf_counter() - job.t_start, epochs_done=epoch - 1))
     row = {"epoch": epoch, **tl.run_epoch(model.net, loader, job.dev, t.loss_fn, t.optimizer, t.scheduler,
                                           job.progress, model.bn_stats, on_steps,
-                                          stage=f"epoch {epoch}/{cfg.epochs}")}
+                                          stage=f"epoch {epoch}/{cfg.epochs}", average=model.average)}
     if row["images"] == 0:
         raise FeatXError(f"epoch {epoch}: none of the {len(job.data.train)} training images could be read "
                          f"(under {job.data.train.root}); did the data change during the run?")
     row.update({"val_loss": float("nan"), "val_acc": float("nan")})
     if t.val_loader is not None:
         t_val = time.perf_counter()
-        row.update(tl.evaluate(model.net, t.val_loader, job.dev, t.val_loss_fn, job.progress))
+        row.update(tl.evaluate(model.kept, t.val_loader, job.dev, t.val_loss_fn, job.progress))
         job.val_seconds = time.perf_counter() - t_val
     lrs = {g["name"]: g["lr"] for g in t.optimizer.param_groups}
     row["lr_head"] = lrs.get("head", lrs.get("head-nodecay"))
@@ -614,13 +622,16 @@ def _record(job: TrainJob, model: _Model, trainer: _Trainer, state: _State, row:
     key = (row["val_acc"], -row["val_loss"]) if trainer.val_loader is not None else (epoch, 0.0)
     if state.best_key is None or tuple(key) > tuple(state.best_key):
         state.best_key, state.best_epoch, state.bad = list(key), epoch, 0
-        tl.atomic_save(model.net.state_dict(), job.run_dir / "best.pt")
+        tl.atomic_save(model.kept.state_dict(), job.run_dir / "best.pt")
     else:
         state.bad += 1
-    tl.atomic_save({"model": model.net.state_dict(), "optimizer": trainer.optimizer.state_dict(),
-                    "scheduler": trainer.scheduler.state_dict(), "rng": tl.rng_state(), "epoch": epoch,
-                    "history": state.history, "best_epoch": state.best_epoch, "best_key": state.best_key,
-                    "bad_epochs": state.bad, "probe": state.probe}, job.run_dir / "last.pt")
+    ckpt = {"model": model.net.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(), "rng": tl.rng_state(), "epoch": epoch,
+            "history": state.history, "best_epoch": state.best_epoch, "best_key": state.best_key,
+            "bad_epochs": state.bad, "probe": state.probe}
+    if model.average is not None:
+        ckpt["ema"] = model.average.state_dict()
+    tl.atomic_save(ckpt, job.run_dir / "last.pt")
     write_metrics(job.run_dir, state.history)
     _status(job, "training", epoch)
     if job.on_epoch is not None:
@@ -725,7 +736,7 @@ def _train(job: TrainJob) -> FinetuneResult:
         _write_manifest(job)
     model = _build_model(job)
     trainer = _make_trainer(job, model.net)
-    state = _restore(job, model.net, trainer)
+    state = _restore(job, model, trainer)
     if job.extended:
         save_extended_config(job.run_dir, job.cfg)
     log.info("training %d of %d parameters (unfreeze=%s) on %s", model.n_trainable,
