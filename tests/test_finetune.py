@@ -439,6 +439,33 @@ def test_a_time_budget_plans_again_in_epoch_two(data, tmp_path):
     assert r.summary.plan == again
 
 
+def test_a_time_budget_plans_again_from_whole_epochs(data, tmp_path):
+    """The plans inside epochs 1 and 2 time a few steps; whatever else an epoch costs is only
+    seen in whole epochs. Here each epoch also sleeps 1.5 s (in on_epoch), which no step shows:
+    the step plans fit the cap of 8 epochs into 10 s, and only the whole epochs can say that
+    they do not. On the old code the run trained all 8 (over 12 s)."""
+    plans, lines = [], []
+    r = finetune(data, out=tmp_path / "b", device="cpu", on_plan=plans.append,
+                 on_epoch=lambda row: time.sleep(1.5),
+                 **dict(TINY, batch_size=1, epochs=8, unfreeze=0, patience=None, time_budget=10))
+    again = [p for p in plans if "replanned_after_epoch" in p]
+    assert again, plans
+    last = again[-1]
+    assert last["epochs"] < last["epochs_before"] and last["seconds_per_epoch"] >= 1.5
+    assert last["first_plan"] == plans[0] and last["timed_epochs"] == last["replanned_after_epoch"] - 1
+    assert r.summary.epochs_trained == r.summary.epochs == last["epochs"] < 8
+    assert r.summary.plan == last
+    assert json.loads((r.run_dir / "config.json").read_text())["config"]["epochs"] == last["epochs"]
+    from featx.cli.finetune import EpochProgress
+
+    p = EpochProgress(quiet=False)
+    p._say = lines.append
+    p.plan_done(last)
+    assert len(lines) == 1 and lines[0].startswith(
+        f"time budget, re-planned after epoch {last['replanned_after_epoch']} from ")
+    assert lines[0].endswith(f"spent: {last['epochs']} epochs instead of {last['epochs_before']}")
+
+
 def test_decoded_images_are_cached_between_epochs_and_change_nothing(data, tmp_path):
     import shutil
     from pathlib import Path

@@ -96,7 +96,14 @@ class EpochProgress(Progress):
         self._say(line)
 
     def plan_done(self, plan: dict) -> None:
-        if self.lines and "first_plan" in plan:
+        from featx.finetune.runlog import plural  # loaded already: plans come from a run
+
+        if self.lines and "replanned_after_epoch" in plan:
+            self._say(f"time budget, re-planned after epoch {plan['replanned_after_epoch']} from "
+                      f"{plural(plan['timed_epochs'], 'whole epoch')}: about {plan['seconds_per_epoch']:.0f} s "
+                      f"an epoch with validation, {plan['seconds_spent']:.0f} s spent: {plan['epochs']} epochs "
+                      f"instead of {plan['epochs_before']}")
+        elif self.lines and "first_plan" in plan:
             self._say(f"time budget, re-planned in epoch {plan['replanned_in_epoch']} from {plan['timed_steps']} "
                       f"steps: {plan['images_per_second']:.1f} training images/s, about "
                       f"{plan['seconds_per_epoch']:.0f} s an epoch with validation, {plan['seconds_before_training']:.0f} s "

@@ -184,6 +184,7 @@ class TrainJob:
     on_plan: Callable[[dict], None] | None = None
     seconds_before: float = 0.0  # wall time of the run's earlier invocations (a resumed run)
     val_seconds: float | None = None  # the first epoch's validation, measured (a time budget re-plans with it)
+    epoch_walls: list[float] = field(default_factory=list)  # wall time of each epoch of this invocation
 
     def seconds(self) -> float:
         """The run's wall time so far: earlier invocations plus this one."""
@@ -580,7 +581,6 @@ def _planner(job: TrainJob, trainer: _Trainer, spent: float,
     given); the cosine schedule is rebuilt for them (inside or just after the
     first epoch's warmup, so nothing jumps).
     """
-    from featx.finetune import loop as tl
 
     cfg = job.cfg
     first = job.plan
@@ -594,22 +594,64 @@ def _planner(job: TrainJob, trainer: _Trainer, spent: float,
         cap = first["epochs_cap"] if first is not None else cfg.epochs
         fits = epochs_done + int(left // epoch_s) if epoch_s > 0 else cap
         epochs = max(epochs_done + 1, min(cap, fits))
-        job.plan = {"time_budget_s": cfg.time_budget, "timed_steps": steps, "images_per_second": 1 / per_image,
-                    "seconds_per_epoch": round(epoch_s, 1), "seconds_before_training": round(spent, 1),
-                    "epochs_that_fit": fits, "epochs": epochs, "epochs_cap": cap}
+        chosen = {"time_budget_s": cfg.time_budget, "timed_steps": steps, "images_per_second": 1 / per_image,
+                  "seconds_per_epoch": round(epoch_s, 1), "seconds_before_training": round(spent, 1),
+                  "epochs_that_fit": fits, "epochs": epochs, "epochs_cap": cap}
         if first is not None:
-            job.plan.update(replanned_in_epoch=epochs_done + 1, first_plan=first)
-        cfg.epochs = epochs
-        f = tl.warmup_cosine(epochs * trainer.steps, round(cfg.warmup_epochs * trainer.steps))
-        trainer.scheduler.lr_lambdas = [f] * len(trainer.optimizer.param_groups)
-        save_extended_config(job.run_dir, cfg)  # a --resume continues with the chosen epochs
+            chosen.update(replanned_in_epoch=epochs_done + 1, first_plan=first)
         log.info("time budget %.0f s%s: %.1f training images/s over %d steps, %.0f s an epoch, %.0f s "
                  "spent before: %d epoch%s", cfg.time_budget, "" if first is None else " (re-planned)",
                  1 / per_image, steps, epoch_s, spent, epochs, "" if epochs == 1 else "s")
-        if job.on_plan is not None:
-            job.on_plan(dict(job.plan))
+        _adopt_plan(job, trainer, chosen)
 
     return plan
+
+
+def _adopt_plan(job: TrainJob, trainer: _Trainer, plan: dict) -> None:
+    """Train ``plan["epochs"]``: the cosine schedule rebuilt for them, config.json saved, the caller told."""
+    from featx.finetune import loop as tl
+
+    cfg = job.cfg
+    job.plan, cfg.epochs = plan, plan["epochs"]
+    f = tl.warmup_cosine(cfg.epochs * trainer.steps, round(cfg.warmup_epochs * trainer.steps))
+    trainer.scheduler.lr_lambdas = [f] * len(trainer.optimizer.param_groups)
+    save_extended_config(job.run_dir, cfg)  # a --resume continues with the chosen epochs
+    if job.on_plan is not None:
+        job.on_plan(dict(plan))
+
+
+def _replan_after_epoch(job: TrainJob, trainer: _Trainer, state: _State) -> None:
+    """Choose a budgeted run's epochs again from the wall time of whole epochs.
+
+    The plans made inside epochs 1 and 2 time a few steps, and a slow or fast stretch
+    there decides the whole run (f60's epoch-2 plan priced an epoch at 281 s where
+    they took 225-270 s, so a 60-minute run ended after 50). From epoch 2 on, each
+    whole epoch (training, validation, checkpoints) is measured; the mean over those
+    after epoch 1 (which also fills the decoded-image cache) sets the epochs that fit
+    what is left. Only in the first half of the run: later, a longer or shorter cosine
+    would jolt the learning rate.
+    """
+    cfg, plan, done = job.cfg, job.plan, len(state.history)
+    if cfg.time_budget is None or plan is None or job.resumed or done < 2 or 2 * done > cfg.epochs:
+        return
+    whole = job.epoch_walls[1:]
+    epoch_s = sum(whole) / len(whole)
+    spent = time.perf_counter() - job.t_start
+    left = cfg.time_budget * (1 - EXPORT_RESERVE) - spent
+    fits = done + int(left // epoch_s)
+    epochs = max(done + 1, min(plan["epochs_cap"], fits))
+    if epochs == cfg.epochs:
+        return
+    rows = state.history[1:]
+    images_per_second = sum(r["images"] for r in rows) / max(sum(r["seconds"] for r in rows), 1e-9)
+    log.info("time budget %.0f s (re-planned after epoch %d): %.0f s an epoch over %d whole epochs, %.0f s "
+             "spent: %d epochs instead of %d", cfg.time_budget, done, epoch_s, len(whole), spent, epochs,
+             cfg.epochs)
+    _adopt_plan(job, trainer, {
+        "time_budget_s": cfg.time_budget, "timed_epochs": len(whole), "images_per_second": images_per_second,
+        "seconds_per_epoch": round(epoch_s, 1), "seconds_spent": round(spent, 1), "epochs_that_fit": fits,
+        "epochs": epochs, "epochs_before": cfg.epochs, "epochs_cap": plan["epochs_cap"],
+        "replanned_after_epoch": done, "first_plan": plan.get("first_plan", plan)})
 
 
 def _record(job: TrainJob, model: _Model, trainer: _Trainer, state: _State, row: dict) -> None:
@@ -667,7 +709,10 @@ def _run_epochs(job: TrainJob, model: _Model, trainer: _Trainer, state: _State) 
             if patience and state.bad >= patience:
                 state.stopped_early = True
                 break
+            t_epoch = time.perf_counter()
             _record(job, model, trainer, state, _epoch(job, model, trainer, epoch))
+            job.epoch_walls.append(time.perf_counter() - t_epoch)
+            _replan_after_epoch(job, trainer, state)
             epoch += 1
     except KeyboardInterrupt:
         done = state.history[-1]["epoch"] if state.history else state.start
