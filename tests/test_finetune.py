@@ -466,6 +466,44 @@ def test_a_time_budget_plans_again_from_whole_epochs(data, tmp_path):
     assert lines[0].endswith(f"spent: {last['epochs']} epochs instead of {last['epochs_before']}")
 
 
+def test_a_whole_epoch_re_plan_ignores_noise_and_keeps_its_bounds():
+    from featx.finetune.run import epochs_to_replan
+
+    assert epochs_to_replan(done=5, fits=12, cap=100, planned=11) == 12  # one epoch of 11 is a change
+    assert epochs_to_replan(done=5, fits=10, cap=100, planned=11) == 10
+    assert epochs_to_replan(done=5, fits=11, cap=100, planned=11) is None
+    assert epochs_to_replan(done=12, fits=58, cap=100, planned=57) is None  # 2% of 57: noise
+    assert epochs_to_replan(done=12, fits=55, cap=100, planned=57) is None
+    assert epochs_to_replan(done=2, fits=83, cap=100, planned=89) == 83  # 7%: the plan was wrong
+    assert epochs_to_replan(done=3, fits=150, cap=100, planned=80) == 100  # never past --epochs
+    assert epochs_to_replan(done=3, fits=1, cap=100, planned=8) == 4  # always one more epoch
+
+
+def test_the_last_epoch_is_kept_unless_the_top_one_beats_it_beyond_the_noise():
+    """The top validation score is partly noise: s200's top epoch (26 of 100, 200 validation
+    images) scored 87.48% on the 10k test and its last 89.04%; f60's top (12 of 13, 6,000
+    images) 94.61% and its last 94.73%. The old rule always kept the top epoch."""
+    from featx.finetune.run import keeps_last_epoch
+
+    def history(accs):
+        return [{"epoch": i + 1, "val_acc": a} for i, a in enumerate(accs)]
+
+    s200 = history([0.87] * 25 + [0.91] + [0.895] * 73 + [0.90])
+    kept = keeps_last_epoch(s200, 26, {"val_acc": 0.87}, 200)
+    assert kept == {"top_epoch": 26, "top_val_acc": 0.91, "standard_error": round((0.91 * 0.09 / 200) ** 0.5, 5)}
+    f60 = history([0.893, 0.915, 0.9135, 0.914, 0.9307, 0.9328, 0.9287, 0.9295, 0.9425, 0.9427, 0.9468,
+                   0.94717, 0.946])
+    assert keeps_last_epoch(f60, 12, {"val_acc": 0.888}, 6000)["top_epoch"] == 12
+    # a top epoch ahead by more than one standard error (0.29 points at 6,000 images) stays
+    assert keeps_last_epoch(history([0.95, 0.94]), 1, None, 6000) is None
+    assert keeps_last_epoch(history([0.95, 0.94]), 1, None, 200) is not None  # 200 images cannot tell
+    # the last epoch must still beat the probe; a kept probe stays kept
+    assert keeps_last_epoch(history([0.95, 0.94]), 1, {"val_acc": 0.94}, 200) is None
+    assert keeps_last_epoch(history([0.80, 0.81]), 0, {"val_acc": 0.90}, 200) is None
+    assert keeps_last_epoch(f60[:12], 12, None, 6000) is None  # the top epoch is the last
+    assert keeps_last_epoch(f60, 12, None, 0) is None  # no validation split: nothing to compare
+
+
 def test_decoded_images_are_cached_between_epochs_and_change_nothing(data, tmp_path):
     import shutil
     from pathlib import Path

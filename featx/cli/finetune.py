@@ -312,6 +312,11 @@ def _finetune_lines(s, device: str) -> list[str]:
     ]
     if s["probe_val_acc"] is not None:
         lines.append(f"linear probe (LP init, before any step): val accuracy {s['probe_val_acc']:.4f}")
+    if s["kept_last"]:
+        k = s["kept_last"]
+        lines.append(f"kept the last epoch: the top epoch {k['top_epoch']} (val accuracy {k['top_val_acc']:.4f}) "
+                     f"is within one standard error ({k['standard_error']:.4f}) of it on "
+                     f"{plural(s['val_images'], 'validation image')}")
     if s["plan"]:
         lines.append(f"time budget {s['plan']['time_budget_s']:.0f} s: chose {plural(s['plan']['epochs'], 'epoch')} "
                      f"({s['plan']['seconds_per_epoch']:.0f} s each at the measured speed)")
