@@ -176,7 +176,7 @@ class WeightAverage:
         if self._pairs is None:  # the same tensors every step: pair them once
             mine, theirs = self.net.state_dict(), net.state_dict()
             floats = [k for k, v in mine.items() if v.is_floating_point()]
-            others = [k for k in mine if k not in set(floats)]
+            others = [k for k, v in mine.items() if not v.is_floating_point()]
             self._pairs = ([mine[k] for k in floats], [theirs[k] for k in floats],
                            [mine[k] for k in others], [theirs[k] for k in others])
         self.steps += 1

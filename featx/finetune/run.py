@@ -585,7 +585,6 @@ def _planner(job: TrainJob, trainer: _Trainer, spent: float,
     given); the cosine schedule is rebuilt for them (inside or just after the
     first epoch's warmup, so nothing jumps).
     """
-
     cfg = job.cfg
     first = job.plan
 
@@ -639,7 +638,7 @@ def _replan_after_epoch(job: TrainJob, trainer: _Trainer, state: _State) -> None
     """Choose a budgeted run's epochs again from the wall time of whole epochs.
 
     The plans made inside epochs 1 and 2 time a few steps, and a slow or fast stretch
-    there decides the whole run (f60's epoch-2 plan priced an epoch at 281 s where
+    there decides the whole run (h60's epoch-2 plan priced an epoch at 281 s where
     they took 225-270 s, so a 60-minute run ended after 50). From epoch 2 on, each
     whole epoch (training, validation, checkpoints) is measured; the mean over those
     after epoch 1 (which also fills the decoded-image cache) sets the epochs that fit
