@@ -203,7 +203,7 @@ def _trained_row(method: str, sub: LabelledFiles, testf: LabelledFiles, frozen: 
     if run_dir.exists():
         shutil.rmtree(run_dir)
     opts = {"lp_init": True} if method == "lpft" else {
-        "pretrained": False, "lp_init": False, "unfreeze": "all", "backbone_lr": cfg.lr}
+        "pretrained": False, "lp_init": False, "unfreeze": "all", "backbone_lr": cfg.lr, "layer_decay": 1.0}
     r = finetune(sub, out=run_dir, config=cfg, device=device, store=store, export=False,
                  progress=progress, **opts)
     secs = time.perf_counter() - t
@@ -219,8 +219,9 @@ def _trained_row(method: str, sub: LabelledFiles, testf: LabelledFiles, frozen: 
 
 def compare(train, test=None, *, out: str | os.PathLike = "report", per_class="5,20,100,all",
             methods: tuple[str, ...] = METHODS, backbone: str = DEFAULT_BACKBONE, epochs: int = 5,
-            unfreeze: int | str = 2, lr: float = 1e-3, backbone_lr: float | None = None,
-            crop_scale: float = 0.08, erase: float = 0.0, ema: float | None = None, batch_size: int = 32,
+            unfreeze: int | str = 2, lr: float = 1e-3, backbone_lr: float | None = None, layer_decay: float = 1.0,
+            crop_scale: float = 0.08, erase: float = 0.0, cutmix: float = 0.0, mixup: float = 0.0,
+            ema: float | None = None, batch_size: int = 32,
             input_size: int | None = None,
             test_per_class: int | None = None, seed: int = 0, device: str = "auto",
             store: str | os.PathLike | None = None, keep_runs: bool = False,
@@ -261,7 +262,9 @@ def compare(train, test=None, *, out: str | os.PathLike = "report", per_class="5
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = FinetuneConfig(backbone=backbone, unfreeze=unfreeze, epochs=epochs, lr=lr, backbone_lr=backbone_lr,
-                         crop_scale=crop_scale, erase=erase, ema=ema, batch_size=batch_size,
+                         layer_decay=layer_decay,
+                         crop_scale=crop_scale, erase=erase, cutmix=cutmix, mixup=mixup, ema=ema,
+                         batch_size=batch_size,
                          input_size=input_size, seed=seed,
                          val_fraction=0.0, patience=None, features="last")  # as the frozen row's probe
     card = card_for(cfg)
@@ -405,7 +408,9 @@ def _config(cfg, card, frozen: _Frozen, classes: list[str], test_source: str, de
             "lr": cfg.lr, "backbone_lr": cfg.backbone_lr, "crop_scale": cfg.crop_scale,
             "batch_size": cfg.batch_size, "seed": cfg.seed, "device": device, "classes": classes,
             # only when set: a compare.json written before these options still matches its runs
-            **({"erase": cfg.erase} if cfg.erase else {}), **({"ema": cfg.ema} if cfg.ema is not None else {}),
+            **{k: getattr(cfg, k) for k in ("erase", "cutmix", "mixup") if getattr(cfg, k)},
+            **({"layer_decay": cfg.layer_decay} if cfg.layer_decay != 1.0 else {}),
+            **({"ema": cfg.ema} if cfg.ema is not None else {}),
             "test_images": len(frozen.y_test), "test_source": test_source,
             "embed_seconds_total": round(frozen.seconds, 2),
             "embed_seconds_per_image": round(frozen.per_image, 5) if frozen.per_image else None}

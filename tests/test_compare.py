@@ -62,18 +62,19 @@ def test_compare_trains_with_random_erasing_and_a_weight_average(tmp_path):
     out = tmp_path / "report"
     args = ["compare", str(data), "--test", str(test), "--per-class", "all", "--methods", "lpft", "--epochs", "1",
             "--unfreeze", "1", "--input-size", "64", "--device", "cpu", "--out", str(out)]
-    r = CliRunner().invoke(main, [*args, "--erase", "0.5", "--ema", "0.9"], catch_exceptions=False)
+    r = CliRunner().invoke(main, [*args, "--erase", "0.5", "--ema", "0.9", "--cutmix", "0.5"],
+                           catch_exceptions=False)
     assert r.exit_code == 0, r.output
     config = json.loads((out / "compare.json").read_text())["config"]
-    assert config["erase"] == 0.5 and config["ema"] == 0.9
+    assert config["erase"] == 0.5 and config["ema"] == 0.9 and config["cutmix"] == 0.5
     from featx.compare import compare
 
     plain = compare(data, test, out=tmp_path / "plain", per_class="all", methods=("lpft",), epochs=1,
                     unfreeze=1, input_size=64, device="cpu", keep_runs=True)
-    assert "erase" not in plain.config and "ema" not in plain.config
+    assert not {"erase", "ema", "cutmix", "mixup"} & set(plain.config)
     run_cfg = json.loads((tmp_path / "plain" / "runs" / "lpft-all" / "config.json").read_text())["config"]
     assert run_cfg["erase"] == 0.0 and run_cfg["ema"] is None
     compare(data, test, out=tmp_path / "kept", per_class="all", methods=("lpft",), epochs=1, unfreeze=1,
-                   input_size=64, device="cpu", keep_runs=True, erase=0.5, ema=0.9)
+                   input_size=64, device="cpu", keep_runs=True, erase=0.5, ema=0.9, mixup=0.5)
     run_cfg = json.loads((tmp_path / "kept" / "runs" / "lpft-all" / "config.json").read_text())["config"]
-    assert run_cfg["erase"] == 0.5 and run_cfg["ema"] == 0.9
+    assert run_cfg["erase"] == 0.5 and run_cfg["ema"] == 0.9 and run_cfg["mixup"] == 0.5

@@ -115,6 +115,35 @@ def test_unfreeze_blocks_and_frozen_batchnorm(data):
         finetune(data, unfreeze=9, device="cpu", out=data.parent / "never")
 
 
+def test_layer_decay_gives_each_block_below_the_top_a_smaller_rate(data, tmp_path):
+    from featx.finetune.loop import param_groups, unit_depths
+
+    files = labelled_files(data)
+    init = init_network(FinetuneConfig(input_size=64, features="last"), files, lp=False)
+    net, card = init.net, init.card
+    bb = net.features.backbone
+    set_trainable(net, card, 3)
+    rate = {id(p): g["lr"] for g in param_groups(net, 1e-2, 1e-3, 0.05, unit_depths(net, card, 3), 0.5)
+            for p in g["params"]}
+    assert rate[id(net.head.weight)] == rate[id(net.head.bias)] == 1e-2
+    assert rate[id(bb.conv_head.weight)] == rate[id(bb.bn2.bias)] == 1e-3  # the top block: --backbone-lr
+    assert rate[id(bb.blocks[6][0].conv_pw.weight)] == pytest.approx(5e-4)
+    assert rate[id(bb.blocks[5][0].conv_pw.weight)] == pytest.approx(2.5e-4)
+    assert id(bb.blocks[4][0].conv_pw.weight) not in rate  # frozen: in no group
+    # every block at once: the stem is the deepest unit
+    set_trainable(net, card, None)
+    depths = unit_depths(net, card, None)
+    assert depths[id(bb.conv_stem.weight)] == depths[id(bb.blocks[0][0].conv_dw.weight)] == 7
+    groups = param_groups(net, 1e-2, 1e-3, 0.05, depths, 1.0)  # no decay: the four groups as before
+    assert [g["name"] for g in groups] == ["head", "head-nodecay", "backbone", "backbone-nodecay"]
+    with pytest.raises(FeatXError, match="layer_decay"):
+        FinetuneConfig(layer_decay=0).validate(card)
+    r = finetune(data, out=tmp_path / "ld", device="cpu", layer_decay=0.5, **{**TINY, "unfreeze": 2})
+    row = r.history[0]
+    assert row["lr_backbone"] > 0
+    assert json.loads((r.run_dir / "config.json").read_text())["config"]["layer_decay"] == 0.5
+
+
 def test_augmentation_is_deterministic_and_inside_the_image(data):
     files = labelled_files(data)
     pre = card_for(FinetuneConfig(input_size=64)).preprocess
@@ -158,8 +187,65 @@ def test_random_erasing_fills_one_box_and_leaves_the_crop_alone(data, tmp_path):
     assert np.array_equal(ImageDataset(files, pre, train=False, erase=1.0)[0][0], load_image(files.paths[0], pre))
     with pytest.raises(FeatXError, match="erase"):
         FinetuneConfig(erase=1.5).validate(get_card("efficientnet_lite0"))
-    r = finetune(data, out=tmp_path / "er", device="cpu", erase=0.5, **TINY)
-    assert json.loads((r.run_dir / "config.json").read_text())["config"]["erase"] == 0.5
+    r = finetune(data, out=tmp_path / "er", device="cpu", erase=0.5, cutmix=0.5, mixup=0.5, **TINY)
+    config = json.loads((r.run_dir / "config.json").read_text())["config"]
+    assert (config["erase"], config["cutmix"], config["mixup"]) == (0.5, 0.5, 0.5)
+
+def test_cutmix_pastes_one_box_and_mixup_blends_with_the_weights_they_report():
+    from featx.finetune.loop import BatchMix
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8, generator=g)
+    areas = set()
+    for b in range(20):
+        out, partner, lam = BatchMix(cutmix=1.0, seed=5)(x, epoch=2, batch=b)
+        again = BatchMix(cutmix=1.0, seed=5)(x, epoch=2, batch=b)
+        assert torch.equal(out, again[0]) and torch.equal(partner, again[1])  # drawn from (seed, epoch, batch)
+        assert out.dtype == torch.uint8 and torch.equal(x, x.clone())
+        pasted = (out != x).any(-1).any(0)  # where any image changed
+        box = torch.zeros(32, 32, dtype=torch.bool)
+        if pasted.any():
+            (top, left), (bottom, right) = pasted.nonzero().min(0).values, pasted.nonzero().max(0).values + 1
+            box[top:bottom, left:right] = True
+            assert torch.equal(out[:, box], x[partner][:, box])  # the box comes from each image's partner
+            assert lam == pytest.approx(1 - int(box.sum()) / (32 * 32))  # its own label weighs the rest
+        assert torch.equal(out[:, ~box], x[:, ~box])
+        areas.add(round(lam, 2))
+    assert len(areas) > 5  # the box area varies from batch to batch
+    out, partner, lam = BatchMix(mixup=1.0, seed=5)(x, epoch=0, batch=0)
+    assert 0 < lam < 1 and partner is not None
+    expected = (lam * x.double() + (1 - lam) * x[partner].double()).round()
+    assert (out.double() - expected).abs().max() <= 1  # float32 rounding at .5
+    assert BatchMix(seed=5)(x, 0, 0)[1] is None  # no chance: the batch as it was
+    assert BatchMix(cutmix=1.0)(x[:1], 0, 0)[1] is None  # one image has no partner
+    with pytest.raises(FeatXError, match="together at most 1"):
+        BatchMix(cutmix=0.6, mixup=0.6)
+    with pytest.raises(FeatXError, match="cutmix"):
+        FinetuneConfig(cutmix=0.7, mixup=0.5).validate(get_card("efficientnet_lite0"))
+
+
+def test_a_mixed_batch_trains_on_both_labels_weighted_by_the_mix():
+    """run_epoch's loss on a mixed batch is lam * loss(own labels) + (1 - lam) * loss(partners' labels)."""
+    from featx.finetune.loop import BatchMix, run_epoch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 3, 3))
+    net.forward = lambda x, f=net.forward: f(x.float() / 255)
+    x = torch.randint(0, 256, (6, 4, 4, 3), dtype=torch.uint8)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5]), label_smoothing=0.1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)  # the weights stay: the loss can be recomputed
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    mix = BatchMix(mixup=1.0, seed=1)
+    row = run_epoch(net, [(x, y)], torch.device("cpu"), loss_fn, opt, sched, lambda *a: None, mix=mix, epoch=3)
+    xm, partner, lam = mix(x, 3, 0)
+    with torch.no_grad():
+        logits = net(xm)
+        expected = lam * loss_fn(logits, y) + (1 - lam) * loss_fn(logits, y[partner])
+        unmixed = loss_fn(net(x), y)
+    assert row["train_loss"] == pytest.approx(float(expected), rel=1e-6)
+    assert float(expected) != pytest.approx(float(unmixed), rel=1e-3)
+
 
 def test_run_exports_backbone_head_and_classifier(run, data):
     d = run.run_dir

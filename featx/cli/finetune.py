@@ -124,9 +124,10 @@ class EpochProgress(Progress):
 
 
 # the options saved in a run's config.json; with --resume only epochs may be given
-_RUN_OPTIONS = ("train", "val", "backbone", "weights", "unfreeze", "epochs", "lr", "backbone_lr", "batch_size",
+_RUN_OPTIONS = ("train", "val", "backbone", "weights", "unfreeze", "epochs", "lr", "backbone_lr", "layer_decay", "batch_size",
                 "weight_decay", "warmup_epochs", "label_smoothing", "class_weight", "patience",
-                "val_fraction", "no_lp_init", "lp_C", "input_size", "crop_scale", "erase", "ema", "bn_stats",
+                "val_fraction", "no_lp_init", "lp_C", "input_size", "crop_scale", "erase", "cutmix", "mixup", "ema",
+                "bn_stats",
                 "seed", "time_budget", "features")
 
 
@@ -134,6 +135,18 @@ _RUN_OPTIONS = ("train", "val", "backbone", "weights", "unfreeze", "epochs", "lr
 erase_option = click.option(
     "--erase", type=click.FloatRange(0, 1), default=0.0, show_default=True, metavar="P",
     help="Chance that a training image also gets one box of random pixels (random erasing, 2-33% of its area).")
+cutmix_option = click.option(
+    "--cutmix", type=click.FloatRange(0, 1), default=0.0, show_default=True, metavar="P",
+    help="Chance that a training batch gets CutMix: each image gets a box from another image of the "
+         "batch, and the loss weighs both labels by area.")
+mixup_option = click.option(
+    "--mixup", type=click.FloatRange(0, 1), default=0.0, show_default=True, metavar="P",
+    help="Chance that a training batch gets mixup instead: each image blended with another, both "
+         "labels weighed by the blend. --cutmix + --mixup <= 1.")
+layer_decay_option = click.option(
+    "--layer-decay", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, metavar="D",
+    help="Layer-wise learning-rate decay: each trained block below the top gets D times the rate of the "
+         "block above it (1: --backbone-lr for every block).")
 ema_option = click.option(
     "--ema", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, metavar="DECAY",
     help="Keep an exponential moving average of the weights (decay per step, e.g. 0.999); the average "
@@ -163,6 +176,7 @@ ema_option = click.option(
               help="Peak learning rate of the new linear layer.")
 @click.option("--backbone-lr", type=click.FloatRange(0), default=None,
               help="Peak learning rate of the unfrozen blocks (default: lr / 10).")
+@layer_decay_option
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)
 @click.option("--weight-decay", type=click.FloatRange(0), default=0.05, show_default=True)
 @click.option("--warmup-epochs", type=click.FloatRange(0), default=1.0, show_default=True)
@@ -188,6 +202,8 @@ ema_option = click.option(
 @click.option("--crop-scale", type=click.FloatRange(0, 1, min_open=True), default=0.08, show_default=True,
               help="Smallest area fraction of the random training crop (1 = flips only).")
 @erase_option
+@cutmix_option
+@mixup_option
 @ema_option
 @click.option("--bn-stats/--no-bn-stats", default=None,
               help="Update BatchNorm statistics in the trained blocks (default: only from scratch; "
@@ -205,9 +221,10 @@ ema_option = click.option(
 @store_option
 @quiet_option(help="No progress bar or epoch lines.")
 @json_option
-def finetune_cmd(train, val, out, resume, backbone, weights, unfreeze, epochs, time_budget, lr, backbone_lr,
+def finetune_cmd(train, val, out, resume, backbone, weights, unfreeze, epochs, time_budget, lr, backbone_lr, layer_decay,
                  batch_size, weight_decay, warmup_epochs, label_smoothing, class_weight, patience,
-                 val_fraction, no_lp_init, lp_C, input_size, features, crop_scale, erase, ema, bn_stats, seed,
+                 val_fraction, no_lp_init, lp_C, input_size, features, crop_scale, erase, cutmix, mixup, ema,
+                 bn_stats, seed,
                  loader_workers, old_workers, root, device, store, quiet, as_json):
     """Fine-tune a backbone on TRAIN (ImageFolder layout) and export it back to ONNX.
 
@@ -239,12 +256,12 @@ def finetune_cmd(train, val, out, resume, backbone, weights, unfreeze, epochs, t
             epochs = BUDGET_MAX_EPOCHS
         options = dict(
             backbone=backbone, weights=weights, unfreeze=unfreeze, epochs=epochs, time_budget=time_budget,
-            lr=lr, backbone_lr=backbone_lr, batch_size=batch_size, weight_decay=weight_decay,
+            lr=lr, backbone_lr=backbone_lr, layer_decay=layer_decay, batch_size=batch_size, weight_decay=weight_decay,
             warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
             class_weight=None if class_weight == "none" else class_weight,
             patience=patience, val_fraction=val_fraction, lp_init=not no_lp_init, lp_C=lp_C,
-            input_size=input_size, features=features, crop_scale=crop_scale, erase=erase, ema=ema,
-            bn_stats=bn_stats, seed=seed)
+            input_size=input_size, features=features, crop_scale=crop_scale, erase=erase,
+            cutmix=cutmix, mixup=mixup, ema=ema, bn_stats=bn_stats, seed=seed)
     p = EpochProgress(quiet)
     try:
         r = finetune(train, val=val, out=out, resume=resume, root=root, device=device,
@@ -356,9 +373,12 @@ def _finetune_lines(s, device: str) -> list[str]:
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
 @click.option("--backbone-lr", type=click.FloatRange(0), default=None,
               help="LP-FT's learning rate for the unfrozen blocks (default: lr / 10; scratch uses lr).")
+@layer_decay_option
 @click.option("--crop-scale", type=click.FloatRange(0, 1, min_open=True), default=0.08, show_default=True,
               help="Smallest area fraction of the random training crop.")
 @erase_option
+@cutmix_option
+@mixup_option
 @ema_option
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)
 @click.option("--input-size", type=click.IntRange(16, 1024), default=None,
@@ -372,8 +392,9 @@ def _finetune_lines(s, device: str) -> list[str]:
 @quiet_option(help="No progress bar or epoch lines.")
 @json_option
 @click.pass_context
-def compare_cmd(ctx, train, test, per_class, methods, out, backbone, epochs, unfreeze, lr, backbone_lr, crop_scale,
-                erase, ema, batch_size, input_size, test_per_class, seed, backbones, features, crops, device, store, quiet,
+def compare_cmd(ctx, train, test, per_class, methods, out, backbone, epochs, unfreeze, lr, backbone_lr, layer_decay,
+                crop_scale,
+                erase, cutmix, mixup, ema, batch_size, input_size, test_per_class, seed, backbones, features, crops, device, store, quiet,
                 as_json):
     """Accuracy and wall time vs images per class: frozen + logreg, LP-FT, scratch.
 
@@ -391,8 +412,9 @@ def compare_cmd(ctx, train, test, per_class, methods, out, backbone, epochs, unf
         r = compare(train, test, out=out, per_class=per_class, backbones=backbones, features=features,
                     crops=crops, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                     backbone=backbone, epochs=epochs, unfreeze=unfreeze,
-                    lr=lr, backbone_lr=backbone_lr, crop_scale=crop_scale, erase=erase, ema=ema,
-                    batch_size=batch_size,
+                    lr=lr, backbone_lr=backbone_lr, layer_decay=layer_decay, crop_scale=crop_scale, erase=erase,
+                    cutmix=cutmix,
+                    mixup=mixup, ema=ema, batch_size=batch_size,
                     input_size=input_size,
                     test_per_class=test_per_class, seed=seed, device=device, store=store,
                     progress=with_run_lines(p, quiet))

@@ -29,6 +29,7 @@ class FinetuneConfig:
     epochs: int = 10
     lr: float = 1e-3  # head
     backbone_lr: float | None = None  # default lr / 10: pretrained features move less than the head
+    layer_decay: float = 1.0  # each block below the top trains at this times the rate of the one above
     batch_size: int = 32
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
@@ -42,6 +43,8 @@ class FinetuneConfig:
     input_size: int | None = None  # override the card's input size (tests, quick CPU runs)
     crop_scale: float = 0.08  # smallest area fraction of the random crop (RandomResizedCrop scale)
     erase: float = 0.0  # chance that a training image gets one box of random pixels (random erasing)
+    cutmix: float = 0.0  # chance that a training batch gets CutMix (loop.BatchMix)
+    mixup: float = 0.0  # chance that a training batch gets mixup instead; cutmix + mixup <= 1
     # decay per step of an exponential moving average of the weights; the average is what each epoch
     # validates and the run keeps and exports. None: the trained weights themselves
     ema: float | None = None
@@ -100,12 +103,17 @@ class FinetuneConfig:
             raise FeatXError(f"lp_C must be 'auto' or a number, got {self.lp_C!r}")
         if not self.lr > 0 or (self.backbone_lr is not None and not self.backbone_lr >= 0):
             raise FeatXError(f"learning rates must be > 0, got lr={self.lr}, backbone_lr={self.backbone_lr}")
+        if not 0 < self.layer_decay <= 1:
+            raise FeatXError(f"layer_decay must be in (0, 1] (1: one rate for every block), got {self.layer_decay}")
         if not 0 <= self.val_fraction < 1:
             raise FeatXError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0 < self.crop_scale <= 1:
             raise FeatXError(f"crop_scale must be in (0, 1], got {self.crop_scale}")
         if not 0 <= self.erase <= 1:
             raise FeatXError(f"erase must be a probability in [0, 1], got {self.erase}")
+        if not (0 <= self.cutmix <= 1 and 0 <= self.mixup <= 1 and self.cutmix + self.mixup <= 1):
+            raise FeatXError(f"cutmix and mixup are chances per batch, together at most 1; got "
+                             f"cutmix={self.cutmix}, mixup={self.mixup}")
         if self.ema is not None and not 0 < self.ema < 1:
             raise FeatXError(f"ema must be a decay per step in (0, 1), e.g. 0.999, got {self.ema}")
         if self.class_weight not in (None, "balanced"):

@@ -125,21 +125,43 @@ def train_mode(net: FineTuneNet, bn_stats: bool = False) -> None:
                 m.eval()
 
 
-def param_groups(net: FineTuneNet, lr: float, backbone_lr: float, weight_decay: float) -> list[dict]:
-    """AdamW groups: head at ``lr``, backbone at ``backbone_lr``; no decay on biases and norms."""
-    groups = {(h, d): [] for h in (True, False) for d in (True, False)}
+def unit_depths(net: FineTuneNet, card: BackboneCard, k: int | None) -> dict[int, int]:
+    """id(parameter) -> how many card blocks below the top its block is (0: the top block).
+
+    With every block training, parameters outside the card's blocks count as the deepest.
+    """
+    units = card.blocks[:k] if k is not None else card.blocks
+    depths = {}
+    backbone = card_model(net)
+    for i, block in enumerate(units):
+        for path in block:
+            for p in card_block(backbone, card, path).parameters():
+                depths[id(p)] = i
+    for p in backbone.parameters():
+        depths.setdefault(id(p), len(units))
+    return depths
+
+
+def param_groups(net: FineTuneNet, lr: float, backbone_lr: float, weight_decay: float,
+                 depths: dict[int, int] | None = None, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW groups: head at ``lr``, backbone at ``backbone_lr``; no decay on biases and norms.
+
+    ``layer_decay`` < 1 (with ``depths`` from ``unit_depths``): a block d blocks below the
+    top trains at ``backbone_lr * layer_decay ** d``, so the early, general features move least.
+    """
+    groups: dict[tuple[bool, bool, int], list] = {}
     for name, p in net.named_parameters():
         if not p.requires_grad:
             continue
         head = name.startswith("head.")
-        decay = p.ndim > 1
-        groups[(head, decay)].append(p)
+        depth = 0 if head or layer_decay == 1.0 or depths is None else depths.get(id(p), 0)
+        groups.setdefault((head, p.ndim > 1, depth), []).append(p)
     out = []
-    for (head, decay), params in groups.items():
-        if params:
-            out.append({"params": params, "lr": lr if head else backbone_lr,
-                        "weight_decay": weight_decay if decay else 0.0,
-                        "name": f"{'head' if head else 'backbone'}{'' if decay else '-nodecay'}"})
+    for (head, decay, depth), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], not kv[0][1], kv[0][2])):
+        base = "head" if head else "backbone" if depth == 0 else f"backbone.{depth}"
+        out.append({"params": params, "lr": lr if head else backbone_lr * layer_decay ** depth,
+                    "weight_decay": weight_decay if decay else 0.0,
+                    "name": f"{base}{'' if decay else '-nodecay'}"})
     return out
 
 
@@ -194,6 +216,49 @@ class WeightAverage:
         self.steps = int(state["steps"])
 
 
+#: Beta(alpha, alpha) draws the mixing weight: 1 for CutMix (a uniform box area), 0.2 for mixup
+#: (mostly light blends), as in the CutMix and mixup papers' ImageNet runs
+CUTMIX_ALPHA, MIXUP_ALPHA = 1.0, 0.2
+
+
+class BatchMix:
+    """CutMix and mixup of training batches: each batch pairs every image with another of the batch.
+
+    A batch gets CutMix (a box pasted from its partner, the weight its area) with chance
+    ``cutmix``, else mixup (a pixel blend) with chance ``mixup``, else stays as it is. The
+    loss is the weighted sum of the losses against both labels, so class weights and label
+    smoothing still apply. Draws come from (seed, epoch, batch), so a resumed run mixes as
+    the uninterrupted one would have. Pixels stay uint8: the network normalises them.
+    """
+
+    def __init__(self, cutmix: float = 0.0, mixup: float = 0.0, seed: int = 0) -> None:
+        if not (0 <= cutmix <= 1 and 0 <= mixup <= 1 and cutmix + mixup <= 1):
+            raise FeatXError(f"cutmix and mixup are chances per batch, together at most 1; got cutmix={cutmix}, "
+                             f"mixup={mixup}")
+        self.cutmix, self.mixup, self.seed = cutmix, mixup, seed
+
+    def __call__(self, x, epoch: int, batch: int):
+        """(mixed x, partner index or None, weight of the image's own label) for one batch."""
+        rng = np.random.default_rng((self.seed, epoch, batch, 1))  # 4 numbers: apart from the crops' stream
+        u = rng.random()
+        if len(x) < 2 or u >= self.cutmix + self.mixup:
+            return x, None, 1.0
+        partner = torch.from_numpy(rng.permutation(len(x))).to(x.device)
+        if u < self.cutmix:
+            lam = rng.beta(CUTMIX_ALPHA, CUTMIX_ALPHA)
+            h, w = x.shape[1:3]
+            bh, bw = round(h * math.sqrt(1 - lam)), round(w * math.sqrt(1 - lam))
+            cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+            top, bottom = max(0, cy - bh // 2), min(h, cy + (bh - bh // 2))
+            left, right = max(0, cx - bw // 2), min(w, cx + (bw - bw // 2))
+            x = x.clone()
+            x[:, top:bottom, left:right] = x[partner, top:bottom, left:right]
+            return x, partner, 1.0 - (bottom - top) * (right - left) / (h * w)  # the box as clipped
+        lam = float(rng.beta(MIXUP_ALPHA, MIXUP_ALPHA))
+        mixed = x.float().mul_(lam).add_(x[partner].float(), alpha=1.0 - lam)
+        return mixed.round_().to(x.dtype), partner, lam
+
+
 def to_device(net: FineTuneNet, dev: torch.device) -> FineTuneNet:
     net.to(dev)
     if dev.type == "cuda":
@@ -214,7 +279,8 @@ def autocast(dev: torch.device):
 def run_epoch(net: FineTuneNet, loader, dev: torch.device, loss_fn, optimizer, scheduler,
               progress: Callable[[str, int, int], None], bn_stats: bool = False,
               on_steps: tuple[int, Callable[[int, int, float], None]] | None = None,
-              stage: str = "epoch", average: WeightAverage | None = None) -> dict:
+              stage: str = "epoch", average: WeightAverage | None = None,
+              mix: BatchMix | None = None, epoch: int = 0) -> dict:
     """One training epoch; returns loss, accuracy, images and images/s.
 
     Reports ``progress(stage, batches done, batches)``; the run names the epoch in
@@ -225,7 +291,8 @@ def run_epoch(net: FineTuneNet, loader, dev: torch.device, loss_fn, optimizer, s
     that one-off warm-up costs do not count: what a time budget plans with. An
     epoch of a single step reports that step, warm-up included.
 
-    ``average`` (--ema) takes in the weights after every optimiser step.
+    ``average`` (--ema) takes in the weights after every optimiser step. ``mix``
+    (--cutmix, --mixup) mixes each batch, drawn from ``epoch`` and the batch number.
     """
     train_mode(net, bn_stats)
     total = len(loader)
@@ -240,9 +307,14 @@ def run_epoch(net: FineTuneNet, loader, dev: torch.device, loss_fn, optimizer, s
         x, y = batch
         x = x.to(dev, non_blocking=True)
         y = y.to(dev, non_blocking=True)
+        partner, lam = None, 1.0
+        if mix is not None:
+            x, partner, lam = mix(x, epoch, b)
         with autocast(dev):
             logits = net(x)
             loss = loss_fn(logits.float(), y)
+            if partner is not None:
+                loss = lam * loss + (1.0 - lam) * loss_fn(logits.float(), y[partner])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -251,7 +323,10 @@ def run_epoch(net: FineTuneNet, loader, dev: torch.device, loss_fn, optimizer, s
             average.update(net)
         n += len(y)
         loss_sum += float(loss.detach()) * len(y)
-        correct += int((logits.argmax(1) == y).sum())
+        hits = logits.argmax(1) == y
+        if partner is not None:  # a mixed image counts as right in proportion to the label it hit
+            hits = lam * hits + (1.0 - lam) * (logits.argmax(1) == y[partner])
+        correct += float(hits.sum())
         progress(stage, b + 1, total)
         if on_steps is not None:
             if t_first is None:

@@ -391,6 +391,7 @@ class _Trainer:
     pin: bool
     drop_last: bool
     steps: int  # optimiser steps per epoch
+    mix: Any | None = None  # loop.BatchMix (--cutmix, --mixup)
 
 
 @dataclass
@@ -502,15 +503,18 @@ def _make_trainer(job: TrainJob, net) -> _Trainer:
         val_ds = ImageDataset(job.data.val, card.preprocess, train=False, cache_bytes=cache)
         val_loader = make_loader(val_ds, cfg.batch_size * 2, False, cfg.seed, 0, workers, pin)
     backbone_lr = cfg.backbone_lr if cfg.backbone_lr is not None else cfg.lr / 10
-    optimizer = torch.optim.AdamW(tl.param_groups(net, cfg.lr, backbone_lr, cfg.weight_decay))
+    depths = tl.unit_depths(net, card, job.unfreeze) if cfg.layer_decay != 1.0 else None
+    optimizer = torch.optim.AdamW(tl.param_groups(net, cfg.lr, backbone_lr, cfg.weight_decay, depths,
+                                                  cfg.layer_decay))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, tl.warmup_cosine(cfg.epochs * steps, round(cfg.warmup_epochs * steps)))
     weight = None
     if cfg.class_weight == "balanced":
         weight = torch.from_numpy(class_weights(train.labels, len(train.classes))).to(dev)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    mix = tl.BatchMix(cfg.cutmix, cfg.mixup, cfg.seed) if cfg.cutmix or cfg.mixup else None
     return _Trainer(optimizer, scheduler, loss_fn, torch.nn.CrossEntropyLoss(), train_ds, val_loader,
-                    workers, pin, drop_last, steps)
+                    workers, pin, drop_last, steps, mix)
 
 
 def _restore(job: TrainJob, model: _Model, trainer: _Trainer) -> _State:
@@ -551,7 +555,8 @@ def _epoch(job: TrainJob, model: _Model, trainer: _Trainer, epoch: int) -> dict:
         on_steps = (steps, _planner(job, trainer, time.perf_counter() - job.t_start, epochs_done=epoch - 1))
     row = {"epoch": epoch, **tl.run_epoch(model.net, loader, job.dev, t.loss_fn, t.optimizer, t.scheduler,
                                           job.progress, model.bn_stats, on_steps,
-                                          stage=f"epoch {epoch}/{cfg.epochs}", average=model.average)}
+                                          stage=f"epoch {epoch}/{cfg.epochs}", average=model.average,
+                                          mix=t.mix, epoch=epoch)}
     if row["images"] == 0:
         raise FeatXError(f"epoch {epoch}: none of the {len(job.data.train)} training images could be read "
                          f"(under {job.data.train.root}); did the data change during the run?")
