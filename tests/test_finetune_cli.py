@@ -9,6 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from featx.cli import main
+from featx.errors import FeatXError
 
 from .helpers import make_image_folder
 
@@ -47,6 +48,33 @@ def test_finetune_then_extract_and_predict_with_the_run(data, tmp_path):
 
     r = invoke("finetune", "--resume", run)
     assert r.exit_code == 1 and "already finished" in r.output
+
+
+def test_a_recipe_fills_the_options_not_given_and_says_so(data, tmp_path):
+    from featx.finetune import finetune
+    from featx.recipes import RECIPES
+
+    run = tmp_path / "rc"
+    r = invoke("finetune", data, "--out", run, "--recipe", "small-images", "--epochs", 1, "--batch-size", 4,
+               "--lp-C", 1, "--val-fraction", 0.25, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    config = json.loads((run / "config.json").read_text())["config"]
+    recipe = RECIPES["small-images"]
+    assert config["recipe"] == "small-images" and config["batch_size"] == 4  # given on the command line: wins
+    assert {k: config[k] for k in recipe if k != "batch_size"} == {k: v for k, v in recipe.items() if k != "batch_size"}
+    said = next(line for line in r.stderr.splitlines() if line.startswith("recipe small-images:"))
+    assert "--unfreeze 6" in said and "--input-size 80" in said and "--batch-size" not in said
+    r = invoke("finetune", "--resume", run, "--recipe", "small-images")
+    assert r.exit_code == 2 and "--recipe cannot" in r.output
+    r = invoke("finetune", data, "--recipe", "huge-images")
+    assert r.exit_code == 2 and "small-images" in r.output
+    # the Python API: the recipe first, keyword options over it
+    api = finetune(data, out=tmp_path / "api", recipe="small-images", epochs=1, batch_size=4, lp_C=1.0,
+                   unfreeze=1, val_fraction=0.25, device="cpu")
+    config = json.loads((api.run_dir / "config.json").read_text())["config"]
+    assert (config["unfreeze"], config["batch_size"], config["erase"], config["input_size"]) == (1, 4, 0.25, 80)
+    with pytest.raises(FeatXError, match="unknown recipe 'huge'"):
+        finetune(data, out=tmp_path / "no", recipe="huge", device="cpu")
 
 
 def test_finetune_usage_errors(data, tmp_path):

@@ -26,6 +26,7 @@ from featx.cli.options import (
     store_option,
     weights_option,
 )
+from featx.recipes import RECIPE_HELP, RECIPES
 
 
 def card_option(f):
@@ -128,7 +129,7 @@ _RUN_OPTIONS = ("train", "val", "backbone", "weights", "unfreeze", "epochs", "lr
                 "weight_decay", "warmup_epochs", "label_smoothing", "class_weight", "patience",
                 "val_fraction", "no_lp_init", "lp_C", "input_size", "crop_scale", "erase", "cutmix", "mixup", "ema",
                 "bn_stats",
-                "seed", "time_budget", "features")
+                "seed", "time_budget", "features", "recipe")
 
 
 # training options finetune and compare share
@@ -164,6 +165,9 @@ ema_option = click.option(
                    "options and split; with a larger --epochs, extend a run (even a finished one).")
 @card_option
 @weights_option
+@click.option("--recipe", type=click.Choice(sorted(RECIPES)), default=None,
+              help="A measured set of options for one kind of data; options given on the command line "
+                   "win. " + " ".join(f"{k}: {v}." for k, v in sorted(RECIPE_HELP.items())))
 @click.option("--unfreeze", type=UnfreezeParam(), default=2, show_default=True,
               help="Top blocks of the card to train with the head: 0 = linear probe, all = everything.")
 @click.option("--epochs", type=click.IntRange(1, 10000), default=10, show_default=True,
@@ -221,7 +225,7 @@ ema_option = click.option(
 @store_option
 @quiet_option(help="No progress bar or epoch lines.")
 @json_option
-def finetune_cmd(train, val, out, resume, backbone, weights, unfreeze, epochs, time_budget, lr, backbone_lr, layer_decay,
+def finetune_cmd(train, val, out, resume, backbone, weights, recipe, unfreeze, epochs, time_budget, lr, backbone_lr, layer_decay,
                  batch_size, weight_decay, warmup_epochs, label_smoothing, class_weight, patience,
                  val_fraction, no_lp_init, lp_C, input_size, features, crop_scale, erase, cutmix, mixup, ema,
                  bn_stats, seed,
@@ -262,6 +266,8 @@ def finetune_cmd(train, val, out, resume, backbone, weights, unfreeze, epochs, t
             patience=patience, val_fraction=val_fraction, lp_init=not no_lp_init, lp_C=lp_C,
             input_size=input_size, features=features, crop_scale=crop_scale, erase=erase,
             cutmix=cutmix, mixup=mixup, ema=ema, bn_stats=bn_stats, seed=seed)
+        if recipe is not None:
+            options = _with_recipe(click.get_current_context(), recipe, options, quiet)
     p = EpochProgress(quiet)
     try:
         r = finetune(train, val=val, out=out, resume=resume, root=root, device=device,
@@ -300,6 +306,16 @@ def with_run_lines(bar: Progress, quiet: bool):
     return report
 
 
+def _with_recipe(ctx: click.Context, recipe: str, options: dict, quiet: bool) -> dict:
+    """``options`` less the defaults the recipe replaces; says which values the recipe set."""
+    given = {n for n in options if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT)}
+    applied = {k: v for k, v in RECIPES[recipe].items() if k not in given}
+    if not quiet:
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in applied.items())
+        click.echo(f"recipe {recipe}: {flags or 'nothing (every option it sets was given)'}", err=True)
+    return {**{k: v for k, v in options.items() if k not in applied}, "recipe": recipe}
+
+
 def _resume_options(ctx: click.Context, epochs: int) -> dict:
     """With --resume only --epochs may be given (to extend the run); any other run option is refused."""
     given = [n for n in _RUN_OPTIONS if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT)]
@@ -332,8 +348,9 @@ def _finetune_lines(s, device: str) -> list[str]:
     if s["kept_last"]:
         k = s["kept_last"]
         lines.append(f"kept the last epoch: the top epoch {k['top_epoch']} (val accuracy {k['top_val_acc']:.4f}) "
-                     f"is within one standard error ({k['standard_error']:.4f}) of it on "
-                     f"{plural(s['val_images'], 'validation image')}")
+                     f"beats it by less than the noise of {plural(s['epochs_trained'], 'epoch')} on "
+                     f"{plural(s['val_images'], 'validation image')} ({k['threshold']:.4f}: the standard error "
+                     f"{k['standard_error']:.4f} times sqrt(2 ln {s['epochs_trained']}))")
     if s["plan"]:
         lines.append(f"time budget {s['plan']['time_budget_s']:.0f} s: chose {plural(s['plan']['epochs'], 'epoch')} "
                      f"({s['plan']['seconds_per_epoch']:.0f} s each at the measured speed)")

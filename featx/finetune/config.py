@@ -15,6 +15,7 @@ from featx.backbones.cards import DEFAULT_BACKBONE, BackboneCard, get_card
 from featx.backbones.features import DEFAULT_FEATURES
 from featx.backbones.resolve import card_features
 from featx.errors import FeatXError
+from featx.recipes import recipe_options
 
 FINETUNE_FORMAT = 2  # 2: split.json records each file's content key
 
@@ -57,6 +58,8 @@ class FinetuneConfig:
     # default for the backbone (multi for a card, last for timm:NAME), so the probe a run must beat
     # (and keeps when it cannot) is fit-head's default head
     features: str | None = None
+    # the named recipe (featx.recipes) that filled the options not given; kept as a record
+    recipe: str | None = None
 
     def __post_init__(self) -> None:
         if self.features is None:
@@ -90,7 +93,7 @@ class FinetuneConfig:
                 raise FeatXError(f"{f.name} must be {' or '.join(allowed)}, got {value!r}")
 
     def validate(self, card: BackboneCard) -> None:
-        from featx.finetune.loop import resolve_unfreeze
+        from featx.finetune.loop import BatchMix, resolve_unfreeze
 
         self.validate_types()
         resolve_unfreeze(card, self.unfreeze)
@@ -111,9 +114,7 @@ class FinetuneConfig:
             raise FeatXError(f"crop_scale must be in (0, 1], got {self.crop_scale}")
         if not 0 <= self.erase <= 1:
             raise FeatXError(f"erase must be a probability in [0, 1], got {self.erase}")
-        if not (0 <= self.cutmix <= 1 and 0 <= self.mixup <= 1 and self.cutmix + self.mixup <= 1):
-            raise FeatXError(f"cutmix and mixup are chances per batch, together at most 1; got "
-                             f"cutmix={self.cutmix}, mixup={self.mixup}")
+        BatchMix(self.cutmix, self.mixup)  # raises on chances out of range
         if self.ema is not None and not 0 < self.ema < 1:
             raise FeatXError(f"ema must be a decay per step in (0, 1), e.g. 0.999, got {self.ema}")
         if self.class_weight not in (None, "balanced"):
@@ -124,6 +125,7 @@ class FinetuneConfig:
             raise FeatXError(f"features must be 'last' or 'multi', got {self.features!r}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise FeatXError(f"time_budget must be > 0 seconds, got {self.time_budget}")
+        recipe_options(self.recipe)  # raises on an unknown name
         if self.lp_init and not self.pretrained:
             raise FeatXError("LP init needs pretrained weights; pass lp_init=False to train from scratch")
 
