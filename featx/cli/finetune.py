@@ -125,11 +125,10 @@ class EpochProgress(Progress):
 
 
 # the options saved in a run's config.json; with --resume only epochs may be given
-_RUN_OPTIONS = ("train", "val", "backbone", "weights", "unfreeze", "epochs", "lr", "backbone_lr", "layer_decay", "batch_size",
-                "weight_decay", "warmup_epochs", "label_smoothing", "class_weight", "patience",
+_RUN_OPTIONS = ("train", "val", "backbone", "weights", "unfreeze", "epochs", "lr", "backbone_lr", "layer_decay",
+                "batch_size", "weight_decay", "warmup_epochs", "label_smoothing", "class_weight", "patience",
                 "val_fraction", "no_lp_init", "lp_C", "input_size", "crop_scale", "erase", "cutmix", "mixup", "ema",
-                "bn_stats",
-                "seed", "time_budget", "features", "recipe")
+                "bn_stats", "seed", "time_budget", "features", "recipe")
 
 
 # training options finetune and compare share
@@ -225,11 +224,10 @@ ema_option = click.option(
 @store_option
 @quiet_option(help="No progress bar or epoch lines.")
 @json_option
-def finetune_cmd(train, val, out, resume, backbone, weights, recipe, unfreeze, epochs, time_budget, lr, backbone_lr, layer_decay,
-                 batch_size, weight_decay, warmup_epochs, label_smoothing, class_weight, patience,
+def finetune_cmd(train, val, out, resume, backbone, weights, recipe, unfreeze, epochs, time_budget, lr, backbone_lr,
+                 layer_decay, batch_size, weight_decay, warmup_epochs, label_smoothing, class_weight, patience,
                  val_fraction, no_lp_init, lp_C, input_size, features, crop_scale, erase, cutmix, mixup, ema,
-                 bn_stats, seed,
-                 loader_workers, old_workers, root, device, store, quiet, as_json):
+                 bn_stats, seed, loader_workers, old_workers, root, device, store, quiet, as_json):
     """Fine-tune a backbone on TRAIN (ImageFolder layout) and export it back to ONNX.
 
     LP-FT: a logistic-regression head fitted on cached embeddings starts the new
@@ -410,9 +408,8 @@ def _finetune_lines(s, device: str) -> list[str]:
 @json_option
 @click.pass_context
 def compare_cmd(ctx, train, test, per_class, methods, out, backbone, epochs, unfreeze, lr, backbone_lr, layer_decay,
-                crop_scale,
-                erase, cutmix, mixup, ema, batch_size, input_size, test_per_class, seed, backbones, features, crops, device, store, quiet,
-                as_json):
+                crop_scale, erase, cutmix, mixup, ema, batch_size, input_size, test_per_class, seed, backbones,
+                features, crops, device, store, quiet, as_json):
     """Accuracy and wall time vs images per class: frozen + logreg, LP-FT, scratch.
 
     With --backbones/--features/--crops: first which frozen features to use, each
@@ -430,9 +427,7 @@ def compare_cmd(ctx, train, test, per_class, methods, out, backbone, epochs, unf
                     crops=crops, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                     backbone=backbone, epochs=epochs, unfreeze=unfreeze,
                     lr=lr, backbone_lr=backbone_lr, layer_decay=layer_decay, crop_scale=crop_scale, erase=erase,
-                    cutmix=cutmix,
-                    mixup=mixup, ema=ema, batch_size=batch_size,
-                    input_size=input_size,
+                    cutmix=cutmix, mixup=mixup, ema=ema, batch_size=batch_size, input_size=input_size,
                     test_per_class=test_per_class, seed=seed, device=device, store=store,
                     progress=with_run_lines(p, quiet))
     finally:

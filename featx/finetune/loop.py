@@ -311,10 +311,10 @@ def run_epoch(net: FineTuneNet, loader, dev: torch.device, loss_fn, optimizer, s
         if mix is not None:
             x, partner, lam = mix(x, epoch, b)
         with autocast(dev):
-            logits = net(x)
-            loss = loss_fn(logits.float(), y)
+            logits = net(x).float()
+            loss = loss_fn(logits, y)
             if partner is not None:
-                loss = lam * loss + (1.0 - lam) * loss_fn(logits.float(), y[partner])
+                loss = lam * loss + (1.0 - lam) * loss_fn(logits, y[partner])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -323,9 +323,10 @@ def run_epoch(net: FineTuneNet, loader, dev: torch.device, loss_fn, optimizer, s
             average.update(net)
         n += len(y)
         loss_sum += float(loss.detach()) * len(y)
-        hits = logits.argmax(1) == y
+        predicted = logits.argmax(1)
+        hits = predicted == y
         if partner is not None:  # a mixed image counts as right in proportion to the label it hit
-            hits = lam * hits + (1.0 - lam) * (logits.argmax(1) == y[partner])
+            hits = lam * hits + (1.0 - lam) * (predicted == y[partner])
         correct += float(hits.sum())
         progress(stage, b + 1, total)
         if on_steps is not None:
